@@ -1,0 +1,49 @@
+"""Options, output consoles and profile loading shared by every command group."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from llavactl.config.loader import LoadedProfile
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+ProfileOpt = Annotated[
+    str,
+    typer.Option(
+        "--profile",
+        "-p",
+        help="Profile name (./profiles/NAME.yaml, then the bundled ones) or a path to a YAML file.",
+        show_default=False,
+    ),
+]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Overrides as key=value words, e.g. training.max_steps=10 model.use_qlora=false; "
+        "key=null restores the default.",
+        show_default=False,
+    ),
+]
+
+
+class _Verbosity:
+    """-v / -q from the root callback: 0 quiet, 1 normal, 2 verbose."""
+
+    level = 1
+
+
+verbosity = _Verbosity()
+
+
+def load(profile: str, overrides: list[str] | None) -> LoadedProfile:
+    """The validated profile for a command's --profile and override words."""
+    # Imported here: building the pydantic schema costs tens of milliseconds that --help skips.
+    from llavactl.config.loader import load_profile
+
+    return load_profile(profile, overrides or [])

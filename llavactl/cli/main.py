@@ -1,0 +1,55 @@
+"""The root `llavactl` command: assembles the command groups; holds no command logic itself.
+
+Command modules import torch and transformers only inside their functions, so that
+``llavactl --help`` and ``llavactl profiles ...`` start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llavactl import __version__
+from llavactl.cli import profiles
+from llavactl.cli._common import console, verbosity
+from llavactl.cli._errors import run_guarded
+
+app = typer.Typer(
+    name="llavactl",
+    help="Train LLaVA-style vision-language models; catch the mistakes on a CPU before the GPU run.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.add_typer(profiles.app, name="profiles")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"llavactl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    *,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show more detail.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only results and errors.")] = False,
+) -> None:
+    if verbose and quiet:
+        raise typer.BadParameter("use --verbose or --quiet, not both")
+    verbosity.level = 2 if verbose else 0 if quiet else 1
+
+
+def main() -> None:
+    run_guarded(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Exceptions that llavactl raises for problems a user can fix.
+
+Every subclass carries a message (what is wrong, naming the file, field or record) and a fix
+(what to do about it). The CLI turns them into one paragraph and an exit code; anything else
+that escapes is a bug and gets a traceback under ``LLAVACTL_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+
+class LlavactlError(Exception):
+    """A problem the user can fix. ``exit_code`` 2 is for usage and configuration errors."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return self.message if not self.fix else f"{self.message}\nFix: {self.fix}"
+
+
+class ConfigError(LlavactlError):
+    """A profile that cannot be loaded or does not validate (exit code 2)."""
+
+
+class DataError(LlavactlError):
+    """A data set, record or image that cannot be used (exit code 2)."""
+
+
+class ModelSourceError(LlavactlError):
+    """A model, tokenizer or weight file that cannot be found or loaded safely (exit code 2)."""
+
+
+class CheckFailed(LlavactlError):
+    """A check (doctor, data check, resume compatibility) found a failing condition (exit code 1)."""
+
+    exit_code = 1
+
+
+class TrainingError(LlavactlError):
+    """A run that had to stop: out of memory, too many non-finite losses (exit code 1)."""
+
+    exit_code = 1
