@@ -1,0 +1,36 @@
+"""`llavactl doctor`: can this machine run this profile? Checks -> results (status, finding, fix)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from llavactl.doctor.results import CheckResult
+
+if TYPE_CHECKING:
+    from llavactl.config.schema import Profile
+    from llavactl.doctor.facts import MachineFacts
+
+
+def run_checks(
+    profile: Profile | None, facts: MachineFacts | None = None, *, offline: bool = False
+) -> list[CheckResult]:
+    """Every check for this machine and, when given, the profile. Never downloads anything."""
+    from llavactl.doctor.environment import environment_checks
+    from llavactl.doctor.facts import probe
+    from llavactl.doctor.profile_checks import profile_checks
+
+    facts = facts or probe()
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    results = environment_checks(facts, profile.training.output_dir if profile else None)
+    if profile is not None:
+        results += profile_checks(profile, facts, offline=offline)
+    return results
+
+
+def blocking_failures(results: list[CheckResult]) -> list[CheckResult]:
+    """The failures that stop `llavactl train` before it loads anything."""
+    return [r for r in results if r.status == "fail" and r.blocking]
+
+
+__all__ = ["CheckResult", "blocking_failures", "run_checks"]

@@ -1,0 +1,308 @@
+"""`llavactl doctor`: every check's pass and fail paths, on machines and folders the tests make up."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from llavactl.cli.main import app
+from llavactl.config.loader import load_profile
+from llavactl.doctor import blocking_failures, run_checks
+from llavactl.doctor.environment import (
+    cuda_build_check,
+    disk_check,
+    package_checks,
+    python_check,
+    ram_check,
+    torch_load_check,
+)
+from llavactl.doctor.facts import GpuFacts, MachineFacts, probe
+from llavactl.doctor.profile_checks import (
+    data_checks,
+    model_source_checks,
+    precision_checks,
+    quantization_check,
+    wandb_check,
+)
+
+GIB = 1024**3
+PACKAGES = {
+    "torch": "2.13.0",
+    "transformers": "5.24.0",
+    "peft": "0.21.2",
+    "safetensors": "0.8.0",
+    "pillow": "13.0.0",
+    "bitsandbytes": None,
+    "wandb": None,
+}
+CPU = MachineFacts(
+    python=(3, 11, 7),
+    packages=PACKAGES,
+    torch_cuda_build=None,
+    cpu_cores=2,
+    torch_threads=2,
+    cpu_capability="AVX2",
+    cpu_flags=frozenset({"avx2"}),
+    ram_total_bytes=24 * GIB,
+    ram_available_bytes=20 * GIB,
+)
+CPU_BF16 = replace(CPU, cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16"}))
+T4 = replace(
+    CPU,
+    torch_cuda_build="12.4",
+    gpus=[GpuFacts("Tesla T4", 16 * GIB, 15 * GIB, (7, 5))],
+    packages={**PACKAGES, "bitsandbytes": "0.45.0"},
+)
+A100 = replace(T4, gpus=[GpuFacts("NVIDIA A100-SXM4-80GB", 80 * GIB, 79 * GIB, (8, 0))])
+
+
+def _profile(name: str, *overrides: str):
+    return load_profile(name, list(overrides)).profile
+
+
+def _by_check(results, name):
+    return [r for r in results if r.check == name]
+
+
+def test_python_below_310_fails():
+    assert python_check(replace(CPU, python=(3, 9, 18))).status == "fail"
+    assert python_check(CPU).status == "pass"
+
+
+def test_package_too_old_fails_and_missing_fails_with_the_install_command():
+    results = package_checks(replace(CPU, packages={**PACKAGES, "transformers": "4.46.0", "peft": None}))
+    status = {r.check: (r.status, r.fix) for r in results}
+    assert status["package transformers"][0] == "fail" and ">=5.0" in status["package transformers"][1]
+    assert status["package peft"] == ("fail", "pip install -r requirements_cpu.txt")
+    assert status["package torch"][0] == "pass"
+
+
+def test_old_torch_fails_torch_load_safety_with_both_fixes():
+    result = torch_load_check(replace(CPU, packages={**PACKAGES, "torch": "2.5.1"}))
+    assert result.status == "fail"
+    assert "ValueError" in result.finding
+    assert "upgrade torch" in result.fix and "clip-vit-large-patch14-336_safe" in result.fix
+    assert torch_load_check(CPU).status == "pass"
+
+
+def test_cuda_build_without_gpu_warns_and_points_at_requirements_cpu():
+    result = cuda_build_check(replace(CPU, torch_cuda_build="12.8"))
+    assert result.status == "warn" and "requirements_cpu.txt" in result.fix
+    assert cuda_build_check(CPU).status == "pass"
+    assert cuda_build_check(A100).status == "pass"
+
+
+def test_low_ram_warns():
+    assert ram_check(replace(CPU, ram_available_bytes=2 * GIB)).status == "warn"
+    assert ram_check(CPU).status == "pass"
+
+
+def test_disk_check_reads_the_nearest_existing_parent(tmp_path):
+    result = disk_check(str(tmp_path / "not" / "yet" / "made"))
+    assert str(tmp_path) in result.finding
+
+
+def test_bf16_on_cpu_without_native_support_fails_with_the_override():
+    [result] = precision_checks(_profile("local_lite", "training.bf16=true").training, CPU)
+    assert result.status == "fail" and result.fix == "add `training.bf16=false`"
+
+
+def test_bf16_on_cpu_with_native_support_passes():
+    [result] = precision_checks(_profile("local_lite", "training.bf16=true").training, CPU_BF16)
+    assert result.status == "pass" and "AVX512-BF16" in result.finding
+
+
+def test_fp32_on_a_bf16_cpu_passes_with_a_hint():
+    [result] = precision_checks(_profile("local_lite").training, CPU_BF16)
+    assert result.status == "pass" and "training.bf16=true" in result.fix
+
+
+def test_bf16_on_a_t4_fails_and_suggests_fp16():
+    training = _profile("finetune", "training.tf32=false").training
+    [result] = precision_checks(training, T4)
+    assert result.status == "fail" and result.fix == "add `training.bf16=false training.fp16=true`"
+    assert all(r.status == "pass" for r in precision_checks(_profile("finetune").training, A100))
+
+
+def test_tf32_fails_off_ampere():
+    results = precision_checks(_profile("finetune", "training.bf16=false").training, T4)
+    assert [(r.check, r.status) for r in results] == [("training.tf32", "fail")]
+
+
+def test_fp16_on_cpu_fails():
+    training = _profile("t4_qlora").training.model_copy(update={"device": "auto"})
+    results = precision_checks(training, CPU)
+    assert ("training.fp16", "fail") in [(r.check, r.status) for r in results]
+
+
+def test_qlora_on_cpu_fails_with_the_cpu_guides_overrides():
+    result = quantization_check(_profile("t4_qlora"), CPU)
+    assert result.status == "fail"
+    assert "stage=lora model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false" in result.fix
+
+
+def test_qlora_without_bitsandbytes_fails_and_with_broken_bitsandbytes_fails():
+    no_bnb = replace(T4, packages={**PACKAGES, "bitsandbytes": None})
+    assert "llavactl[qlora]" in quantization_check(_profile("t4_qlora"), no_bnb).fix
+    broken = replace(T4, bitsandbytes_error="RuntimeError: CUDA Setup failed")
+    assert "CUDA Setup failed" in quantization_check(_profile("t4_qlora"), broken).finding
+    assert quantization_check(_profile("t4_qlora"), T4).status == "pass"
+
+
+def test_cuda_profile_on_a_cpu_machine_fails_with_device_override():
+    results = run_checks(_profile("finetune"), CPU)
+    [device] = _by_check(results, "training.device")
+    assert device.status == "fail" and "training.device=cpu" in device.fix
+    assert device in blocking_failures(results)
+
+
+def _records(tmp_path: Path, records: list[dict]) -> Path:
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_data_check_passes_when_records_parse_and_images_exist(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"png")
+    path = _records(
+        tmp_path,
+        [
+            {
+                "id": 1,
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}],
+            }
+        ],
+    )
+    data = _profile("local_lite", f"data.data_path={path}", f"data.image_folder={tmp_path / 'img'}").data
+    [result] = data_checks(data)
+    assert result.status == "pass" and "1 records" in result.finding
+
+
+def test_data_check_fails_on_missing_file_folder_and_image(tmp_path):
+    data = _profile("local_lite").data.model_copy(update={"data_path": str(tmp_path / "nope.json")})
+    assert data_checks(data)[0].status == "fail"
+    path = _records(
+        tmp_path,
+        [
+            {
+                "id": 1,
+                "image": "gone.png",
+                "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}],
+            }
+        ],
+    )
+    data = data.model_copy(update={"data_path": str(path), "image_folder": str(tmp_path)})
+    [result] = data_checks(data)
+    assert result.check == "data images" and result.status == "fail" and "gone.png" in result.finding
+    data = data.model_copy(update={"image_folder": str(tmp_path / "missing")})
+    assert ("data.image_folder", "fail") in [(r.check, r.status) for r in data_checks(data)]
+
+
+def test_data_check_fails_on_bad_records(tmp_path):
+    path = _records(tmp_path, [{"id": 1, "conversations": [{"from": "robot", "value": "hi"}]}])
+    data = _profile("local_lite").data.model_copy(update={"data_path": str(path), "image_folder": None})
+    [result] = data_checks(data)
+    assert result.status == "fail" and "bad_role" in result.finding
+
+
+def _tower_folder(root: Path, name: str, *, pickle: bool) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    tensors = {"vision_model.embeddings.patch_embedding.weight": torch.zeros(8, 3, 4, 4)}
+    if pickle:
+        torch.save(tensors, folder / "pytorch_model.bin")
+    else:
+        save_file(tensors, folder / "pytorch_model.safetensors")
+    return folder
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def _source(model_cfg, facts=CPU, offline=False):
+    return {r.check: r for r in model_source_checks(model_cfg, facts, offline=offline)}
+
+
+def test_safetensors_only_tower_passes_pickle_only_warns_or_fails_by_torch(tmp_path, empty_hub_cache):
+    model = _profile("local_lite").model
+    safe = _tower_folder(tmp_path, "safe", pickle=False)
+    assert _source(model.model_copy(update={"vision_tower": str(safe)}))["model.vision_tower"].status == "pass"
+    pickled = _tower_folder(tmp_path, "pickled", pickle=True)
+    cfg = model.model_copy(update={"vision_tower": str(pickled)})
+    assert _source(cfg)["model.vision_tower"].status == "warn"
+    old = replace(CPU, packages={**PACKAGES, "torch": "2.4.0"})
+    result = _source(cfg, old)["model.vision_tower"]
+    assert result.status == "fail" and "torch.load" in result.finding
+
+
+def test_absent_model_warns_online_and_fails_offline_with_hf_download(empty_hub_cache):
+    model = _profile("local_lite").model
+    online = _source(model)["model.model_name_or_path"]
+    assert online.status == "warn" and "hf download HuggingFaceTB/SmolLM-135M" in online.fix
+    offline = _source(model, offline=True)["model.vision_tower"]
+    assert offline.status == "fail" and str(empty_hub_cache) in offline.finding
+    assert "hf download jeromeku/clip-vit-large-patch14-336_safe" in offline.fix
+
+
+def test_model_found_in_the_hub_cache_layout(empty_hub_cache):
+    snapshot = empty_hub_cache / "models--org--tower" / "snapshots" / "abc123"
+    _tower_folder(snapshot.parent, "abc123", pickle=False)
+    (empty_hub_cache / "models--org--tower" / "refs").mkdir()
+    (empty_hub_cache / "models--org--tower" / "refs" / "main").write_text("abc123")
+    model = _profile("local_lite").model.model_copy(update={"vision_tower": "org/tower"})
+    assert _source(model, offline=True)["model.vision_tower"].status == "pass"
+
+
+def test_folder_without_weights_fails(tmp_path, empty_hub_cache):
+    (tmp_path / "empty").mkdir()
+    model = _profile("local_lite").model.model_copy(update={"vision_tower": str(tmp_path / "empty")})
+    assert _source(model)["model.vision_tower"].status == "fail"
+
+
+def test_missing_stage_one_projector_fails(empty_hub_cache):
+    result = _source(_profile("finetune").model)["model.pretrain_mm_mlp_adapter"]
+    assert result.status == "fail" and "pretrain" in result.fix
+
+
+def test_wandb_checks(monkeypatch, tmp_path):
+    training = _profile("local_lite", "training.report_to=wandb").training
+    assert wandb_check(training, CPU).status == "warn"
+    with_wandb = replace(CPU, packages={**PACKAGES, "wandb": "0.19.0"})
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_check(training, with_wandb).fix.startswith("`wandb login`")
+    monkeypatch.setenv("WANDB_API_KEY", "x")
+    assert wandb_check(training, with_wandb).status == "pass"
+    assert wandb_check(_profile("local_lite").training, CPU) is None
+
+
+def test_probe_reads_this_machine():
+    facts = probe()
+    assert facts.packages["torch"] == torch.__version__
+    assert facts.cpu_cores >= 1 and facts.ram_total_bytes > 0
+
+
+def test_cli_doctor_json_for_tiny_is_ok_and_exit_0():
+    result = CliRunner().invoke(app, ["doctor", "--profile", "tiny", "--json"])
+    data = json.loads(result.output)
+    assert result.exit_code == (0 if data["ok"] else 1)
+    assert {c["check"] for c in data["checks"]} >= {"python", "device", "model.vision_tower", "data"}
+    assert all(set(c) == {"check", "status", "finding", "fix", "blocking"} for c in data["checks"])
+
+
+def test_cli_doctor_exits_1_on_a_failing_check(tmp_path):
+    result = CliRunner().invoke(app, ["doctor", "--profile", "local_lite", f"data.data_path={tmp_path}/x.json"])
+    assert result.exit_code == 1
+    assert "data.data_path" in result.output
