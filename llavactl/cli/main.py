@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from llavactl import __version__
-from llavactl.cli import doctor, profiles
+from llavactl.cli import data, doctor, profiles
 from llavactl.cli._common import console, verbosity
 from llavactl.cli._errors import run_guarded
 
@@ -24,6 +24,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(profiles.app, name="profiles")
+app.add_typer(data.app, name="data")
 app.command("doctor")(doctor.doctor)
 
 

@@ -1,0 +1,218 @@
+"""`llavactl data check | preview | synth`: inspect the training data before any GPU hour is spent."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from llavactl.cli._common import OverridesArg, ProfileOpt, console, load
+from llavactl.data.synth import DEFAULT_COUNT, DEFAULT_IMAGE_SIZE
+from llavactl.errors import ModelSourceError
+
+if TYPE_CHECKING:
+    from llavactl.config.schema import Profile
+    from llavactl.data.check import CheckReport, TokenContext
+
+app = typer.Typer(help="Check, preview and generate LLaVA-format training data.", no_args_is_help=True)
+
+SHOWN_PER_CODE = 3
+
+
+def _token_context(profile: Profile) -> tuple[TokenContext | None, str | None]:
+    """The tokenizer and image spec, or why they cannot be had (without weights, offline)."""
+    from llavactl.data.check import TokenContext
+    from llavactl.model.sources import IMAGE_TOKEN, load_tokenizer, tower_image_spec
+
+    model = profile.model
+    try:
+        tokenizer = load_tokenizer(model.tokenizer_name_or_path or model.model_name_or_path)
+        spec = tower_image_spec(model.vision_tower, profile.data.image_size)
+    except ModelSourceError as exc:
+        return None, exc.message
+    return TokenContext(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), spec), None
+
+
+@app.command("check")
+def check(
+    profile: ProfileOpt,
+    overrides: OverridesArg = None,
+    *,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON to this file.", show_default=False)
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Check only the first N records.")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Processes that check images [default: all cores].")
+    ] = None,
+    decode: Annotated[
+        bool, typer.Option("--decode", help="Decode every image fully (finds truncated files); slower.")
+    ] = False,
+    write_clean: Annotated[
+        Path | None,
+        typer.Option("--write-clean", help="Write the records without errors to this file.", show_default=False),
+    ] = None,
+) -> None:
+    """Scan every record for problems: structure, images, template masks, lengths. No GPU, no weights.
+
+    Exit code 0 when no record has an error, 1 when some do, 2 for usage errors.
+    """
+    from llavactl.data.check import check_dataset
+    from llavactl.data.check import write_clean as write_clean_file
+    from llavactl.data.sources import resolve_data_source
+
+    loaded = load(profile, overrides)
+    prof, data = loaded.profile, loaded.profile.data
+    records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, prof.seed)
+    tokens, why = _token_context(prof)
+    skipped = (f"token lengths, masks and template checks: {why}",) if why else ()
+    report, raws = check_dataset(
+        records_path,
+        image_folder,
+        data.conversation_template,
+        data.max_seq_len,
+        tokens,
+        limit=limit,
+        workers=workers or os.cpu_count() or 1,
+        decode=decode,
+        skipped_checks=skipped,
+    )
+    _print_report(report, records_path, decode)
+    if json_file is not None:
+        json_file.write_text(json.dumps(report.as_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        console.print(f"JSON report written to {escape(str(json_file))}")
+    if write_clean is not None:
+        kept = write_clean_file(raws, report, write_clean)
+        console.print(f"{kept} records without errors written to {escape(str(write_clean))}")
+    if report.errors:
+        raise typer.Exit(1)
+
+
+def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None:
+    s = report.stats
+    console.print(f"[bold]{escape(str(records_path))}[/]: {report.records} records")
+    counts = Table(show_edge=False, pad_edge=False, show_header=False)
+    for key in ("with_image", "text_only", "multi_image", "images"):
+        counts.add_row(key.replace("_", " "), str(s[key]))
+    console.print(counts)
+    console.print(f"images checked by {'full decode' if decode else 'existence, header and size'}")
+    for note in report.skipped_checks:
+        console.print(f"[yellow]skipped[/] {escape(note)}")
+    if s["length"]:
+        _print_lengths(s)
+    if not report.problems:
+        console.print("[green]no problems found[/]")
+        return
+    by_code: dict[str, list] = {}
+    for p in report.problems:
+        by_code.setdefault(p.code, []).append(p)
+    table = Table(title="problems", show_edge=False, pad_edge=False)
+    for column in ("code", "level", "count", "first records"):
+        table.add_column(column, overflow="fold")
+    for code, items in sorted(by_code.items()):
+        level = "[red]error[/]" if items[0].severity == "error" else "[yellow]warning[/]"
+        first = "\n".join(
+            escape(f"#{p.index} id={p.id!r}: {p.message}" if p.index is not None else p.message)
+            for p in items[:SHOWN_PER_CODE]
+        )
+        table.add_row(code, level, str(len(items)), first)
+    console.print(table)
+    console.print(f"{s['errors']} errors in {s['records_with_errors']} records, {s['warnings']} warnings")
+
+
+def _print_lengths(s: dict) -> None:
+    length = s["length"]
+    console.print(
+        "tokens per record, image tokens included: "
+        + ", ".join(f"{k} {length[k]}" for k in ("min", "p50", "p90", "p95", "p99", "max"))
+        + f"; over data.max_seq_len: {length['over_max_seq_len']}"
+    )
+    peak = max(b["count"] for b in s["histogram"])
+    for b in s["histogram"]:
+        bar = "#" * round(30 * b["count"] / peak) if peak else ""
+        console.print(f"  {b['from']:>7}-{b['to']:<7} {b['count']:>7} {bar}")
+
+
+@app.command("preview")
+def preview(
+    profile: ProfileOpt,
+    overrides: OverridesArg = None,
+    *,
+    n: Annotated[int, typer.Option("-n", min=1, help="How many records to show, from the first.")] = 3,
+    index: Annotated[
+        int | None, typer.Option("--index", min=0, help="Show this record only.", show_default=False)
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {index, id, prompt, supervised} per record.")] = False,
+) -> None:
+    """Show what records train on: masked text dimmed, supervised text highlighted, images collapsed."""
+    from llavactl.data.preview import PreviewItem, runs_of
+    from llavactl.data.records import Problem, RecordProblem, iter_records, read_raw_records
+    from llavactl.data.sources import resolve_data_source
+    from llavactl.data.templates import encoder_for, prepare
+    from llavactl.errors import DataError
+
+    loaded = load(profile, overrides)
+    prof, data = loaded.profile, loaded.profile.data
+    records_path, _ = resolve_data_source(data.data_path, data.image_folder, prof.seed)
+    tokens, why = _token_context(prof)
+    if tokens is None:
+        raise ModelSourceError(f"preview needs the tokenizer and the tower's image spec: {why}")
+    raws, _ = read_raw_records(records_path)
+    chosen = [r for r in raws if r.index == index] if index is not None else raws[:n]
+    if index is not None and not chosen:
+        raise DataError(
+            f"{records_path} has no record {index} ({len(raws)} records read)",
+            fix=f"pick an index below {len(raws)}",
+        )
+    encoder = encoder_for(tokens.tokenizer, tokens.image_token_id, tokens.spec.num_tokens, data.conversation_template)
+    out = []
+    for raw, parsed in iter_records(chosen):
+        if isinstance(parsed, Problem):
+            out.append({"index": raw.index, "id": parsed.id, "problem": f"{parsed.code}: {parsed.message}"})
+            continue
+        try:
+            prepared = prepare(parsed, data.conversation_template, encoder, data.max_seq_len)
+        except RecordProblem as e:
+            out.append({"index": raw.index, "id": parsed.id, "problem": f"{e.code}: {e.message}"})
+            continue
+        out.append(
+            PreviewItem(raw.index, parsed.id, runs_of(prepared.encoded, tokens.tokenizer, tokens.image_token_id))
+        )
+    if as_json:
+        print(json.dumps([o if isinstance(o, dict) else o.as_json() for o in out], indent=1, ensure_ascii=False))
+        return
+    styles = {"masked": "dim", "supervised": "bold green", "image": "cyan"}
+    for o in out:
+        if isinstance(o, dict):
+            console.print(f"[bold]record {o['index']}[/] (id {escape(repr(o['id']))}): [red]{escape(o['problem'])}[/]")
+            continue
+        console.print(f"[bold]record {o.index}[/] (id {escape(repr(o.id))})")
+        text = Text()
+        for run in o.runs:
+            text.append(run.text, style=styles[run.kind])
+        console.print(text)
+        console.print()
+    console.print(
+        Text.assemble("legend: ", ("masked", "dim"), "  ", ("supervised", "bold green"), "  ", ("image", "cyan"))
+    )
+
+
+@app.command("synth")
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write shapes.json and images/ into.", show_default=False)],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of records.")] = DEFAULT_COUNT,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed; the same seed gives the same files.")] = 0,
+    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Image side in pixels.")] = DEFAULT_IMAGE_SIZE,
+) -> None:
+    """Write the synthetic shapes data set (coloured shapes, captions, questions) in LLaVA format."""
+    from llavactl.data.synth import write_shapes
+
+    path = write_shapes(out_dir, n=n, seed=seed, image_size=image_size)
+    console.print(f"{n} records written to {escape(str(path))}")
+    console.print(f"train on them with `data.data_path={escape(str(path))} data.image_folder={escape(str(out_dir))}`")

@@ -1,0 +1,248 @@
+"""``data check``: scan every record for what would fail or silently hurt training.
+
+Runs without model weights and without a GPU: structure, images (header, or a full decode with
+``decode``), and, when a tokenizer and the tower's image spec are at hand, the exact token
+lengths and masks the trainer would use. Every problem has a stable code (see docs/data.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llavactl.data.images import ImageFileError, ImageSpec, open_rgb, probe
+from llavactl.data.records import (
+    Problem,
+    RawRecord,
+    Record,
+    RecordProblem,
+    check_image_markers,
+    iter_records,
+    read_raw_records,
+)
+from llavactl.data.templates import encoder_for, prepare, render
+
+# Codes whose problems keep a record out of training; the others are warnings.
+WARNING_CODES = frozenset({"too_long", "duplicate_id"})
+PERCENTILES = (50, 90, 95, 99)
+HISTOGRAM_BINS = 10
+
+
+@dataclass
+class CheckReport:
+    """What ``data check`` found: counts, problems (sorted by record) and statistics."""
+
+    records: int
+    problems: list[Problem]
+    stats: dict[str, Any]
+    skipped_checks: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    def bad_indices(self) -> set[int]:
+        return {p.index for p in self.errors if p.index is not None}
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "problems": [p.as_json() for p in self.problems],
+            "stats": self.stats,
+            "skipped_checks": self.skipped_checks,
+        }
+
+
+@dataclass(frozen=True)
+class TokenContext:
+    """What the length and mask checks need; absent when the tokenizer or tower cannot be had."""
+
+    tokenizer: Any
+    image_token_id: int
+    spec: ImageSpec
+
+
+def check_dataset(
+    records_path: Path,
+    image_folder: Path,
+    template: str,
+    max_seq_len: int,
+    tokens: TokenContext | None,
+    *,
+    limit: int | None = None,
+    workers: int = 1,
+    decode: bool = False,
+    skipped_checks: tuple[str, ...] = (),
+) -> tuple[CheckReport, list[RawRecord]]:
+    """Check the records of ``records_path``; return the report and the raw records read."""
+    raws, problems = read_raw_records(records_path)
+    if limit is not None:
+        raws = raws[:limit]
+        problems = [p for p in problems if p.index is None or p.index < limit]
+    records: list[Record] = []
+    for _, parsed in iter_records(raws):
+        if isinstance(parsed, Problem):
+            problems.append(parsed)
+        else:
+            records.append(parsed)
+    problems += _duplicate_ids(records)
+    problems += _image_problems(records, image_folder, workers, decode)
+    lengths: list[int] = []
+    supervised = 0
+    if tokens is None:
+        problems += _render_problems(records, template)
+    else:
+        encoder = encoder_for(tokens.tokenizer, tokens.image_token_id, tokens.spec.num_tokens, template)
+        for record in records:
+            try:
+                prepared = prepare(record, template, encoder, max_seq_len)
+            except RecordProblem as e:
+                problems.append(_problem(record, e.code, e.message))
+                continue
+            lengths.append(prepared.full_length)
+            supervised += prepared.encoded.num_supervised
+            if prepared.supervised_cut:
+                problems.append(
+                    _problem(
+                        record,
+                        "too_long",
+                        f"{prepared.full_length} tokens with image tokens, over data.max_seq_len={max_seq_len}: "
+                        f"{prepared.supervised_cut} supervised tokens would be cut",
+                    )
+                )
+    problems.sort(key=lambda p: (-1 if p.index is None else p.index, p.code))
+    n_records = len(raws) + sum(1 for p in problems if p.code == "bad_json" and p.index is not None)
+    stats = _stats(records, n_records, problems, lengths, supervised, max_seq_len)
+    return CheckReport(n_records, problems, stats, list(skipped_checks)), raws
+
+
+def _problem(record: Record, code: str, message: str) -> Problem:
+    severity = "warning" if code in WARNING_CODES else "error"
+    return Problem(code, message, record.index, record.id, severity)
+
+
+def _duplicate_ids(records: list[Record]) -> list[Problem]:
+    first: dict[str | int, int] = {}
+    out = []
+    for r in records:
+        if r.id is None:
+            continue
+        if r.id in first:
+            out.append(_problem(r, "duplicate_id", f"id {r.id!r} is also the id of record {first[r.id]}"))
+        else:
+            first[r.id] = r.index
+    return out
+
+
+def _check_image(job: tuple[str, bool]) -> tuple[str, str] | None:
+    path, decode = job
+    try:
+        if decode:
+            open_rgb(Path(path))
+        else:
+            probe(Path(path))
+    except ImageFileError as e:
+        return e.code, e.message
+    return None
+
+
+def _image_problems(records: list[Record], image_folder: Path, workers: int, decode: bool) -> list[Problem]:
+    paths = sorted({str(image_folder / p) for r in records for p in r.images})
+    jobs = [(p, decode) for p in paths]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_check_image, jobs, chunksize=max(1, min(256, len(jobs) // (4 * workers)))))
+    else:
+        results = [_check_image(j) for j in jobs]
+    failed = {p: r for p, r in zip(paths, results, strict=True) if r is not None}
+    out = []
+    for r in records:
+        for p in r.images:
+            found = failed.get(str(image_folder / p))
+            if found is not None:
+                out.append(_problem(r, found[0], found[1]))
+    return out
+
+
+def _render_problems(records: list[Record], template: str) -> list[Problem]:
+    """Without a tokenizer: image markers, and whether the template can render the turns."""
+    out = []
+    for r in records:
+        try:
+            check_image_markers(r)
+            if template != "tokenizer":
+                render(r, template)
+        except RecordProblem as e:
+            out.append(_problem(r, e.code, e.message))
+    return out
+
+
+def _stats(
+    records: list[Record],
+    n_records: int,
+    problems: list[Problem],
+    lengths: list[int],
+    supervised: int,
+    max_seq_len: int,
+) -> dict[str, Any]:
+    with_image = sum(1 for r in records if r.images)
+    stats: dict[str, Any] = {
+        "records": n_records,
+        "valid_structure": len(records),
+        "with_image": with_image,
+        "text_only": len(records) - with_image,
+        "multi_image": sum(1 for r in records if len(r.images) > 1),
+        "images": sum(len(r.images) for r in records),
+        "errors": sum(1 for p in problems if p.severity == "error"),
+        "warnings": sum(1 for p in problems if p.severity == "warning"),
+        "problems_by_code": dict(sorted(Counter(p.code for p in problems).items())),
+        "records_with_errors": len({p.index for p in problems if p.severity == "error"}),
+        "length": None,
+        "histogram": [],
+        "supervised_tokens": supervised if lengths else None,
+    }
+    if lengths:
+        ordered = sorted(lengths)
+        stats["length"] = {
+            "min": ordered[0],
+            "mean": round(sum(ordered) / len(ordered), 1),
+            **{f"p{q}": _percentile(ordered, q) for q in PERCENTILES},
+            "max": ordered[-1],
+            "over_max_seq_len": sum(1 for n in ordered if n > max_seq_len),
+        }
+        stats["histogram"] = _histogram(ordered)
+    return stats
+
+
+def _percentile(ordered: list[int], q: int) -> int:
+    # Nearest-rank percentile: always a length that some record has.
+    rank = max(1, -(-q * len(ordered) // 100))
+    return ordered[rank - 1]
+
+
+def _histogram(ordered: list[int]) -> list[dict[str, int]]:
+    low, high = ordered[0], ordered[-1]
+    width = max(1, -(-(high - low + 1) // HISTOGRAM_BINS))
+    counts = Counter((n - low) // width for n in ordered)
+    return [
+        {"from": low + b * width, "to": low + (b + 1) * width - 1, "count": counts.get(b, 0)}
+        for b in range(max(counts) + 1)
+    ]
+
+
+def write_clean(raws: list[RawRecord], report: CheckReport, out: Path) -> int:
+    """Write the records without error-level problems to ``out`` (JSONL for ``.jsonl``, else a
+    JSON list); return how many were written."""
+    bad = report.bad_indices()
+    keep = [r.value for r in raws if r.index not in bad]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".jsonl":
+        text = "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in keep)
+    else:
+        text = json.dumps(keep, indent=1, ensure_ascii=False) + "\n"
+    out.write_text(text, encoding="utf-8")
+    return len(keep)

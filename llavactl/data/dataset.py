@@ -1,0 +1,222 @@
+"""What the trainer iterates: the dataset, its collator and a resumable, seeded sampler.
+
+Records are parsed up front (cheap); images are decoded and text tokenized lazily, one item at a
+time, so DataLoader workers share the work. The batch layout is the one transformers'
+``LlavaForConditionalGeneration`` consumes: every ``<image>`` is ``num_image_tokens`` copies of the
+image token id, labels are -100 wherever nothing is learned.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from llavactl.config.schema import DataConfig
+from llavactl.data.images import ImageFileError, ImageSpec, load_image
+from llavactl.data.records import Record, RecordProblem, load_records
+from llavactl.data.sources import resolve_data_source
+from llavactl.data.templates import IGNORE_INDEX, encoder_for, prepare
+from llavactl.errors import DataError
+
+# Megabatches of this many batches are sorted by length before being cut into batches
+# (transformers' LengthGroupedSampler uses the same factor).
+MEGABATCH_BATCHES = 50
+# LLaVA's length estimate for grouping counts words, and this many tokens per image.
+ESTIMATED_IMAGE_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A record that could not be built into an item, and why."""
+
+    index: int
+    id: str | int | None
+    code: str
+    message: str
+
+
+class LlavaDataset(Dataset):
+    """Records as ``{"input_ids", "labels", "pixel_values", "index"}`` items, decoded on access."""
+
+    def __init__(
+        self,
+        records: list[Record],
+        image_folder: Path,
+        data: DataConfig,
+        tokenizer: Any,
+        image_token_id: int,
+        spec: ImageSpec,
+    ) -> None:
+        self.records = records
+        self.image_folder = image_folder
+        self.data = data
+        self.spec = spec
+        self.encoder = encoder_for(tokenizer, image_token_id, spec.num_tokens, data.conversation_template)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | Skipped:
+        record = self.records[i]
+        try:
+            prepared = prepare(record, self.data.conversation_template, self.encoder, self.data.max_seq_len)
+            pixels = [load_image(self.image_folder / p, self.spec, self.data.image_aspect_ratio) for p in record.images]
+        except (RecordProblem, ImageFileError) as e:
+            # Returned, not raised: an exception raised in a DataLoader worker reaches the main
+            # process as a traceback string. :func:`take_skipped` raises it there instead.
+            return Skipped(record.index, record.id, e.code, e.message)
+        return {
+            "input_ids": torch.tensor(prepared.encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(prepared.encoded.labels, dtype=torch.long),
+            "pixel_values": torch.stack(pixels) if pixels else None,
+            "index": record.index,
+        }
+
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's cheap length estimate, positive for records with images, negative for text-only."""
+        lengths = []
+        for r in self.records:
+            words = sum(len(t.text.split()) for t in r.turns)
+            lengths.append(words + ESTIMATED_IMAGE_TOKENS * len(r.images) if r.images else -words)
+        return lengths
+
+
+class Collator:
+    """Right-pads a list of items into the batch contract.
+
+    Output: ``input_ids``/``attention_mask``/``labels`` Long[B, T] and, when any item has images,
+    ``pixel_values`` Float[N, 3, S, S] in item order. Records that could not be built are left
+    out and listed under ``skipped`` (a list of :class:`Skipped`): the trainer calls
+    :func:`take_skipped` on every batch. A batch whose items all failed holds only ``skipped``.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
+        skipped = [it for it in items if isinstance(it, Skipped)]
+        good = [it for it in items if not isinstance(it, Skipped)]
+        batch: dict[str, Any] = {"skipped": skipped} if skipped else {}
+        if not good:
+            return batch
+        longest = max(len(it["input_ids"]) for it in good)
+        input_ids = torch.full((len(good), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(good), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(good), longest), dtype=torch.long)
+        for row, it in enumerate(good):
+            n = len(it["input_ids"])
+            input_ids[row, :n] = it["input_ids"]
+            labels[row, :n] = it["labels"]
+            attention_mask[row, :n] = 1
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        pixels = [it["pixel_values"] for it in good if it["pixel_values"] is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded order of record indices per epoch that can be saved and resumed exactly.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``. The trainer calls :meth:`advance`
+    with the number of samples it has consumed (a DataLoader prefetches, so the sampler cannot
+    know), saves :meth:`state_dict` in its checkpoint, and after :meth:`load_state_dict` the next
+    iteration continues at the saved position. With ``group_by_modality_length`` every batch of
+    ``batch_size`` consecutive indices holds only image or only text-only records, of similar
+    length (LLaVA's modality-grouped sampler), except the leftovers of the two groups, which
+    come last.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        group_by_modality_length: bool = False,
+    ) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group = group_by_modality_length
+        self.epoch = 0
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths) - self.position
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def advance(self, num_samples: int) -> None:
+        self.position += num_samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise DataError(
+                f"the checkpoint's data order used seed {state['seed']}, this run uses {self.seed}",
+                fix=f"resume with the same seed (`seed={state['seed']}`)",
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.order(self.epoch)[self.position :]
+
+    def order(self, epoch: int) -> list[int]:
+        rng = random.Random(f"{self.seed}:{epoch}")
+        if not self.group:
+            order = list(range(len(self.lengths)))
+            rng.shuffle(order)
+            return order
+        image = [i for i, n in enumerate(self.lengths) if n > 0]
+        text = [i for i, n in enumerate(self.lengths) if n <= 0]
+        batches: list[list[int]] = []
+        leftovers: list[int] = []
+        for group in (image, text):
+            full, rest = self._length_grouped_batches(group, rng)
+            batches += full
+            leftovers += rest
+        rng.shuffle(batches)
+        return [i for b in batches for i in b] + leftovers
+
+    def _length_grouped_batches(self, indices: list[int], rng: random.Random) -> tuple[list[list[int]], list[int]]:
+        rng.shuffle(indices)
+        mega = self.batch_size * MEGABATCH_BATCHES
+        ordered: list[int] = []
+        for start in range(0, len(indices), mega):
+            chunk = indices[start : start + mega]
+            ordered += sorted(chunk, key=lambda i: abs(self.lengths[i]), reverse=True)
+        cut = len(ordered) - len(ordered) % self.batch_size
+        batches = [ordered[k : k + self.batch_size] for k in range(0, cut, self.batch_size)]
+        return batches, ordered[cut:]
+
+
+def take_skipped(batch: dict[str, Any], on_error: str) -> list[Skipped]:
+    """Pop the batch's failed records; under ``data.on_error: raise`` stop on the first one."""
+    skipped: list[Skipped] = batch.pop("skipped", [])
+    if skipped and on_error == "raise":
+        s = skipped[0]
+        raise DataError(
+            f"record {s.index} (id {s.id!r}): {s.code}: {s.message}",
+            fix="fix or drop the record (`llavactl data check --write-clean FILE` writes the data without bad "
+            "records), or skip bad records with `data.on_error=skip`",
+        )
+    return skipped
+
+
+def build_dataset(data: DataConfig, tokenizer: Any, image_token_id: int, spec: ImageSpec, seed: int) -> LlavaDataset:
+    """The training dataset of a profile's ``data`` section (``seed`` picks builtin data)."""
+    records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, seed)
+    records = load_records(records_path)
+    if not records:
+        raise DataError(f"{records_path} holds no records", fix="point `data.data_path` at a non-empty data set")
+    return LlavaDataset(records, image_folder, data, tokenizer, image_token_id, spec)

@@ -1,0 +1,148 @@
+"""Images: read any common file as RGB, and turn it into the vision tower's normalized input.
+
+:class:`ImageSpec` is what a tower needs (size, patch, mean, std); ``model`` builds it from a
+tower config. The fast path works on uint8 tensors: pad to a square with the mean colour (LLaVA
+1.5's ``expand2square``) or stretch, resize with antialiased bicubic (torch's uint8 kernel, the
+filter PIL uses, which ``CLIPImageProcessor`` calls), then one fused multiply-add to normalize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+AspectRatio = Literal["pad", "resize"]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the vision tower takes: a ``size`` x ``size`` image cut into ``patch_size`` patches."""
+
+    size: int
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def num_tokens(self) -> int:
+        """Image tokens per image in ``input_ids``: one per patch (the CLS token is dropped)."""
+        return (self.size // self.patch_size) ** 2
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """The padding colour: the mean as LLaVA computes it, ``int(m * 255)`` (CLIP: 122,116,104)."""
+        r, g, b = (int(m * 255) for m in self.mean)
+        return r, g, b
+
+
+class ImageFileError(Exception):
+    """An image that is missing or cannot be read; ``code`` is ``missing_image`` or ``corrupt_image``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode ``path`` fully as an upright 8-bit RGB image.
+
+    EXIF orientation is applied; palette, grey and CMYK images are converted; transparency is
+    composited over white (as transformers' ``convert_to_rgb`` does, so transparent pixels do
+    not turn into whatever colour they happen to store); 16-bit images are scaled to 8 bits
+    rather than clipped.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+    except FileNotFoundError:
+        raise ImageFileError("missing_image", f"image file {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageFileError("corrupt_image", f"image file {path} cannot be decoded: {e}") from None
+    return _to_rgb(upright)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        wide = np.asarray(img, dtype=np.int64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def probe(path: Path) -> tuple[int, int]:
+    """Check that ``path`` exists and has a readable image header; return (width, height).
+
+    Reads the header only (no pixel decoding): what ``data check`` does without ``--decode``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise ImageFileError("missing_image", f"image file {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageFileError("corrupt_image", f"image file {path} has no readable image header: {e}") from None
+    if width < 1 or height < 1:
+        raise ImageFileError("corrupt_image", f"image file {path} is {width}x{height} pixels")
+    return width, height
+
+
+def to_tensor(img: Image.Image, spec: ImageSpec, aspect_ratio: AspectRatio) -> torch.Tensor:
+    """An RGB image as the tower's input: Float[3, size, size], normalized with the spec's mean/std."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    if aspect_ratio == "pad":
+        img = expand_to_square(img, spec.fill)
+    # Height-width-channel uint8 viewed as channels-last NCHW: the layout of torch's vectorized
+    # uint8 resize kernel. (np.array, not asarray: a tensor needs writable memory.)
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    resized = F.interpolate(pixels, size=(spec.size, spec.size), mode="bicubic", antialias=True, align_corners=False)
+    # Normalize in numpy on the HWC result: (x / 255 - mean) / std as one multiply-add. Small
+    # elementwise torch ops pay OpenMP start-up costs that dominate at this size.
+    hwc = resized[0].permute(1, 2, 0).numpy().astype(np.float32)
+    scale = np.array([1 / (255 * s) for s in spec.std], dtype=np.float32)
+    shift = np.array([m / s for m, s in zip(spec.mean, spec.std, strict=True)], dtype=np.float32)
+    hwc *= scale
+    hwc -= shift
+    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's ``expand2square``: centre the image on a square of ``fill`` (offsets round down)."""
+    from PIL import Image
+
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(img, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def load_image(path: Path, spec: ImageSpec, aspect_ratio: AspectRatio) -> torch.Tensor:
+    """Read ``path`` and return the tower's input tensor (see :func:`open_rgb`, :func:`to_tensor`)."""
+    return to_tensor(open_rgb(path), spec, aspect_ratio)

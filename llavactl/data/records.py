@@ -1,0 +1,248 @@
+"""Read LLaVA-format records (a JSON list or JSONL) and validate their structure.
+
+A record is ``{"id": str | int, "image": path | [paths] (optional), "conversations": [{"from":
+"human" | "gpt" | "system", "value": str}, ...]}``; other top-level keys are ignored. Structural
+problems become :class:`Problem` values with a stable ``code`` so that ``data check`` can report
+all of them and the dataset can name the record it stops on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from llavactl.errors import DataError
+
+IMAGE_MARKER = "<image>"
+ROLES = ("human", "gpt", "system")
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one record (or with the file, when ``index`` is None)."""
+
+    code: str
+    message: str
+    index: int | None = None
+    id: str | int | None = None
+    severity: Severity = "error"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "id": self.id,
+            "code": self.code,
+            "severity": self.severity,
+            "message": self.message,
+        }
+
+
+class RecordProblem(Exception):
+    """Raised while turning one record into training data; carries the problem code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "human", "gpt" or "system"
+    text: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """A structurally valid record. ``images`` are the paths as written in the record."""
+
+    index: int
+    id: str | int | None
+    images: tuple[str, ...]
+    turns: tuple[Turn, ...]
+    raw: dict[str, Any] = field(compare=False, repr=False)
+
+    @property
+    def marker_count(self) -> int:
+        return sum(t.text.count(IMAGE_MARKER) for t in self.turns)
+
+    def describe(self) -> str:
+        """How messages name this record: its index and id."""
+        return f"record {self.index} (id {self.id!r})"
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One decoded JSON value of the data file, before validation."""
+
+    index: int
+    line: int  # 1-based line where the record starts in the file
+    value: Any
+
+
+def read_raw_records(path: Path) -> tuple[list[RawRecord], list[Problem]]:
+    """Decode ``path`` as a JSON list (first character ``[``) or as JSONL (one object a line).
+
+    A JSON list that does not parse gives one ``bad_json`` problem and no records; in JSONL each
+    bad line gives its own problem and the other lines still load.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(
+            f"data file {path} does not exist", fix="set `data.data_path` to an existing JSON or JSONL file"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text ({e})", fix="re-encode the file as UTF-8") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        return _read_json_list(text)
+    return _read_jsonl(text)
+
+
+def _read_json_list(text: str) -> tuple[list[RawRecord], list[Problem]]:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        return [], [Problem("bad_json", f"line {e.lineno}, column {e.colno}: {e.msg}")]
+    # Record start lines let messages point into the file; json gives no positions, so find
+    # them with a raw decoder over the list's elements.
+    lines = _element_lines(text, len(values))
+    return [RawRecord(i, lines[i], v) for i, v in enumerate(values)], []
+
+
+def _element_lines(text: str, count: int) -> list[int]:
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    starts: list[int] = []
+    line, scanned = 1, 0
+    for _ in range(count):
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        line += text.count("\n", scanned, pos)
+        scanned = pos
+        starts.append(line)
+        _, pos = decoder.raw_decode(text, pos)
+    return starts
+
+
+def _read_jsonl(text: str) -> tuple[list[RawRecord], list[Problem]]:
+    records: list[RawRecord] = []
+    problems: list[Problem] = []
+    index = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(Problem("bad_json", f"line {lineno}, column {e.colno}: {e.msg}", index=index))
+        else:
+            records.append(RawRecord(index, lineno, value))
+        index += 1
+    return records, problems
+
+
+def parse_record(raw: RawRecord) -> Record:
+    """Validate the structure of one record; raise :class:`RecordProblem` on the first issue."""
+    value = raw.value
+    if not isinstance(value, dict):
+        raise RecordProblem("missing_field", f"a record must be a JSON object, got {type(value).__name__}")
+    rid = value.get("id")
+    if rid is not None and not isinstance(rid, (str, int)):
+        raise RecordProblem("missing_field", f"`id` must be a string or an integer, got {rid!r}")
+    images = _parse_images(value)
+    conversations = value.get("conversations")
+    if conversations is None:
+        raise RecordProblem("missing_field", "no `conversations` list")
+    if not isinstance(conversations, list) or not conversations:
+        raise RecordProblem("missing_field", "`conversations` must be a non-empty list of turns")
+    turns = tuple(_parse_turn(i, t) for i, t in enumerate(conversations))
+    _check_turn_order(turns)
+    return Record(raw.index, rid, images, turns, value)
+
+
+def _parse_images(value: dict[str, Any]) -> tuple[str, ...]:
+    image = value.get("image")
+    if image is None:
+        return ()
+    if isinstance(image, str) and image:
+        return (image,)
+    if isinstance(image, list) and image and all(isinstance(p, str) and p for p in image):
+        return tuple(image)
+    raise RecordProblem("missing_field", f"`image` must be a path or a non-empty list of paths, got {image!r}")
+
+
+def _parse_turn(position: int, turn: Any) -> Turn:
+    if not isinstance(turn, dict):
+        raise RecordProblem("missing_field", f"turn {position} must be an object with `from` and `value`")
+    for key in ("from", "value"):
+        if key not in turn:
+            raise RecordProblem("missing_field", f"turn {position} has no `{key}`")
+    role, text = turn["from"], turn["value"]
+    if role not in ROLES:
+        raise RecordProblem("bad_role", f"turn {position} has role {role!r}; expected one of {', '.join(ROLES)}")
+    if not isinstance(text, str):
+        raise RecordProblem("missing_field", f"turn {position} `value` must be a string, got {type(text).__name__}")
+    return Turn(role, text)
+
+
+def _check_turn_order(turns: tuple[Turn, ...]) -> None:
+    # An optional system turn, then human/gpt pairs: the shape every template renders.
+    offset = 1 if turns[0].role == "system" else 0
+    body = turns[offset:]
+    if not body:
+        raise RecordProblem("bad_role", "the record has a system turn but no human/gpt turns")
+    for k, turn in enumerate(body):
+        expected = "human" if k % 2 == 0 else "gpt"
+        if turn.role != expected:
+            raise RecordProblem(
+                "bad_role",
+                f"turn {k + offset} is {turn.role!r} where {expected!r} was expected (turns alternate "
+                "human, gpt, human, ... after an optional first system turn)",
+            )
+    if body[-1].role != "gpt":
+        raise RecordProblem("bad_role", "the last turn is 'human'; a record ends with a 'gpt' reply")
+
+
+def check_image_markers(record: Record) -> None:
+    """The number of ``<image>`` markers must equal the number of images (0 adds one per image)."""
+    markers, n = record.marker_count, len(record.images)
+    if markers and markers != n:
+        raise RecordProblem(
+            "image_token_mismatch", f"{markers} `<image>` marker(s) in the text but {n} image(s) in `image`"
+        )
+
+
+def iter_records(raws: list[RawRecord]) -> Iterator[tuple[RawRecord, Record | Problem]]:
+    """Parse each raw record, yielding the record or the structural problem that stops it."""
+    for raw in raws:
+        rid = raw.value.get("id") if isinstance(raw.value, dict) else None
+        try:
+            yield raw, parse_record(raw)
+        except RecordProblem as p:
+            yield raw, Problem(p.code, p.message, raw.index, rid if isinstance(rid, (str, int)) else None)
+
+
+def load_records(path: Path) -> list[Record]:
+    """Read and validate every record; raise :class:`DataError` naming the first bad one."""
+    raws, problems = read_raw_records(path)
+    if problems:
+        p = problems[0]
+        where = f" (record {p.index})" if p.index is not None else ""
+        raise DataError(f"{path}: invalid JSON{where}: {p.message}", fix=f"run `llavactl data check` on {path}")
+    records = []
+    for raw, parsed in iter_records(raws):
+        if isinstance(parsed, Problem):
+            raise DataError(
+                f"{path}: record {raw.index} (id {parsed.id!r}, line {raw.line}): {parsed.code}: {parsed.message}",
+                fix="fix or drop the record; `llavactl data check --write-clean FILE` writes the data without "
+                "bad records",
+            )
+        records.append(parsed)
+    return records

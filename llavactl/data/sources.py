@@ -1,0 +1,75 @@
+"""Resolve ``data.data_path`` (a file or ``builtin:shapes``) to a records file and image folder.
+
+``builtin:shapes`` is generated on first use into the cache (``$LLAVACTL_CACHE`` or
+``~/.cache/llavactl``), under a folder named by its parameters, and written to a temporary folder
+renamed into place so that an interrupted or concurrent run never leaves half a data set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from llavactl.data import synth
+from llavactl.errors import DataError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTINS = ("shapes",)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLAVACTL_CACHE") or Path.home() / ".cache" / "llavactl")
+
+
+def resolve_data_source(data_path: str, image_folder: str | None, seed: int) -> tuple[Path, Path]:
+    """The records file and the folder that its image paths are relative to.
+
+    For a file, ``image_folder`` defaults to the file's own folder.
+    """
+    if data_path.startswith(BUILTIN_PREFIX):
+        name = data_path[len(BUILTIN_PREFIX) :]
+        if name not in BUILTINS:
+            raise DataError(
+                f"data.data_path: unknown builtin data set {data_path!r}",
+                fix="use `data.data_path=builtin:shapes` or a path to a JSON/JSONL file",
+            )
+        records = shapes_dataset(seed)
+        return records, records.parent
+    path = Path(data_path).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"data.data_path: {path} is not a file",
+            fix="set `data.data_path` to a LLaVA JSON or JSONL file, or `builtin:shapes`",
+        )
+    folder = Path(image_folder).expanduser() if image_folder else path.parent
+    if not folder.is_dir():
+        raise DataError(
+            f"data.image_folder: {folder} is not a folder", fix="set `data.image_folder` to the images' root folder"
+        )
+    return path, folder
+
+
+def shapes_dataset(seed: int, n: int = synth.DEFAULT_COUNT, image_size: int = synth.DEFAULT_IMAGE_SIZE) -> Path:
+    """The cached shapes records file for these parameters, generated when absent."""
+    key = hashlib.sha256(f"shapes-v1 n={n} seed={seed} size={image_size}".encode()).hexdigest()[:16]
+    final = cache_root() / "shapes" / key
+    records = final / synth.RECORDS_FILE
+    if records.is_file():
+        return records
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+    try:
+        synth.write_shapes(tmp, n=n, seed=seed, image_size=image_size)
+        try:
+            tmp.rename(final)
+        except OSError:
+            # Another process finished the same data set first; its copy is identical.
+            if not records.is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return records

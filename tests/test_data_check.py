@@ -1,0 +1,179 @@
+"""`data check`: one crafted record per problem code, the report, exit codes and --write-clean."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fixtures.data_helpers import REFERENCE, byte_tokenizer, image_id, llama_tokenizer, record
+from PIL import Image
+from typer.testing import CliRunner
+
+from llavactl.cli.data import app
+from llavactl.data.check import TokenContext, check_dataset
+from llavactl.data.images import ImageSpec
+from llavactl.errors import DataError
+
+SPEC = ImageSpec(32, 8, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+MAX_LEN = 256
+# One record per problem code (index -> code); records 0 and 10 are clean.
+EXPECTED = {
+    1: "bad_json",
+    2: "missing_field",
+    3: "bad_role",
+    4: "image_token_mismatch",
+    5: "missing_image",
+    6: "corrupt_image",
+    7: "empty_supervision",
+    8: "too_long",
+    9: "duplicate_id",
+}
+
+
+def crafted(folder: Path) -> Path:
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(folder / "ok.png")
+    (folder / "broken.png").write_text("not a png")
+    ok = {"image": "ok.png"}
+    lines = [
+        json.dumps(record(("human", "<image>\nWhat is it?"), ("gpt", "A square."), rid="good", **ok)),
+        '{"id": "half", "conversations": [',
+        json.dumps({"id": "nofield"}),
+        json.dumps(record(("gpt", "a"), ("human", "q"), rid="order")),
+        json.dumps(record(("human", "<image><image>"), ("gpt", "a"), rid="two-markers", **ok)),
+        json.dumps(record(("human", "q"), ("gpt", "a"), rid="lost", image="gone.png")),
+        json.dumps(record(("human", "q"), ("gpt", "a"), rid="broken", image="broken.png")),
+        json.dumps(record(("human", " x" * 250), ("gpt", "a"), rid="no-room", **ok)),
+        json.dumps(record(("human", "q"), ("gpt", " a" * 250), rid="long", **ok)),
+        json.dumps(record(("human", "q"), ("gpt", "a"), rid="good", **ok)),
+        json.dumps(record(("human", "hello"), ("gpt", "hi"), rid=11)),
+    ]
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run_check(folder: Path, tokens: TokenContext | None, **kw: object) -> object:
+    report, _ = check_dataset(crafted(folder), folder, "vicuna_v1", MAX_LEN, tokens, **kw)
+    return report
+
+
+def tokens_of(tok: object) -> TokenContext:
+    return TokenContext(tok, image_id(tok), SPEC)
+
+
+@pytest.mark.parametrize("tokenizer", [byte_tokenizer, llama_tokenizer], ids=["bytes", "llama-spm"])
+def test_every_problem_code_is_found_on_its_record(tmp_path: Path, tokenizer: object) -> None:
+    report = run_check(tmp_path, tokens_of(tokenizer()))
+    found = {(p.index, p.code) for p in report.problems}
+    assert found == set(EXPECTED.items())
+    by_code = {p.code: p for p in report.problems}
+    assert by_code["bad_json"].message.startswith("line 2, column")
+    assert by_code["duplicate_id"].severity == by_code["too_long"].severity == "warning"
+    assert "supervised tokens would be cut" in by_code["too_long"].message
+    assert by_code["duplicate_id"].id == "good" and "record 0" in by_code["duplicate_id"].message
+    assert report.records == 11 and report.bad_indices() == {1, 2, 3, 4, 5, 6, 7}
+
+
+def test_stats_count_modalities_and_lengths_with_image_tokens(tmp_path: Path) -> None:
+    report = run_check(tmp_path, tokens_of(byte_tokenizer()))
+    s = report.stats
+    assert (s["records"], s["with_image"], s["text_only"], s["multi_image"]) == (11, 7, 1, 0)
+    assert s["length"]["over_max_seq_len"] == 1  # "long"; "no-room" cannot train, so it has no length
+    assert s["length"]["min"] <= s["length"]["p50"] <= s["length"]["p99"] <= s["length"]["max"]
+    assert sum(b["count"] for b in s["histogram"]) == 6  # records whose text tokenizes: 0, 5, 6, 8, 9, 10
+    assert s["problems_by_code"]["missing_image"] == 1
+
+
+def test_without_tokenizer_structure_and_images_are_still_checked(tmp_path: Path) -> None:
+    report = run_check(tmp_path, None, skipped_checks=("token lengths: no tokenizer",))
+    found = {code for _, code in ((p.index, p.code) for p in report.problems)}
+    assert found == set(EXPECTED.values()) - {"empty_supervision", "too_long"}
+    assert report.stats["length"] is None and report.skipped_checks == ["token lengths: no tokenizer"]
+
+
+def test_decode_mode_with_workers_finds_truncated_images(tmp_path: Path) -> None:
+    path = crafted(tmp_path)
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "ok.png").write_bytes(data[: len(data) // 2])
+    header_only, _ = check_dataset(path, tmp_path, "vicuna_v1", MAX_LEN, None)
+    decoded, _ = check_dataset(path, tmp_path, "vicuna_v1", MAX_LEN, None, decode=True, workers=2)
+    assert "corrupt_image" not in {p.code for p in header_only.problems if p.index == 0}
+    assert "corrupt_image" in {p.code for p in decoded.problems if p.index == 0}
+
+
+def profile_file(folder: Path, data_path: Path, model: str = "builtin:tiny-llama") -> Path:
+    path = folder / "p.yaml"
+    path.write_text(
+        f"model:\n  model_name_or_path: {model}\n  vision_tower: builtin:tiny-clip\n"
+        f"data:\n  data_path: {data_path}\n  image_folder: {data_path.parent}\n  max_seq_len: {MAX_LEN}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_cli_exit_1_json_report_and_write_clean(tmp_path: Path) -> None:
+    data = crafted(tmp_path)
+    report_file, clean = tmp_path / "r.json", tmp_path / "clean.jsonl"
+    result = CliRunner().invoke(
+        app, ["check", "-p", str(profile_file(tmp_path, data)), "--json", str(report_file), "--write-clean", str(clean)]
+    )
+    assert result.exit_code == 1, result.output
+    assert "empty_supervision" in result.output and "tokens per record" in result.output
+    report = json.loads(report_file.read_text())
+    assert set(report) == {"records", "problems", "stats", "skipped_checks"}
+    assert {"index", "id", "code", "message"} <= set(report["problems"][0])
+    kept = [json.loads(line)["id"] for line in clean.read_text().splitlines()]
+    assert kept == ["good", "long", "good", 11]
+    again = CliRunner().invoke(app, ["check", "-p", str(profile_file(tmp_path, clean))])
+    assert again.exit_code == 0, again.output
+
+
+def test_cli_exit_0_on_the_real_records_and_2_on_usage_errors(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "model:\n  model_name_or_path: builtin:tiny-llama\n  vision_tower: builtin:tiny-clip\n"
+        f"data:\n  data_path: {REFERENCE / 'llava_real_samples.json'}\n  max_seq_len: 4096\n",
+        encoding="utf-8",
+    )
+    assert CliRunner().invoke(app, ["check", "-p", str(path)]).exit_code == 0
+    assert CliRunner().invoke(app, ["check", "-p", str(path), "--limit", "0"]).exit_code == 2
+    missing = CliRunner().invoke(app, ["check", "-p", str(path), f"data.data_path={tmp_path / 'nope.json'}"])
+    assert isinstance(missing.exception, DataError) and missing.exception.exit_code == 2
+
+
+def test_cli_reports_what_it_skipped_without_a_tokenizer(tmp_path: Path) -> None:
+    data = crafted(tmp_path)
+    result = CliRunner().invoke(
+        app, ["check", "-p", str(profile_file(tmp_path, data, model=str(tmp_path / "no-such-model")))]
+    )
+    assert result.exit_code == 1
+    assert "skipped" in result.output and "token lengths" in result.output and "missing_image" in result.output
+
+
+def test_preview_json_lists_supervised_spans(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "model:\n  model_name_or_path: builtin:tiny-llama\n  vision_tower: builtin:tiny-clip\n"
+        f"data:\n  data_path: {REFERENCE / 'llava_real_samples.json'}\n  max_seq_len: 4096\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(app, ["preview", "-p", str(path), "--index", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    (item,) = json.loads(result.output)
+    assert item["id"] == 2327515 and item["supervised"] == [" Yes</s>", " No</s>"]
+    assert "USER: <image x16>\nAre there scarves" in item["prompt"]
+    shown = CliRunner().invoke(app, ["preview", "-p", str(path), "-n", "2"])
+    assert shown.exit_code == 0 and "<image x16>" in shown.output
+
+
+def test_synth_writes_a_dataset_that_checks_clean(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "s"), "--n", "12", "--seed", "4", "--image-size", "40"])
+    assert result.exit_code == 0, result.output
+    records = tmp_path / "s" / "shapes.json"
+    assert len(json.loads(records.read_text())) == 12
+    assert CliRunner().invoke(app, ["check", "-p", str(profile_file(tmp_path, records))]).exit_code == 0
