@@ -114,11 +114,28 @@ def to_tensor(img: Image.Image, spec: ImageSpec, aspect_ratio: AspectRatio) -> t
     import torch
     import torch.nn.functional as F
 
-    if aspect_ratio == "pad":
-        img = expand_to_square(img, spec.fill)
+    # Pad in numpy rather than with PIL: converting a pasted PIL square to an array costs more
+    # than the resize itself (6 ms against 1 ms for a 1000 px image).
+    rgb = np.asarray(img, dtype=np.uint8)
+    height, width = rgb.shape[:2]
+    if aspect_ratio == "pad" and height != width:
+        side = max(height, width)
+        top, left = (side - height) // 2, (side - width) // 2
+        square = np.empty((side, side, 3), dtype=np.uint8)
+        # Fill only the margins, a whole row at a time: broadcasting the 3-value colour over
+        # every pixel is five times slower than the resize.
+        row = np.tile(np.array(spec.fill, dtype=np.uint8), (side, 1))
+        square[:top] = row
+        square[top + height :] = row
+        square[top : top + height, :left] = row[:left]
+        square[top : top + height, left + width :] = row[left + width :]
+        square[top : top + height, left : left + width] = rgb
+        rgb = square
+    elif not rgb.flags.writeable:
+        rgb = rgb.copy()  # torch tensors need writable memory
     # Height-width-channel uint8 viewed as channels-last NCHW: the layout of torch's vectorized
-    # uint8 resize kernel. (np.array, not asarray: a tensor needs writable memory.)
-    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    # uint8 resize kernel.
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
     resized = F.interpolate(pixels, size=(spec.size, spec.size), mode="bicubic", antialias=True, align_corners=False)
     # Normalize in numpy on the HWC result: (x / 255 - mean) / std as one multiply-add. Small
     # elementwise torch ops pay OpenMP start-up costs that dominate at this size.
