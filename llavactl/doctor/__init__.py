@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from llavactl.doctor.results import CheckResult
@@ -21,7 +20,9 @@ def run_checks(
     from llavactl.doctor.profile_checks import profile_checks
 
     facts = facts or probe()
-    offline = offline or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    from llavactl.model.hub import offline as hub_offline
+
+    offline = offline or hub_offline()
     results = environment_checks(facts, profile.training.output_dir if profile else None)
     if profile is not None:
         results += profile_checks(profile, facts, offline=offline)

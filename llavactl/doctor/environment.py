@@ -15,7 +15,7 @@ GIB = 1024**3
 # Supported ranges: the lower bounds of pyproject.toml, the upper bound the next major release.
 SUPPORTED = {
     "torch": ("2.6", "3"),
-    "transformers": ("5.0", "6"),
+    "transformers": ("5.24", "6"),
     "peft": ("0.13", "1"),
     "safetensors": ("0.4.3", "1"),
     "pillow": ("10.0", "14"),

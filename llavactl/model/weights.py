@@ -1,0 +1,112 @@
+"""Saving and loading what a stage trains, in safetensors.
+
+A folder holds, by stage:
+- `projector.safetensors`: the projector (every stage), in llava-hf names, so that it also
+  serves as `model.pretrain_mm_mlp_adapter` of a later run;
+- `adapter_model.safetensors` + `adapter_config.json` (lora, qlora): the LoRA adapters in peft's
+  layout, loadable with `PeftModel.from_pretrained(LlavaForConditionalGeneration..., folder)`;
+- `trainable.safetensors`: the other trainable weights (the LLM for `full`, the tower when it is
+  unfrozen), in LlavaForConditionalGeneration's names.
+
+Frozen weights are not saved: they come back from the sources and the seed. Loading is strict: a
+missing file, a missing or unexpected key, or a wrong shape is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llavactl.errors import ModelSourceError
+from llavactl.model.assembly import component
+
+if TYPE_CHECKING:
+    import torch
+
+    from llavactl.model.assembly import AssembledModel
+
+PROJECTOR_FILE = "projector.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+OTHER_FILE = "trainable.safetensors"
+_METADATA = {"format": "pt"}
+
+
+def trainable_state(assembled: AssembledModel) -> dict[str, dict[str, torch.Tensor]]:
+    """File name -> {key: tensor} of everything the stage trains; the tensors share storage
+    with the model's parameters."""
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for name, parameter in assembled.model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = component(name)
+        if part == "projector":
+            files.setdefault(PROJECTOR_FILE, {})[name] = parameter.data
+        elif part != "lora":
+            files.setdefault(OTHER_FILE, {})[name] = parameter.data
+    if assembled.peft_model is not None:
+        from peft import get_peft_model_state_dict
+
+        files[ADAPTER_FILE] = get_peft_model_state_dict(assembled.peft_model, save_embedding_layers=False)
+    return files
+
+
+def save_trainable(assembled: AssembledModel, folder: Path) -> list[Path]:
+    """Write the trained weights of ``assembled`` into ``folder``; returns the files written."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file, tensors in trainable_state(assembled).items():
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, folder / file, _METADATA)
+        written.append(folder / file)
+    if assembled.peft_model is not None:
+        assembled.peft_model.peft_config["default"].save_pretrained(folder)
+        written.append(folder / ADAPTER_CONFIG)
+    return written
+
+
+def _describe(keys: set[str]) -> str:
+    shown = sorted(keys)[:5]
+    return ", ".join(shown) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def load_trainable(assembled: AssembledModel, folder: Path) -> None:
+    """Load weights written by `save_trainable` into ``assembled`` (built for the same stage)."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    expected = trainable_state(assembled)
+    extra = [f for f in (PROJECTOR_FILE, ADAPTER_FILE, OTHER_FILE) if f not in expected and (folder / f).is_file()]
+    if extra:
+        raise ModelSourceError(
+            f"`{folder}` holds {', '.join(extra)}, which stage `{assembled.stage}` does not train: it was "
+            "saved by another stage or with another `model.freeze_vision_tower`.",
+            fix="load a checkpoint saved by a run of the same stage and profile",
+        )
+    for file, own in expected.items():
+        path = folder / file
+        if not path.is_file():
+            raise ModelSourceError(
+                f"`{folder}` has no `{file}`, which stage `{assembled.stage}` needs.",
+                fix="load a checkpoint saved by a run of the same stage and profile",
+            )
+        loaded = load_file(path)
+        missing, unexpected = set(own) - set(loaded), set(loaded) - set(own)
+        if missing or unexpected:
+            raise ModelSourceError(
+                f"`{path}` does not match the model: missing {_describe(missing) or 'nothing'}; "
+                f"unexpected {_describe(unexpected) or 'nothing'}.",
+                fix="load a checkpoint saved by a run of the same stage and profile",
+            )
+        for key, tensor in loaded.items():
+            if tensor.shape != own[key].shape:
+                raise ModelSourceError(
+                    f"`{key}` in `{path}` has shape {tuple(tensor.shape)}, the model's is {tuple(own[key].shape)}.",
+                    fix="load a checkpoint saved with the same model sources and LoRA settings",
+                )
+        with torch.no_grad():
+            for key, tensor in loaded.items():
+                own[key].copy_(tensor)

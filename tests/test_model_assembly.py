@@ -1,0 +1,201 @@
+"""LLaVA assembly: what each stage trains, the forward pass on a collator-shaped batch, the frozen
+tower under gradient checkpointing, and meta-device builds of the known real configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llavactl.config.schema import ModelConfig
+from llavactl.errors import ConfigError
+from llavactl.model.assembly import AssembledModel, build_llava
+from llavactl.model.llms import QLORA_OFF
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def tiny(**fields: object) -> ModelConfig:
+    return ModelConfig(model_name_or_path="builtin:tiny-llama", vision_tower="builtin:tiny-clip", **fields)
+
+
+def collated(assembled: AssembledModel, replies: tuple[str, ...] = ("a red square", "two dots")) -> dict:
+    """A batch as the data collator makes it: `<image>` expanded, right-padded, prompt masked."""
+    tok = assembled.tokenizer
+    image = [assembled.image_token_id] * assembled.image_spec.num_tokens
+    rows = []
+    for reply in replies:
+        prompt = [tok.bos_token_id, *image, *tok("USER: what is it? ASSISTANT:", add_special_tokens=False).input_ids]
+        rows.append((prompt, [*tok(" " + reply, add_special_tokens=False).input_ids, tok.eos_token_id]))
+    length = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((len(rows), length), tok.pad_token_id)
+    labels = torch.full((len(rows), length), -100)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (prompt, reply) in enumerate(rows):
+        n = len(prompt) + len(reply)
+        input_ids[i, :n] = torch.tensor(prompt + reply)
+        labels[i, len(prompt) : n] = torch.tensor(reply)
+        attention_mask[i, :n] = 1
+    size = assembled.image_spec.size
+    pixels = torch.randn(len(rows), 3, size, size, generator=torch.Generator().manual_seed(0))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixels}
+
+
+def trainable_names(assembled: AssembledModel) -> set[str]:
+    return {name for group in assembled.parameter_groups().values() for name, _ in group}
+
+
+def names_under(assembled: AssembledModel, prefix: str) -> set[str]:
+    return {name for name, _ in assembled.model.named_parameters() if name.startswith(prefix)}
+
+
+PROJECTOR = {f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+
+
+def test_projector_stage_trains_the_projector_only():
+    assembled = build_llava(tiny(), "projector", image_size=None, seed=0)
+    assert set(assembled.parameter_groups()) == {"projector"}
+    assert trainable_names(assembled) == PROJECTOR
+
+
+def test_lora_stage_trains_adapters_on_llm_targets_and_the_projector():
+    assembled = build_llava(tiny(), "lora", image_size=None, seed=0)
+    groups = assembled.parameter_groups()
+    assert set(groups) == {"lora", "projector"}
+    assert {name for name, _ in groups["projector"]} == PROJECTOR
+    expected = {
+        f"model.language_model.layers.{layer}.self_attn.{module}.lora_{ab}.default.weight"
+        for layer in (0, 1)
+        for module in TARGETS
+        for ab in ("A", "B")
+    }
+    assert {name for name, _ in groups["lora"]} == expected
+    assert all(p.shape[0] == 16 or p.shape[1] == 16 for _, p in groups["lora"])  # lora_r
+
+
+def test_full_stage_trains_the_whole_llm_and_the_projector():
+    assembled = build_llava(tiny(), "full", image_size=None, seed=0)
+    groups = assembled.parameter_groups()
+    assert set(groups) == {"llm", "projector"}
+    # lm_head is tied to the embeddings (as in SmolLM), so it is the same parameter.
+    assert assembled.model.lm_head.weight is assembled.model.model.language_model.embed_tokens.weight
+    assert {name for name, _ in groups["llm"]} == names_under(assembled, "model.language_model.")
+
+
+@pytest.mark.parametrize("stage", ["projector", "lora", "full"])
+def test_unfrozen_tower_trains_with_any_stage(stage):
+    assembled = build_llava(tiny(freeze_vision_tower=False), stage, image_size=None, seed=0)
+    groups = assembled.parameter_groups()
+    assert {name for name, _ in groups["vision_tower"]} == names_under(assembled, "model.vision_tower.")
+
+
+@pytest.mark.parametrize("stage", ["projector", "lora", "full"])
+def test_forward_gives_a_finite_loss_and_gradients_exactly_on_trainables(stage):
+    assembled = build_llava(tiny(), stage, image_size=None, seed=0)
+    out = assembled.model(**collated(assembled))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    with_grad = {name for name, p in assembled.model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable_names(assembled)
+
+
+def record_calls(module: torch.nn.Module) -> list[bool]:
+    """Whether grad was on at each call of ``module``'s forward. (Wrapping forward rather than a
+    forward hook: torch's checkpoint recompute runs without module hooks.)"""
+    calls: list[bool] = []
+    forward = module.forward
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        calls.append(torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+
+    module.forward = recorded
+    return calls
+
+
+def test_frozen_tower_runs_once_without_grad_while_the_llm_is_recomputed():
+    assembled = build_llava(tiny(), "lora", image_size=None, seed=0, gradient_checkpointing=True)
+    tower_calls = record_calls(assembled.model.model.vision_tower.encoder.layers[0].mlp)
+    llm_calls = record_calls(assembled.model.model.language_model.layers[0].mlp)
+    assembled.model.train()
+    assembled.model(**collated(assembled)).loss.backward()
+    assert tower_calls == [False]
+    assert llm_calls == [True, True]  # forward, then the checkpointed recompute in backward
+
+
+def test_config_carries_the_image_token_feature_layer_and_resized_vocab():
+    assembled = build_llava(tiny(mm_vision_select_layer=-1), "projector", image_size=None, seed=0)
+    config = assembled.model.config
+    assert assembled.image_token_id == assembled.tokenizer.convert_tokens_to_ids("<image>") == 259
+    assert config.image_token_id == 259
+    assert config.vision_feature_layer == -1
+    assert config.vision_feature_select_strategy == "default"
+    assert config.image_seq_length == assembled.image_spec.num_tokens == 16
+    assert assembled.model.get_input_embeddings().num_embeddings == len(assembled.tokenizer) == 260
+    assert config.text_config.vocab_size == 260
+
+
+def test_same_seed_builds_the_same_model_and_another_seed_does_not():
+    first = build_llava(tiny(), "lora", image_size=None, seed=3).model.state_dict()
+    again = build_llava(tiny(), "lora", image_size=None, seed=3).model.state_dict()
+    other = build_llava(tiny(), "lora", image_size=None, seed=4).model.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    key = "model.multi_modal_projector.linear_1.weight"
+    assert not torch.equal(first[key], other[key])
+
+
+def test_linear_projector_is_a_single_trainable_layer():
+    assembled = build_llava(tiny(mm_projector_type="linear"), "projector", image_size=None, seed=0)
+    projector = assembled.model.model.multi_modal_projector
+    assert trainable_names(assembled) == {
+        "model.multi_modal_projector.linear_1.weight",
+        "model.multi_modal_projector.linear_1.bias",
+    }
+    features = torch.randn(5, 64)
+    assert torch.allclose(projector(features), projector.linear_1(features))
+    assert assembled.model.config.projector_hidden_act == "linear"
+
+
+def test_image_size_override_changes_the_token_count():
+    assembled = build_llava(tiny(), "projector", image_size=48, seed=0)
+    assert assembled.image_spec.size == 48
+    assert assembled.image_spec.num_tokens == 36
+    assert torch.isfinite(assembled.model(**collated(assembled)).loss)
+
+
+def test_qlora_on_cpu_is_refused_with_the_overrides_that_turn_it_off():
+    cfg = tiny(use_qlora=True, load_in_4bit=True)
+    with pytest.raises(ConfigError) as caught:
+        build_llava(cfg, "qlora", image_size=None, seed=0, device="cpu")
+    assert caught.value.fix is not None
+    assert "stage=lora model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false" in caught.value.fix
+    assert QLORA_OFF in caught.value.fix
+
+
+# CLIP ViT-L/14-336's vision tower, counted from its config: patch conv (no bias), CLS, 577
+# positions, pre-LN, 24 layers of attention (4 projections with bias), 2 LNs and the MLP, post-LN.
+_H, _I, _P, _LAYERS = 1024, 4096, 14, 24
+CLIP_L_336_TOWER = (
+    3 * _P * _P * _H + _H + ((336 // _P) ** 2 + 1) * _H + 2 * _H
+    + _LAYERS * (4 * (_H * _H + _H) + 2 * 2 * _H + (_H * _I + _I) + (_I * _H + _H))
+    + 2 * _H
+)  # fmt: skip
+SMOLLM_135M = 134_515_008
+
+
+def test_local_lite_shapes_build_on_meta_with_the_real_parameter_counts(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = ModelConfig(model_name_or_path="HuggingFaceTB/SmolLM-135M", vision_tower="openai/clip-vit-large-patch14-336")
+    assembled = build_llava(cfg, "lora", image_size=None, seed=0, device="meta")
+    model = assembled.model
+    assert assembled.tokenizer is None
+    assert assembled.image_spec.num_tokens == 576
+    assert CLIP_L_336_TOWER == 303_507_456
+    assert sum(p.numel() for p in model.model.vision_tower.parameters()) == CLIP_L_336_TOWER
+    llm = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and component_is_llm(n))
+    assert llm == SMOLLM_135M + 576  # one embedding row more: `<image>` (tied with lm_head)
+    assert assembled.parameter_groups()["lora"]
+
+
+def component_is_llm(name: str) -> bool:
+    return name.startswith(("model.language_model.", "lm_head."))
