@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements_cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/llavactl profiles show tiny --provenance
+	$(BIN)/llavactl train --profile tiny
 
 test: $(STAMP)
 	$(BIN)/ruff check llavactl tests benchmarks

@@ -41,7 +41,7 @@ def test_profiles_list_shows_every_bundled_profile_with_stage_and_device():
     assert result.exit_code == 0
     cells = [[c.strip() for c in line.split("│")] for line in result.output.splitlines()[2:]]
     rows = {c[0]: c[1:3] for c in cells if len(c) > 3}
-    assert rows["tiny"] == ["lora", "cpu"]
+    assert rows["tiny"] == ["full", "cpu"]
     assert rows["local_lite"] == ["lora", "cpu"]
     assert rows["t4_qlora"] == ["qlora", "cuda"]
     assert rows["pretrain"] == ["projector", "cuda"]

@@ -182,13 +182,13 @@ def test_data_check_passes_when_records_parse_and_images_exist(tmp_path):
         ],
     )
     data = _profile("local_lite", f"data.data_path={path}", f"data.image_folder={tmp_path / 'img'}").data
-    [result] = data_checks(data)
+    [result] = data_checks(data, 0)
     assert result.status == "pass" and "1 records" in result.finding
 
 
 def test_data_check_fails_on_missing_file_folder_and_image(tmp_path):
     data = _profile("local_lite").data.model_copy(update={"data_path": str(tmp_path / "nope.json")})
-    assert data_checks(data)[0].status == "fail"
+    assert data_checks(data, 0)[0].status == "fail"
     path = _records(
         tmp_path,
         [
@@ -200,16 +200,17 @@ def test_data_check_fails_on_missing_file_folder_and_image(tmp_path):
         ],
     )
     data = data.model_copy(update={"data_path": str(path), "image_folder": str(tmp_path)})
-    [result] = data_checks(data)
+    [result] = data_checks(data, 0)
     assert result.check == "data images" and result.status == "fail" and "gone.png" in result.finding
     data = data.model_copy(update={"image_folder": str(tmp_path / "missing")})
-    assert ("data.image_folder", "fail") in [(r.check, r.status) for r in data_checks(data)]
+    [result] = data_checks(data, 0)
+    assert result.status == "fail" and "data.image_folder" in result.finding
 
 
 def test_data_check_fails_on_bad_records(tmp_path):
     path = _records(tmp_path, [{"id": 1, "conversations": [{"from": "robot", "value": "hi"}]}])
     data = _profile("local_lite").data.model_copy(update={"data_path": str(path), "image_folder": None})
-    [result] = data_checks(data)
+    [result] = data_checks(data, 0)
     assert result.status == "fail" and "bad_role" in result.finding
 
 

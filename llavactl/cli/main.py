@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from llavactl import __version__
-from llavactl.cli import data, doctor, profiles
+from llavactl.cli import data, doctor, profiles, train
 from llavactl.cli._common import console, verbosity
 from llavactl.cli._errors import run_guarded
 
@@ -26,6 +26,7 @@ app = typer.Typer(
 app.add_typer(profiles.app, name="profiles")
 app.add_typer(data.app, name="data")
 app.command("doctor")(doctor.doctor)
+app.command("train")(train.train)
 
 
 def _print_version(value: bool) -> None:

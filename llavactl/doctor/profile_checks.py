@@ -125,31 +125,20 @@ def quantization_check(profile: Profile, facts: MachineFacts) -> CheckResult:
     return passed("QLoRA / bitsandbytes", f"bitsandbytes {facts.packages['bitsandbytes']} on CUDA")
 
 
-def data_checks(data: DataConfig) -> list[CheckResult]:
+def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
     from llavactl.data.records import Problem, iter_records, read_raw_records
+    from llavactl.data.sources import resolve_data_source
 
     if data.data_path.startswith("builtin:"):
         return [passed("data", f"{data.data_path}: built-in synthetic data, made on first use")]
-    path = Path(data.data_path).expanduser()
-    if not path.is_file():
-        return [
-            failed(
-                "data.data_path",
-                f"{path} does not exist (resolved from {Path.cwd()}).",
-                "add `data.data_path=PATH` with your LLaVA JSON/JSONL file",
-            )
-        ]
-    folder = Path(data.image_folder).expanduser() if data.image_folder else None
-    results = []
-    if folder is not None and not folder.is_dir():
-        results.append(failed("data.image_folder", f"{folder} is not a folder.", "add `data.image_folder=PATH`"))
     try:
+        path, folder = resolve_data_source(data.data_path, data.image_folder, seed)
         raws, file_problems = read_raw_records(path)
     except DataError as exc:
-        return [*results, failed("data records", exc.message, exc.fix or "fix the data file")]
+        return [failed("data", exc.message, exc.fix or "fix the data file")]
     if file_problems:
         first = file_problems[0]
-        return [*results, failed("data records", first.message, f"`llavactl data check` on {path} lists every problem")]
+        return [failed("data records", first.message, f"`llavactl data check` on {path} lists every problem")]
     problems, missing, checked = [], [], 0
     for raw, parsed in iter_records(raws[:_FIRST_RECORDS]):
         checked += 1
@@ -157,29 +146,28 @@ def data_checks(data: DataConfig) -> list[CheckResult]:
             problems.append(f"record {raw.index}: {parsed.code}")
             continue
         for image in parsed.images:
-            image_path = (folder / image) if folder is not None else Path(image)
+            image_path = folder / image
             if not image_path.is_file():
                 missing.append(str(image_path))
-    finding = f"{len(raws)} records in {path.name}; the first {checked} parse"
     if problems:
-        results.append(
+        return [
             failed(
                 "data records",
                 f"{len(problems)} of the first {checked} records are bad ({', '.join(problems[:3])})",
                 "`llavactl data check --profile ...` lists every problem",
             )
-        )
-    elif missing:
-        results.append(
+        ]
+    if missing:
+        return [
             failed(
                 "data images",
                 f"{len(missing)} images of the first {checked} records are missing, e.g. {missing[0]}",
                 "fix `data.image_folder`, or run `llavactl data check` for the full list",
             )
-        )
-    else:
-        results.append(passed("data records", finding + ", their images exist"))
-    return results
+        ]
+    return [
+        passed("data records", f"{len(raws)} records in {path.name}; the first {checked} parse, their images exist")
+    ]
 
 
 def _source_check(field: str, spec: str, *, offline: bool, needs_weights: bool, torch_safe: bool) -> CheckResult:
@@ -271,7 +259,7 @@ def profile_checks(profile: Profile, facts: MachineFacts, *, offline: bool) -> l
     results = [device_choice_check(profile.training, facts)]
     results += precision_checks(profile.training, facts)
     results.append(quantization_check(profile, facts))
-    results += data_checks(profile.data)
+    results += data_checks(profile.data, profile.seed)
     results += model_source_checks(profile.model, facts, offline=offline)
     wandb = wandb_check(profile.training, facts)
     if wandb is not None:

@@ -46,7 +46,7 @@ class AssembledModel:
     """A LLaVA model ready for one stage, with what training and saving need to know about it."""
 
     model: LlavaForConditionalGeneration
-    # None only for a meta-device build whose tokenizer is not at hand (planning).
+    # None only for a meta-device or random-weights build whose tokenizer is not at hand.
     tokenizer: PreTrainedTokenizerBase | None
     image_spec: ImageSpec
     image_token_id: int
@@ -168,6 +168,35 @@ def _load_parts(
     return tower, llm
 
 
+def _random_parts(
+    model_cfg: ModelConfig, image_size: int | None, seed: int, device: str
+) -> tuple[nn.Module, PreTrainedModel]:
+    """The tower and the LLM in their real shapes with seeded random weights, from known or cached
+    configs, without reading (or downloading) any weights: for a dry run's smoke steps and for
+    benchmarks on machines that do not have the models."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    tower_config = _tower_info(model_cfg, image_size, "meta").config
+    text_config = llms.llm_config(model_cfg.model_name_or_path, download=False)
+    generator = torch.Generator().manual_seed(seed)
+    with no_init_weights(), torch.device(device):
+        # transformers' per-module init takes seconds at these sizes; one pass of normal_ does not.
+        tower = towers.model_class(tower_config)(tower_config)
+        llm = AutoModelForCausalLM.from_config(text_config)
+    with torch.no_grad():
+        for part in (tower, llm):
+            for name, parameter in part.named_parameters():
+                if parameter.dim() >= 2:
+                    parameter.normal_(0.0, 0.02, generator=generator)
+                else:
+                    parameter.fill_(0.0 if name.endswith("bias") else 1.0)
+    if llm.config.tie_word_embeddings:
+        llm.tie_weights()
+    return tower, llm
+
+
 def _assemble(
     config: LlavaConfig, parts: tuple[nn.Module, PreTrainedModel] | None, model_cfg: ModelConfig, seed: int, device: str
 ) -> LlavaForConditionalGeneration:
@@ -203,11 +232,13 @@ def build_llava(
     seed: int,
     gradient_checkpointing: bool = False,
     device: str = "cpu",
+    random_weights: bool = False,
 ) -> AssembledModel:
     """The LLaVA model of ``model_cfg``, set up to train ``stage`` on ``device``.
 
     ``device="meta"`` builds the model without weights from configs alone (known or cached),
-    for planning; the tokenizer is then optional.
+    for planning; the tokenizer is then optional. ``random_weights`` builds it in its real shapes
+    with seeded random weights instead of reading them (QLoRA excepted: it quantizes real weights).
     """
     start = time.perf_counter()
     if stage == "qlora" and device != "meta":
@@ -216,12 +247,17 @@ def build_llava(
     try:
         tokenizer = sources.load_tokenizer(tokenizer_source)
     except ModelSourceError:
-        if device != "meta":
+        if device != "meta" and not random_weights:
             raise
         tokenizer = None
     tower = _tower_info(model_cfg, image_size, device)
     image_spec = sources.tower_image_spec(model_cfg.vision_tower, image_size)
-    parts = None if device == "meta" else _load_parts(model_cfg, stage, image_size, seed, device)
+    if device == "meta":
+        parts = None
+    elif random_weights and stage != "qlora":
+        parts = _random_parts(model_cfg, image_size, seed, device)
+    else:
+        parts = _load_parts(model_cfg, stage, image_size, seed, device)
     # The LLaVA config shares the loaded parts' configs, so that resizing updates both.
     if parts is None:
         vision_config, text_config = tower.config, llms.llm_config(model_cfg.model_name_or_path, download=False)

@@ -151,7 +151,7 @@ def tower_info(spec: str, *, download: bool = True) -> TowerInfo:
     return _folder_info(hub.locate(spec, FIELD))
 
 
-def _model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     from transformers import CLIPVisionModel, SiglipVisionModel
 
     return CLIPVisionModel if config.model_type == "clip_vision_model" else SiglipVisionModel
@@ -186,7 +186,7 @@ def load_tower(spec: str, *, image_size: int | None, seed: int, device: str) -> 
             return CLIPVisionModel(builtin.tower_config(name, image_size))
     info = tower_info(spec)
     folder = info.folder or hub.locate(spec, FIELD)
-    cls = _model_class(info.config)
+    cls = model_class(info.config)
     files = weight_files.find_weights(folder)
     # A full CLIP/SigLIP folder also holds the text model: its keys are expected to be left over.
     from_folder = bool(files) and files[0].suffix == ".safetensors" and (folder / "config.json").is_file()

@@ -1,0 +1,188 @@
+"""One training step in local_lite's real shapes on this CPU: seconds, FLOP/s, peak RSS.
+
+Random weights in the shapes of CLIP ViT-L/14-336 (frozen tower) and SmolLM-135M (LoRA r16 on
+q/k/v/o, projector mlp2x_gelu trained), one record of 576 image tokens plus text, batch 1. Each
+configuration (with and without gradient checkpointing) runs in its own process so that its peak
+RSS is its own. The step is llavactl's: ``summed_token_loss``, backward, clipping, fused AdamW over
+``build_optimizer``'s groups. FLOPs are counted by torch's FlopCounterMode on one step and divided
+by the measured step time; the reference is this machine's fp32 matmul FLOP/s measured in the same
+run (a 2048x2048 matmul), so the ratio says how much of the CPU the step uses.
+
+    python benchmarks/local_lite_step.py [--quick] [--steps N] [--text-tokens T]
+
+The last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+def matmul_flops_per_s(seconds: float, n: int = 2048) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm up the kernel and threads
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - start)
+
+
+def build_model(gradient_checkpointing: bool) -> tuple[Any, Any]:
+    """LLaVA in local_lite's shapes with random weights, set up like llavactl's `lora` stage."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    from llavactl.model.known_configs import llm_config, tower_config
+
+    text = llm_config("HuggingFaceTB/SmolLM-135M")
+    config = LlavaConfig(
+        vision_config=tower_config("openai/clip-vit-large-patch14-336"),
+        text_config=text,
+        image_token_id=text.vocab_size - 1,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    with no_init_weights():  # transformers' per-module init is slow; the values do not matter here
+        model = LlavaForConditionalGeneration(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.02, generator=generator)
+            else:
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
+    model.requires_grad_(False)  # the tower is frozen, so its forward keeps no activations
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules=r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj)",
+        ),
+    )
+    llava = model.get_base_model()
+    llava.model.multi_modal_projector.requires_grad_(True)
+    if gradient_checkpointing:
+        llava.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    return model, config
+
+
+def child(gradient_checkpointing: bool, steps: int, text_tokens: int, warmup: bool) -> dict[str, float]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from llavactl.config.schema import TrainingConfig
+    from llavactl.train.loss import summed_token_loss
+    from llavactl.train.optimizer import build_optimizer
+
+    model, config = build_model(gradient_checkpointing)
+    rss_before_steps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    parts: dict[str, list] = {"projector": [], "lora": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            parts["lora" if "lora_" in name else "projector"].append((name, p))
+    optimizer = build_optimizer(parts, TrainingConfig(learning_rate=2e-4))
+    image_tokens = (336 // 14) ** 2
+    seq = image_tokens + text_tokens
+    input_ids = torch.randint(0, config.text_config.vocab_size - 2, (1, seq))
+    input_ids[0, 1 : 1 + image_tokens] = config.image_token_id
+    labels = input_ids.clone()
+    labels[0, : 1 + image_tokens + text_tokens // 2] = -100  # prompt and image masked, reply supervised
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "pixel_values": torch.randn(1, 3, 336, 336),
+    }
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step() -> None:
+        loss = summed_token_loss(model, batch) / int((labels[:, 1:] != -100).sum())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if warmup:
+        step()  # allocator, fused kernels, thread pool
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    # Counted last: the counter's bookkeeping must not add to the timing or to the peak RSS.
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    return {
+        "s_per_step": seconds,
+        "flops_per_step": float(flops),
+        "achieved_flops_per_s": flops / seconds,
+        "peak_rss_gib": peak_rss,
+        "peak_rss_before_steps_gib": rss_before_steps,
+        "seq_len": seq,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="one timed step per configuration, no warm-up step (< 1 min)"
+    )
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--text-tokens", type=int, default=128, help="text tokens after the image")
+    parser.add_argument("--child", choices=["gc", "no_gc"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    steps = 1 if args.quick else args.steps
+    if args.child:
+        print(json.dumps(child(args.child == "gc", steps, args.text_tokens, warmup=not args.quick)))
+        return
+
+    import torch
+
+    seconds = 1.0 if args.quick else 3.0
+    before = matmul_flops_per_s(seconds)
+    results: dict[str, dict[str, float]] = {}
+    for name in ("no_gc", "gc"):
+        command = [sys.executable, __file__, "--child", name, "--steps", str(steps)]
+        command += ["--text-tokens", str(args.text_tokens), *(["--quick"] if args.quick else [])]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    # Measured before and after the steps; the better one is the machine's fp32 matmul rate (a
+    # busy moment only ever lowers it).
+    reference = max(before, matmul_flops_per_s(seconds))
+    print(f"fp32 matmul (2048^3) on {torch.get_num_threads()} threads: {reference / 1e9:.1f} GFLOP/s")
+    for name, r in results.items():
+        r["fraction_of_matmul_peak"] = r["achieved_flops_per_s"] / reference
+        print(
+            f"{name:6s} {r['s_per_step']:.2f} s/step, {r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"({r['fraction_of_matmul_peak']:.0%} of matmul), peak RSS {r['peak_rss_gib']:.2f} GiB "
+            f"({r['peak_rss_before_steps_gib']:.2f} GiB before the first step)"
+        )
+    summary = {
+        "benchmark": "local_lite_step",
+        "threads": torch.get_num_threads(),
+        "matmul_flops_per_s": reference,
+        "goal_fraction_of_matmul_peak": 0.75,
+        **{f"{name}_{k}": v for name, r in results.items() for k, v in r.items()},
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Where training figures go: ``metrics.jsonl`` always, tensorboard and wandb when asked, and ``run.json``.
+
+``run.json`` describes a run for someone reading the output folder later: the resolved profile,
+library versions, seed, device, how it ended and its final figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from llavactl.errors import ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+
+
+class MetricsWriter:
+    """Appends one JSON object per logging step to ``metrics.jsonl`` and forwards to reporters."""
+
+    def __init__(self, output_dir: Path, report_to: Sequence[str], *, config: Mapping[str, Any]) -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._tensorboard = _open_tensorboard(output_dir) if "tensorboard" in report_to else None
+        # wandb reads WANDB_MODE (offline, disabled) and WANDB_PROJECT itself.
+        self._wandb = _open_wandb(output_dir, config) if "wandb" in report_to else None
+        self._file = (output_dir / METRICS_FILE).open("a")
+
+    def log(self, step: int, values: Mapping[str, float | int]) -> None:
+        record = {"step": step, **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tensorboard is not None:
+            for key, value in values.items():
+                self._tensorboard.add_scalar(f"train/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _open_tensorboard(output_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError(
+            "training.report_to asks for tensorboard, but the tensorboard package is not installed.",
+            fix="`pip install 'llavactl[tensorboard]'`, or add `training.report_to=none`",
+        ) from exc
+    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+
+def _open_wandb(output_dir: Path, config: Mapping[str, Any]) -> Any:
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ConfigError(
+            "training.report_to asks for wandb, but the wandb package is not installed.",
+            fix="`pip install 'llavactl[wandb]'`, or add `training.report_to=none`",
+        ) from exc
+    return wandb.init(dir=str(output_dir), config=dict(config), name=output_dir.name)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that decide what training computes."""
+    versions = {"python": platform.python_version()}
+    for name in ("llavactl", "torch", "transformers", "peft", "safetensors", "bitsandbytes"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_run_record(output_dir: Path, record: Mapping[str, Any]) -> Path:
+    """Write ``run.json`` (replacing it atomically: a reader never sees half a file)."""
+    path = output_dir / RUN_FILE
+    tmp = output_dir / f".{RUN_FILE}.tmp"
+    stamped = {**record, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp.write_text(json.dumps(stamped, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def peak_memory_bytes(device_type: str) -> int:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak RSS otherwise."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB

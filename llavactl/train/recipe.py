@@ -1,0 +1,599 @@
+"""The training recipe behind ``llavactl train``: setup, the loop, checkpoints, cleanup."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llavactl.config.loader import LoadedProfile
+from llavactl.errors import ConfigError, DataError, TrainingError
+from llavactl.train import checkpoint, loss
+from llavactl.train.metrics import MetricsWriter, library_versions, peak_memory_bytes, write_run_record
+from llavactl.train.optimizer import build_optimizer, build_scheduler
+from llavactl.train.progress import StepStats, TrainingProgress
+
+if TYPE_CHECKING:
+    import torch
+
+_SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@dataclass
+class TrainResult:
+    """How a run ended. ``losses`` are the per-step losses of the steps this process ran."""
+
+    status: str  # "completed" | "interrupted"
+    step: int
+    total_steps: int
+    losses: list[float] = field(default_factory=list)
+    bad_steps: int = 0
+    checkpoint: Path | None = None
+    exit_code: int = 0
+
+
+class TrainRecipe:
+    """Train a LLaVA model on one device with a plain PyTorch loop.
+
+    Features, and the profile keys that control them:
+
+    - Stages (``stage``): which parts train; the model side freezes the rest.
+    - Optimizer: AdamW, fused where the device has the kernel, no weight decay on biases and
+      norms (``training.learning_rate``, ``training.weight_decay``); the projector has its own
+      learning rate (``training.mm_projector_lr``).
+    - Schedule: warmup (``training.warmup_steps`` or ``training.warmup_ratio``), then cosine,
+      linear or constant (``training.lr_scheduler_type``), over ``training.max_steps`` or
+      ``training.num_train_epochs`` epochs.
+    - Gradient accumulation (``training.gradient_accumulation_steps``) with the loss normalised
+      by the supervised tokens of the whole optimizer step; gradient clipping
+      (``training.max_grad_norm``).
+    - Precision: fp32 by default; bf16 autocast (``training.bf16``, CUDA or CPU); fp16 autocast
+      with a gradient scaler (``training.fp16``, CUDA only); TF32 matmuls (``training.tf32``).
+    - Gradient checkpointing (``training.gradient_checkpointing``), seeding (``seed``).
+    - Non-finite losses: the step is skipped and counted; ``training.max_bad_steps`` in a row
+      stop the run, keeping the last good checkpoint.
+    - Checkpoints every ``training.save_steps`` steps, at the end and on Ctrl-C/SIGTERM, at most
+      ``training.save_total_limit`` kept, in ``training.output_dir``; exact resume from one.
+    - Logging every ``training.logging_steps`` steps to the terminal and ``metrics.jsonl``, and to
+      tensorboard/wandb (``training.report_to``); ``run.json`` describes the run.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedProfile,
+        progress: TrainingProgress,
+        *,
+        resume: str | None = None,
+        force: bool = False,
+    ) -> None:
+        self._profile = loaded.profile
+        self._profile_name = str(loaded.source)
+        self._training = loaded.profile.training
+        self._output_dir = Path(self._training.output_dir).expanduser()
+        self._progress = progress
+        self._resume = resume
+        self._force = force
+        self._step = 0
+        self._bad_in_a_row = 0
+        self._bad_total = 0
+        self._stop_signal: int | None = None
+        self._metrics: MetricsWriter | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Resolve the device, build model, data, optimizer and schedule; load a checkpoint to resume."""
+        import torch
+
+        from llavactl.data.sources import resolve_data_source
+
+        self._device = self._setup_device()
+        torch.manual_seed(self._profile.seed)
+        resume_from = self._find_resume()
+        data = self._profile.data
+        # A wrong data path or image folder is found before the model loads, which can take minutes.
+        resolve_data_source(data.data_path, data.image_folder, self._profile.seed)
+        self._assembled = self._setup_model()
+        self._setup_data()
+        self._steps_per_epoch = math.ceil(len(self._loader) / self._training.gradient_accumulation_steps)
+        if self._training.max_steps > 0:
+            self._total_steps = self._training.max_steps
+        else:
+            self._total_steps = self._training.num_train_epochs * self._steps_per_epoch
+        self._total_epochs = math.ceil(self._total_steps / self._steps_per_epoch)
+        self._optimizer = build_optimizer(self._assembled.parameter_groups(), self._training)
+        self._scheduler = build_scheduler(self._optimizer, self._training, self._total_steps)
+        self._scaler = torch.amp.GradScaler("cuda") if self._training.fp16 else None
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+        self._metrics = MetricsWriter(
+            self._output_dir, self._training.report_to, config=self._profile.model_dump(mode="json")
+        )
+
+    def _setup_device(self) -> torch.device:
+        import torch
+
+        wanted = self._training.device
+        if wanted == "auto":
+            if torch.cuda.is_available():
+                wanted = "cuda"
+            elif torch.backends.mps.is_available():
+                wanted = "mps"
+            else:
+                wanted = "cpu"
+        if wanted == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                "training.device is `cuda`, but torch sees no CUDA device "
+                f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA).",
+                fix="add `training.device=cpu`, or run on a machine with an NVIDIA GPU and a CUDA build of torch",
+            )
+        if self._profile.stage == "qlora" and wanted != "cuda":
+            raise ConfigError(
+                f"stage `qlora` needs CUDA (bitsandbytes' 4/8-bit kernels), but the device is `{wanted}`.",
+                fix="add `stage=lora model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false`",
+            )
+        if self._training.fp16 and wanted != "cuda":
+            raise ConfigError(
+                f"training.fp16 needs CUDA (a gradient scaler), but the device is `{wanted}`.",
+                fix="add `training.fp16=false`",
+            )
+        if wanted == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self._training.tf32
+            torch.backends.cudnn.allow_tf32 = self._training.tf32
+        return torch.device(wanted)
+
+    def _find_resume(self) -> Path | None:
+        if self._resume is None:
+            return None
+        folder = checkpoint.resolve_resume(self._resume, self._output_dir)
+        if folder is None:
+            self._progress.milestone(f"No checkpoint in {self._output_dir} yet: starting from step 0.")
+            return None
+        saved = checkpoint.read_progress(folder)
+        differences = checkpoint.resume_differences(
+            saved["profile"], self._profile_json(), saved["data_fingerprint"], self._data_fingerprint()
+        )
+        checkpoint.check_resume_compatible(folder, differences, force=self._force)
+        if differences:
+            self._progress.milestone(f"Resuming with changed settings (--force): {'; '.join(differences)}")
+        return folder
+
+    def _setup_model(self) -> Any:
+        from llavactl.model.assembly import build_llava
+
+        model_cfg = self._profile.model
+        self._progress.milestone(
+            f"Loading model: {model_cfg.model_name_or_path} + {model_cfg.vision_tower} (stage {self._profile.stage})"
+        )
+        assembled = build_llava(
+            model_cfg,
+            self._profile.stage,
+            image_size=self._profile.data.image_size,
+            seed=self._profile.seed,
+            gradient_checkpointing=self._training.gradient_checkpointing,
+            device=str(self._device),
+        )
+        trainable = sum(p.numel() for group in assembled.parameter_groups().values() for _, p in group)
+        total = sum(p.numel() for p in assembled.model.parameters())
+        self._progress.milestone(
+            f"Model loaded in {assembled.load_seconds:.1f} s: {trainable:,} of {total:,} parameters trainable"
+        )
+        return assembled
+
+    def _setup_data(self) -> None:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from llavactl.data.dataset import Collator, ResumableSampler, build_dataset
+
+        data, t, assembled = self._profile.data, self._training, self._assembled
+        dataset = build_dataset(
+            data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, self._profile.seed
+        )
+        self._sampler = ResumableSampler(
+            dataset.modality_lengths(), t.per_device_train_batch_size, self._profile.seed, data.group_by_modality_length
+        )
+        self._loader = DataLoader(
+            dataset,
+            batch_size=t.per_device_train_batch_size,
+            sampler=self._sampler,
+            collate_fn=Collator(assembled.tokenizer.pad_token_id),
+            num_workers=t.dataloader_num_workers,
+            pin_memory=self._device.type == "cuda",
+            # Its own generator: creating an iterator must not draw from the global RNG, which
+            # dropout uses, or a resumed run would see different dropout masks.
+            generator=torch.Generator().manual_seed(self._profile.seed),
+        )
+        self._skipped_records = 0
+        self._progress.milestone(
+            f"Data set processed: {len(dataset):,} records from {data.data_path}, {len(self._loader):,} "
+            f"batches of {t.per_device_train_batch_size} per epoch"
+        )
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        from llavactl.model.weights import load_trainable
+
+        saved = checkpoint.read_progress(folder)
+        training_state, rng = checkpoint.read_training_state(folder)
+        load_trainable(self._assembled, folder)
+        self._optimizer.load_state_dict(training_state["optimizer"])
+        self._scheduler.load_state_dict(training_state["scheduler"])
+        if self._scaler is not None and "scaler" in training_state:
+            self._scaler.load_state_dict(training_state["scaler"])
+        self._sampler.load_state_dict(saved["data_position"])
+        self._step = saved["step"]
+        self._bad_total = saved["bad_steps_total"]
+        self._bad_in_a_row = saved["bad_steps_in_a_row"]
+        checkpoint.restore_rng(rng)
+        self._progress.milestone(f"Resumed from {folder} at step {self._step}/{self._total_steps}")
+
+    def _profile_json(self) -> dict[str, Any]:
+        return self._profile.model_dump(mode="json")
+
+    def _data_fingerprint(self) -> str:
+        return checkpoint.fingerprint_data(self._profile.data.data_path)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        """Run optimizer steps until ``total_steps``, a stop signal, or too many bad steps."""
+        import torch
+
+        t = self._training
+        parameters = [p for group in self._optimizer.param_groups for p in group["params"]]
+        result = TrainResult(status="completed", step=self._step, total_steps=self._total_steps)
+        window = _Window()
+        run_started = time.perf_counter()
+        steps_this_run = 0
+        self._write_run_record("running", {})
+        steps = self._step_batches()
+        with self._stop_on_signals():
+            self._progress.start(self._total_steps, self._step)
+            while self._step < self._total_steps:
+                step_started = time.perf_counter()
+                micro_batches = next(steps)
+                supervised = sum(loss.supervised_token_count(b) for b in micro_batches)
+                step_loss = torch.zeros((), dtype=torch.float32, device=self._device)
+                with self._out_of_memory_as_error():
+                    for batch in micro_batches:
+                        on_device = {k: v.to(self._device, non_blocking=True) for k, v in batch.items()}
+                        with self._autocast():
+                            token_loss = loss.summed_token_loss(self._assembled.model, on_device)
+                        scaled = token_loss / max(supervised, 1)
+                        self._backward(scaled)
+                        step_loss += scaled.detach()
+                    grad_norm = self._clip_gradients(parameters)
+                step_loss_value = step_loss.item()
+                good = math.isfinite(step_loss_value)
+                if self._scaler is not None:
+                    # The scaler skips overflowing fp16 gradients itself and lowers its scale; that
+                    # is routine, not a bad step.
+                    self._scaler.step(self._optimizer)
+                    self._scaler.update()
+                else:
+                    good = good and math.isfinite(grad_norm)
+                    if good:
+                        self._optimizer.step()
+                self._optimizer.zero_grad(set_to_none=True)
+                self._scheduler.step()
+                self._step += 1
+                steps_this_run += 1
+
+                result.losses.append(step_loss_value)
+                if good:
+                    self._bad_in_a_row = 0
+                else:
+                    self._bad_in_a_row += 1
+                    self._bad_total += 1
+                    self._progress.milestone(
+                        f"Step {self._step}: non-finite loss or gradient ({step_loss_value}); step skipped "
+                        f"({self._bad_in_a_row} in a row, {self._bad_total} in all)"
+                    )
+                    if self._bad_in_a_row >= t.max_bad_steps:
+                        self._stop_on_bad_steps()
+
+                window.add(
+                    loss=step_loss_value if good else None,
+                    grad_norm=grad_norm if good else None,
+                    samples=sum(len(b["input_ids"]) for b in micro_batches),
+                    tokens=sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                    seconds=time.perf_counter() - step_started,
+                )
+                if self._step % t.logging_steps == 0 or self._step == self._total_steps:
+                    elapsed = time.perf_counter() - run_started
+                    self._log(window, eta_s=elapsed / steps_this_run * (self._total_steps - self._step))
+                    window = _Window()
+                if self._stop_signal is not None:
+                    result.checkpoint = self.save_checkpoint()
+                    result.status = "interrupted"
+                    result.exit_code = _SIGNAL_EXIT_CODES.get(self._stop_signal, 1)
+                    break
+                # No periodic save during a run of bad steps: with save_total_limit it could push
+                # the last good checkpoint out.
+                due = self._step % t.save_steps == 0 and self._step < self._total_steps
+                if due and self._bad_in_a_row == 0:
+                    self.save_checkpoint()
+            else:
+                result.checkpoint = self.save_checkpoint()
+        self._progress.close()
+        result.step = self._step
+        result.bad_steps = self._bad_total
+        self._write_run_record(result.status, self._final_metrics(result, time.perf_counter() - run_started))
+        return result
+
+    def _step_batches(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """The micro-batches of each optimizer step; the last step of an epoch may have fewer."""
+        accumulation = self._training.gradient_accumulation_steps
+        while True:
+            epoch = self._step // self._steps_per_epoch
+            self._progress.epoch(epoch + 1, self._total_epochs)
+            pending: list[dict[str, torch.Tensor]] = []
+            used = 0
+            for batch in self._epoch_batches(epoch):
+                pending.append(batch)
+                used += 1
+                if len(pending) == accumulation:
+                    yield pending
+                    pending = []
+            if pending:
+                yield pending
+            if not used:
+                raise DataError(
+                    f"epoch {epoch + 1} produced no usable record: every record was skipped as bad",
+                    fix="run `llavactl data check` on the data and fix or drop the bad records",
+                )
+
+    def _epoch_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``epoch`` from the sampler's position on, skipped records counted."""
+        from llavactl.data.dataset import take_skipped
+
+        self._sampler.set_epoch(epoch)
+        for batch in self._loader:
+            skipped = take_skipped(batch, self._profile.data.on_error)
+            self._skipped_records += len(skipped)
+            # The sampler cannot see what the DataLoader has prefetched, so it is told what was used.
+            self._sampler.advance(len(skipped) + len(batch.get("input_ids", ())))
+            if skipped:
+                ids = ", ".join(str(s.id) for s in skipped)
+                self._progress.milestone(f"Skipped bad record(s) {ids} (data.on_error: skip)")
+            if "input_ids" in batch:
+                yield batch
+
+    def _backward(self, scaled_loss: torch.Tensor) -> None:
+        if self._scaler is not None:
+            self._scaler.scale(scaled_loss).backward()
+        else:
+            scaled_loss.backward()
+
+    def _clip_gradients(self, parameters: list[torch.nn.Parameter]) -> float:
+        """Clip to ``training.max_grad_norm`` (0: no clipping) and return the norm before clipping."""
+        import torch
+
+        if self._scaler is not None:
+            self._scaler.unscale_(self._optimizer)
+        max_norm = self._training.max_grad_norm or math.inf
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+
+    def _autocast(self) -> AbstractContextManager[object]:
+        import torch
+
+        if self._training.bf16:
+            return torch.autocast(self._device.type, dtype=torch.bfloat16)
+        if self._training.fp16:
+            return torch.autocast(self._device.type, dtype=torch.float16)
+        return nullcontext()
+
+    @contextmanager
+    def _out_of_memory_as_error(self) -> Iterator[None]:
+        import torch
+
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            raise self._out_of_memory(f"the {self._device.type.upper()} device ran out of memory") from exc
+        except RuntimeError as exc:
+            # CPU allocation failures are plain RuntimeErrors from the allocator.
+            if "can't allocate memory" not in str(exc) and "DefaultCPUAllocator" not in str(exc):
+                raise
+            raise self._out_of_memory("the machine ran out of RAM") from exc
+
+    def _out_of_memory(self, what: str) -> TrainingError:
+        t = self._training
+        fixes = []
+        if t.per_device_train_batch_size > 1:
+            half = t.per_device_train_batch_size // 2
+            fixes.append(
+                f"`training.per_device_train_batch_size={half} "
+                f"training.gradient_accumulation_steps={t.gradient_accumulation_steps * 2}` (same step size)"
+            )
+        if not t.gradient_checkpointing:
+            fixes.append("`training.gradient_checkpointing=true`")
+        fixes.append(f"a shorter `data.max_seq_len` (now {self._profile.data.max_seq_len})")
+        return TrainingError(
+            f"Step {self._step + 1}: {what} with micro-batches of {t.per_device_train_batch_size} "
+            f"records of up to {self._profile.data.max_seq_len} tokens. Checkpoints already in "
+            f"{self._output_dir} are kept.",
+            fix="use less memory per step: " + ", or ".join(fixes),
+        )
+
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Turn the first Ctrl-C or SIGTERM into a stop after the current step, with a checkpoint."""
+
+        def request_stop(signum: int, _frame: object) -> None:
+            self._stop_signal = signum
+            # A second Ctrl-C stops at once; the atomic save keeps the checkpoints intact.
+            signal.signal(signum, previous[signum])
+            self._progress.milestone(
+                "Stopping after this step to save a checkpoint (Ctrl-C again to stop without saving)."
+            )
+
+        previous = {s: signal.getsignal(s) for s in _SIGNAL_EXIT_CODES}
+        for s in _SIGNAL_EXIT_CODES:
+            signal.signal(s, request_stop)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_on_bad_steps(self) -> None:
+        last = checkpoint.latest_checkpoint(self._output_dir)
+        kept = f"The last good checkpoint, {last}, is kept." if last else "No checkpoint had been saved yet."
+        self._progress.close()
+        self._write_run_record("failed", {"bad_steps": self._bad_total, "step": self._step})
+        raise TrainingError(
+            f"{self._bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
+            f"{self._step}), so training stopped. {kept}",
+            fix="lower `training.learning_rate`, keep `training.max_grad_norm` above 0, try "
+            "`training.bf16=false training.fp16=false` (fp32), and run `llavactl data check` on the data",
+        )
+
+    def _log(self, window: _Window, *, eta_s: float) -> None:
+        assert self._metrics is not None
+        lr = self._scheduler.get_last_lr()[0]
+        stats = StepStats(
+            step=self._step,
+            total_steps=self._total_steps,
+            epoch=self._step / self._steps_per_epoch,
+            loss=window.mean_loss,
+            lr=lr,
+            grad_norm=window.mean_grad_norm,
+            samples_per_s=window.samples / window.seconds,
+            tokens_per_s=window.tokens / window.seconds,
+            peak_memory_bytes=peak_memory_bytes(self._device.type),
+            eta_s=eta_s,
+        )
+        self._progress.step(stats)
+        self._metrics.log(
+            self._step,
+            {
+                "loss": stats.loss,
+                "lr": lr,
+                "grad_norm": stats.grad_norm,
+                "epoch": stats.epoch,
+                "samples_per_s": stats.samples_per_s,
+                "tokens_per_s": stats.tokens_per_s,
+                "peak_memory_bytes": stats.peak_memory_bytes,
+                "bad_steps": self._bad_total,
+                "skipped_records": self._skipped_records,
+            },
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>``: weights, optimizer/scheduler/scaler, RNG and the progress record."""
+        from llavactl.model.weights import save_trainable
+
+        training_state: dict[str, Any] = {
+            "optimizer": self._optimizer.state_dict(),
+            "scheduler": self._scheduler.state_dict(),
+        }
+        if self._scaler is not None:
+            training_state["scaler"] = self._scaler.state_dict()
+        progress = {
+            "step": self._step,
+            "total_steps": self._total_steps,
+            "epoch": self._step / self._steps_per_epoch,
+            "data_position": self._sampler.state_dict(),
+            "bad_steps_total": self._bad_total,
+            "bad_steps_in_a_row": self._bad_in_a_row,
+            "profile": self._profile_json(),
+            "data_fingerprint": self._data_fingerprint(),
+            "versions": library_versions(),
+        }
+        folder = checkpoint.save_checkpoint(
+            self._output_dir,
+            self._step,
+            write_weights=lambda tmp: save_trainable(self._assembled, tmp),
+            training_state=training_state,
+            progress=progress,
+            save_total_limit=self._training.save_total_limit,
+        )
+        self._progress.milestone(f"Saved {folder}")
+        return folder
+
+    def _write_run_record(self, status: str, final_metrics: dict[str, Any]) -> None:
+        write_run_record(
+            self._output_dir,
+            {
+                "status": status,
+                "profile_source": self._profile_name,
+                "profile": self._profile_json(),
+                "seed": self._profile.seed,
+                "device": _describe_device(self._device),
+                "versions": library_versions(),
+                "total_steps": self._total_steps,
+                "resumed_from": self._resume,
+                "final_metrics": final_metrics,
+            },
+        )
+
+    def _final_metrics(self, result: TrainResult, seconds: float) -> dict[str, Any]:
+        finite = [x for x in result.losses if math.isfinite(x)]
+        return {
+            "step": self._step,
+            "first_loss": finite[0] if finite else None,
+            "final_loss": finite[-1] if finite else None,
+            "bad_steps": self._bad_total,
+            "skipped_records": self._skipped_records,
+            "train_seconds": round(seconds, 3),
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        }
+
+    def cleanup(self) -> None:
+        """Close the metric writers; safe to call after a failed setup."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        self._progress.close()
+
+
+@dataclass
+class _Window:
+    """Figures accumulated between two logging steps."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    samples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, *, loss: float | None, grad_norm: float | None, samples: int, tokens: int, seconds: float) -> None:
+        if loss is not None:
+            self.losses.append(loss)
+        if grad_norm is not None:
+            self.grad_norms.append(grad_norm)
+        self.samples += samples
+        self.tokens += tokens
+        self.seconds += seconds
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else math.nan
+
+    @property
+    def mean_grad_norm(self) -> float:
+        return sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else math.nan
+
+
+def _describe_device(device: torch.device) -> dict[str, Any]:
+    import os
+
+    import torch
+
+    described: dict[str, Any] = {
+        "type": device.type,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        described["name"] = torch.cuda.get_device_name(device)
+        described["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return described

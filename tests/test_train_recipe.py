@@ -1,0 +1,211 @@
+"""The training loop on the builtin tiny models: stages learn, resume is exact, failures are clean."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from llavactl.config.loader import load_profile
+from llavactl.data.synth import write_shapes
+from llavactl.errors import CheckFailed, TrainingError
+from llavactl.train import checkpoint, loss
+from llavactl.train.progress import TrainingProgress
+from llavactl.train.recipe import TrainRecipe, TrainResult
+
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes(tmp_path_factory.mktemp("shapes"), n=24, seed=0, image_size=32)
+
+
+def _overrides(shapes: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.data_path={shapes}",
+        f"training.output_dir={output_dir}",
+        "training.per_device_train_batch_size=2",
+        "training.gradient_accumulation_steps=2",
+        "training.learning_rate=1e-2",
+        "training.max_steps=10",
+        "training.warmup_ratio=null",
+        "training.warmup_steps=2",
+        "training.logging_steps=1",
+        "training.save_steps=100",
+        *extra,
+    ]
+
+
+def _train(overrides: list[str], *, resume: str | None = None, force: bool = False) -> tuple[TrainResult, str]:
+    out = io.StringIO()
+    with TrainingProgress(Console(file=out, width=300)) as progress:
+        recipe = TrainRecipe(load_profile("tiny", overrides), progress, resume=resume, force=force)
+        try:
+            recipe.setup()
+            result = recipe.train()
+        finally:
+            recipe.cleanup()
+    return result, out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "stage_overrides",
+    [["stage=projector"], ["stage=lora"], ["stage=full"]],
+    ids=["projector", "lora", "full"],
+)
+def test_every_stage_trains_and_its_loss_falls(shapes: Path, tmp_path: Path, stage_overrides: list[str]) -> None:
+    result, _ = _train(_overrides(shapes, tmp_path, *stage_overrides))
+    assert result.status == "completed"
+    assert len(result.losses) == 10
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+
+
+def test_run_reports_milestones_metrics_and_run_json(shapes: Path, tmp_path: Path) -> None:
+    result, text = _train(_overrides(shapes, tmp_path, "training.max_steps=-1", "training.num_train_epochs=2"))
+    lines = text.splitlines()
+    assert lines[0].startswith("Loading model: builtin:tiny-llama + builtin:tiny-clip (stage full)")
+    assert lines[1].startswith("Model loaded in ")
+    assert f"Data set processed: 24 records from {shapes}, 12 batches of 2 per epoch" in lines[2]
+    assert lines[3] == "Epoch 1/2"
+    assert lines[4].startswith("step 1/12 | epoch 0.17 | loss ")
+    assert "Epoch 2/2" in lines
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert [m["loss"] for m in metrics] == result.losses
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["status"] == "completed"
+    assert run["seed"] == 0 and run["device"]["type"] == "cpu"
+    assert run["profile"]["data"]["data_path"] == str(shapes)
+    assert run["final_metrics"]["final_loss"] == result.losses[-1]
+    assert {"torch", "transformers", "peft"} <= set(run["versions"])
+
+
+def test_loss_is_normalised_by_the_supervised_tokens_of_the_whole_step(shapes: Path, tmp_path: Path) -> None:
+    # One step of 2 micro-batches of 2 equals one micro-batch of 4: the same tokens, weighed the same.
+    accumulated, _ = _train(_overrides(shapes, tmp_path / "a", "training.max_steps=3"))
+    single, _ = _train(
+        _overrides(
+            shapes,
+            tmp_path / "b",
+            "training.max_steps=3",
+            "training.per_device_train_batch_size=4",
+            "training.gradient_accumulation_steps=1",
+        )
+    )
+    assert accumulated.losses == pytest.approx(single.losses, rel=1e-5)
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
+    from llavactl.train.metrics import MetricsWriter
+
+    log = MetricsWriter.log
+
+    def log_then_signal(self: MetricsWriter, at: int, values: dict[str, float]) -> None:
+        log(self, at, values)
+        if at == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(MetricsWriter, "log", log_then_signal)
+
+
+def test_interrupted_then_resumed_run_matches_one_run_bit_for_bit(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dropout draws from the RNG and 10 steps of 2x2 records cross the 24-record epoch: the RNG,
+    # data position, optimizer and schedule all have to come back exactly.
+    common = ["stage=lora", "model.lora_dropout=0.1"]
+    whole, _ = _train(_overrides(shapes, tmp_path / "whole", *common))
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 5, signal.SIGINT)
+        first, text = _train(_overrides(shapes, tmp_path / "split", *common))
+    assert (first.status, first.step, first.exit_code) == ("interrupted", 5, 130)
+    assert "Stopping after this step to save a checkpoint" in text
+    assert first.checkpoint == tmp_path / "split" / "checkpoint-5"
+    second, _ = _train(_overrides(shapes, tmp_path / "split", *common), resume="auto")
+    assert first.losses + second.losses == whole.losses
+    assert len(second.losses) == 5
+    metrics = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in metrics] == whole.losses
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _interrupt_at(monkeypatch, 2, signal.SIGTERM)
+    result, _ = _train(_overrides(shapes, tmp_path))
+    assert (result.status, result.step, result.exit_code) == ("interrupted", 2, 143)
+    assert checkpoint.read_progress(tmp_path / "checkpoint-2")["step"] == 2
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back
+
+
+def test_resume_with_a_changed_profile_shows_the_diff_and_needs_force(shapes: Path, tmp_path: Path) -> None:
+    _train(_overrides(shapes, tmp_path, "training.max_steps=4", "training.save_steps=2"))
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    changed = _overrides(shapes, tmp_path, "training.max_steps=4", "training.learning_rate=5e-3")
+    with pytest.raises(CheckFailed, match=r"training.learning_rate: 0.01 -> 0.005") as info:
+        _train(changed, resume="auto")
+    assert "--force" in (info.value.fix or "")
+    forced, text = _train(changed, resume=str(tmp_path / "checkpoint-2"), force=True)
+    assert "Resuming with changed settings (--force): training.learning_rate" in text
+    assert (forced.step, len(forced.losses)) == (4, 2)
+
+
+def test_non_finite_loss_skips_the_step_and_training_goes_on(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real = loss.summed_token_loss
+
+    def nan_on_third_step(model, batch):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        value = real(model, batch)
+        return value * math.nan if calls["n"] in (5, 6) else value  # both micro-batches of step 3
+
+    monkeypatch.setattr(loss, "summed_token_loss", nan_on_third_step)
+    result, text = _train(_overrides(shapes, tmp_path, "training.max_steps=5"))
+    assert result.status == "completed" and result.bad_steps == 1
+    assert math.isnan(result.losses[2]) and all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 2)
+    assert "Step 3: non-finite loss or gradient (nan); step skipped (1 in a row, 1 in all)" in text
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["bad_steps"] == 1
+
+
+def test_too_many_bad_steps_in_a_row_stop_and_keep_the_last_good_checkpoint(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real = loss.summed_token_loss
+
+    def nan_from_step_five(model, batch):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        value = real(model, batch)
+        return value * math.inf if calls["n"] > 8 else value
+
+    monkeypatch.setattr(loss, "summed_token_loss", nan_from_step_five)
+    overrides = _overrides(shapes, tmp_path, "training.save_steps=2", "training.max_bad_steps=3")
+    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss") as info:
+        _train(overrides)
+    assert f"The last good checkpoint, {tmp_path / 'checkpoint-4'}, is kept." in info.value.message
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
+
+
+def test_gradient_checkpointing_recomputes_without_changing_the_losses(shapes: Path, tmp_path: Path) -> None:
+    plain, _ = _train(_overrides(shapes, tmp_path / "a", "training.max_steps=3"))
+    recomputed, _ = _train(
+        _overrides(shapes, tmp_path / "b", "training.max_steps=3", "training.gradient_checkpointing=true")
+    )
+    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
+def test_bf16_autocast_trains_on_cpu(shapes: Path, tmp_path: Path) -> None:
+    result, _ = _train(_overrides(shapes, tmp_path, "training.max_steps=4", "training.bf16=true"))
+    assert result.bad_steps == 0 and all(math.isfinite(x) for x in result.losses)
+    assert result.losses[-1] < result.losses[0]
