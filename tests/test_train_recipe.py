@@ -21,7 +21,6 @@ from llavactl.train.progress import TrainingProgress
 from llavactl.train.recipe import TrainRecipe, TrainResult
 
 
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shapes(tmp_path_factory.mktemp("shapes"), n=24, seed=0, image_size=32)

@@ -27,6 +27,7 @@ app.add_typer(profiles.app, name="profiles")
 app.add_typer(data.app, name="data")
 app.command("doctor")(doctor.doctor)
 app.command("train")(train.train)
+app.command("dry-run")(train.dry_run)
 
 
 def _print_version(value: bool) -> None:

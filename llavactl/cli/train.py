@@ -1,4 +1,7 @@
-"""`llavactl train --profile P [key=value ...] [--resume auto|PATH] [--force] [--output-dir DIR]`."""
+"""`llavactl train` and `llavactl dry-run`: a run, and its plan (plus a few real steps) before it.
+
+`dry-run --steps N` runs the same recipe as `train`, so the two cannot drift apart.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,12 @@ import typer
 from rich.markup import escape
 
 from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load, verbosity
-from llavactl.errors import CheckFailed
+from llavactl.errors import CheckFailed, ConfigError
 
 if TYPE_CHECKING:
     from llavactl.config.schema import Profile
+    from llavactl.train.plan import Plan
+    from llavactl.train.smoke import SmokeResult
 
 ResumeOpt = Annotated[
     str | None,
@@ -45,11 +50,23 @@ def train(
     force: ForceOpt = False,
     output_dir: OutputDirOpt = None,
     skip_doctor: SkipDoctorOpt = False,
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc-per-node",
+            min=1,
+            help="Train on N processes of this machine (one per GPU): restarts this command under torchrun "
+            "(docs/distributed.md).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train a model with a profile: milestones, live progress, checkpoints, `run.json`."""
     from llavactl.train.progress import TrainingProgress
     from llavactl.train.recipe import TrainRecipe
 
+    if nproc_per_node is not None and nproc_per_node > 1:
+        _restart_under_torchrun(nproc_per_node)
     words = [*(overrides or []), *([f"training.output_dir={output_dir}"] if output_dir else [])]
     loaded = load(profile, words)
     if not skip_doctor:
@@ -74,6 +91,28 @@ def train(
     )
 
 
+def _restart_under_torchrun(nproc: int) -> None:
+    """Replace this process with `torchrun --standalone --nproc-per-node N -m llavactl <the same words>`."""
+    import os
+    import sys
+
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError(
+            f"--nproc-per-node {nproc} in a process that torchrun started (WORLD_SIZE={os.environ['WORLD_SIZE']}).",
+            fix="drop `--nproc-per-node`: torchrun's own --nproc-per-node already sets the processes",
+        )
+    words, argv = [], iter(sys.argv[1:])
+    for word in argv:
+        if word == "--nproc-per-node":
+            next(argv, None)
+        elif not word.startswith("--nproc-per-node="):
+            words.append(word)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [*torchrun, "-m", "llavactl", *words])
+
+
 def _preflight(profile: Profile) -> None:
     """Run doctor's checks; stop on a blocking failure with doctor's findings and fixes."""
     from llavactl.doctor import blocking_failures, run_checks
@@ -94,3 +133,151 @@ def _preflight(profile: Profile) -> None:
                 err_console.print(
                     f"[yellow]warning[/] {escape(r.check)}: {escape(r.finding)} Fix: {escape(r.fix or '')}"
                 )
+
+
+def dry_run(
+    overrides: OverridesArg = None,
+    *,
+    profile: ProfileOpt,
+    steps: Annotated[
+        int,
+        typer.Option(
+            "--steps",
+            min=0,
+            help="Then run N real steps (random weights in the real shapes when the weights are not here), "
+            "save, reload into a fresh model, run one more step and check it matches.",
+        ),
+    ] = 0,
+    device_memory: Annotated[
+        float | None,
+        typer.Option(
+            "--device-memory",
+            min=0.1,
+            help="Free memory (GiB) of the device the run is for, e.g. 15 for a T4 when planning on a laptop.",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (docs/dry-run.md).")] = False,
+) -> None:
+    """The plan without weights: parameters, tokens, steps, peak memory and time per step."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from llavactl.doctor.facts import probe
+    from llavactl.doctor.profile_checks import resolve_device
+    from llavactl.model.memory import runtime_rss_bytes
+    from llavactl.train.plan import build_plan
+
+    loaded = load(profile, overrides)
+    runtime = runtime_rss_bytes()
+    facts = probe()
+    device = resolve_device(loaded.profile.training.device, facts)
+    here = device == "cpu" or (device == "cuda" and bool(facts.gpus)) or (device == "mps" and facts.mps)
+    free: int | None = None
+    if device_memory is not None:
+        free = int(device_memory * 1024**3)
+    elif device == "cpu":
+        free = facts.ram_available_bytes
+    elif device == "cuda" and facts.gpus:
+        free = facts.gpus[0].free_bytes
+    plan = build_plan(
+        loaded.profile, name=loaded.name, device=device, free_bytes=free, runtime_bytes=runtime, measure_speed=here
+    )
+    if not as_json:
+        _print_plan(plan)
+    smoke = None
+    if steps:
+        from llavactl.train.progress import TrainingProgress
+        from llavactl.train.smoke import smoke_run
+
+        out = err_console if as_json else console
+        with (
+            tempfile.TemporaryDirectory(prefix="llavactl-dry-run-") as workdir,
+            TrainingProgress(out, quiet=verbosity.level == 0 or as_json) as progress,
+        ):
+            random_weights = not _weights_at_hand(loaded.profile)
+            smoke = smoke_run(loaded, steps, Path(workdir), progress, random_weights=random_weights)
+        if not as_json:
+            _print_smoke(smoke, plan.memory.total)
+    if as_json:
+        data = plan.as_json()
+        data["smoke"] = None if smoke is None else {**smoke.__dict__, "estimated_peak_bytes": plan.memory.total}
+        print(json.dumps(data, indent=2))
+    if smoke is not None and not (smoke.losses_match and smoke.weights_match):
+        raise CheckFailed(
+            f"After reloading checkpoint-{steps}, step {steps + 1} differs from the uninterrupted run "
+            f"(loss {smoke.resumed_loss} vs {smoke.losses[-1]}; tensors differing: {smoke.differing_tensors}).",
+            fix="this is a bug in saving or loading checkpoints: report it with this output",
+        )
+
+
+def _weights_at_hand(profile: Profile) -> bool:
+    """Whether the tower's and the LLM's weights are local (builtin, a folder, or the HF cache)."""
+    from llavactl.model.hub import find_local
+
+    sources = (profile.model.vision_tower, profile.model.model_name_or_path)
+    return all(s.startswith("builtin:") or find_local(s) is not None for s in sources)
+
+
+def _gib(value: int) -> str:
+    return f"{value / 1024**3:.2f} GiB"
+
+
+def _print_plan(plan: Plan) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]Plan for {escape(plan.profile)}[/] (stage {plan.stage}, device {plan.device})")
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("component", "parameters", "trainable", "dtype"):
+        table.add_column(column, justify="left" if column in ("component", "dtype") else "right")
+    for c in plan.components:
+        table.add_row(c.name, f"{c.total:,}", f"{c.trainable:,}", ", ".join(c.dtypes))
+    total = sum(c.total for c in plan.components)
+    trainable = sum(c.trainable for c in plan.components)
+    table.add_row("[bold]all", f"{total:,}", f"{trainable:,} ({trainable / total:.2%})", "")
+    console.print(table)
+    t = plan.tokens
+    images = f"{t.image_tokens_per_image} image tokens per image, up to {t.images_per_sample} per record"
+    console.print(
+        f"Tokens per sample (image tokens included): mean {t.mean:g}, p95 {t.p95}, longest {t.longest}; "
+        f"{images}; from {escape(t.source)}",
+        soft_wrap=True,
+    )
+    if plan.total_steps is not None:
+        per_epoch = f"{plan.steps_per_epoch:,} per epoch, " if plan.steps_per_epoch else ""
+        console.print(f"Steps: {per_epoch}{plan.total_steps:,} in all; {plan.global_batch} samples per step")
+    m, other = plan.memory, plan.memory_other_checkpointing
+    console.print(
+        f"Peak memory per device (estimate): total [bold]{_gib(m.total)}[/] = runtime {_gib(m.runtime)} + "
+        f"weights {_gib(m.weights)} + gradients {_gib(m.gradients)} + optimizer {_gib(m.optimizer)} + "
+        f"activations {_gib(m.activations)}; with gradient checkpointing toggled: {_gib(other.total)}",
+        soft_wrap=True,
+    )
+    if plan.free_bytes is not None:
+        verdict = "[green]fits[/]" if plan.fits else "[bold red]does not fit[/]"
+        console.print(f"Free memory on the device: {_gib(plan.free_bytes)}: {verdict}")
+    for s in plan.suggestions:
+        console.print(f"  {_gib(s.peak_bytes):>10}  {escape(s.overrides)}  [dim]({escape(s.why)})[/]", soft_wrap=True)
+    flops = f"{plan.flops_per_step / 1e9:,.1f} GFLOP per optimizer step"
+    if plan.seconds_per_step is not None and plan.matmul_flops_per_s is not None:
+        console.print(
+            f"Time: {flops}; about {plan.seconds_per_step:.2f} s per step at 75% of this device's measured "
+            f"{plan.matmul_flops_per_s / 1e9:.0f} GFLOP/s matmul rate"
+        )
+    else:
+        console.print(f"Time: {flops}")
+    for note in plan.notes:
+        console.print(f"[dim]{escape(note)}[/]")
+
+
+def _print_smoke(smoke: SmokeResult, estimated: int) -> None:
+    kind = "random weights in the real shapes" if smoke.random_weights else "real weights"
+    ok = smoke.losses_match and smoke.weights_match
+    console.print(
+        f"Ran {smoke.steps + 1} steps ({kind}); losses {', '.join(f'{x:.4f}' for x in smoke.losses)}. "
+        f"Reloaded checkpoint-{smoke.steps}: step {smoke.steps + 1} loss {smoke.resumed_loss:.4f}, weights "
+        f"{'identical' if smoke.weights_match else 'DIFFERENT'}: {'[green]pass[/]' if ok else '[bold red]fail[/]'}",
+        soft_wrap=True,
+    )
+    console.print(f"Measured peak memory {_gib(smoke.peak_bytes)}; estimated {_gib(estimated)}")

@@ -142,6 +142,12 @@ class DataConfig(_Section):
     image_folder: str | None = Field(
         default=None, description="Folder that the records' `image` paths are relative to."
     )
+    eval_data_path: str | None = Field(
+        default=None,
+        description="Held-out records for `llavactl eval` (images relative to `image_folder`, or to "
+        "the file's folder): a JSON/JSONL file, or `builtin:shapes-eval` (shapes images that "
+        "training never sees).",
+    )
     image_size: int | None = Field(
         default=None,
         ge=8,
@@ -230,6 +236,13 @@ class TrainingConfig(_Section):
     )
     dataloader_num_workers: int = Field(
         default=0, ge=0, description="DataLoader worker processes that decode images."
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="How several processes (started by torchrun or `--nproc-per-node`) share the "
+        "work: `ddp` keeps the whole model on each; `fsdp` (FSDP2, stage `full` only) shards "
+        "weights, gradients and optimizer states across them, one LLM decoder layer at a time. "
+        "Ignored on one process.",
     )
     report_to: list[Reporter] = Field(
         default_factory=list,

@@ -131,6 +131,12 @@ class ResumableSampler(Sampler[int]):
     ``batch_size`` consecutive indices holds only image or only text-only records, of similar
     length (LLaVA's modality-grouped sampler), except the leftovers of the two groups, which
     come last.
+
+    With ``world_size`` > 1 every process computes the same order and takes every
+    ``world_size``-th batch of it, from batch ``rank`` on, so grouped batches stay whole and a
+    step's micro-batches across processes are consecutive batches of the order. Every process
+    gets as many batches: the last ``len(batches) % world_size`` batches of an epoch's order are
+    left out (a different few each epoch). ``position`` counts this process's samples.
     """
 
     def __init__(
@@ -139,16 +145,48 @@ class ResumableSampler(Sampler[int]):
         batch_size: int,
         seed: int,
         group_by_modality_length: bool = False,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.group = group_by_modality_length
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.position = 0
+        if world_size > 1 and self.batches_per_process == 0:
+            raise DataError(
+                f"{len(self.lengths)} records make {self._batch_count} batches of {batch_size}, fewer than the "
+                f"{world_size} training processes: some would have nothing to train on",
+                fix="use more records, fewer processes, or a smaller `training.per_device_train_batch_size`",
+            )
+
+    @property
+    def _batch_count(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    @property
+    def batches_per_process(self) -> int:
+        """Batches this process gets per epoch (every process gets as many)."""
+        return self._batch_count // self.world_size
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Records of each epoch that no process gets, so that all get as many batches."""
+        kept = min(self.batches_per_process * self.world_size * self.batch_size, len(self.lengths))
+        return len(self.lengths) - kept
 
     def __len__(self) -> int:
-        return len(self.lengths) - self.position
+        if self.world_size == 1:
+            return len(self.lengths) - self.position
+        last = self.batches_per_process * self.world_size - 1
+        # Only the global last batch can be short, and only one process gets it.
+        short = self._batch_count * self.batch_size - len(self.lengths) if last == self._batch_count - 1 else 0
+        mine = self.batches_per_process * self.batch_size - (short if last % self.world_size == self.rank else 0)
+        return max(mine - self.position, 0)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -172,6 +210,16 @@ class ResumableSampler(Sampler[int]):
         yield from self.order(self.epoch)[self.position :]
 
     def order(self, epoch: int) -> list[int]:
+        """This process's indices for ``epoch``, in order."""
+        whole = self._global_order(epoch)
+        if self.world_size == 1:
+            return whole
+        size = self.batch_size
+        batches = [whole[k : k + size] for k in range(0, len(whole), size)]
+        used = self.batches_per_process * self.world_size
+        return [i for batch in batches[self.rank : used : self.world_size] for i in batch]
+
+    def _global_order(self, epoch: int) -> list[int]:
         rng = random.Random(f"{self.seed}:{epoch}")
         if not self.group:
             order = list(range(len(self.lengths)))

@@ -1,8 +1,9 @@
 """Resolve ``data.data_path`` (a file or ``builtin:shapes``) to a records file and image folder.
 
-``builtin:shapes`` is generated on first use into the cache (``$LLAVACTL_CACHE`` or
-``~/.cache/llavactl``), under a folder named by its parameters, and written to a temporary folder
-renamed into place so that an interrupted or concurrent run never leaves half a data set.
+``builtin:shapes`` (and its held-out twin ``builtin:shapes-eval``) is generated on first use into
+the cache (``$LLAVACTL_CACHE`` or ``~/.cache/llavactl``), under a folder named by its parameters,
+and written to a temporary folder renamed into place so that an interrupted or concurrent run
+never leaves half a data set.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from llavactl.data import synth
 from llavactl.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("shapes",)
+BUILTINS = ("shapes", "shapes-eval")
+# The held-out shapes set: other seeds, so its images are not the training images.
+EVAL_SEED_OFFSET = 1 << 32
+EVAL_COUNT = 200
 
 
 def cache_root() -> Path:
@@ -34,9 +38,12 @@ def resolve_data_source(data_path: str, image_folder: str | None, seed: int) -> 
         if name not in BUILTINS:
             raise DataError(
                 f"data.data_path: unknown builtin data set {data_path!r}",
-                fix="use `data.data_path=builtin:shapes` or a path to a JSON/JSONL file",
+                fix="use `builtin:shapes` (`builtin:shapes-eval` for held-out records) or a path to a JSON/JSONL file",
             )
-        records = shapes_dataset(seed)
+        if name == "shapes-eval":
+            records = shapes_dataset(seed + EVAL_SEED_OFFSET, n=EVAL_COUNT)
+        else:
+            records = shapes_dataset(seed)
         return records, records.parent
     path = Path(data_path).expanduser()
     if not path.is_file():

@@ -25,7 +25,10 @@ def run_checks(
     offline = offline or hub_offline()
     results = environment_checks(facts, profile.training.output_dir if profile else None)
     if profile is not None:
+        from llavactl.doctor.distributed_checks import distributed_checks, probe_world
+
         results += profile_checks(profile, facts, offline=offline)
+        results += distributed_checks(profile, facts, probe_world())
     return results
 
 

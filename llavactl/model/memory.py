@@ -10,7 +10,9 @@ pass counts FLOPs. Weights, gradients and optimizer state are exact sums over th
 from __future__ import annotations
 
 import contextlib
+import gc
 import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,7 @@ ADAMW_STATE_BYTES = 8
 # bitsandbytes NF4 with double quantization: 4 bits a weight plus about 0.127 bits of constants.
 NF4_BYTES_PER_PARAM = 4.127 / 8
 INT8_BYTES_PER_PARAM = 1.0 + 4 / 64  # a byte a weight, an fp32 scale per row of 64 or more
+_COLLECT_EVERY = 64  # tensor allocations between cycle collections while tracing
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class _LiveBytes:
 
         self.live = 0
         self.peak = 0
+        self._ops = 0
         self._seen = WeakIdKeyDictionary()
         # Parameters (and their views, such as a tied lm_head's transpose) are counted apart.
         for tensor in preexisting:
@@ -143,6 +147,11 @@ class _LiveBytes:
         return _Mode()
 
     def _track(self, tensor: torch.Tensor) -> None:
+        self._ops += 1
+        if self._ops % _COLLECT_EVERY == 0:
+            # Autograd's checkpointing leaves reference cycles that only Python's cycle collector
+            # frees; in a real run it runs often, here it must be asked, or frees come late.
+            gc.collect(1)
         storage = tensor.untyped_storage()
         if storage in self._seen:
             return
@@ -162,12 +171,14 @@ def trace_step(
     batch_size: int,
     seq_len: int,
     images_per_sample: int,
+    loss_fn: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor],
     autocast_dtype: torch.dtype | None = None,
 ) -> StepTrace:
     """Trace one forward + backward pass of a batch of this shape on fake tensors.
 
     ``assembled`` must have been built on the meta device; its parameters become fake tensors.
-    ``seq_len`` counts the image tokens; ``images_per_sample`` may be 0 (text-only).
+    ``seq_len`` counts the image tokens; ``images_per_sample`` may be 0 (text-only). ``loss_fn``
+    is the training loop's loss, in a form whose shapes do not depend on tensor values.
     """
     from unittest import mock
 
@@ -186,7 +197,7 @@ def trace_step(
         counter = _LiveBytes([*model.parameters(), *model.buffers()])
         ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
         ids[:, 1 : 1 + image_tokens] = assembled.image_token_id
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "use_cache": False}
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         if images_per_sample:
             inputs["pixel_values"] = torch.zeros((batch_size * images_per_sample, 3, spec.size, spec.size))
         autocast = (
@@ -195,12 +206,10 @@ def trace_step(
         flops = FlopCounterMode(display=False)
         # LLaVA checks that image tokens and features agree by reading a count back: a value
         # that fake tensors do not have. The batch is built to agree, so the check is skipped.
-        no_check = mock.patch(
-            "transformers.models.llava.modeling_llava.torch_compilable_check", lambda *a, **k: None
-        )
+        no_check = mock.patch("transformers.models.llava.modeling_llava.torch_compilable_check", lambda *a, **k: None)
         with no_check, flops, counter.mode():
             with autocast:
-                loss = model(**inputs).loss
+                loss = loss_fn(model, inputs)
             loss.backward()
     return StepTrace(peak_bytes=counter.peak, flops=flops.get_total_flops())
 
@@ -223,6 +232,15 @@ def estimate_memory(
         optimizer=trainable * ADAMW_STATE_BYTES,
         activations=max(trace.peak_bytes - gradients, 0),
     )
+
+
+def runtime_rss_bytes() -> int:
+    """Resident memory of a process that has imported what training imports, with no model yet."""
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import LlavaForConditionalGeneration  # noqa: F401
+
+    return current_rss_bytes()
 
 
 def current_rss_bytes() -> int:

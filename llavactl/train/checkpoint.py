@@ -4,7 +4,8 @@ A checkpoint is a folder ``checkpoint-<step>`` in the output folder holding
 
 - the trainable weights, in safetensors (written by the model side's ``save_trainable``),
 - ``optimizer.pt``: optimizer, scheduler and gradient-scaler state dicts,
-- ``rng.pt``: the Python, torch CPU and CUDA random states,
+- ``rng.pt``: the Python, torch CPU and CUDA random states (of rank 0 in a multi-process run;
+  ``rng-rank<k>.pt`` holds rank k's),
 - ``trainer_state.json``: the progress record (step, epoch, data position, bad-step counts, the
   resolved profile and a fingerprint of the data).
 
@@ -21,7 +22,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
+RANK_RNG_FILE = "rng-rank{rank}.pt"
 
 # Keys that change how a run is watched or kept, not what it computes: they may differ on resume.
 RUN_CONTROL_KEYS = frozenset(
@@ -115,11 +117,13 @@ def save_checkpoint(
     training_state: Mapping[str, Any],
     progress: Mapping[str, Any],
     save_total_limit: int | None,
+    rank_rng: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically, then drop the oldest beyond ``save_total_limit``.
 
     ``write_weights(folder)`` writes the weights; ``training_state`` (optimizer, scheduler, scaler
     state dicts) goes to ``optimizer.pt``; ``progress`` (JSON) to ``trainer_state.json``.
+    ``rank_rng``: the random states of every process, rank 0 first (default: this process's).
     """
     import torch
 
@@ -130,7 +134,8 @@ def save_checkpoint(
     tmp.mkdir()
     write_weights(tmp)
     torch.save(dict(training_state), tmp / OPTIMIZER_FILE)
-    torch.save(capture_rng(), tmp / RNG_FILE)
+    for rank, rng in enumerate(rank_rng or [capture_rng()]):
+        torch.save(dict(rng), tmp / _rng_file(rank))
     _write_json_durably(tmp / STATE_FILE, dict(progress))
 
     final = output_dir / f"{PREFIX}{step}"
@@ -169,13 +174,31 @@ def read_progress(folder: Path) -> dict[str, Any]:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The optimizer/scheduler/scaler states and the RNG states, loaded without unpickling code."""
+def _rng_file(rank: int) -> str:
+    return RNG_FILE if rank == 0 else RANK_RNG_FILE.format(rank=rank)
+
+
+def read_training_state(folder: Path, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The optimizer/scheduler/scaler states and process ``rank``'s RNG states, loaded without
+    unpickling code."""
     import torch
 
     training_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    rng = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)
+    rng = torch.load(folder / _rng_file(rank), map_location="cpu", weights_only=True)
     return training_state, rng
+
+
+def check_same_world(folder: Path, saved_world_size: int, world_size: int) -> None:
+    """Refuse to resume with another number of processes: data shards and random states are per process."""
+    if saved_world_size != world_size:
+        raise CheckFailed(
+            f"{folder} was saved by a run of {saved_world_size} training process(es), this run has {world_size}. "
+            "Each process's share of the data and its random states are in the checkpoint, so an exact "
+            "resume needs the same number of processes.",
+            fix=f"start {saved_world_size} process(es) (`llavactl train --nproc-per-node {saved_world_size} ...`, "
+            "or torchrun with --nnodes x --nproc-per-node totalling that), or train from step 0 in a new "
+            "`training.output_dir`",
+        )
 
 
 def fingerprint_data(data_path: str) -> str:

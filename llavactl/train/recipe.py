@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,8 @@ from llavactl.train.progress import StepStats, TrainingProgress
 
 if TYPE_CHECKING:
     import torch
+
+    from llavactl.train.distributed import World
 
 _SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -61,6 +63,8 @@ class TrainRecipe:
       ``training.save_total_limit`` kept, in ``training.output_dir``; exact resume from one.
     - Logging every ``training.logging_steps`` steps to the terminal and ``metrics.jsonl``, and to
       tensorboard/wandb (``training.report_to``); ``run.json`` describes the run.
+    - Several processes when started by torchrun (``training.distributed``: DDP or FSDP2): each
+      trains on its share of every step's batches; rank 0 logs and writes checkpoints.
     """
 
     def __init__(
@@ -70,8 +74,10 @@ class TrainRecipe:
         *,
         resume: str | None = None,
         force: bool = False,
+        random_weights: bool = False,
     ) -> None:
         self._profile = loaded.profile
+        self._random_weights = random_weights
         self._profile_name = str(loaded.source)
         self._training = loaded.profile.training
         self._output_dir = Path(self._training.output_dir).expanduser()
@@ -83,6 +89,9 @@ class TrainRecipe:
         self._bad_total = 0
         self._stop_signal: int | None = None
         self._metrics: MetricsWriter | None = None
+        from llavactl.train.distributed import World
+
+        self._world: World = World()
 
     # ------------------------------------------------------------------ setup
 
@@ -91,15 +100,34 @@ class TrainRecipe:
         import torch
 
         from llavactl.data.sources import resolve_data_source
+        from llavactl.model.weights import load_trainable
+        from llavactl.train import distributed
 
         self._device = self._setup_device()
+        self._world = distributed.start(self._device.type)
+        if self._world.distributed:
+            self._setup_world()
         torch.manual_seed(self._profile.seed)
         resume_from = self._find_resume()
         data = self._profile.data
         # A wrong data path or image folder is found before the model loads, which can take minutes.
         resolve_data_source(data.data_path, data.image_folder, self._profile.seed)
         self._assembled = self._setup_model()
+        if resume_from is not None:
+            # Into the plain model: FSDP replaces the parameters with shards.
+            load_trainable(self._assembled, resume_from)
+        if self._world.distributed:
+            # Every process built the model from the same seed (and DDP broadcasts rank 0's
+            # weights besides); from here on dropout must differ between processes.
+            torch.manual_seed(self._profile.seed + self._world.rank)
         self._setup_data()
+        self._model = distributed.wrap(
+            distributed.TokenLoss(self._assembled.model),
+            self._world,
+            self._training.distributed,
+            self._device,
+            find_unused=any(n <= 0 for n in self._sampler.lengths),
+        )
         self._steps_per_epoch = math.ceil(len(self._loader) / self._training.gradient_accumulation_steps)
         if self._training.max_steps > 0:
             self._total_steps = self._training.max_steps
@@ -111,8 +139,35 @@ class TrainRecipe:
         self._scaler = torch.amp.GradScaler("cuda") if self._training.fp16 else None
         if resume_from is not None:
             self._load_checkpoint(resume_from)
-        self._metrics = MetricsWriter(
-            self._output_dir, self._training.report_to, config=self._profile.model_dump(mode="json")
+        if self._world.is_main:
+            self._metrics = MetricsWriter(
+                self._output_dir, self._training.report_to, config=self._profile.model_dump(mode="json")
+            )
+
+    def _setup_world(self) -> None:
+        """Checks and settings of a multi-process run: its device, FSDP's limits, quiet non-zero ranks."""
+        import torch
+        from rich.console import Console
+
+        if self._device.type == "cuda":
+            self._device = torch.device("cuda", self._world.local_rank)
+        strategy = self._training.distributed
+        if strategy == "fsdp" and self._profile.stage != "full":
+            raise ConfigError(
+                f"training.distributed is `fsdp`, which shards the stage `full` (the whole LLM); this profile's "
+                f"stage is `{self._profile.stage}`, whose few trainable weights DDP handles better.",
+                fix="add `training.distributed=ddp`, or `stage=full`",
+            )
+        if strategy == "fsdp" and self._training.fp16:
+            raise ConfigError(
+                "training.distributed `fsdp` runs with bf16 or fp32 here, not fp16 (its gradient scaler).",
+                fix="add `training.fp16=false training.bf16=true`, or `training.distributed=ddp`",
+            )
+        if not self._world.is_main:
+            self._progress = TrainingProgress(Console(quiet=True), quiet=True)
+        self._progress.milestone(
+            f"Training on {self._world.size} processes ({strategy} over {self._world.backend}); rank 0 logs and "
+            "saves checkpoints"
         )
 
     def _setup_device(self) -> torch.device:
@@ -155,6 +210,7 @@ class TrainRecipe:
             self._progress.milestone(f"No checkpoint in {self._output_dir} yet: starting from step 0.")
             return None
         saved = checkpoint.read_progress(folder)
+        checkpoint.check_same_world(folder, saved.get("world_size", 1), self._world.size)
         differences = checkpoint.resume_differences(
             saved["profile"], self._profile_json(), saved["data_fingerprint"], self._data_fingerprint()
         )
@@ -177,6 +233,7 @@ class TrainRecipe:
             seed=self._profile.seed,
             gradient_checkpointing=self._training.gradient_checkpointing,
             device=str(self._device),
+            random_weights=self._random_weights,
         )
         trainable = sum(p.numel() for group in assembled.parameter_groups().values() for _, p in group)
         total = sum(p.numel() for p in assembled.model.parameters())
@@ -195,8 +252,14 @@ class TrainRecipe:
         dataset = build_dataset(
             data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, self._profile.seed
         )
+        world = self._world
         self._sampler = ResumableSampler(
-            dataset.modality_lengths(), t.per_device_train_batch_size, self._profile.seed, data.group_by_modality_length
+            dataset.modality_lengths(),
+            t.per_device_train_batch_size,
+            self._profile.seed,
+            data.group_by_modality_length,
+            rank=world.rank,
+            world_size=world.size,
         )
         self._loader = DataLoader(
             dataset,
@@ -210,18 +273,26 @@ class TrainRecipe:
             generator=torch.Generator().manual_seed(self._profile.seed),
         )
         self._skipped_records = 0
+        per = f" on each of {world.size} processes" if world.distributed else ""
+        dropped = self._sampler.dropped_per_epoch
+        left_out = f" ({dropped} records of each epoch left out so that all get as many)" if dropped else ""
+        processes = f"{world.size} process{'es' if world.distributed else ''}"
         self._progress.milestone(
             f"Data set processed: {len(dataset):,} records from {data.data_path}, {len(self._loader):,} "
-            f"batches of {t.per_device_train_batch_size} per epoch"
+            f"batches of {t.per_device_train_batch_size} per epoch{per}{left_out}; global batch "
+            f"{self._profile.global_batch_size * world.size} = {t.per_device_train_batch_size} per device x "
+            f"{t.gradient_accumulation_steps} accumulation x {processes}"
         )
 
     def _load_checkpoint(self, folder: Path) -> None:
-        from llavactl.model.weights import load_trainable
+        from llavactl.train import distributed
 
         saved = checkpoint.read_progress(folder)
-        training_state, rng = checkpoint.read_training_state(folder)
-        load_trainable(self._assembled, folder)
-        self._optimizer.load_state_dict(training_state["optimizer"])
+        training_state, rng = checkpoint.read_training_state(folder, self._world.rank)
+        if self._sharded:
+            distributed.load_full_optimizer_state(self._model, self._optimizer, training_state["optimizer"])
+        else:
+            self._optimizer.load_state_dict(training_state["optimizer"])
         self._scheduler.load_state_dict(training_state["scheduler"])
         if self._scaler is not None and "scaler" in training_state:
             self._scaler.load_state_dict(training_state["scaler"])
@@ -231,6 +302,10 @@ class TrainRecipe:
         self._bad_in_a_row = saved["bad_steps_in_a_row"]
         checkpoint.restore_rng(rng)
         self._progress.milestone(f"Resumed from {folder} at step {self._step}/{self._total_steps}")
+
+    @property
+    def _sharded(self) -> bool:
+        return self._world.distributed and self._training.distributed == "fsdp"
 
     def _profile_json(self) -> dict[str, Any]:
         return self._profile.model_dump(mode="json")
@@ -244,7 +319,9 @@ class TrainRecipe:
         """Run optimizer steps until ``total_steps``, a stop signal, or too many bad steps."""
         import torch
 
-        t = self._training
+        from llavactl.train import distributed
+
+        t, world, device = self._training, self._world, self._device
         parameters = [p for group in self._optimizer.param_groups for p in group["params"]]
         result = TrainResult(status="completed", step=self._step, total_steps=self._total_steps)
         window = _Window()
@@ -257,18 +334,29 @@ class TrainRecipe:
             while self._step < self._total_steps:
                 step_started = time.perf_counter()
                 micro_batches = next(steps)
-                supervised = sum(loss.supervised_token_count(b) for b in micro_batches)
+                local_counts = [
+                    sum(loss.supervised_token_count(b) for b in micro_batches),
+                    sum(len(b["input_ids"]) for b in micro_batches),
+                    sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                ]
+                supervised, samples, tokens = (int(x) for x in distributed.sum_across(world, local_counts, device))
+                # The loss is summed over every process's supervised tokens of the step. DDP and FSDP
+                # average the gradients over the processes, so each process's share is scaled back
+                # up by the world size.
+                denominator = max(supervised, 1) / world.size
                 step_loss = torch.zeros((), dtype=torch.float32, device=self._device)
                 with self._out_of_memory_as_error():
-                    for batch in micro_batches:
+                    for i, batch in enumerate(micro_batches):
                         on_device = {k: v.to(self._device, non_blocking=True) for k, v in batch.items()}
-                        with self._autocast():
-                            token_loss = loss.summed_token_loss(self._assembled.model, on_device)
-                        scaled = token_loss / max(supervised, 1)
-                        self._backward(scaled)
+                        with distributed.gradient_sync(self._model, sync=i == len(micro_batches) - 1):
+                            with self._autocast():
+                                token_loss = self._model(on_device)
+                            scaled = token_loss / denominator
+                            self._backward(scaled)
                         step_loss += scaled.detach()
                     grad_norm = self._clip_gradients(parameters)
-                step_loss_value = step_loss.item()
+                # Each process's share was scaled up by the world size: the mean of the shares is the loss.
+                step_loss_value = distributed.sum_across(world, [step_loss.item()], device)[0] / world.size
                 good = math.isfinite(step_loss_value)
                 if self._scaler is not None:
                     # The scaler skips overflowing fp16 gradients itself and lowers its scale; that
@@ -300,15 +388,15 @@ class TrainRecipe:
                 window.add(
                     loss=step_loss_value if good else None,
                     grad_norm=grad_norm if good else None,
-                    samples=sum(len(b["input_ids"]) for b in micro_batches),
-                    tokens=sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                    samples=samples,
+                    tokens=tokens,
                     seconds=time.perf_counter() - step_started,
                 )
                 if self._step % t.logging_steps == 0 or self._step == self._total_steps:
                     elapsed = time.perf_counter() - run_started
                     self._log(window, eta_s=elapsed / steps_this_run * (self._total_steps - self._step))
                     window = _Window()
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     result.checkpoint = self.save_checkpoint()
                     result.status = "interrupted"
                     result.exit_code = _SIGNAL_EXIT_CODES.get(self._stop_signal, 1)
@@ -376,8 +464,10 @@ class TrainRecipe:
 
         if self._scaler is not None:
             self._scaler.unscale_(self._optimizer)
+        from llavactl.train.distributed import as_float
+
         max_norm = self._training.max_grad_norm or math.inf
-        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        return as_float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
 
     def _autocast(self) -> AbstractContextManager[object]:
         import torch
@@ -442,6 +532,14 @@ class TrainRecipe:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal came, to any process: they must all stop after the same step."""
+        from llavactl.train.distributed import sum_across
+
+        if not self._world.distributed:
+            return self._stop_signal is not None
+        return sum_across(self._world, [float(self._stop_signal is not None)], self._device)[0] > 0
+
     def _stop_on_bad_steps(self) -> None:
         last = checkpoint.latest_checkpoint(self._output_dir)
         kept = f"The last good checkpoint, {last}, is kept." if last else "No checkpoint had been saved yet."
@@ -455,7 +553,8 @@ class TrainRecipe:
         )
 
     def _log(self, window: _Window, *, eta_s: float) -> None:
-        assert self._metrics is not None
+        if self._metrics is None:  # not rank 0
+            return
         lr = self._scheduler.get_last_lr()[0]
         stats = StepStats(
             step=self._step,
@@ -488,11 +587,44 @@ class TrainRecipe:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-<step>``: weights, optimizer/scheduler/scaler, RNG and the progress record."""
-        from llavactl.model.weights import save_trainable
+        """Write ``checkpoint-<step>``: weights, optimizer/scheduler/scaler, RNG and the progress record.
 
+        Every process calls it (FSDP gathers the shards, and every process's random states are
+        kept); rank 0 writes, and no process goes on before the checkpoint is complete.
+        """
+        from llavactl.model.weights import save_trainable
+        from llavactl.train import distributed
+
+        # Gathering the random states is also the barrier before the save: every process has
+        # finished the step.
+        rank_rng = distributed.gather_to_main(self._world, checkpoint.capture_rng())
+        if self._sharded:
+            full_weights = distributed.full_trainable_state(self._model)
+            optimizer_state = distributed.full_optimizer_state(self._model, self._optimizer)
+
+            def write_weights(tmp: Path) -> None:
+                distributed.write_full_weights(full_weights, tmp)
+        else:
+            optimizer_state = self._optimizer.state_dict()
+
+            def write_weights(tmp: Path) -> None:
+                save_trainable(self._assembled, tmp)
+
+        folder = self._output_dir / f"{checkpoint.PREFIX}{self._step}"
+        if self._world.is_main:
+            self._write_checkpoint(write_weights, optimizer_state, rank_rng)
+            self._progress.milestone(f"Saved {folder}")
+        distributed.barrier(self._world)
+        return folder
+
+    def _write_checkpoint(
+        self,
+        write_weights: Callable[[Path], None],
+        optimizer_state: dict[str, Any],
+        rank_rng: list[dict[str, Any]] | None,
+    ) -> None:
         training_state: dict[str, Any] = {
-            "optimizer": self._optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self._scheduler.state_dict(),
         }
         if self._scaler is not None:
@@ -507,19 +639,21 @@ class TrainRecipe:
             "profile": self._profile_json(),
             "data_fingerprint": self._data_fingerprint(),
             "versions": library_versions(),
+            "world_size": self._world.size,
         }
-        folder = checkpoint.save_checkpoint(
+        checkpoint.save_checkpoint(
             self._output_dir,
             self._step,
-            write_weights=lambda tmp: save_trainable(self._assembled, tmp),
+            write_weights=write_weights,
             training_state=training_state,
             progress=progress,
             save_total_limit=self._training.save_total_limit,
+            rank_rng=rank_rng,
         )
-        self._progress.milestone(f"Saved {folder}")
-        return folder
 
     def _write_run_record(self, status: str, final_metrics: dict[str, Any]) -> None:
+        if not self._world.is_main:
+            return
         write_run_record(
             self._output_dir,
             {
@@ -528,6 +662,11 @@ class TrainRecipe:
                 "profile": self._profile_json(),
                 "seed": self._profile.seed,
                 "device": _describe_device(self._device),
+                "world": {
+                    "size": self._world.size,
+                    "backend": self._world.backend,
+                    "strategy": self._training.distributed if self._world.distributed else None,
+                },
                 "versions": library_versions(),
                 "total_steps": self._total_steps,
                 "resumed_from": self._resume,
@@ -548,11 +687,14 @@ class TrainRecipe:
         }
 
     def cleanup(self) -> None:
-        """Close the metric writers; safe to call after a failed setup."""
+        """Close the metric writers and leave the process group; safe to call after a failed setup."""
+        from llavactl.train.distributed import stop
+
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
         self._progress.close()
+        stop(self._world)
 
 
 @dataclass

@@ -1,0 +1,230 @@
+"""Training on several processes: the process group, who this process is, and the model wrappers.
+
+``torchrun`` (or ``llavactl train --nproc-per-node N``, which starts it) runs one process per
+device and tells each its place in ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. Every process
+builds the same model from the same seed, trains on its own share of each step's batches, and
+the gradients are summed across processes before every optimizer step:
+
+- ``ddp``: DistributedDataParallel; each process holds the whole model and optimizer.
+- ``fsdp``: FSDP2 (``fully_shard``); parameters, gradients and optimizer states are sharded,
+  one group per LLM decoder layer, the rest in the root group.
+
+The backend is nccl on CUDA and gloo on the CPU. Without ``WORLD_SIZE`` (or with 1) nothing
+here starts a process group and the helpers do nothing, so one code path serves both.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from llavactl.errors import ConfigError
+from llavactl.train import loss
+
+Strategy = Literal["ddp", "fsdp"]
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    backend: str | None = None  # None: no process group (one process)
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, writes metrics, ``run.json`` and checkpoints."""
+        return self.rank == 0
+
+
+def start(device_type: str) -> World:
+    """Join the process group torchrun describes in the environment; a one-process World otherwise."""
+    import torch.distributed as dist
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_available() or not dist.is_backend_available(backend):
+        raise ConfigError(
+            f"this is process {rank} of {size} (WORLD_SIZE), but torch {torch.__version__} has no "
+            f"`{backend}` backend for the `{device_type}` device.",
+            fix="install a torch build with torch.distributed (the official wheels have gloo, and nccl on CUDA)",
+        )
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"process {rank} is local rank {local_rank}, but this node has {torch.cuda.device_count()} CUDA "
+                "devices.",
+                fix="start at most one process per GPU: `--nproc-per-node` no larger than the GPU count",
+            )
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return World(rank=rank, local_rank=local_rank, size=size, backend=backend)
+
+
+def stop(world: World) -> None:
+    """Leave the process group (a no-op for one process)."""
+    import torch.distributed as dist
+
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    import torch.distributed as dist
+
+    if world.distributed:
+        dist.barrier()
+
+
+def sum_across(world: World, values: Sequence[float], device: torch.device) -> list[float]:
+    """``values`` summed element-wise over all processes (returned unchanged for one process)."""
+    import torch.distributed as dist
+
+    if not world.distributed:
+        return list(values)
+    # float64 keeps token counts exact well past 2**24.
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_to_main(world: World, value: Any) -> list[Any] | None:
+    """Every process's ``value`` on rank 0, in rank order; None on the other ranks."""
+    import torch.distributed as dist
+
+    if not world.distributed:
+        return [value]
+    gathered: list[Any] | None = [None] * world.size if world.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+class TokenLoss(nn.Module):
+    """The summed token loss as a module, so that a DDP or FSDP wrapper's hooks run around it
+    (the loss calls the LLaVA model's parts, not its ``forward``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss.summed_token_loss(self.model, batch)
+
+
+def wrap(module: TokenLoss, world: World, strategy: Strategy, device: torch.device, *, find_unused: bool) -> nn.Module:
+    """``module`` ready for data-parallel training; unchanged for one process.
+
+    ``find_unused``: some batches leave trainable parameters without a gradient (the projector
+    on a text-only batch), which DDP must be told about.
+    """
+    if not world.distributed:
+        return module
+    if strategy == "fsdp":
+        return _fully_shard(module)
+    from torch.nn.parallel import DistributedDataParallel
+
+    # DDP broadcasts rank 0's parameters and buffers here, so every process starts identical.
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused,
+    )
+
+
+def _fully_shard(module: TokenLoss) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    llava = loss.llava_of(module.model)
+    # One group per decoder layer: only one layer's full parameters exist at a time. The tower,
+    # projector, embeddings and head form the root group (sharding the tower on its own changes
+    # its class, and transformers then no longer records its hidden states).
+    for layer in llava.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(module)
+    return module
+
+
+def gradient_sync(wrapped: nn.Module, *, sync: bool) -> Any:
+    """A context for one micro-batch: gradients are reduced across processes only when ``sync``."""
+    from contextlib import nullcontext
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(wrapped, DistributedDataParallel) and not sync:
+        return wrapped.no_sync()
+    set_sync: Callable[[bool], None] | None = getattr(wrapped, "set_requires_gradient_sync", None)
+    if set_sync is not None:  # FSDP2
+        set_sync(sync)
+    return nullcontext()
+
+
+def as_float(norm: torch.Tensor) -> float:
+    """A gradient norm as a float; FSDP returns it as a replicated DTensor."""
+    full_tensor = getattr(norm, "full_tensor", None)
+    return float(full_tensor() if callable(full_tensor) else norm)
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def full_trainable_state(wrapped: nn.Module) -> dict[str, torch.Tensor]:
+    """The sharded model's trainable weights, whole, on rank 0's CPU (empty on other ranks).
+
+    Keys are the LLaVA model's own parameter names. Every rank must call it: it gathers.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(wrapped, options=_full_options())
+    # The state dict also lists a tied weight under its second name (lm_head.weight), which
+    # named_parameters, and so the single-process checkpoint, has once.
+    names = {name for name, parameter in wrapped.model.named_parameters() if parameter.requires_grad}
+    prefix = "model."  # TokenLoss's attribute
+    return {key[len(prefix) :]: value for key, value in state.items() if key[len(prefix) :] in names}
+
+
+def full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The sharded optimizer's state, whole and keyed by parameter name, on rank 0 (empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(wrapped, optimizer, options=_full_options())
+
+
+def load_full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a state from :func:`full_optimizer_state` into the sharded optimizer (every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def write_full_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write :func:`full_trainable_state` in the files ``save_trainable`` writes for stage `full`."""
+    from safetensors.torch import save_file
+
+    from llavactl.model.assembly import component
+    from llavactl.model.weights import OTHER_FILE, PROJECTOR_FILE
+
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        file = PROJECTOR_FILE if component(key) == "projector" else OTHER_FILE
+        files.setdefault(file, {})[key] = tensor.contiguous()
+    for file, tensors in files.items():
+        save_file(tensors, folder / file, {"format": "pt"})

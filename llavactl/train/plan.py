@@ -1,0 +1,381 @@
+"""The plan of a training run, made without weights: what trains, how long, how much memory.
+
+`llavactl dry-run` prints it. The model is built on the meta device from known or cached
+configs; tokens per sample come from the data when the tokenizer is at hand (else from
+``data.max_seq_len``); peak memory and FLOPs come from tracing one step on fake tensors
+(:mod:`llavactl.model.memory`). When the estimate does not fit the free memory, the plan lists
+the overrides that would make it fit, cheapest in quality first, each with its estimated peak.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from llavactl.errors import DataError, ModelSourceError
+
+if TYPE_CHECKING:
+    from llavactl.config.schema import Profile
+    from llavactl.model.assembly import AssembledModel
+    from llavactl.model.memory import ComponentParams, MemoryEstimate
+
+# Tokens per sample are measured on at most this many records, spread over the file.
+TOKEN_SAMPLE = 2000
+# The share of the measured matmul FLOP/s that a training step reaches: what llavactl's loop
+# reaches on local_lite's shapes on a CPU (benchmarks/local_lite_step.py).
+STEP_EFFICIENCY = 0.75
+CUDA_CONTEXT_BYTES = 600 * 1024**2
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """Tokens per sample, image tokens included, and where the figures come from."""
+
+    source: str
+    records: int | None
+    records_with_image: int | None
+    image_tokens_per_image: int
+    images_per_sample: int  # the most images one record has (0: text-only data)
+    mean: float
+    p95: int
+    longest: int  # what a batch is padded to at worst, capped at data.max_seq_len
+    supervised: int  # supervised tokens of the longest sample (what the LM head runs on)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """Overrides that lower the peak, cumulative with the ones before, and the peak after them."""
+
+    overrides: str
+    why: str
+    peak_bytes: int
+
+
+@dataclass
+class Plan:
+    profile: str
+    stage: str
+    device: str
+    components: list[ComponentParams]
+    tokens: TokenPlan
+    global_batch: int
+    steps_per_epoch: int | None
+    total_steps: int | None
+    memory: MemoryEstimate
+    memory_other_checkpointing: MemoryEstimate
+    free_bytes: int | None
+    flops_per_step: int
+    matmul_flops_per_s: float | None
+    seconds_per_step: float | None
+    suggestions: list[Suggestion] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.free_bytes is None else self.memory.total <= self.free_bytes
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["memory"] = self.memory.as_json()
+        data["memory_other_checkpointing"] = self.memory_other_checkpointing.as_json()
+        data["fits"] = self.fits
+        return data
+
+
+def build_meta(profile: Profile, *, gradient_checkpointing: bool) -> AssembledModel:
+    """The profile's model on the meta device: shapes and dtypes, no weights, no download."""
+    from llavactl.model.assembly import build_llava
+
+    return build_llava(
+        profile.model,
+        profile.stage,
+        image_size=profile.data.image_size,
+        seed=profile.seed,
+        gradient_checkpointing=gradient_checkpointing,
+        device="meta",
+    )
+
+
+def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
+    """Tokens per sample from the data (a spread sample of records) or from data.max_seq_len."""
+    from llavactl.data.records import Problem, RecordProblem, iter_records, read_raw_records
+    from llavactl.data.sources import resolve_data_source
+    from llavactl.data.templates import encoder_for, prepare
+
+    data = profile.data
+    per_image = assembled.image_spec.num_tokens
+    # Without a tokenizer: every sample as long as allowed, half of its text supervised.
+    fallback = TokenPlan(
+        f"data.max_seq_len={data.max_seq_len}",
+        None,
+        None,
+        per_image,
+        1,
+        data.max_seq_len,
+        data.max_seq_len,
+        data.max_seq_len,
+        max(1, (data.max_seq_len - per_image) // 2),
+    )
+    try:
+        path, _ = resolve_data_source(data.data_path, data.image_folder, profile.seed)
+        raws, _ = read_raw_records(path)
+    except DataError as exc:
+        return replace(fallback, source=f"{fallback.source} ({exc.message})")
+    records = [parsed for _, parsed in iter_records(raws) if not isinstance(parsed, Problem)]
+    with_image = sum(1 for r in records if r.images)
+    most_images = max((len(r.images) for r in records), default=0)
+    if assembled.tokenizer is None or not records:
+        why = "no tokenizer at hand" if assembled.tokenizer is None else "no valid records"
+        return replace(
+            fallback,
+            source=f"{fallback.source} ({why})",
+            records=len(records),
+            records_with_image=with_image,
+            images_per_sample=max(most_images, 1),
+        )
+    encoder = encoder_for(assembled.tokenizer, assembled.image_token_id, per_image, data.conversation_template)
+    stride = max(1, len(records) // TOKEN_SAMPLE)
+    lengths, supervised = [], []
+    for record in records[::stride][:TOKEN_SAMPLE]:
+        try:
+            prepared = prepare(record, data.conversation_template, encoder, data.max_seq_len)
+        except RecordProblem:
+            continue
+        lengths.append(min(prepared.full_length, data.max_seq_len))
+        supervised.append(prepared.encoded.num_supervised)
+    if not lengths:
+        return replace(
+            fallback,
+            source=f"{fallback.source} (no record tokenizes)",
+            records=len(records),
+            records_with_image=with_image,
+            images_per_sample=max(most_images, 1),
+        )
+    ordered = sorted(lengths)
+    return TokenPlan(
+        f"{len(lengths):,} of {len(records):,} records tokenized",
+        len(records),
+        with_image,
+        per_image,
+        most_images,
+        round(sum(ordered) / len(ordered), 1),
+        ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)],
+        ordered[-1],
+        max(supervised),
+    )
+
+
+def estimate(profile: Profile, tokens: TokenPlan, *, runtime_bytes: int) -> tuple[MemoryEstimate, int]:
+    """Peak memory and FLOPs of one micro-batch step of ``profile`` (built afresh on meta)."""
+    import torch
+
+    from llavactl.model.memory import estimate_memory, trace_step
+
+    training = profile.training
+    assembled = build_meta(profile, gradient_checkpointing=training.gradient_checkpointing)
+    half = training.bf16 or training.fp16
+    seq_len = min(
+        max(tokens.longest, assembled.image_spec.num_tokens * tokens.images_per_sample + 8), profile.data.max_seq_len
+    )
+    trace = trace_step(
+        assembled,
+        batch_size=training.per_device_train_batch_size,
+        seq_len=seq_len,
+        images_per_sample=tokens.images_per_sample,
+        loss_fn=_static_loss(min(tokens.supervised, seq_len - 1)),
+        autocast_dtype=torch.bfloat16 if half else None,
+    )
+    quantized = 4 if profile.model.load_in_4bit else 8 if profile.model.load_in_8bit else None
+    memory = estimate_memory(assembled, trace, runtime_bytes=runtime_bytes, quantized_bits=quantized)
+    return memory, trace.flops
+
+
+def _static_loss(supervised: int) -> Callable[[Any, Mapping[str, Any]], Any]:
+    """The loop's loss (:func:`llavactl.train.loss.summed_token_loss`) with the supervised
+    positions fixed to the last ``supervised`` ones: the same shapes, without the boolean mask
+    whose size fake tensors cannot know."""
+
+    def summed_loss(model: Any, batch: Mapping[str, Any]) -> Any:
+        import torch.nn.functional as F
+
+        from llavactl.train.loss import llava_of
+
+        llava = llava_of(model)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        hidden = llava.model(**inputs, use_cache=False)[0]
+        rows = hidden[:, -supervised - 1 : -1].reshape(-1, hidden.shape[-1])
+        targets = batch["labels"][:, -supervised:].reshape(-1)
+        return F.cross_entropy(llava.lm_head(rows).float(), targets, reduction="sum")
+
+    return summed_loss
+
+
+def _knobs(profile: Profile, tokens: TokenPlan) -> list[tuple[dict[str, Any], str]]:
+    """Overrides that lower memory, in order of what they cost in quality (none first)."""
+    t, data, model = profile.training, profile.data, profile.model
+    knobs: list[tuple[dict[str, Any], str]] = []
+    if t.per_device_train_batch_size > 1:
+        half = t.per_device_train_batch_size // 2
+        knobs.append(
+            (
+                {
+                    "training.per_device_train_batch_size": half,
+                    "training.gradient_accumulation_steps": t.gradient_accumulation_steps * 2,
+                },
+                "smaller micro-batches, same global batch: no quality cost",
+            )
+        )
+    if not t.gradient_checkpointing:
+        knobs.append(({"training.gradient_checkpointing": True}, "recompute activations: no quality cost, ~30% slower"))
+    for size in (224, 168):
+        if size < (data.image_size or 336):
+            knobs.append(({"data.image_size": size}, f"{size} px images: fewer image tokens, less visual detail"))
+    if profile.stage in ("lora", "qlora") and model.lora_r > 8:
+        knobs.append(
+            (
+                {"model.lora_r": model.lora_r // 2, "model.lora_alpha": model.lora_alpha // 2},
+                "half the LoRA rank: fewer adapter parameters",
+            )
+        )
+    if profile.stage == "full":
+        knobs.append(({"stage": "lora"}, "LoRA instead of the full LLM: far less optimizer state"))
+    shorter = max(tokens.p95, 64)
+    if shorter < data.max_seq_len:
+        knobs.append(({"data.max_seq_len": shorter}, "cut records at the 95th percentile of lengths"))
+    return knobs
+
+
+def suggest(profile: Profile, tokens: TokenPlan, *, free_bytes: int, runtime_bytes: int) -> list[Suggestion]:
+    """Cumulative overrides, cheapest in quality first, until the estimate fits ``free_bytes``."""
+    applied: dict[str, Any] = {}
+    suggestions = []
+    current = profile
+    for overrides, why in _knobs(profile, tokens):
+        applied.update(overrides)
+        current = _with(current, overrides)
+        if "stage" in overrides:
+            current = _with(current, {"model.lora_r": 16, "model.lora_alpha": 32})
+        memory, _ = estimate(current, _retoken(tokens, current), runtime_bytes=runtime_bytes)
+        text = " ".join(f"{k}={_yaml(v)}" for k, v in applied.items())
+        suggestions.append(Suggestion(text, why, memory.total))
+        if memory.total <= free_bytes:
+            break
+    return suggestions
+
+
+def _with(profile: Profile, overrides: dict[str, Any]) -> Profile:
+    data = profile.model_dump()
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return type(profile).model_validate(data)
+
+
+def _retoken(tokens: TokenPlan, profile: Profile) -> TokenPlan:
+    """Token counts after an override of the image size or of data.max_seq_len."""
+    size = profile.data.image_size
+    per_image = tokens.image_tokens_per_image
+    if size is not None:
+        patch = _patch_size(profile)
+        per_image = (size // patch) ** 2
+    text = tokens.longest - tokens.image_tokens_per_image * tokens.images_per_sample
+    longest = min(text + per_image * tokens.images_per_sample, profile.data.max_seq_len)
+    return replace(tokens, image_tokens_per_image=per_image, p95=min(tokens.p95, longest), longest=longest)
+
+
+def _patch_size(profile: Profile) -> int:
+    from llavactl.model.sources import tower_image_spec
+
+    return tower_image_spec(profile.model.vision_tower, profile.data.image_size).patch_size
+
+
+def _yaml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def measure_matmul_flops(device: str, seconds: float = 0.3) -> float:
+    """FLOP/s of a large fp32 matmul (bf16 on CUDA) on ``device``: the machine's practical peak."""
+    import torch
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        runs += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * runs / (time.perf_counter() - start)
+
+
+def build_plan(
+    profile: Profile,
+    *,
+    name: str,
+    device: str,
+    free_bytes: int | None,
+    runtime_bytes: int,
+    measure_speed: bool,
+) -> Plan:
+    """The whole plan for ``profile`` on ``device`` (the device the run would use)."""
+    notes: list[str] = []
+    try:
+        assembled = build_meta(profile, gradient_checkpointing=profile.training.gradient_checkpointing)
+    except ModelSourceError as exc:
+        raise ModelSourceError(
+            f"dry-run needs the model's config: {exc.message}",
+            fix=exc.fix,
+        ) from exc
+    from llavactl.model.memory import component_params
+
+    components = component_params(assembled)
+    tokens = token_plan(profile, assembled)
+    t = profile.training
+    runtime = runtime_bytes + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
+    memory, flops = estimate(profile, tokens, runtime_bytes=runtime)
+    other = _with(profile, {"training.gradient_checkpointing": not t.gradient_checkpointing})
+    memory_other, _ = estimate(other, tokens, runtime_bytes=runtime)
+    steps_per_epoch = total_steps = None
+    if tokens.records:
+        batches = math.ceil(tokens.records / t.per_device_train_batch_size)
+        steps_per_epoch = math.ceil(batches / t.gradient_accumulation_steps)
+        total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_train_epochs
+    elif t.max_steps > 0:
+        total_steps = t.max_steps
+    flops_per_step = flops * t.gradient_accumulation_steps
+    matmul = seconds = None
+    if measure_speed:
+        matmul = measure_matmul_flops(device)
+        seconds = flops_per_step / (matmul * STEP_EFFICIENCY)
+    else:
+        notes.append(f"no {device} device on this machine: time per step not estimated")
+    suggestions: list[Suggestion] = []
+    if free_bytes is not None and memory.total > free_bytes:
+        suggestions = suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime)
+    return Plan(
+        profile=name,
+        stage=profile.stage,
+        device=device,
+        components=components,
+        tokens=tokens,
+        global_batch=profile.global_batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        memory=memory,
+        memory_other_checkpointing=memory_other,
+        free_bytes=free_bytes,
+        flops_per_step=flops_per_step,
+        matmul_flops_per_s=matmul,
+        seconds_per_step=seconds,
+        suggestions=suggestions,
+        notes=notes,
+    )

@@ -1,0 +1,153 @@
+"""Two CPU processes over gloo (started by `llavactl train --nproc-per-node 2`, i.e. torchrun) train
+exactly what one process with gradient accumulation 2 trains, with DDP and with FSDP2, and resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from llavactl.config.loader import load_profile
+from llavactl.data.synth import write_shapes
+from llavactl.errors import CheckFailed
+from llavactl.train import checkpoint
+from llavactl.train.progress import TrainingProgress
+from llavactl.train.recipe import TrainRecipe
+
+STEPS = 4
+WEIGHT_FILES = ("trainable.safetensors", "projector.safetensors")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 16 records: 4 steps of 4 records, one epoch; batches of 2 shared by 2 processes leave none out.
+    return write_shapes(tmp_path_factory.mktemp("shapes"), n=16, seed=0, image_size=32)
+
+
+def _overrides(shapes: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.data_path={shapes}",
+        f"training.output_dir={output_dir}",
+        "training.per_device_train_batch_size=2",
+        "training.learning_rate=1e-2",
+        f"training.max_steps={STEPS}",
+        "training.warmup_ratio=0",
+        "training.warmup_steps=1",
+        "training.logging_steps=1",
+        "training.save_steps=2",
+        *extra,
+    ]
+
+
+def _train_here(overrides: list[str], *, resume: str | None = None) -> None:
+    with TrainingProgress(Console(file=io.StringIO())) as progress:
+        recipe = TrainRecipe(load_profile("tiny", overrides), progress, resume=resume)
+        try:
+            recipe.setup()
+            recipe.train()
+        finally:
+            recipe.cleanup()
+
+
+def _train_on_two_processes(overrides: list[str], *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"  # the children share two cores
+    command = [sys.executable, "-m", "llavactl", "train", "--profile", "tiny", *overrides, *args]
+    done = subprocess.run(
+        [*command, "--nproc-per-node", "2"], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in WEIGHT_FILES for k, v in load_file(folder / f).items()}
+
+
+def _losses(output_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, micro-batches of 2, accumulation 2: 4 records a step."""
+    out = tmp_path_factory.mktemp("one")
+    _train_here(_overrides(shapes, out, "training.gradient_accumulation_steps=2"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Two processes, micro-batches of 2 each, no accumulation: 4 records a step."""
+    out = tmp_path_factory.mktemp("ddp")
+    return out, _train_on_two_processes(_overrides(shapes, out))
+
+
+def _assert_same_training(one: Path, two: Path) -> None:
+    single, double = _weights(one / f"checkpoint-{STEPS}"), _weights(two / f"checkpoint-{STEPS}")
+    assert single.keys() == double.keys()
+    assert max((single[k] - double[k]).abs().max().item() for k in single) < 1e-6
+    # ... and the weights did move: the comparison is not between two untrained models.
+    assert any(not torch.equal(single[k], _weights(one / "checkpoint-2")[k]) for k in single)
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-6)
+
+
+def test_two_ddp_processes_train_what_one_process_with_accumulation_2_trains(
+    one_process: Path, ddp: tuple[Path, str]
+) -> None:
+    out, stdout = ddp
+    _assert_same_training(one_process, out)
+    assert "Training on 2 processes (ddp over gloo)" in stdout
+    assert "global batch 4 = 2 per device x 1 accumulation x 2 processes" in stdout
+    assert stdout.count("Loading model:") == 1  # rank 1 prints nothing
+    assert len(_losses(out)) == STEPS  # one metrics writer
+    run = json.loads((out / "run.json").read_text())
+    assert run["world"] == {"size": 2, "backend": "gloo", "strategy": "ddp"}
+    assert checkpoint.read_progress(out / "checkpoint-2")["world_size"] == 2
+
+
+def test_each_process_has_its_own_random_stream_saved(ddp: tuple[Path, str]) -> None:
+    folder = ddp[0] / "checkpoint-2"
+    _, rank0 = checkpoint.read_training_state(folder, 0)
+    _, rank1 = checkpoint.read_training_state(folder, 1)
+    assert not torch.equal(rank0["torch"], rank1["torch"])
+
+
+def test_two_process_run_resumes_exactly(shapes: Path, ddp: tuple[Path, str], tmp_path: Path) -> None:
+    whole = ddp[0]
+    shutil.copytree(whole / "checkpoint-2", tmp_path / "checkpoint-2")
+    _train_on_two_processes(_overrides(shapes, tmp_path), "--resume", "auto")
+    resumed, uninterrupted = _weights(tmp_path / f"checkpoint-{STEPS}"), _weights(whole / f"checkpoint-{STEPS}")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    assert _losses(tmp_path) == _losses(whole)[2:]
+
+
+def test_resuming_with_another_number_of_processes_is_refused(shapes: Path, ddp: tuple[Path, str]) -> None:
+    saved = ddp[0] / "checkpoint-2"
+    with pytest.raises(CheckFailed, match="saved by a run of 2 training process\\(es\\), this run has 1") as info:
+        _train_here(_overrides(shapes, ddp[0]), resume=str(saved))
+    assert "--nproc-per-node 2" in (info.value.fix or "")
+
+
+def test_two_fsdp_processes_train_the_same_save_whole_weights_and_resume_exactly(
+    shapes: Path, one_process: Path, tmp_path: Path
+) -> None:
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    stdout = _train_on_two_processes(_overrides(shapes, whole, "training.distributed=fsdp"))
+    assert "Training on 2 processes (fsdp over gloo)" in stdout
+    # Whole tensors in the single-process layout: the same keys and shapes, loadable anywhere.
+    _assert_same_training(one_process, whole)
+    # The sharded optimizer state goes back into the shards from the whole one.
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    _train_on_two_processes(_overrides(shapes, resumed, "training.distributed=fsdp"), "--resume", "auto")
+    after, uninterrupted = _weights(resumed / f"checkpoint-{STEPS}"), _weights(whole / f"checkpoint-{STEPS}")
+    assert all(torch.equal(after[k], uninterrupted[k]) for k in uninterrupted)
