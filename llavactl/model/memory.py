@@ -151,7 +151,7 @@ class _LiveBytes:
         if self._ops % _COLLECT_EVERY == 0:
             # Autograd's checkpointing leaves reference cycles that only Python's cycle collector
             # frees; in a real run it runs often, here it must be asked, or frees come late.
-            gc.collect(1)
+            gc.collect()
         storage = tensor.untyped_storage()
         if storage in self._seen:
             return
@@ -193,6 +193,7 @@ def trace_step(
         raise ValueError(f"seq_len {seq_len} leaves no room for {image_tokens} image tokens")
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
+        model.tie_weights()  # to_empty gives each module its own tensor, which unties lm_head
         model.train()
         counter = _LiveBytes([*model.parameters(), *model.buffers()])
         ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
@@ -207,10 +208,17 @@ def trace_step(
         # LLaVA checks that image tokens and features agree by reading a count back: a value
         # that fake tensors do not have. The batch is built to agree, so the check is skipped.
         no_check = mock.patch("transformers.models.llava.modeling_llava.torch_compilable_check", lambda *a, **k: None)
-        with no_check, flops, counter.mode():
-            with autocast:
-                loss = loss_fn(model, inputs)
-            loss.backward()
+        # Objects that exist before the step are frozen out of the cycle collector, so that the
+        # frequent collections during the trace only walk what the step itself creates.
+        gc.collect()
+        gc.freeze()
+        try:
+            with no_check, flops, counter.mode():
+                with autocast:
+                    loss = loss_fn(model, inputs)
+                loss.backward()
+        finally:
+            gc.unfreeze()
     return StepTrace(peak_bytes=counter.peak, flops=flops.get_total_flops())
 
 

@@ -217,21 +217,20 @@ def _knobs(profile: Profile, tokens: TokenPlan) -> list[tuple[dict[str, Any], st
     """Overrides that lower memory, in order of what they cost in quality (none first)."""
     t, data, model = profile.training, profile.data, profile.model
     knobs: list[tuple[dict[str, Any], str]] = []
-    if t.per_device_train_batch_size > 1:
-        half = t.per_device_train_batch_size // 2
-        knobs.append(
-            (
-                {
-                    "training.per_device_train_batch_size": half,
-                    "training.gradient_accumulation_steps": t.gradient_accumulation_steps * 2,
-                },
-                "smaller micro-batches, same global batch: no quality cost",
-            )
-        )
+    batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    while batch > 1 and batch % 2 == 0:
+        batch, accumulation = batch // 2, accumulation * 2
+        overrides = {
+            "training.per_device_train_batch_size": batch,
+            "training.gradient_accumulation_steps": accumulation,
+        }
+        knobs.append((overrides, "smaller micro-batches, same global batch: no quality cost"))
     if not t.gradient_checkpointing:
         knobs.append(({"training.gradient_checkpointing": True}, "recompute activations: no quality cost, ~30% slower"))
+    patch = _patch_size(profile)
+    native = math.isqrt(tokens.image_tokens_per_image) * patch
     for size in (224, 168):
-        if size < (data.image_size or 336):
+        if size < native and tokens.images_per_sample:
             knobs.append(({"data.image_size": size}, f"{size} px images: fewer image tokens, less visual detail"))
     if profile.stage in ("lora", "qlora") and model.lora_r > 8:
         knobs.append(

@@ -1,0 +1,123 @@
+"""`llavactl dry-run`: the plan without weights, its memory trace, the knobs, the smoke steps."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llavactl.cli.main import app
+from llavactl.config.loader import load_profile
+from llavactl.model.assembly import build_llava
+from llavactl.model.memory import component_params
+from llavactl.train import plan as P
+
+GIB = 1024**3
+TINY_TOKENS = P.TokenPlan("test", 600, 600, 16, 1, 260.0, 287, 294, 40)
+
+
+def test_local_lite_plan_has_the_real_models_parameter_counts_without_weights():
+    profile = load_profile("local_lite").profile
+    counts = {c.name: c for c in component_params(P.build_meta(profile, gradient_checkpointing=True))}
+    # CLIP ViT-L/14-336's vision tower, and SmolLM-135M plus one embedding row for `<image>`.
+    assert counts["vision_tower"].total == 303_507_456 and counts["vision_tower"].trainable == 0
+    assert counts["llm"].total == 134_515_008 + 576 and counts["llm"].trainable == 0
+    # LoRA r16 on q,k,v,o of 30 layers: (576+576)*16 for q and o, (576+192)*16 for k and v.
+    assert counts["lora"].total == counts["lora"].trainable == 30 * 16 * (2 * 1152 + 2 * 768)
+    assert counts["projector"].trainable == 1024 * 576 + 576 + 576 * 576 + 576
+
+
+def test_meta_counts_equal_the_built_model():
+    profile = load_profile("tiny").profile
+    meta = component_params(P.build_meta(profile, gradient_checkpointing=False))
+    real = component_params(build_llava(profile.model, profile.stage, image_size=None, seed=0))
+    assert meta == real
+
+
+def test_tiny_plan_counts_tokens_and_steps_from_its_data():
+    profile = load_profile("tiny").profile
+    plan = P.build_plan(profile, name="tiny", device="cpu", free_bytes=20 * GIB, runtime_bytes=0, measure_speed=False)
+    assert plan.tokens.records == 600 and plan.tokens.records_with_image == 600
+    assert plan.tokens.image_tokens_per_image == 16
+    assert plan.tokens.longest <= profile.data.max_seq_len and plan.tokens.supervised > 0
+    assert (plan.steps_per_epoch, plan.total_steps) == (75, 150)
+    assert plan.fits is True and plan.suggestions == []
+    m = plan.memory
+    assert m.gradients == 4 * sum(c.trainable for c in plan.components)
+    assert m.optimizer == 2 * m.gradients
+    assert m.activations > 0 and plan.flops_per_step > 0
+
+
+def test_activation_peak_grows_with_sequence_and_batch():
+    profile = load_profile("tiny").profile
+    small, flops_small = P.estimate(profile, TINY_TOKENS, runtime_bytes=0)
+    longer = P.TokenPlan("test", 600, 600, 16, 1, 260.0, 287, 380, 40)
+    long, flops_long = P.estimate(profile, longer, runtime_bytes=0)
+    batch = load_profile("tiny", ["training.per_device_train_batch_size=16"]).profile
+    big, _ = P.estimate(batch, TINY_TOKENS, runtime_bytes=0)
+    assert small.activations < long.activations < big.activations
+    assert flops_small < flops_long
+
+
+def test_gradient_checkpointing_lowers_the_traced_peak_of_a_deep_model():
+    # local_lite's shapes: 30 LLM layers, where keeping every layer's activations costs the most.
+    tokens = P.TokenPlan("test", None, None, 576, 1, 704, 704, 704, 64)
+    with_gc, _ = P.estimate(load_profile("local_lite").profile, tokens, runtime_bytes=0)
+    without, _ = P.estimate(
+        load_profile("local_lite", ["training.gradient_checkpointing=false"]).profile, tokens, runtime_bytes=0
+    )
+    assert with_gc.activations < without.activations / 2
+
+
+def test_suggestions_are_cumulative_ready_to_paste_overrides_cheapest_first():
+    profile = load_profile("tiny", ["data.max_seq_len=512"]).profile
+    tokens = P.TokenPlan("test", 600, 600, 16, 1, 260.0, 287, 294, 40)
+    suggestions = P.suggest(profile, tokens, free_bytes=1, runtime_bytes=0)
+    overrides = [s.overrides for s in suggestions]
+    assert overrides[0] == "training.per_device_train_batch_size=4 training.gradient_accumulation_steps=2"
+    assert overrides[1] == "training.per_device_train_batch_size=2 training.gradient_accumulation_steps=4"
+    assert "training.gradient_checkpointing=true" in overrides[3]
+    assert overrides[-1].endswith("data.max_seq_len=287")
+    keys = [{word.split("=")[0] for word in text.split()} for text in overrides]
+    assert all(earlier <= later for earlier, later in itertools.pairwise(keys))  # cumulative
+    peaks = [s.peak_bytes for s in suggestions]
+    assert peaks[-1] < peaks[0]
+    # Each line pastes as is.
+    pasted = load_profile("tiny", ["data.max_seq_len=512", *overrides[-1].split()]).profile
+    assert pasted.training.per_device_train_batch_size == 1 and pasted.data.max_seq_len == 287
+
+
+def test_qlora_weights_count_at_four_bits():
+    profile = load_profile("t4_qlora").profile
+    assembled = P.build_meta(profile, gradient_checkpointing=True)
+    from llavactl.model.memory import weight_bytes
+
+    full = weight_bytes(assembled, dtype_bytes=2)
+    quantized = weight_bytes(assembled, dtype_bytes=2, quantized_bits=4)
+    assert quantized < full * 0.9
+
+
+def test_cli_dry_run_json_with_smoke_steps_passes_the_reload_check():
+    result = CliRunner().invoke(app, ["dry-run", "--profile", "tiny", "--steps", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["smoke"]["losses_match"] is True and data["smoke"]["weights_match"] is True
+    assert len(data["smoke"]["losses"]) == 2
+    assert data["fits"] is True and data["memory"]["total"] > 0
+
+
+def test_cli_dry_run_of_a_gpu_profile_plans_for_the_stated_device_memory():
+    result = CliRunner().invoke(
+        app, ["dry-run", "--profile", "t4_qlora", "--device-memory", "1"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "does not fit" in result.output
+    assert "no cuda device on this machine: time per step not estimated" in result.output
+
+
+@pytest.mark.parametrize("name", ["tiny", "local_lite", "t4_qlora", "pretrain", "finetune", "finetune_lora"])
+def test_every_bundled_profile_builds_on_meta_without_weights(name):
+    profile = load_profile(name).profile
+    assert sum(c.total for c in component_params(P.build_meta(profile, gradient_checkpointing=False))) > 0
