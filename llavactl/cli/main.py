@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from llavactl import __version__
-from llavactl.cli import data, doctor, profiles, train
+from llavactl.cli import data, doctor, export, profiles, train
 from llavactl.cli._common import console, verbosity
 from llavactl.cli._errors import run_guarded
 
@@ -28,6 +28,9 @@ app.add_typer(data.app, name="data")
 app.command("doctor")(doctor.doctor)
 app.command("train")(train.train)
 app.command("dry-run")(train.dry_run)
+app.command("export")(export.export)
+app.command("predict")(export.predict)
+app.command("eval")(export.evaluate)
 
 
 def _print_version(value: bool) -> None:

@@ -1,0 +1,233 @@
+"""Export a trained model as a plain transformers LLaVA folder, and prove it computes the same logits.
+
+The folder holds `LlavaForConditionalGeneration` weights (safetensors) and config, a `LlavaProcessor`
+(tokenizer with `<image>`, `LlavaImageProcessor` settings, the chat template of the profile's
+conversation template, given by the caller), a generation config that stops at the template's end
+of turn,
+and `llavactl.json` (the profile and image spec, so that llavactl can read the folder back). A
+LoRA run is either merged into the LLM or written as the base model plus a peft adapter in
+`adapter/`.
+
+After writing, the folder is loaded back with transformers' own `from_pretrained` and its logits
+on a batch of real records are compared with those of the model in memory, in fp32. For a bf16 or
+fp16 export, the model in memory first gets the same rounded weights, so that the comparison tests
+the export and not the rounding.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from llavactl.errors import CheckFailed, ModelSourceError
+from llavactl.model.assembly import component
+from llavactl.model.weight_files import quiet_loading
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import LlavaProcessor, PreTrainedTokenizerBase
+
+    from llavactl.config.schema import Stage
+    from llavactl.data.images import ImageSpec
+    from llavactl.model.assembly import AssembledModel
+
+ExportDtype = Literal["fp32", "bf16", "fp16"]
+MANIFEST = "llavactl.json"
+ADAPTER_DIR = "adapter"
+TOLERANCE = 1e-5
+
+
+def inference_stage(stage: Stage) -> Stage:
+    """The stage to rebuild a checkpoint in for inference: QLoRA adapters go on the unquantized LLM,
+    as merging them always does (4-bit kernels need CUDA; the adapters are the same)."""
+    return "lora" if stage == "qlora" else stage
+
+
+def build_processor(
+    tokenizer: PreTrainedTokenizerBase,
+    image_spec: ImageSpec,
+    aspect_ratio: str,
+    chat_template: str,
+    *,
+    has_cls_token: bool,
+) -> LlavaProcessor:
+    """A `LlavaProcessor` that prepares images and prompts as llavactl's data pipeline does.
+
+    `image_aspect_ratio: pad` becomes `do_pad` (a square of the mean colour, LLaVA-1.5's
+    expand2square), after which resizing the shortest edge gives the square size and the centre
+    crop cuts nothing; `resize` stretches to the square size without cropping.
+    """
+    from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+    side = image_spec.size
+    if aspect_ratio == "pad":
+        geometry: dict[str, Any] = {"do_pad": True, "size": {"shortest_edge": side}, "do_center_crop": True}
+    else:
+        geometry = {"do_pad": False, "size": {"height": side, "width": side}, "do_center_crop": False}
+    image_processor = LlavaImageProcessorPil(
+        crop_size={"height": side, "width": side},
+        image_mean=list(image_spec.mean),
+        image_std=list(image_spec.std),
+        **geometry,
+    )
+    tokenizer.chat_template = chat_template
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=image_spec.patch_size,
+        vision_feature_select_strategy="default" if has_cls_token else "full",
+        num_additional_image_tokens=1 if has_cls_token else 0,
+        chat_template=chat_template,
+    )
+
+
+def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """fp32 logits of ``model`` (a LLaVA model or its peft wrapper) on a collated batch."""
+    import torch
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+    with torch.no_grad():
+        return model(**inputs, use_cache=False).logits.float()
+
+
+def max_difference(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """The largest absolute difference between two logit tensors at the batch's real tokens."""
+    return float((a - b).abs()[attention_mask.bool()].max())
+
+
+def _round_through(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every saved weight except LoRA adapters to ``dtype`` and back, in place (what saving in
+    it does). Non-persistent buffers (rotary frequencies) are not saved but recomputed on loading."""
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if tensor.is_floating_point() and component(name) != "lora":
+                tensor.data = tensor.data.to(dtype).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What was written and how closely the reloaded folder reproduces llavactl's model."""
+
+    folder: Path
+    dtype: ExportDtype
+    merged_lora: bool
+    adapter: Path | None  # the peft adapter folder of an unmerged LoRA export
+    max_logit_difference: float  # reloaded folder against the model in memory
+    merge_logit_difference: float | None  # merged against unmerged LoRA
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "folder": str(self.folder),
+            "dtype": self.dtype,
+            "merged_lora": self.merged_lora,
+            "adapter": str(self.adapter) if self.adapter else None,
+            "max_logit_difference": self.max_logit_difference,
+            "merge_logit_difference": self.merge_logit_difference,
+            "tolerance": TOLERANCE,
+        }
+
+
+def _torch_dtype(dtype: ExportDtype) -> torch.dtype:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def _check(difference: float, what: str) -> None:
+    if not difference <= TOLERANCE:
+        raise CheckFailed(
+            f"{what}: logits differ by up to {difference:.3g}, more than {TOLERANCE:g}.",
+            fix="report this as a bug with the checkpoint's trainer_state.json; the folder was written but is "
+            "not a faithful export",
+        )
+
+
+def export_model(
+    assembled: AssembledModel,
+    processor: LlavaProcessor,
+    out_dir: Path,
+    batch: dict[str, torch.Tensor],
+    *,
+    manifest: dict[str, Any],
+    stop_ids: list[int],
+    merge_lora: bool,
+    dtype: ExportDtype,
+) -> ExportResult:
+    """Write ``assembled`` to ``out_dir`` as a transformers LLaVA folder and check it on ``batch``.
+
+    ``assembled`` is changed: adapters are merged or removed and weights rounded to ``dtype``.
+    Raises :class:`CheckFailed` when the reloaded folder's logits differ by more than 1e-5.
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ModelSourceError(
+            f"The export folder `{out_dir}` exists and is not empty.",
+            fix="pass a new or empty folder as OUT_DIR",
+        )
+    native = assembled.model.config.vision_config.image_size
+    if assembled.image_spec.size != native:
+        raise ModelSourceError(
+            f"The model sees {assembled.image_spec.size} px images (data.image_size) but its vision tower's "
+            f"position embeddings are for {native} px; llavactl interpolates them on the fly, transformers' "
+            "LLaVA does not, so an export would not run.",
+            fix="export a run trained at the tower's native size (`data.image_size=null`)",
+        )
+    peft_model = assembled.peft_model
+    model: nn.Module = peft_model if peft_model is not None else assembled.model
+    model.eval()
+    reference = batch_logits(model, batch)
+    mask = batch["attention_mask"]
+    merge_difference = None
+    adapter = None
+    if peft_model is not None and merge_lora:
+        model = peft_model.merge_and_unload()
+        merge_difference = max_difference(batch_logits(model, batch), reference, mask)
+        _check(merge_difference, "Merging the LoRA adapters changed the model")
+    elif peft_model is not None:
+        adapter = out_dir / ADAPTER_DIR
+        peft_model.save_pretrained(adapter)
+    target = _torch_dtype(dtype)
+    if target != torch.float32:
+        _round_through(model, target)
+    expected = batch_logits(model, batch) if (target != torch.float32 or merge_difference is not None) else reference
+    base = peft_model.unload() if adapter is not None else model
+    base.config.use_cache = True
+    base.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+    base.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    with quiet_loading():
+        base.to(target).save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    result_manifest = {**manifest, "dtype": dtype, "merged_lora": merge_difference is not None}
+    result_manifest["adapter"] = ADAPTER_DIR if adapter is not None else None
+    (out_dir / MANIFEST).write_text(json.dumps(result_manifest, indent=2, sort_keys=True) + "\n")
+
+    reloaded = load_exported_model(out_dir, torch.float32)
+    difference = max_difference(batch_logits(reloaded, batch), expected, mask)
+    _check(difference, f"The folder `{out_dir}` reloaded with transformers")
+    return ExportResult(out_dir, dtype, merge_difference is not None, adapter, difference, merge_difference)
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The `llavactl.json` of an exported folder, or None when ``folder`` is not an export."""
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_exported_model(folder: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The exported model with plain transformers (and peft, for an unmerged adapter), in eval mode."""
+    from transformers import LlavaForConditionalGeneration
+
+    with quiet_loading():
+        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+        if (folder / ADAPTER_DIR).is_dir():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR)
+    return model.eval()

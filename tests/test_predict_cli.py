@@ -1,0 +1,90 @@
+"""`llavactl predict`: the same answer from a run folder, a checkpoint and an export; streamed or JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from test_export_llava import make_run, run_cli, tiny_model
+
+from llavactl.cli.export import export, predict
+from llavactl.data.dataset import build_dataset
+from llavactl.data.synth import write_shapes
+from llavactl.train.generate import Predictor
+
+app = typer.Typer()
+app.command("export")(export)
+app.command("predict")(predict)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes(tmp_path_factory.mktemp("shapes"), n=8, seed=0, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, shapes: Path) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("predict")
+    make_run(root / "run", shapes)
+    code = run_cli_quiet(["export", str(root / "run"), str(root / "out")])
+    assert code == 0
+    return root / "run", root / "out"
+
+
+def run_cli_quiet(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as info:
+        app(args, prog_name="llavactl")
+    return int(info.value.code or 0)
+
+
+def test_run_folder_checkpoint_and_export_give_the_same_answer(
+    exported: tuple[Path, Path], shapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, out = exported
+    image = shapes.parent / "images" / "000000.png"
+    answers = []
+    for model in (run, run / "checkpoint-3", out):
+        args = ["predict", "--model", str(model), "--image", str(image), "--max-new-tokens", "6", "--json"]
+        code, text, err = run_cli(app, args, capsys)
+        assert (code, err) == (0, "")
+        answer = json.loads(text)
+        assert answer["new_tokens"] == 6 and answer["prompt"] == "Describe the image."
+        answers.append(answer["answer"])
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_answer_is_streamed_to_the_terminal(
+    exported: tuple[Path, Path], shapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = exported
+    image = shapes.parent / "images" / "000001.png"
+    args = ["predict", "--model", str(run), "--image", str(image), "--prompt", "What colour is the shape?"]
+    code, streamed, _ = run_cli(app, [*args, "--max-new-tokens", "5"], capsys)
+    _, as_json, _ = run_cli(app, [*args, "--max-new-tokens", "5", "--json"], capsys)
+    assert code == 0
+    assert streamed.strip() == json.loads(as_json)["answer"]
+
+
+def test_prompt_is_the_training_records_ids_up_to_the_reply(shapes: Path) -> None:
+    assembled, profile = tiny_model(shapes)
+    predictor = Predictor(
+        assembled.model, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, profile.data
+    )
+    dataset = build_dataset(profile.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
+    record = dataset.records[0]
+    question = record.turns[0].text.removeprefix("<image>\n")
+    labels = dataset[0]["labels"].tolist()
+    first_reply = next(k for k, label in enumerate(labels) if label != -100)
+    assert predictor.prompt_ids(question, 1) == dataset[0]["input_ids"][:first_reply].tolist()
+
+
+def test_unreadable_image_is_one_paragraph_with_exit_code_2(
+    exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = exported
+    code, _, err = run_cli(app, ["predict", "--model", str(run), "--image", str(tmp_path / "nope.png")], capsys)
+    assert code == 2
+    assert err.startswith(f"Error: --image: image file {tmp_path / 'nope.png'} does not exist")
+    assert "Traceback" not in err
