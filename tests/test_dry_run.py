@@ -108,12 +108,14 @@ def test_cli_dry_run_json_with_smoke_steps_passes_the_reload_check():
     assert data["fits"] is True and data["memory"]["total"] > 0
 
 
-def test_cli_dry_run_of_a_gpu_profile_plans_for_the_stated_device_memory():
-    result = CliRunner().invoke(
-        app, ["dry-run", "--profile", "t4_qlora", "--device-memory", "1"], env={"COLUMNS": "200"}
-    )
+def test_cli_dry_run_plans_for_the_stated_device_memory_and_names_what_fits():
+    # Batch 1 with checkpointing on a tiny model leaves one knob to try: the 95th-percentile cut.
+    args = ["dry-run", "--profile", "tiny", "training.device=cuda", "training.per_device_train_batch_size=1"]
+    args += ["training.gradient_checkpointing=true", "--device-memory", "0.2"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "does not fit" in result.output
+    assert "Free memory on the device: 0.20 GiB: does not fit" in result.output
+    assert "stage=lora" in result.output and "data.max_seq_len=287" in result.output
     assert "no cuda device on this machine: time per step not estimated" in result.output
 
 
