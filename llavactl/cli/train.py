@@ -257,8 +257,18 @@ def _print_plan(plan: Plan) -> None:
     if plan.free_bytes is not None:
         verdict = "[green]fits[/]" if plan.fits else "[bold red]does not fit[/]"
         console.print(f"Free memory on the device: {_gib(plan.free_bytes)}: {verdict}")
+    if plan.suggestions:
+        console.print("Overrides that lower the peak, cheapest in quality first (each includes the ones above):")
     for s in plan.suggestions:
         console.print(f"  {_gib(s.peak_bytes):>10}  {escape(s.overrides)}  [dim]({escape(s.why)})[/]", soft_wrap=True)
+    if plan.fits is False and (not plan.suggestions or plan.suggestions[-1].peak_bytes > (plan.free_bytes or 0)):
+        fixed = m.runtime + m.weights
+        console.print(
+            f"No override brings the estimate under {_gib(plan.free_bytes or 0)}: the runtime and the weights alone "
+            f"take {_gib(fixed)}. Use a device with more memory, or shard the run over several "
+            "(docs/distributed.md).",
+            soft_wrap=True,
+        )
     flops = f"{plan.flops_per_step / 1e9:,.1f} GFLOP per optimizer step"
     if plan.seconds_per_step is not None and plan.matmul_flops_per_s is not None:
         console.print(

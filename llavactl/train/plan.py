@@ -248,16 +248,25 @@ def _knobs(profile: Profile, tokens: TokenPlan) -> list[tuple[dict[str, Any], st
 
 
 def suggest(profile: Profile, tokens: TokenPlan, *, free_bytes: int, runtime_bytes: int) -> list[Suggestion]:
-    """Cumulative overrides, cheapest in quality first, until the estimate fits ``free_bytes``."""
+    """Cumulative overrides, cheapest in quality first, until the estimate fits ``free_bytes``.
+
+    A knob that saves less than 2% of the peak is left out: its quality cost would buy nothing.
+    """
     applied: dict[str, Any] = {}
-    suggestions = []
+    suggestions: list[Suggestion] = []
     current = profile
+    peak, _ = estimate(profile, tokens, runtime_bytes=runtime_bytes)
+    last = peak.total
     for overrides, why in _knobs(profile, tokens):
-        applied.update(overrides)
-        current = _with(current, overrides)
+        candidate = _with(current, overrides)
         if "stage" in overrides:
-            current = _with(current, {"model.lora_r": 16, "model.lora_alpha": 32})
-        memory, _ = estimate(current, _retoken(tokens, current), runtime_bytes=runtime_bytes)
+            # LoRA keys left from another stage are refused by the schema; LoRA's defaults apply.
+            candidate = _with(candidate, {"model.lora_r": 16, "model.lora_alpha": 32})
+        memory, _ = estimate(candidate, _retoken(tokens, candidate), runtime_bytes=runtime_bytes)
+        if memory.total > last * 0.98:
+            continue
+        current, last = candidate, memory.total
+        applied.update(overrides)
         text = " ".join(f"{k}={_yaml(v)}" for k, v in applied.items())
         suggestions.append(Suggestion(text, why, memory.total))
         if memory.total <= free_bytes:
