@@ -33,7 +33,9 @@ def doctor(
     if overrides and profile is None:
         raise typer.BadParameter("overrides need --profile")
     loaded = load(profile, overrides) if profile else None
-    results = run_checks(loaded.profile if loaded else None, offline=offline)
+    from llavactl.train.plan import plan_memory
+
+    results = run_checks(loaded.profile if loaded else None, offline=offline, memory_planner=plan_memory)
     failed = any(r.status == "fail" for r in results)
     if as_json:
         print(json.dumps({"ok": not failed, "profile": profile, "checks": [r.to_json() for r in results]}, indent=2))

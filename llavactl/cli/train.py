@@ -116,8 +116,9 @@ def _restart_under_torchrun(nproc: int) -> None:
 def _preflight(profile: Profile) -> None:
     """Run doctor's checks; stop on a blocking failure with doctor's findings and fixes."""
     from llavactl.doctor import blocking_failures, run_checks
+    from llavactl.train.plan import plan_memory
 
-    results = run_checks(profile)
+    results = run_checks(profile, memory_planner=plan_memory)
     failures = blocking_failures(results)
     if failures:
         lines = "\n".join(f"  - {r.check}: {r.finding}\n    Fix: {r.fix}" for r in failures)

@@ -76,19 +76,18 @@ def _draw(scene: Scene, size: int, path: Path) -> None:
 
 
 def _conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
+    # Every record asks the shape's colour, the answer a tiny model is slowest to tie to the image,
+    # and two more questions: several answers per record amortise the long system prompt.
     caption = f"A {scene.colour} {scene.shape} on a {scene.background} background, {scene.place}."
-    questions = [
+    describe = rng.choice(["Describe the image.", "What do you see?", "Write a short caption for the image."])
+    others = [
+        (describe, caption),
         ("What shape is in the image?", f"A {scene.shape}."),
-        ("What colour is the shape?", f"{scene.colour.capitalize()}."),
         ("What colour is the background?", f"{scene.background.capitalize()}."),
         ("Where is the shape?", f"It is {scene.place}."),
     ]
-    kind = rng.random()
-    if kind < 0.4:
-        prompt = rng.choice(["Describe the image.", "What do you see?", "Write a short caption for the image."])
-        pairs = [(prompt, caption)]
-    else:
-        pairs = rng.sample(questions, rng.randint(1, 2))
+    pairs = [("What colour is the shape?", f"{scene.colour.capitalize()}."), *rng.sample(others, 2)]
+    rng.shuffle(pairs)
     turns: list[dict[str, str]] = []
     for k, (question, answer) in enumerate(pairs):
         turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})

@@ -9,12 +9,20 @@ from llavactl.doctor.results import CheckResult
 if TYPE_CHECKING:
     from llavactl.config.schema import Profile
     from llavactl.doctor.facts import MachineFacts
+    from llavactl.doctor.memory_checks import MemoryPlanner
 
 
 def run_checks(
-    profile: Profile | None, facts: MachineFacts | None = None, *, offline: bool = False
+    profile: Profile | None,
+    facts: MachineFacts | None = None,
+    *,
+    offline: bool = False,
+    memory_planner: MemoryPlanner | None = None,
 ) -> list[CheckResult]:
-    """Every check for this machine and, when given, the profile. Never downloads anything."""
+    """Every check for this machine and, when given, the profile. Never downloads anything.
+
+    ``memory_planner`` adds the memory check (dry-run's estimate against free memory).
+    """
     from llavactl.doctor.environment import environment_checks
     from llavactl.doctor.facts import probe
     from llavactl.doctor.profile_checks import profile_checks
@@ -29,6 +37,10 @@ def run_checks(
 
         results += profile_checks(profile, facts, offline=offline)
         results += distributed_checks(profile, facts, probe_world())
+        if memory_planner is not None:
+            from llavactl.doctor.memory_checks import memory_check
+
+            results.append(memory_check(profile, facts, memory_planner))
     return results
 
 

@@ -387,3 +387,19 @@ def build_plan(
         suggestions=suggestions,
         notes=notes,
     )
+
+
+def plan_memory(profile: Profile, free_bytes: int) -> tuple[int, str | None]:
+    """The estimated peak of ``profile`` on this machine and, when it exceeds ``free_bytes``, the
+    cheapest overrides whose estimate fits (None when none does). For doctor's memory check."""
+    from llavactl.model.memory import runtime_rss_bytes
+
+    runtime = runtime_rss_bytes() + (CUDA_CONTEXT_BYTES if profile.training.device == "cuda" else 0)
+    tokens = token_plan(profile, build_meta(profile, gradient_checkpointing=profile.training.gradient_checkpointing))
+    memory, _ = estimate(profile, tokens, runtime_bytes=runtime)
+    if memory.total <= free_bytes:
+        return memory.total, None
+    fitting = [
+        s for s in suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime) if s.peak_bytes <= free_bytes
+    ]
+    return memory.total, fitting[0].overrides if fitting else None
