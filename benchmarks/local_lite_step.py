@@ -37,48 +37,21 @@ def matmul_flops_per_s(seconds: float, n: int = 2048) -> float:
 
 
 def build_model(gradient_checkpointing: bool) -> tuple[Any, Any]:
-    """LLaVA in local_lite's shapes with random weights, set up like llavactl's `lora` stage."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-    from transformers.initialization import no_init_weights
+    """LLaVA in local_lite's shapes with seeded random weights, assembled by llavactl for its `lora` stage."""
+    from llavactl.config.loader import load_profile
+    from llavactl.model.assembly import build_llava
 
-    from llavactl.model.known_configs import llm_config, tower_config
-
-    text = llm_config("HuggingFaceTB/SmolLM-135M")
-    config = LlavaConfig(
-        vision_config=tower_config("openai/clip-vit-large-patch14-336"),
-        text_config=text,
-        image_token_id=text.vocab_size - 1,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+    profile = load_profile("local_lite").profile
+    assembled = build_llava(
+        profile.model,
+        profile.stage,
+        image_size=profile.data.image_size,
+        seed=0,
+        gradient_checkpointing=gradient_checkpointing,
+        random_weights=True,
     )
-    with no_init_weights():  # transformers' per-module init is slow; the values do not matter here
-        model = LlavaForConditionalGeneration(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.02, generator=generator)
-            else:
-                p.fill_(0.0 if name.endswith("bias") else 1.0)
-    model.requires_grad_(False)  # the tower is frozen, so its forward keeps no activations
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.05,
-            target_modules=r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj)",
-        ),
-    )
-    llava = model.get_base_model()
-    llava.model.multi_modal_projector.requires_grad_(True)
-    if gradient_checkpointing:
-        llava.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
-    model.train()
-    return model, config
+    assembled.model.train()
+    return assembled, assembled.model.config
 
 
 def child(gradient_checkpointing: bool, steps: int, text_tokens: int, warmup: bool) -> dict[str, float]:
@@ -89,13 +62,10 @@ def child(gradient_checkpointing: bool, steps: int, text_tokens: int, warmup: bo
     from llavactl.train.loss import summed_token_loss
     from llavactl.train.optimizer import build_optimizer
 
-    model, config = build_model(gradient_checkpointing)
+    assembled, config = build_model(gradient_checkpointing)
+    model = assembled.model
     rss_before_steps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    parts: dict[str, list] = {"projector": [], "lora": []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            parts["lora" if "lora_" in name else "projector"].append((name, p))
-    optimizer = build_optimizer(parts, TrainingConfig(learning_rate=2e-4))
+    optimizer = build_optimizer(assembled.parameter_groups(), TrainingConfig(learning_rate=2e-4))
     image_tokens = (336 // 14) ** 2
     seq = image_tokens + text_tokens
     input_ids = torch.randint(0, config.text_config.vocab_size - 2, (1, seq))
