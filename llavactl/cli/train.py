@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -72,12 +73,9 @@ def train(
     if not skip_doctor:
         _preflight(loaded.profile)
     with TrainingProgress(console, quiet=verbosity.level == 0) as progress:
-        recipe = TrainRecipe(loaded, progress, resume=resume, force=force)
-        try:
-            recipe.setup()
-            result = recipe.train()
-        finally:
-            recipe.cleanup()
+        result = TrainRecipe(loaded, progress, resume=resume, force=force).run()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        raise typer.Exit(result.exit_code)
     if result.status == "interrupted":
         console.print(
             f"Stopped at step {result.step}/{result.total_steps}; checkpoint saved in {result.checkpoint}. "

@@ -23,7 +23,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-DEFAULT_COUNT = 600
+DEFAULT_COUNT = 2400
 DEFAULT_IMAGE_SIZE = 64
 RECORDS_FILE = "shapes.json"
 

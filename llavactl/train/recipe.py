@@ -93,6 +93,14 @@ class TrainRecipe:
 
         self._world: World = World()
 
+    def run(self) -> TrainResult:
+        """``setup()``, ``train()``, and ``cleanup()`` whatever happens."""
+        try:
+            self.setup()
+            return self.train()
+        finally:
+            self.cleanup()
+
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:

@@ -30,13 +30,7 @@ class SmokeResult:
 def _run(loaded: LoadedProfile, progress: TrainingProgress, *, resume: str | None, random_weights: bool) -> list[float]:
     from llavactl.train.recipe import TrainRecipe
 
-    recipe = TrainRecipe(loaded, progress, resume=resume, random_weights=random_weights)
-    try:
-        recipe.setup()
-        result = recipe.train()
-    finally:
-        recipe.cleanup()
-    return result.losses
+    return TrainRecipe(loaded, progress, resume=resume, random_weights=random_weights).run().losses
 
 
 def _tensors(folder: Path) -> dict[str, object]:
