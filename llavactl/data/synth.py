@@ -23,7 +23,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-DEFAULT_COUNT = 2400
+DEFAULT_COUNT = 600
 DEFAULT_IMAGE_SIZE = 64
 RECORDS_FILE = "shapes.json"
 
@@ -76,18 +76,19 @@ def _draw(scene: Scene, size: int, path: Path) -> None:
 
 
 def _conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
-    # Every record asks the shape's colour, the answer a tiny model is slowest to tie to the image,
-    # and two more questions: several answers per record amortise the long system prompt.
     caption = f"A {scene.colour} {scene.shape} on a {scene.background} background, {scene.place}."
-    describe = rng.choice(["Describe the image.", "What do you see?", "Write a short caption for the image."])
-    others = [
-        (describe, caption),
+    questions = [
         ("What shape is in the image?", f"A {scene.shape}."),
+        ("What colour is the shape?", f"{scene.colour.capitalize()}."),
         ("What colour is the background?", f"{scene.background.capitalize()}."),
         ("Where is the shape?", f"It is {scene.place}."),
     ]
-    pairs = [("What colour is the shape?", f"{scene.colour.capitalize()}."), *rng.sample(others, 2)]
-    rng.shuffle(pairs)
+    kind = rng.random()
+    if kind < 0.4:
+        prompt = rng.choice(["Describe the image.", "What do you see?", "Write a short caption for the image."])
+        pairs = [(prompt, caption)]
+    else:
+        pairs = rng.sample(questions, rng.randint(1, 2))
     turns: list[dict[str, str]] = []
     for k, (question, answer) in enumerate(pairs):
         turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})
