@@ -314,21 +314,21 @@ def test_memory_check_passes_warns_within_the_error_and_fails_with_the_overrides
 
     profile = _profile("local_lite")
     free = CPU.ram_available_bytes
-    assert memory_check(profile, CPU, lambda p, f: (free // 2, None)).status == "pass"
-    assert memory_check(profile, CPU, lambda p, f: (int(free * 0.9), None)).status == "warn"
+    assert memory_check(profile, CPU, lambda p, f, d: (free // 2, None)).status == "pass"
+    assert memory_check(profile, CPU, lambda p, f, d: (int(free * 0.9), None)).status == "warn"
     fix = "training.per_device_train_batch_size=1 training.gradient_accumulation_steps=16"
-    result = memory_check(profile, CPU, lambda p, f: (free * 2, fix))
+    result = memory_check(profile, CPU, lambda p, f, d: (free * 2, fix))
     assert result.status == "fail" and result.fix == f"add `{fix}`"
-    assert "no override fits" in memory_check(profile, CPU, lambda p, f: (free * 2, None)).fix
+    assert "no override fits" in memory_check(profile, CPU, lambda p, f, d: (free * 2, None)).fix
 
 
 def test_memory_check_on_a_gpu_compares_with_its_free_memory_and_skips_without_one():
     from llavactl.doctor.memory_checks import memory_check
 
     seen = []
-    result = memory_check(_profile("t4_qlora"), T4, lambda p, f: (seen.append(f) or 10 * GIB, None))
+    result = memory_check(_profile("t4_qlora"), T4, lambda p, f, d: (seen.append(f) or 10 * GIB, None))
     assert result.status == "pass" and seen == [15 * GIB] and "Tesla T4" in result.finding
-    assert memory_check(_profile("t4_qlora"), CPU, lambda p, f: (0, None)).status == "skipped"
+    assert memory_check(_profile("t4_qlora"), CPU, lambda p, f, d: (0, None)).status == "skipped"
 
 
 def test_memory_check_with_the_real_planner_on_tiny():

@@ -62,7 +62,9 @@ def open_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            upright = ImageOps.exif_transpose(img)
+            # In place: without an orientation tag this is a no-op instead of a full copy.
+            ImageOps.exif_transpose(img, in_place=True)
+            upright = img
     except FileNotFoundError:
         raise ImageFileError("missing_image", f"image file {path} does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from llavactl.doctor.facts import MachineFacts
 
 GIB = 1024**3
-# (profile, free bytes) -> (estimated peak bytes, overrides that would fit or None)
-MemoryPlanner = Callable[["Profile", int], tuple[int, str | None]]
+# (profile, free bytes, device) -> (estimated peak bytes, overrides that would fit or None)
+MemoryPlanner = Callable[["Profile", int, str], tuple[int, str | None]]
 # The estimate is within 20% of measured peaks (benchmarks/memory_estimate.py): closer than this
 # to the limit is a warning, not a pass.
 MARGIN = 0.8
@@ -34,7 +34,7 @@ def memory_check(profile: Profile, facts: MachineFacts, planner: MemoryPlanner) 
         return skipped(
             "memory", f"no {device} device here to compare with; `llavactl dry-run --device-memory GIB` plans for one"
         )
-    peak, fits_with = planner(profile, free)
+    peak, fits_with = planner(profile, free, device)
     finding = f"estimated peak {peak / GIB:.2f} GiB against {free / GIB:.2f} GiB {where}"
     if peak <= free * MARGIN:
         return passed("memory", finding)

@@ -168,7 +168,9 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     )
 
 
-def estimate(profile: Profile, tokens: TokenPlan, *, runtime_bytes: int) -> tuple[MemoryEstimate, int]:
+def estimate(
+    profile: Profile, tokens: TokenPlan, *, runtime_bytes: int, device: str = "cpu"
+) -> tuple[MemoryEstimate, int]:
     """Peak memory and FLOPs of one micro-batch step of ``profile`` (built afresh on meta)."""
     import torch
 
@@ -187,6 +189,7 @@ def estimate(profile: Profile, tokens: TokenPlan, *, runtime_bytes: int) -> tupl
         images_per_sample=tokens.images_per_sample,
         loss_fn=_static_loss(min(tokens.supervised, seq_len - 1)),
         autocast_dtype=torch.bfloat16 if half else None,
+        device=device,
     )
     quantized = 4 if profile.model.load_in_4bit else 8 if profile.model.load_in_8bit else None
     memory = estimate_memory(assembled, trace, runtime_bytes=runtime_bytes, quantized_bits=quantized)
@@ -247,7 +250,9 @@ def _knobs(profile: Profile, tokens: TokenPlan) -> list[tuple[dict[str, Any], st
     return knobs
 
 
-def suggest(profile: Profile, tokens: TokenPlan, *, free_bytes: int, runtime_bytes: int) -> list[Suggestion]:
+def suggest(
+    profile: Profile, tokens: TokenPlan, *, free_bytes: int, runtime_bytes: int, device: str = "cpu"
+) -> list[Suggestion]:
     """Cumulative overrides, cheapest in quality first, until the estimate fits ``free_bytes``.
 
     A knob that saves less than 2% of the peak is left out: its quality cost would buy nothing.
@@ -255,14 +260,14 @@ def suggest(profile: Profile, tokens: TokenPlan, *, free_bytes: int, runtime_byt
     applied: dict[str, Any] = {}
     suggestions: list[Suggestion] = []
     current = profile
-    peak, _ = estimate(profile, tokens, runtime_bytes=runtime_bytes)
+    peak, _ = estimate(profile, tokens, runtime_bytes=runtime_bytes, device=device)
     last = peak.total
     for overrides, why in _knobs(profile, tokens):
         candidate = _with(current, overrides)
         if "stage" in overrides:
             # LoRA keys left from another stage are refused by the schema; LoRA's defaults apply.
             candidate = _with(candidate, {"model.lora_r": 16, "model.lora_alpha": 32})
-        memory, _ = estimate(candidate, _retoken(tokens, candidate), runtime_bytes=runtime_bytes)
+        memory, _ = estimate(candidate, _retoken(tokens, candidate), runtime_bytes=runtime_bytes, device=device)
         if memory.total > last * 0.98:
             continue
         current, last = candidate, memory.total
@@ -349,9 +354,9 @@ def build_plan(
     tokens = token_plan(profile, assembled)
     t = profile.training
     runtime = runtime_bytes + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
-    memory, flops = estimate(profile, tokens, runtime_bytes=runtime)
+    memory, flops = estimate(profile, tokens, runtime_bytes=runtime, device=device)
     other = _with(profile, {"training.gradient_checkpointing": not t.gradient_checkpointing})
-    memory_other, _ = estimate(other, tokens, runtime_bytes=runtime)
+    memory_other, _ = estimate(other, tokens, runtime_bytes=runtime, device=device)
     steps_per_epoch = total_steps = None
     if tokens.records:
         batches = math.ceil(tokens.records / t.per_device_train_batch_size)
@@ -368,7 +373,7 @@ def build_plan(
         notes.append(f"no {device} device on this machine: time per step not estimated")
     suggestions: list[Suggestion] = []
     if free_bytes is not None and memory.total > free_bytes:
-        suggestions = suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime)
+        suggestions = suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime, device=device)
     return Plan(
         profile=name,
         stage=profile.stage,
@@ -389,17 +394,19 @@ def build_plan(
     )
 
 
-def plan_memory(profile: Profile, free_bytes: int) -> tuple[int, str | None]:
-    """The estimated peak of ``profile`` on this machine and, when it exceeds ``free_bytes``, the
+def plan_memory(profile: Profile, free_bytes: int, device: str) -> tuple[int, str | None]:
+    """The estimated peak of ``profile`` on ``device`` and, when it exceeds ``free_bytes``, the
     cheapest overrides whose estimate fits (None when none does). For doctor's memory check."""
     from llavactl.model.memory import runtime_rss_bytes
 
-    runtime = runtime_rss_bytes() + (CUDA_CONTEXT_BYTES if profile.training.device == "cuda" else 0)
+    runtime = runtime_rss_bytes() + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     tokens = token_plan(profile, build_meta(profile, gradient_checkpointing=profile.training.gradient_checkpointing))
-    memory, _ = estimate(profile, tokens, runtime_bytes=runtime)
+    memory, _ = estimate(profile, tokens, runtime_bytes=runtime, device=device)
     if memory.total <= free_bytes:
         return memory.total, None
     fitting = [
-        s for s in suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime) if s.peak_bytes <= free_bytes
+        s
+        for s in suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime, device=device)
+        if s.peak_bytes <= free_bytes
     ]
     return memory.total, fitting[0].overrides if fitting else None
