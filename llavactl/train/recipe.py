@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import time
@@ -702,6 +703,12 @@ class TrainRecipe:
             self._metrics.close()
             self._metrics = None
         self._progress.close()
+        if self._world.distributed:
+            # DDP's reducer holds the process group: freed after the group is destroyed, its
+            # destructor waits on a peer that may be gone, and the process hangs.
+            self._model = None
+            self._optimizer = None
+            gc.collect()
         stop(self._world)
 
 
