@@ -226,6 +226,8 @@ def _gib(value: int) -> str:
 def _print_plan(plan: Plan) -> None:
     from rich.table import Table
 
+    from llavactl.train.plan import STEP_EFFICIENCY
+
     console.print(f"[bold]Plan for {escape(plan.profile)}[/] (stage {plan.stage}, device {plan.device})")
     table = Table(show_edge=False, pad_edge=False)
     for column in ("component", "parameters", "trainable", "dtype"):
@@ -271,8 +273,8 @@ def _print_plan(plan: Plan) -> None:
     flops = f"{plan.flops_per_step / 1e9:,.1f} GFLOP per optimizer step"
     if plan.seconds_per_step is not None and plan.matmul_flops_per_s is not None:
         console.print(
-            f"Time: {flops}; about {plan.seconds_per_step:.2f} s per step at 75% of this device's measured "
-            f"{plan.matmul_flops_per_s / 1e9:.0f} GFLOP/s matmul rate"
+            f"Time: {flops}; about {plan.seconds_per_step:.2f} s per step at {STEP_EFFICIENCY:.0%} of this "
+            f"device's measured {plan.matmul_flops_per_s / 1e9:.0f} GFLOP/s matmul rate"
         )
     else:
         console.print(f"Time: {flops}")
