@@ -128,29 +128,23 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     records = [parsed for _, parsed in iter_records(raws) if not isinstance(parsed, Problem)]
     with_image = sum(1 for r in records if r.images)
     most_images = max((len(r.images) for r in records), default=0)
-    if assembled.tokenizer is None or not records:
-        why = "no tokenizer at hand" if assembled.tokenizer is None else "no valid records"
+    lengths: list[int] = []
+    supervised: list[int] = []
+    if assembled.tokenizer is not None:
+        encoder = encoder_for(assembled.tokenizer, assembled.image_token_id, per_image, data.conversation_template)
+        stride = max(1, len(records) // TOKEN_SAMPLE)
+        for record in records[::stride][:TOKEN_SAMPLE]:
+            try:
+                prepared = prepare(record, data.conversation_template, encoder, data.max_seq_len)
+            except RecordProblem:
+                continue
+            lengths.append(min(prepared.full_length, data.max_seq_len))
+            supervised.append(prepared.encoded.num_supervised)
+    if not lengths:
+        why = "no tokenizer at hand" if assembled.tokenizer is None else "no record tokenizes"
         return replace(
             fallback,
             source=f"{fallback.source} ({why})",
-            records=len(records),
-            records_with_image=with_image,
-            images_per_sample=max(most_images, 1),
-        )
-    encoder = encoder_for(assembled.tokenizer, assembled.image_token_id, per_image, data.conversation_template)
-    stride = max(1, len(records) // TOKEN_SAMPLE)
-    lengths, supervised = [], []
-    for record in records[::stride][:TOKEN_SAMPLE]:
-        try:
-            prepared = prepare(record, data.conversation_template, encoder, data.max_seq_len)
-        except RecordProblem:
-            continue
-        lengths.append(min(prepared.full_length, data.max_seq_len))
-        supervised.append(prepared.encoded.num_supervised)
-    if not lengths:
-        return replace(
-            fallback,
-            source=f"{fallback.source} (no record tokenizes)",
             records=len(records),
             records_with_image=with_image,
             images_per_sample=max(most_images, 1),
