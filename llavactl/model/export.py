@@ -3,10 +3,10 @@
 The folder holds `LlavaForConditionalGeneration` weights (safetensors) and config, a `LlavaProcessor`
 (tokenizer with `<image>`, `LlavaImageProcessor` settings, the chat template of the profile's
 conversation template, given by the caller), a generation config that stops at the template's end
-of turn,
-and `llavactl.json` (the profile and image spec, so that llavactl can read the folder back). A
+of turn, and `llavactl.json` (the profile and image spec, so that llavactl can read the folder back). A
 LoRA run is either merged into the LLM or written as the base model plus a peft adapter in
-`adapter/`.
+`adapter/`. A model trained at another image size than its tower's own (`data.image_size`) is
+written with its position embeddings resized to that size, so transformers runs it as it is.
 
 After writing, the folder is loaded back with transformers' own `from_pretrained` and its logits
 on a batch of real records are compared with those of the model in memory, in fp32. For a bf16 or
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from llavactl.errors import CheckFailed, ModelSourceError
+from llavactl.model import towers
 from llavactl.model.assembly import component
 from llavactl.model.weight_files import quiet_loading
 
@@ -171,14 +172,6 @@ def export_model(
             f"The export folder `{out_dir}` exists and is not empty.",
             fix="pass a new or empty folder as OUT_DIR",
         )
-    native = assembled.model.config.vision_config.image_size
-    if assembled.image_spec.size != native:
-        raise ModelSourceError(
-            f"The model sees {assembled.image_spec.size} px images (data.image_size) but its vision tower's "
-            f"position embeddings are for {native} px; llavactl interpolates them on the fly, transformers' "
-            "LLaVA does not, so an export would not run.",
-            fix="export a run trained at the tower's native size (`data.image_size=null`)",
-        )
     peft_model = assembled.peft_model
     model: nn.Module = peft_model if peft_model is not None else assembled.model
     model.eval()
@@ -198,6 +191,10 @@ def export_model(
         _round_through(model, target)
     expected = batch_logits(model, batch) if (target != torch.float32 or merge_difference is not None) else reference
     base = peft_model.unload() if adapter is not None else model
+    # llavactl interpolates a tower's position embeddings when it runs at another size than its
+    # own; transformers' LLaVA does not, so the export carries the table resized once.
+    towers.resize_position_table(base.model.vision_tower, assembled.image_spec.size)
+    base.config.vision_config.image_size = assembled.image_spec.size
     base.config.use_cache = True
     base.generation_config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
     base.generation_config.pad_token_id = processor.tokenizer.pad_token_id

@@ -207,3 +207,35 @@ def load_tower(spec: str, *, image_size: int | None, seed: int, device: str) -> 
             )
     _check_complete(loading, str(folder), strict=not from_folder)
     return model
+
+
+def resize_position_table(tower: PreTrainedModel, size: int) -> None:
+    """Give ``tower`` (a CLIP or SigLIP vision model) position embeddings made for ``size`` px
+    images, in place, and set its config's image size to match.
+
+    The new table is the one transformers' `interpolate_pos_encoding` computes on the fly for that
+    size, so the tower's outputs do not change; plain transformers then runs it at ``size`` without
+    being asked to interpolate (an export trained at a non-native size needs this).
+    """
+    import torch
+    from torch import nn
+
+    embeddings = tower.embeddings
+    if embeddings.image_size == size:
+        return
+    extra = embeddings.num_positions - embeddings.num_patches  # CLIP's class position, none in SigLIP
+    patches = (size // embeddings.patch_size) ** 2
+    old = embeddings.position_embedding.weight
+    with torch.no_grad():
+        # Only the shape of the first argument is read: it says how many patches the images give.
+        shape_only = old.new_empty(1, patches + extra, old.shape[1])
+        table = embeddings.interpolate_pos_encoding(shape_only, size, size)[0]
+        resized = nn.Embedding(patches + extra, old.shape[1], device=old.device, dtype=old.dtype)
+        resized.weight.copy_(table)
+    resized.weight.requires_grad_(old.requires_grad)
+    embeddings.position_embedding = resized
+    embeddings.image_size = size
+    embeddings.num_patches = patches
+    embeddings.num_positions = patches + extra
+    embeddings.position_ids = torch.arange(patches + extra, device=old.device).expand((1, -1))
+    tower.config.image_size = size
