@@ -1,14 +1,16 @@
 """One training step in local_lite's real shapes on this CPU: seconds, FLOP/s, peak RSS.
 
 Random weights in the shapes of CLIP ViT-L/14-336 (frozen tower) and SmolLM-135M (LoRA r16 on
-q/k/v/o, projector mlp2x_gelu trained), one record of 576 image tokens plus text, batch 1. Each
+q/k/v/o, projector mlp2x_gelu trained), one record of 576 image tokens plus text, batch 1
+(`--image-size 224` gives 256 image tokens through interpolated position embeddings; `--bf16` runs
+the forward under CPU bf16 autocast, as `training.bf16=true` does). Each
 configuration (with and without gradient checkpointing) runs in its own process so that its peak
 RSS is its own. The step is llavactl's: ``summed_token_loss``, backward, clipping, fused AdamW over
 ``build_optimizer``'s groups. FLOPs are counted by torch's FlopCounterMode on one step and divided
 by the measured step time; the reference is this machine's fp32 matmul FLOP/s measured in the same
 run (a 2048x2048 matmul), so the ratio says how much of the CPU the step uses.
 
-    python benchmarks/local_lite_step.py [--quick] [--steps N] [--text-tokens T]
+    python benchmarks/local_lite_step.py [--quick] [--steps N] [--text-tokens T] [--image-size S] [--bf16]
 
 The last line of stdout is one JSON object.
 """
@@ -36,7 +38,7 @@ def matmul_flops_per_s(seconds: float, n: int = 2048) -> float:
     return 2 * n**3 * runs / (time.perf_counter() - start)
 
 
-def build_model(gradient_checkpointing: bool) -> tuple[Any, Any]:
+def build_model(gradient_checkpointing: bool, image_size: int | None) -> tuple[Any, Any]:
     """LLaVA in local_lite's shapes with seeded random weights, assembled by llavactl for its `lora` stage."""
     from llavactl.config.loader import load_profile
     from llavactl.model.assembly import build_llava
@@ -45,7 +47,7 @@ def build_model(gradient_checkpointing: bool) -> tuple[Any, Any]:
     assembled = build_llava(
         profile.model,
         profile.stage,
-        image_size=profile.data.image_size,
+        image_size=image_size,
         seed=0,
         gradient_checkpointing=gradient_checkpointing,
         random_weights=True,
@@ -54,7 +56,11 @@ def build_model(gradient_checkpointing: bool) -> tuple[Any, Any]:
     return assembled, assembled.model.config
 
 
-def child(gradient_checkpointing: bool, steps: int, text_tokens: int, warmup: bool) -> dict[str, float]:
+def child(
+    gradient_checkpointing: bool, steps: int, text_tokens: int, warmup: bool, image_size: int | None, bf16: bool
+) -> dict[str, float]:
+    import contextlib
+
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -62,11 +68,11 @@ def child(gradient_checkpointing: bool, steps: int, text_tokens: int, warmup: bo
     from llavactl.train.loss import summed_token_loss
     from llavactl.train.optimizer import build_optimizer
 
-    assembled, config = build_model(gradient_checkpointing)
+    assembled, config = build_model(gradient_checkpointing, image_size)
     model = assembled.model
     rss_before_steps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     optimizer = build_optimizer(assembled.parameter_groups(), TrainingConfig(learning_rate=2e-4))
-    image_tokens = (336 // 14) ** 2
+    image_tokens, side = assembled.image_spec.num_tokens, assembled.image_spec.size
     seq = image_tokens + text_tokens
     input_ids = torch.randint(0, config.text_config.vocab_size - 2, (1, seq))
     input_ids[0, 1 : 1 + image_tokens] = config.image_token_id
@@ -76,12 +82,13 @@ def child(gradient_checkpointing: bool, steps: int, text_tokens: int, warmup: bo
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "labels": labels,
-        "pixel_values": torch.randn(1, 3, 336, 336),
+        "pixel_values": torch.randn(1, 3, side, side),
     }
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def step() -> None:
-        loss = summed_token_loss(model, batch) / int((labels[:, 1:] != -100).sum())
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = summed_token_loss(model, batch) / int((labels[:, 1:] != -100).sum())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -106,6 +113,7 @@ def child(gradient_checkpointing: bool, steps: int, text_tokens: int, warmup: bo
         "peak_rss_gib": peak_rss,
         "peak_rss_before_steps_gib": rss_before_steps,
         "seq_len": seq,
+        "image_size": side,
     }
 
 
@@ -116,11 +124,14 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--text-tokens", type=int, default=128, help="text tokens after the image")
+    parser.add_argument("--image-size", type=int, help="data.image_size (default: the tower's own, 336)")
+    parser.add_argument("--bf16", action="store_true", help="the forward under CPU bf16 autocast")
     parser.add_argument("--child", choices=["gc", "no_gc"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = 1 if args.quick else args.steps
     if args.child:
-        print(json.dumps(child(args.child == "gc", steps, args.text_tokens, warmup=not args.quick)))
+        result = child(args.child == "gc", steps, args.text_tokens, not args.quick, args.image_size, args.bf16)
+        print(json.dumps(result))
         return
 
     import torch
@@ -131,6 +142,7 @@ def main() -> None:
     for name in ("no_gc", "gc"):
         command = [sys.executable, __file__, "--child", name, "--steps", str(steps)]
         command += ["--text-tokens", str(args.text_tokens), *(["--quick"] if args.quick else [])]
+        command += [*(["--image-size", str(args.image_size)] if args.image_size else []), *(["--bf16"] * args.bf16)]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[name] = json.loads(out.strip().splitlines()[-1])
     # Measured before and after the steps; the better one is the machine's fp32 matmul rate (a
@@ -148,6 +160,7 @@ def main() -> None:
         "benchmark": "local_lite_step",
         "threads": torch.get_num_threads(),
         "matmul_flops_per_s": reference,
+        "bf16_autocast": args.bf16,
         "goal_fraction_of_matmul_peak": 0.75,
         **{f"{name}_{k}": v for name, r in results.items() for k, v in r.items()},
     }

