@@ -151,3 +151,21 @@ def test_two_fsdp_processes_train_the_same_save_whole_weights_and_resume_exactly
     _train_on_two_processes(_overrides(shapes, resumed, "training.distributed=fsdp"), "--resume", "auto")
     after, uninterrupted = _weights(resumed / f"checkpoint-{STEPS}"), _weights(whole / f"checkpoint-{STEPS}")
     assert all(torch.equal(after[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_a_process_whose_records_were_all_skipped_still_trains_in_step(shapes: Path, tmp_path: Path) -> None:
+    # Batches of one record: the record at place 3 of the order is rank 1's whole share of step 2.
+    # That process joins the gradient reduction with a zero-weighted batch; the two processes
+    # must still train what one process does with that record skipped.
+    from llavactl.data.dataset import ResumableSampler
+
+    records = json.loads(shapes.read_text())
+    bad = ResumableSampler([0] * len(records), 1, seed=0).order(0)[3]
+    records[bad]["image"] = "images/missing.png"
+    data = tmp_path / "data" / "bad.json"
+    shutil.copytree(shapes.parent, data.parent)
+    data.write_text(json.dumps(records))
+    common = ("data.on_error=skip", "training.per_device_train_batch_size=1")
+    _train_here(_overrides(data, tmp_path / "one", *common, "training.gradient_accumulation_steps=2"))
+    _train_on_two_processes(_overrides(data, tmp_path / "two", *common))
+    _assert_same_training(tmp_path / "one", tmp_path / "two")

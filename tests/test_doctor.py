@@ -214,6 +214,24 @@ def test_data_check_fails_on_bad_records(tmp_path):
     assert result.status == "fail" and "bad_role" in result.finding
 
 
+def test_with_on_error_skip_a_few_bad_records_warn_and_all_bad_still_fail(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"png")
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]
+    good = {"id": 1, "image": "a.png", "conversations": turns}
+    gone = {"id": 2, "image": "gone.png", "conversations": turns}
+    robot = {"id": 3, "conversations": [{"from": "robot", "value": "hi"}]}
+    data = _profile("local_lite", "data.on_error=skip").data.model_copy(update={"image_folder": str(tmp_path)})
+
+    def check(records: list[dict]) -> object:
+        [result] = data_checks(data.model_copy(update={"data_path": str(_records(tmp_path, records))}), 0)
+        return result
+
+    images, records = check([good, gone]), check([good, robot])
+    assert (images.check, images.status) == ("data images", "warn") and "will skip their records" in images.finding
+    assert (records.check, records.status) == ("data records", "warn") and "bad_role" in records.finding
+    assert check([gone]).status == "fail" and check([robot]).status == "fail"
+
+
 def _tower_folder(root: Path, name: str, *, pickle: bool) -> Path:
     folder = root / name
     folder.mkdir(parents=True)

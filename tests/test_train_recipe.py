@@ -208,3 +208,31 @@ def test_bf16_autocast_trains_on_cpu(shapes: Path, tmp_path: Path) -> None:
     result, _ = _train(_overrides(shapes, tmp_path, "training.max_steps=4", "training.bf16=true"))
     assert result.bad_steps == 0 and all(math.isfinite(x) for x in result.losses)
     assert result.losses[-1] < result.losses[0]
+
+
+def test_skipped_bad_records_keep_every_planned_step_and_epoch(shapes: Path, tmp_path: Path) -> None:
+    # Batches of one record, as in local_lite: a bad record empties its whole step. The run must
+    # still take the 2 x 6 planned steps, see the bad record once per epoch, and not mistake the
+    # end of an epoch for an empty one.
+    records = json.loads(shapes.read_text())[:6]
+    records[4]["image"] = "images/missing.png"
+    data = tmp_path / "data" / "bad.json"
+    shutil.copytree(shapes.parent, data.parent)
+    data.write_text(json.dumps(records))
+    settings = _overrides(
+        data,
+        tmp_path / "run",
+        "data.on_error=skip",
+        "training.per_device_train_batch_size=1",
+        "training.gradient_accumulation_steps=1",
+        "training.max_steps=null",
+        "training.num_train_epochs=2",
+    )
+    result, text = _train(settings)
+    assert (result.status, result.step, result.total_steps) == ("completed", 12, 12)
+    assert len(result.losses) == 10 and all(math.isfinite(x) for x in result.losses)
+    assert text.count("every record was skipped as bad; no update") == 2
+    assert text.count(f"Skipped bad record(s) {records[4]['id']}") == 2
+    assert "Epoch 2/2" in text
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["final_metrics"]["skipped_records"] == 2

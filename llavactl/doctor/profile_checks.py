@@ -139,32 +139,32 @@ def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
     if file_problems:
         first = file_problems[0]
         return [failed("data records", first.message, f"`llavactl data check` on {path} lists every problem")]
-    problems, missing, checked = [], [], 0
+    problems, missing, checked, images = [], [], 0, 0
     for raw, parsed in iter_records(raws[:_FIRST_RECORDS]):
         checked += 1
         if isinstance(parsed, Problem):
             problems.append(f"record {raw.index}: {parsed.code}")
             continue
         for image in parsed.images:
+            images += 1
             image_path = folder / image
             if not image_path.is_file():
                 missing.append(str(image_path))
+    # With `data.on_error: skip` the user has chosen to train past bad records: a few are a
+    # warning. When none of the first records is usable, the cause is more likely a wrong path.
+    skip = data.on_error == "skip"
     if problems:
-        return [
-            failed(
-                "data records",
-                f"{len(problems)} of the first {checked} records are bad ({', '.join(problems[:3])})",
-                "`llavactl data check --profile ...` lists every problem",
-            )
-        ]
+        finding = f"{len(problems)} of the first {checked} records are bad ({', '.join(problems[:3])})"
+        fix = "`llavactl data check --profile ...` lists every problem"
+        if skip and len(problems) < checked:
+            return [warned("data records", f"{finding}; data.on_error: skip will skip them", fix)]
+        return [failed("data records", finding, fix)]
     if missing:
-        return [
-            failed(
-                "data images",
-                f"{len(missing)} images of the first {checked} records are missing, e.g. {missing[0]}",
-                "fix `data.image_folder`, or run `llavactl data check` for the full list",
-            )
-        ]
+        finding = f"{len(missing)} images of the first {checked} records are missing, e.g. {missing[0]}"
+        fix = "fix `data.image_folder`, or run `llavactl data check` for the full list"
+        if skip and len(missing) < images:
+            return [warned("data images", f"{finding}; data.on_error: skip will skip their records", fix)]
+        return [failed("data images", finding, fix)]
     return [
         passed("data records", f"{len(raws)} records in {path.name}; the first {checked} parse, their images exist")
     ]

@@ -282,6 +282,7 @@ class TrainRecipe:
             generator=torch.Generator().manual_seed(self._profile.seed),
         )
         self._skipped_records = 0
+        self._last_batch: dict[str, torch.Tensor] | None = None
         per = f" on each of {world.size} processes" if world.distributed else ""
         dropped = self._sampler.dropped_per_epoch
         left_out = f" ({dropped} records of each epoch left out so that all get as many)" if dropped else ""
@@ -326,8 +327,6 @@ class TrainRecipe:
 
     def train(self) -> TrainResult:
         """Run optimizer steps until ``total_steps``, a stop signal, or too many bad steps."""
-        import torch
-
         from llavactl.train import distributed
 
         t, world, device = self._training, self._world, self._device
@@ -349,50 +348,32 @@ class TrainRecipe:
                     sum(int(b["attention_mask"].sum()) for b in micro_batches),
                 ]
                 supervised, samples, tokens = (int(x) for x in distributed.sum_across(world, local_counts, device))
-                # The loss is summed over every process's supervised tokens of the step. DDP and FSDP
-                # average the gradients over the processes, so each process's share is scaled back
-                # up by the world size.
-                denominator = max(supervised, 1) / world.size
-                step_loss = torch.zeros((), dtype=torch.float32, device=self._device)
-                with self._out_of_memory_as_error():
-                    for i, batch in enumerate(micro_batches):
-                        on_device = {k: v.to(self._device, non_blocking=True) for k, v in batch.items()}
-                        with distributed.gradient_sync(self._model, sync=i == len(micro_batches) - 1):
-                            with self._autocast():
-                                token_loss = self._model(on_device)
-                            scaled = token_loss / denominator
-                            self._backward(scaled)
-                        step_loss += scaled.detach()
-                    grad_norm = self._clip_gradients(parameters)
-                # Each process's share was scaled up by the world size: the mean of the shares is the loss.
-                step_loss_value = distributed.sum_across(world, [step_loss.item()], device)[0] / world.size
-                good = math.isfinite(step_loss_value)
-                if self._scaler is not None:
-                    # The scaler skips overflowing fp16 gradients itself and lowers its scale; that
-                    # is routine, not a bad step.
-                    self._scaler.step(self._optimizer)
-                    self._scaler.update()
+                if samples:
+                    step_loss_value, grad_norm, good = self._update(
+                        micro_batches, supervised, local_samples=local_counts[1], parameters=parameters
+                    )
                 else:
-                    good = good and math.isfinite(grad_norm)
-                    if good:
-                        self._optimizer.step()
-                self._optimizer.zero_grad(set_to_none=True)
+                    # Every record of the step was skipped as bad (data.on_error: skip), on every
+                    # process: nothing to learn from, but the step keeps its place so that epochs,
+                    # the schedule and resume stay where they belong.
+                    self._progress.milestone(f"Step {self._step + 1}: every record was skipped as bad; no update")
+                    step_loss_value, grad_norm, good = math.nan, math.nan, False
                 self._scheduler.step()
                 self._step += 1
                 steps_this_run += 1
-
-                result.losses.append(step_loss_value)
-                if good:
-                    self._bad_in_a_row = 0
-                else:
-                    self._bad_in_a_row += 1
-                    self._bad_total += 1
-                    self._progress.milestone(
-                        f"Step {self._step}: non-finite loss or gradient ({step_loss_value}); step skipped "
-                        f"({self._bad_in_a_row} in a row, {self._bad_total} in all)"
-                    )
-                    if self._bad_in_a_row >= t.max_bad_steps:
-                        self._stop_on_bad_steps()
+                if samples:
+                    result.losses.append(step_loss_value)
+                    if good:
+                        self._bad_in_a_row = 0
+                    else:
+                        self._bad_in_a_row += 1
+                        self._bad_total += 1
+                        self._progress.milestone(
+                            f"Step {self._step}: non-finite loss or gradient ({step_loss_value}); step skipped "
+                            f"({self._bad_in_a_row} in a row, {self._bad_total} in all)"
+                        )
+                        if self._bad_in_a_row >= t.max_bad_steps:
+                            self._stop_on_bad_steps()
 
                 window.add(
                     loss=step_loss_value if good else None,
@@ -423,21 +404,79 @@ class TrainRecipe:
         self._write_run_record(result.status, self._final_metrics(result, time.perf_counter() - run_started))
         return result
 
+    def _update(
+        self,
+        micro_batches: list[dict[str, torch.Tensor]],
+        supervised: int,
+        *,
+        local_samples: int,
+        parameters: list[torch.nn.Parameter],
+    ) -> tuple[float, float, bool]:
+        """Forward and backward over the step's micro-batches, then the optimizer step unless the
+        loss or the gradient is not finite. Returns (loss, gradient norm, whether it was good)."""
+        import torch
+
+        from llavactl.train import distributed
+
+        world, device = self._world, self._device
+        if not micro_batches:
+            # Only this process lost its records: it still takes part in the gradient reduction,
+            # with a batch that counts for nothing.
+            micro_batches = [self._placeholder_batch()]
+        else:
+            self._last_batch = micro_batches[-1]
+        # The loss is summed over every process's supervised tokens of the step. DDP and FSDP
+        # average the gradients over the processes, so each process's share is scaled back up by
+        # the world size.
+        denominator = max(supervised, 1) / world.size
+        step_loss = torch.zeros((), dtype=torch.float32, device=device)
+        with self._out_of_memory_as_error():
+            for i, batch in enumerate(micro_batches):
+                on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with distributed.gradient_sync(self._model, sync=i == len(micro_batches) - 1):
+                    with self._autocast():
+                        token_loss = self._model(on_device)
+                    scaled = token_loss / denominator if local_samples else token_loss * 0.0
+                    self._backward(scaled)
+                step_loss += scaled.detach()
+            grad_norm = self._clip_gradients(parameters)
+        # Each process's share was scaled up by the world size: the mean of the shares is the loss.
+        step_loss_value = distributed.sum_across(world, [step_loss.item()], device)[0] / world.size
+        good = math.isfinite(step_loss_value)
+        if self._scaler is not None:
+            # The scaler skips overflowing fp16 gradients itself and lowers its scale; that is
+            # routine, not a bad step.
+            self._scaler.step(self._optimizer)
+            self._scaler.update()
+        else:
+            good = good and math.isfinite(grad_norm)
+            if good:
+                self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return step_loss_value, grad_norm, good
+
     def _step_batches(self) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """The micro-batches of each optimizer step; the last step of an epoch may have fewer."""
+        """The micro-batches of each optimizer step; the last step of an epoch may have fewer.
+
+        A step is always ``gradient_accumulation_steps`` batches of the loader, whether or not
+        their records survive ``data.on_error: skip``, so that an epoch has the steps it was
+        planned with; a step whose batches were all bad comes out empty.
+        """
         accumulation = self._training.gradient_accumulation_steps
         while True:
             epoch = self._step // self._steps_per_epoch
             self._progress.epoch(epoch + 1, self._total_epochs)
             pending: list[dict[str, torch.Tensor]] = []
-            used = 0
+            seen = used = 0
             for batch in self._epoch_batches(epoch):
-                pending.append(batch)
-                used += 1
-                if len(pending) == accumulation:
+                seen += 1
+                if batch is not None:
+                    pending.append(batch)
+                    used += 1
+                if seen % accumulation == 0:
                     yield pending
                     pending = []
-            if pending:
+            if seen % accumulation:
                 yield pending
             if not used:
                 raise DataError(
@@ -445,8 +484,9 @@ class TrainRecipe:
                     fix="run `llavactl data check` on the data and fix or drop the bad records",
                 )
 
-    def _epoch_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The batches of ``epoch`` from the sampler's position on, skipped records counted."""
+    def _epoch_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor] | None]:
+        """The batches of ``epoch`` from the sampler's position on, skipped records counted; None
+        for a batch whose records were all skipped."""
         from llavactl.data.dataset import take_skipped
 
         self._sampler.set_epoch(epoch)
@@ -458,8 +498,18 @@ class TrainRecipe:
             if skipped:
                 ids = ", ".join(str(s.id) for s in skipped)
                 self._progress.milestone(f"Skipped bad record(s) {ids} (data.on_error: skip)")
-            if "input_ids" in batch:
-                yield batch
+            yield batch if "input_ids" in batch else None
+
+    def _placeholder_batch(self) -> dict[str, torch.Tensor]:
+        """A batch for a process whose records of the step were all skipped while other processes
+        have some: the last batch it used, to be weighted zero."""
+        if self._last_batch is None:
+            raise DataError(
+                "every record this process was given for the first step was skipped as bad "
+                "(data.on_error: skip), so it has no batch to take part in the gradient reduction with",
+                fix="run `llavactl data check` on the data and fix or drop the bad records",
+            )
+        return self._last_batch
 
     def _backward(self, scaled_loss: torch.Tensor) -> None:
         if self._scaler is not None:
