@@ -72,7 +72,7 @@ def test_global_batch_is_shown_and_a_multiplied_one_gets_the_accumulation_that_k
     kept = global_batch_check(_profile("finetune", "training.gradient_accumulation_steps=1"), EIGHT)
     assert kept.status == "warn"  # 16 x 1 x 8 = 128, but the profile now says 16
     tiny = global_batch_check(_profile("tiny"), WorldFacts(2, 2, frozenset({"gloo"})))
-    assert "`training.per_device_train_batch_size=4 training.gradient_accumulation_steps=1`" in (tiny.fix or "")
+    assert "`training.per_device_train_batch_size=2 training.gradient_accumulation_steps=1`" in (tiny.fix or "")
 
 
 def test_doctor_reads_the_world_torchrun_sets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,7 +81,7 @@ def test_doctor_reads_the_world_torchrun_sets(monkeypatch: pytest.MonkeyPatch) -
     results = {r.check: r for r in run_checks(_profile("tiny"), CPU, offline=True)}
     assert results["world"].finding == "2 processes (2 on this node), ddp"
     assert results["distributed backend"].status == "pass"
-    assert results["global batch"].finding.startswith("16 = 8 per device x 1 accumulation x 2 processes")
+    assert results["global batch"].finding.startswith("8 = 4 per device x 1 accumulation x 2 processes")
     assert [r.check for r in distributed_checks(_profile("tiny"), CPU, ONE)] == [
         "world",
         "distributed backend",

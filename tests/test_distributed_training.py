@@ -95,10 +95,14 @@ def ddp(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, s
 def _assert_same_training(one: Path, two: Path) -> None:
     single, double = _weights(one / f"checkpoint-{STEPS}"), _weights(two / f"checkpoint-{STEPS}")
     assert single.keys() == double.keys()
-    assert max((single[k] - double[k]).abs().max().item() for k in single) < 1e-6
+    # Two processes sum gradients in another order than one process accumulating: float noise of
+    # ~1e-7. AdamW divides each gradient by its own running size, so where a gradient is near zero
+    # (a tower's k_proj bias has none in exact arithmetic) the noise grows to up to 8e-4 after 4
+    # steps at lr 1e-2; leaving one record of the 16 out changes weights by 0.03.
+    assert max((single[k] - double[k]).abs().max().item() for k in single) < 1e-3
     # ... and the weights did move: the comparison is not between two untrained models.
     assert any(not torch.equal(single[k], _weights(one / "checkpoint-2")[k]) for k in single)
-    assert _losses(two) == pytest.approx(_losses(one), abs=1e-6)
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-6)
 
 
 def test_two_ddp_processes_train_what_one_process_with_accumulation_2_trains(

@@ -15,7 +15,7 @@ from llavactl.model.memory import component_params
 from llavactl.train import plan as P
 
 GIB = 1024**3
-TINY_TOKENS = P.TokenPlan("test", 600, 600, 16, 1, 260.0, 287, 294, 40)
+TINY_TOKENS = P.TokenPlan("test", 600, 600, 16, 1, 297.9, 333, 341, 73)
 
 
 def test_local_lite_plan_has_the_real_models_parameter_counts_without_weights():
@@ -42,7 +42,7 @@ def test_tiny_plan_counts_tokens_and_steps_from_its_data():
     assert plan.tokens.records == 600 and plan.tokens.records_with_image == 600
     assert plan.tokens.image_tokens_per_image == 16
     assert plan.tokens.longest <= profile.data.max_seq_len and plan.tokens.supervised > 0
-    assert (plan.steps_per_epoch, plan.total_steps) == (75, 150)
+    assert (plan.steps_per_epoch, plan.total_steps) == (150, 900)
     assert plan.fits is True and plan.suggestions == []
     m = plan.memory
     assert m.gradients == 4 * sum(c.trainable for c in plan.components)
@@ -53,7 +53,7 @@ def test_tiny_plan_counts_tokens_and_steps_from_its_data():
 def test_activation_peak_grows_with_sequence_and_batch():
     profile = load_profile("tiny").profile
     small, flops_small = P.estimate(profile, TINY_TOKENS, runtime_bytes=0)
-    longer = P.TokenPlan("test", 600, 600, 16, 1, 260.0, 287, 380, 40)
+    longer = P.TokenPlan("test", 600, 600, 16, 1, 297.9, 333, 380, 73)
     long, flops_long = P.estimate(profile, longer, runtime_bytes=0)
     batch = load_profile("tiny", ["training.per_device_train_batch_size=16"]).profile
     big, _ = P.estimate(batch, TINY_TOKENS, runtime_bytes=0)
@@ -75,7 +75,7 @@ def test_gradient_checkpointing_lowers_the_traced_peak_of_a_deep_model():
 
 
 def test_suggestions_are_cumulative_ready_to_paste_overrides_cheapest_first():
-    profile = load_profile("tiny", ["data.max_seq_len=512"]).profile
+    profile = load_profile("tiny", ["data.max_seq_len=512", "training.per_device_train_batch_size=8"]).profile
     tokens = P.TokenPlan("test", 600, 600, 16, 1, 200.0, 200, 294, 40)
     suggestions = P.suggest(profile, tokens, free_bytes=1, runtime_bytes=0)
     overrides = [s.overrides for s in suggestions]

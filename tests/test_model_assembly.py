@@ -8,6 +8,7 @@ import torch
 
 from llavactl.config.schema import ModelConfig
 from llavactl.errors import ConfigError
+from llavactl.model import builtin
 from llavactl.model.assembly import AssembledModel, build_llava
 from llavactl.model.llms import QLORA_OFF
 
@@ -64,7 +65,7 @@ def test_lora_stage_trains_adapters_on_llm_targets_and_the_projector():
     assert {name for name, _ in groups["projector"]} == PROJECTOR
     expected = {
         f"model.language_model.layers.{layer}.self_attn.{module}.lora_{ab}.default.weight"
-        for layer in (0, 1)
+        for layer in range(builtin.LLMS["tiny-llama"]["num_hidden_layers"])
         for module in TARGETS
         for ab in ("A", "B")
     }
@@ -82,10 +83,21 @@ def test_full_stage_trains_the_whole_llm_and_the_projector():
 
 
 @pytest.mark.parametrize("stage", ["projector", "lora", "full"])
-def test_unfrozen_tower_trains_with_any_stage(stage):
+def test_unfrozen_tower_trains_with_any_stage_up_to_the_layer_llava_reads(stage):
+    # mm_vision_select_layer -2 of 2 layers reads layer 0's output: layer 1 and the
+    # post-layernorm never get a gradient, so they stay frozen.
     assembled = build_llava(tiny(freeze_vision_tower=False), stage, image_size=None, seed=0)
     groups = assembled.parameter_groups()
-    assert {name for name, _ in groups["vision_tower"]} == names_under(assembled, "model.vision_tower.")
+    tower = names_under(assembled, "model.vision_tower.")
+    unread = {name for name in tower if ".encoder.layers.1." in name or ".post_layernorm." in name}
+    assert unread and {name for name, _ in groups["vision_tower"]} == tower - unread
+
+
+def test_every_trainable_tower_parameter_gets_a_gradient():
+    assembled = build_llava(tiny(freeze_vision_tower=False), "full", image_size=None, seed=0)
+    assembled.model(**collated(assembled)).loss.backward()
+    tower = {name: p for name, p in assembled.model.named_parameters() if name.startswith("model.vision_tower.")}
+    assert all((p.grad is not None) == p.requires_grad for p in tower.values())
 
 
 @pytest.mark.parametrize("stage", ["projector", "lora", "full"])

@@ -90,7 +90,7 @@ def test_safe_layout_tower_loads_with_its_config_taken_from_shapes(tmp_path):
     clip = tiny_clip()
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, tmp_path / "pytorch_model.safetensors")
     tower = load_tower(str(tmp_path), image_size=None, seed=0, device="cpu")
-    assert tower.config.num_attention_heads == 4  # from the known-tower table: shapes cannot say
+    assert tower.config.num_attention_heads == 8  # from the known-tower table: shapes cannot say
     assert torch.equal(tower.encoder.layers[1].mlp.fc1.weight, clip.vision_model.encoder.layers[1].mlp.fc1.weight)
     spec = tower_image_spec(str(tmp_path), None)
     assert (spec.size, spec.patch_size, spec.mean, spec.std) == (32, 8, CLIP_MEAN, CLIP_STD)

@@ -93,9 +93,9 @@ def test_out_of_memory_names_the_settings_that_use_less(
     monkeypatch.setattr(loss, "summed_token_loss", out_of_memory)
     code, _, err = _run(["--profile", "tiny", f"data.data_path={shapes}", "--output-dir", str(tmp_path)], capsys)
     assert code == 1
-    assert err.startswith("Error: Step 1: the machine ran out of RAM with micro-batches of 8 records")
+    assert err.startswith("Error: Step 1: the machine ran out of RAM with micro-batches of 4 records")
     assert "training.gradient_checkpointing=true" in err
-    assert "training.per_device_train_batch_size=4 training.gradient_accumulation_steps=2" in err
+    assert "training.per_device_train_batch_size=2 training.gradient_accumulation_steps=2" in err
 
 
 def test_doctor_refuses_qlora_on_a_cpu_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

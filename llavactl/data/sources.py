@@ -61,7 +61,7 @@ def resolve_data_source(data_path: str, image_folder: str | None, seed: int) -> 
 
 def shapes_dataset(seed: int, n: int = synth.DEFAULT_COUNT, image_size: int = synth.DEFAULT_IMAGE_SIZE) -> Path:
     """The cached shapes records file for these parameters, generated when absent."""
-    key = hashlib.sha256(f"shapes-v1 n={n} seed={seed} size={image_size}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"shapes-v3 n={n} seed={seed} size={image_size}".encode()).hexdigest()[:16]
     final = cache_root() / "shapes" / key
     records = final / synth.RECORDS_FILE
     if records.is_file():

@@ -3,6 +3,13 @@
 Every answer (the shape, its colour, the background colour, where it sits) can only be known by
 looking at the image, so a model that learns it has learned to use its vision tower. The same
 seed, count and size give the same files byte for byte.
+
+Every record asks the shape's colour, and either asks for a description (which names the shape,
+both colours and the place) or asks the shape, in random order. The background's colour and the
+place are only in descriptions, never asked alone: the background is the image's dominant colour,
+which a model reads long before it can tell the figure from the ground, and when it was asked as
+often as the shape's colour, the `tiny` profile's models answered the background's colour to
+"What colour is the shape?" (65-75% of answers) and did not get past it within their minute.
 """
 
 from __future__ import annotations
@@ -76,19 +83,13 @@ def _draw(scene: Scene, size: int, path: Path) -> None:
 
 
 def _conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
-    caption = f"A {scene.colour} {scene.shape} on a {scene.background} background, {scene.place}."
-    questions = [
-        ("What shape is in the image?", f"A {scene.shape}."),
-        ("What colour is the shape?", f"{scene.colour.capitalize()}."),
-        ("What colour is the background?", f"{scene.background.capitalize()}."),
-        ("Where is the shape?", f"It is {scene.place}."),
-    ]
-    kind = rng.random()
-    if kind < 0.4:
+    colour = ("What colour is the shape?", f"{scene.colour.capitalize()}.")
+    if rng.random() < 0.5:
         prompt = rng.choice(["Describe the image.", "What do you see?", "Write a short caption for the image."])
-        pairs = [(prompt, caption)]
+        other = (prompt, f"A {scene.colour} {scene.shape} on a {scene.background} background, {scene.place}.")
     else:
-        pairs = rng.sample(questions, rng.randint(1, 2))
+        other = ("What shape is in the image?", f"A {scene.shape}.")
+    pairs = rng.sample([colour, other], 2)
     turns: list[dict[str, str]] = []
     for k, (question, answer) in enumerate(pairs):
         turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 # Parameter name prefixes in LlavaForConditionalGeneration, by component.
 TOWER_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.multi_modal_projector."
+# A tower's own parameter names (CLIP, SigLIP): `encoder.layers.N.` and what comes around them.
+_ENCODER_LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -126,6 +128,19 @@ def _run_tower(tower: nn.Module, *, frozen: bool, interpolate: bool) -> None:
             return forward(*args, **kwargs)
 
     tower.forward = tower_forward
+
+
+def _train_read_tower_layers(tower: nn.Module, select_layer: int) -> None:
+    """Make the tower trainable up to the layer whose output LLaVA reads (``select_layer``, an
+    index into its hidden states). The layers after it, the post-layernorm and SigLIP's pooling
+    head never get a gradient: DDP stops on trainable parameters that never get one, and a
+    resumed FSDP run finds no optimizer state for them."""
+    read = select_layer % (tower.config.num_hidden_layers + 1)  # hidden state k is layer k-1's output
+    for name, parameter in tower.named_parameters():
+        if match := _ENCODER_LAYER.match(name):
+            parameter.requires_grad_(int(match.group(1)) < read)
+        else:
+            parameter.requires_grad_(not name.startswith(("post_layernorm.", "head.")))
 
 
 def _lora_targets(model_cfg: ModelConfig) -> str:
@@ -293,7 +308,7 @@ def build_llava(
         model.lm_head.requires_grad_(True)
     native = tower.config.image_size
     if not model_cfg.freeze_vision_tower:
-        model.model.vision_tower.requires_grad_(True)
+        _train_read_tower_layers(model.model.vision_tower, model_cfg.mm_vision_select_layer)
     if model_cfg.freeze_vision_tower or image_spec.size != native:
         _run_tower(
             model.model.vision_tower,

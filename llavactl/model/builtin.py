@@ -22,16 +22,21 @@ BYTE_VOCAB_SIZE = len(_SPECIALS) + 256
 
 # Llama-shaped, tied embeddings like SmolLM (the local_lite LLM), so the tiny run takes the same
 # code paths as the real one. vocab_size is the tokenizer's size before `<image>` is added.
+# initializer_range: Llama's 0.02 suits a model thousands wide; at width 64 the same 1/sqrt(width)
+# scale is 0.125. From 0.02 the tiny LLM spends its minute learning to spell before it looks at
+# the image. Three layers: reading the figure's colour (the minority colour among 16 image tokens,
+# in a ~300-token sequence) with two was learned within the minute for some seeds only.
 LLMS: dict[str, dict[str, Any]] = {
     "tiny-llama": {
         "vocab_size": BYTE_VOCAB_SIZE,
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": 3,
         "num_attention_heads": 4,
         "num_key_value_heads": 4,
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
+        "initializer_range": 0.125,
         "tie_word_embeddings": True,
         "bos_token_id": 0,
         "eos_token_id": 1,
@@ -40,6 +45,16 @@ LLMS: dict[str, dict[str, Any]] = {
 }
 
 # CLIP-shaped: 32 px images in 8 px patches give 16 image tokens.
+# initializer_factor: CLIP's init (factor 1) is made for a tower that is then trained. Used as is,
+# its attention logits have a std of 0.3 (a patch's largest attention weight is 0.08 on average,
+# uniform is 0.06), so every patch just gets the image's mean added, and its MLP stays in
+# quick_gelu's near-linear range: the features are close to a linear function of each patch's
+# mean RGB, from which the colour of a small figure (mixed with the background in most patches)
+# is hard to read. Factor 4 scales the logits by 16 (std 4.6, largest weight 0.55): attention
+# depends on content, as in a trained tower, and the MLP is nonlinear. An MLP probe on mean-pooled
+# `mm_vision_select_layer` features (450 steps of 8 shapes images) names the figure's colour of
+# held-out images in 35% of cases with factor 1, 87% with factor 4, 88% with factor 4 and 8 heads
+# (a linear probe, factor 1: 37%; chance: 12.5%).
 TOWERS: dict[str, dict[str, Any]] = {
     "tiny-clip": {
         "image_size": 32,
@@ -47,9 +62,10 @@ TOWERS: dict[str, dict[str, Any]] = {
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
+        "num_attention_heads": 8,
         "projection_dim": 64,
         "hidden_act": "quick_gelu",
+        "initializer_factor": 4.0,
     },
 }
 
