@@ -124,6 +124,15 @@ def record_calls(module: torch.nn.Module) -> list[bool]:
     return calls
 
 
+def test_lora_adapters_get_sparse_dropout_with_the_profile_p():
+    from llavactl.model.dropout import SparseDropout
+
+    assembled = build_llava(tiny(lora_dropout=0.1), "lora", image_size=None, seed=0)
+    layers = [m for m in assembled.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(layers) == 4 * assembled.model.config.text_config.num_hidden_layers
+    assert all(type(m) is SparseDropout and m.p == 0.1 for m in layers)
+
+
 def test_frozen_tower_runs_once_without_grad_while_the_llm_is_recomputed():
     assembled = build_llava(tiny(), "lora", image_size=None, seed=0, gradient_checkpointing=True)
     tower_calls = record_calls(assembled.model.model.vision_tower.encoder.layers[0].mlp)

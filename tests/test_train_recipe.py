@@ -196,10 +196,14 @@ def test_too_many_bad_steps_in_a_row_stop_and_keep_the_last_good_checkpoint(
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
 
 
-def test_gradient_checkpointing_recomputes_without_changing_the_losses(shapes: Path, tmp_path: Path) -> None:
-    plain, _ = _train(_overrides(shapes, tmp_path / "a", "training.max_steps=3"))
+@pytest.mark.parametrize("stage", [["stage=full"], ["stage=lora", "model.lora_dropout=0.1"]])
+def test_gradient_checkpointing_recomputes_without_changing_the_losses(
+    shapes: Path, tmp_path: Path, stage: list[str]
+) -> None:
+    # With LoRA dropout the recomputation must draw the same masks again.
+    plain, _ = _train(_overrides(shapes, tmp_path / "a", "training.max_steps=3", *stage))
     recomputed, _ = _train(
-        _overrides(shapes, tmp_path / "b", "training.max_steps=3", "training.gradient_checkpointing=true")
+        _overrides(shapes, tmp_path / "b", "training.max_steps=3", "training.gradient_checkpointing=true", *stage)
     )
     assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
 

@@ -186,7 +186,8 @@ def trace_step(
 
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from llavactl.model.flops import flop_counter
 
     model = assembled.model
     spec = assembled.image_spec
@@ -210,7 +211,7 @@ def trace_step(
         autocast = (
             torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
         )
-        flops = FlopCounterMode(display=False)
+        flops = flop_counter()
         # LLaVA checks that image tokens and features agree by reading a count back: a value
         # that fake tensors do not have. The batch is built to agree, so the check is skipped.
         no_check = mock.patch("transformers.models.llava.modeling_llava.torch_compilable_check", lambda *a, **k: None)
