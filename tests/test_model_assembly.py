@@ -3,8 +3,6 @@ tower under gradient checkpointing, and meta-device builds of the known real con
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 
@@ -133,52 +131,6 @@ def test_lora_adapters_get_sparse_dropout_with_the_profile_p():
     layers = [m for m in assembled.model.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(layers) == 4 * assembled.model.config.text_config.num_hidden_layers
     assert all(type(m) is SparseDropout and m.p == 0.1 for m in layers)
-
-
-def _loss_and_grads(assembled: AssembledModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model = assembled.model
-    torch.manual_seed(0)  # the same dropout masks on both paths
-    loss = model(**collated(assembled)).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
-
-
-def test_fused_lora_update_trains_exactly_as_pefts_path_and_serves_through_it(monkeypatch: pytest.MonkeyPatch):
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    assembled = build_llava(tiny(lora_dropout=0.1), "lora", image_size=None, seed=0)
-    layers = [m for m in assembled.model.modules() if isinstance(m, LoraLinear)]
-    for layer in layers:  # B starts at zero; make the update count
-        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1, generator=torch.Generator().manual_seed(1))
-    addmm = mock.Mock(wraps=torch.addmm)
-    monkeypatch.setattr(torch, "addmm", addmm)
-    assembled.model.train()
-    fused_loss, fused_grads = _loss_and_grads(assembled)
-    assert addmm.call_count == len(layers) == 4 * assembled.model.config.text_config.num_hidden_layers
-    assembled.model.eval()
-    with torch.no_grad():
-        assembled.model(**collated(assembled))
-    assert addmm.call_count == len(layers)  # inference runs peft's own forward
-    for layer in layers:
-        del layer.forward  # back to peft's forward
-    assembled.model.train()
-    peft_loss, peft_grads = _loss_and_grads(assembled)
-    assert fused_loss == pytest.approx(float(peft_loss), rel=1e-6)
-    assert fused_grads.keys() == peft_grads.keys() and len(fused_grads) == 2 * len(layers) + 4
-    for name, grad in peft_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-7)
-
-
-def test_fused_lora_update_runs_under_cpu_bf16_autocast():
-    assembled = build_llava(tiny(), "lora", image_size=None, seed=0)
-    assembled.model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = assembled.model(**collated(assembled)).loss
-    loss.backward()
-    grads = [p.grad for p in assembled.model.parameters() if p.requires_grad]
-    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_frozen_tower_runs_once_without_grad_while_the_llm_is_recomputed():

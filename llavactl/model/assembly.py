@@ -170,9 +170,8 @@ def _lora_targets(model_cfg: ModelConfig) -> str:
 
 
 def add_lora(model: LlavaForConditionalGeneration, model_cfg: ModelConfig) -> PeftModel:
-    """Inject peft LoRA adapters into ``model``'s LLM (in place); only they are left trainable. On a CPU
-    their dropout draws only the dropped positions and their update is added by one GEMM (the
-    same results as peft's path, less memory traffic: model/dropout.py, model/fused_lora.py)."""
+    """Inject peft LoRA adapters into ``model``'s LLM (in place); only they are left trainable. Their dropout
+    is `SparseDropout` (same distribution, far fewer random draws on a CPU)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -190,10 +189,8 @@ def add_lora(model: LlavaForConditionalGeneration, model_cfg: ModelConfig) -> Pe
             fix="name the LLM's linear layers, e.g. `model.lora_target_modules=[q_proj,k_proj,v_proj,o_proj]`",
         ) from exc
     from llavactl.model.dropout import use_sparse_dropout
-    from llavactl.model.fused_lora import use_fused_update
 
     use_sparse_dropout(peft_model)
-    use_fused_update(peft_model)
     return peft_model
 
 
