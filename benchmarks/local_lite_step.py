@@ -10,11 +10,11 @@ RSS is its own. The step is llavactl's: ``summed_token_loss``, backward, clippin
 FlopCounterMode plus the CPU attention kernels it does not know, causal ones credited with the pairs
 they compute) and divided by the measured step time; the reference is this machine's fp32 matmul
 FLOP/s (a 2048x2048 matmul), so the ratio says how much of the CPU the step uses. The matmul rate is
-measured in the same process for half a second just before each timed step and each step is set
-against its own: a laptop or shared machine drifts by several percent within a minute, and a rate
-taken at another moment would move the ratio by as much. The median step counts. With
-checkpointing the recomputed forward counts as work (the CPU does it); the gc line also gives the
-share counting only the model's FLOPs (those of the step without checkpointing).
+measured in the same process for half a second before and after each timed step and each step is
+set against the mean of its two: a laptop or shared machine drifts by several percent within a
+minute, and a rate taken at another moment would move the ratio by as much. The median step counts.
+With checkpointing the recomputed forward counts as work (the CPU does it); the gc line also gives
+the share counting only the model's FLOPs (those of the step without checkpointing).
 
     python benchmarks/local_lite_step.py [--quick] [--steps N] [--text-tokens T] [--image-size S] [--bf16]
 
@@ -24,6 +24,7 @@ The last line of stdout is one JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import statistics
@@ -103,12 +104,13 @@ def child(
 
     if warmup:
         step()  # allocator, fused kernels, thread pool
-    times, rates = [], []
+    times, around = [], [matmul_flops_per_s(0.5)]
     for _ in range(steps):
-        rates.append(matmul_flops_per_s(0.5))
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+        around.append(matmul_flops_per_s(0.5))
+    rates = [(before + after) / 2 for before, after in itertools.pairwise(around)]
     # The median: a shared or throttled moment on a laptop moves the mean by a whole step's worth.
     seconds = statistics.median(times)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

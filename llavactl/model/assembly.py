@@ -143,26 +143,6 @@ def _train_read_tower_layers(tower: nn.Module, select_layer: int) -> None:
             parameter.requires_grad_(not name.startswith(("post_layernorm.", "head.")))
 
 
-def _keep_attention_outputs() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """Checkpointing's contexts for one layer: keep its attention output, recompute the rest.
-
-    Attention is the least efficient work to recompute (on a CPU its kernel reaches half the
-    matmul rate) and its output is small (tokens x width, 1.6 MiB per SmolLM layer at 704
-    tokens, against the ~25 MiB a layer keeps without checkpointing)."""
-    import torch
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    aten = torch.ops.aten
-    return create_selective_checkpoint_contexts(
-        [
-            aten._scaled_dot_product_flash_attention_for_cpu.default,
-            aten._scaled_dot_product_flash_attention.default,
-            aten._scaled_dot_product_efficient_attention.default,
-            aten._scaled_dot_product_cudnn_attention.default,
-        ]
-    )
-
-
 def _lora_targets(model_cfg: ModelConfig) -> str:
     # A regex, so that adapters go into the LLM only, never into same-named tower modules.
     names = "|".join(re.escape(m) for m in model_cfg.lora_target_modules)
@@ -342,7 +322,7 @@ def build_llava(
         )
     if gradient_checkpointing:
         model.model.language_model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": _keep_attention_outputs}
+            activation_checkpointing_kwargs={"use_reentrant": False}
         )
     return AssembledModel(
         model=model,
