@@ -50,6 +50,45 @@ def test_tiny_plan_counts_tokens_and_steps_from_its_data():
     assert m.activations > 0 and plan.flops_per_step > 0
 
 
+def _counted_real_step(profile, batch_size: int, tokens: P.TokenPlan) -> int:
+    """FLOPs counted on one real step of ``profile``'s models, in the shapes the plan traces."""
+    import torch
+
+    from llavactl.model.flops import flop_counter
+    from llavactl.train.loss import summed_token_loss
+
+    assembled = build_llava(profile.model, profile.stage, image_size=None, seed=0)
+    assembled.model.train()
+    n = assembled.image_spec.num_tokens
+    ids = torch.randint(0, 200, (batch_size, tokens.longest))
+    ids[:, 1 : 1 + n] = assembled.image_token_id
+    labels = torch.full_like(ids, -100)
+    labels[:, -tokens.supervised :] = ids[:, -tokens.supervised :]
+    mask = torch.ones_like(ids)
+    mask[1:, -1] = 0  # a padded record: attention runs under the mask, as the plan assumes for batches
+    size = assembled.image_spec.size
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "pixel_values": torch.zeros(batch_size, 3, size, size),
+    }
+    counter = flop_counter()
+    with counter:
+        summed_token_loss(assembled.model, batch).backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_the_plans_flops_are_those_a_real_step_counts(batch_size: int):
+    # A lone record runs causal attention (about half the query-key pairs); a padded batch runs
+    # masked attention over all of them. The plan traces fake tensors and must count the same.
+    profile = load_profile("tiny", ["stage=lora", f"training.per_device_train_batch_size={batch_size}"]).profile
+    tokens = P.TokenPlan("test", 600, 600, 16, 1, 40.0, 40, 40, 9)
+    _, planned = P.estimate(profile, tokens, runtime_bytes=0)
+    assert planned == _counted_real_step(profile, batch_size, tokens)
+
+
 def test_activation_peak_grows_with_sequence_and_batch():
     profile = load_profile("tiny").profile
     small, flops_small = P.estimate(profile, TINY_TOKENS, runtime_bytes=0)

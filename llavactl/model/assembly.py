@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -162,7 +163,11 @@ def add_lora(model: LlavaForConditionalGeneration, model_cfg: ModelConfig) -> Pe
         bias="none",
     )
     try:
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning
+            # meant for peft, shown to our users on every LoRA run.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise ModelSourceError(
             f"model.lora_target_modules: {model_cfg.lora_target_modules} match no module of the LLM ({exc}).",

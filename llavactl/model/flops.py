@@ -25,37 +25,52 @@ def attention_pairs(queries: int, keys: int, is_causal: bool) -> int:
     return diagonal * (diagonal + 1) // 2 + (queries - diagonal) * keys
 
 
-def _cpu_flash_forward(
-    query: tuple[int, ...], key: tuple[int, ...], value: tuple[int, ...], dropout_p: float = 0.0,
-    is_causal: bool = False, *args: Any, **kwargs: Any,
-) -> int:
-    batch, heads, queries, head_dim = query
-    pairs = attention_pairs(queries, key[2], is_causal)
-    # scores = q @ k^T, then out = scores @ v; grouped-query k/v are shared, the work is per query head
-    return 2 * batch * heads * pairs * (head_dim + value[3])
+def flop_counter(*, masked_attention_is_causal: bool = False) -> FlopCounterMode:
+    """A FlopCounterMode that also counts CPU attention; use it as a context manager.
 
-
-def _cpu_flash_backward(
-    grad_out: tuple[int, ...], query: tuple[int, ...], key: tuple[int, ...], value: tuple[int, ...],
-    out: tuple[int, ...], logsumexp: tuple[int, ...], dropout_p: float = 0.0, is_causal: bool = False,
-    *args: Any, **kwargs: Any,
-) -> int:
-    batch, heads, queries, head_dim = query
-    pairs = attention_pairs(queries, key[2], is_causal)
-    # scores recomputed (q k^T), grad scores (dout v^T), grad v (p^T dout), grad q (ds k), grad k (ds^T q)
-    return 2 * batch * heads * pairs * (3 * head_dim + 2 * value[3])
-
-
-def flop_counter() -> FlopCounterMode:
-    """A FlopCounterMode that also counts CPU attention; use it as a context manager."""
+    ``masked_attention_is_causal`` counts attention under an explicit mask as causal: for a trace
+    on fake tensors of a batch whose real mask transformers would drop for the causal kernel."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    def pairs(query: tuple[int, ...], key: tuple[int, ...], is_causal: bool, mask: object) -> int:
+        causal = is_causal or (masked_attention_is_causal and mask is not None)
+        return attention_pairs(query[2], key[2], causal)
+
+    def forward(
+        query: tuple[int, ...],
+        key: tuple[int, ...],
+        value: tuple[int, ...],
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        *args: Any,
+        attn_mask: object = None,
+        **kwargs: Any,
+    ) -> int:
+        # scores = q @ k^T, then out = scores @ v; grouped-query k/v are shared, the work is per query head
+        return 2 * query[0] * query[1] * pairs(query, key, is_causal, attn_mask) * (query[3] + value[3])
+
+    def backward(
+        grad_out: tuple[int, ...],
+        query: tuple[int, ...],
+        key: tuple[int, ...],
+        value: tuple[int, ...],
+        out: tuple[int, ...],
+        logsumexp: tuple[int, ...],
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        *args: Any,
+        attn_mask: object = None,
+        **kwargs: Any,
+    ) -> int:
+        # scores recomputed (q k^T), grad scores (dout v^T), grad v (p^T dout), grad q (ds k), grad k (ds^T q)
+        return 2 * query[0] * query[1] * pairs(query, key, is_causal, attn_mask) * (3 * query[3] + 2 * value[3])
 
     aten = torch.ops.aten
     return FlopCounterMode(
         display=False,
         custom_mapping={
-            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+            aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
         },
     )
