@@ -11,7 +11,7 @@ FlopCounterMode plus the CPU attention kernels it does not know, causal ones cre
 they compute) and divided by the measured step time; the reference is this machine's fp32 matmul
 FLOP/s (a 2048x2048 matmul), so the ratio says how much of the CPU the step uses. The matmul rate is
 measured in the same process for half a second before and after each timed step and each step is
-set against the mean of its two: a laptop or shared machine drifts by several percent within a
+set against the mean of its two: a laptop or shared machine drifts by up to 30% within a
 minute, and a rate taken at another moment would move the ratio by as much. The median step counts.
 With checkpointing the recomputed forward counts as work (the CPU does it); the gc line also gives
 the share counting only the model's FLOPs (those of the step without checkpointing).
@@ -64,6 +64,23 @@ def build_model(gradient_checkpointing: bool, image_size: int | None) -> tuple[A
     return assembled, assembled.model.config
 
 
+def one_record(assembled: Any, config: Any, text_tokens: int) -> dict[str, Any]:
+    """A batch of one record: the image's tokens after BOS, then text whose second half is supervised."""
+    import torch
+
+    image_tokens, side = assembled.image_spec.num_tokens, assembled.image_spec.size
+    input_ids = torch.randint(0, config.text_config.vocab_size - 2, (1, image_tokens + text_tokens))
+    input_ids[0, 1 : 1 + image_tokens] = config.image_token_id
+    labels = input_ids.clone()
+    labels[0, : 1 + image_tokens + text_tokens // 2] = -100  # prompt and image masked, reply supervised
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "pixel_values": torch.randn(1, 3, side, side),
+    }
+
+
 def child(
     gradient_checkpointing: bool, steps: int, text_tokens: int, warmup: bool, image_size: int | None, bf16: bool
 ) -> dict[str, float]:
@@ -80,18 +97,8 @@ def child(
     model = assembled.model
     rss_before_steps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     optimizer = build_optimizer(assembled.parameter_groups(), TrainingConfig(learning_rate=2e-4))
-    image_tokens, side = assembled.image_spec.num_tokens, assembled.image_spec.size
-    seq = image_tokens + text_tokens
-    input_ids = torch.randint(0, config.text_config.vocab_size - 2, (1, seq))
-    input_ids[0, 1 : 1 + image_tokens] = config.image_token_id
-    labels = input_ids.clone()
-    labels[0, : 1 + image_tokens + text_tokens // 2] = -100  # prompt and image masked, reply supervised
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "labels": labels,
-        "pixel_values": torch.randn(1, 3, side, side),
-    }
+    batch = one_record(assembled, config, text_tokens)
+    labels, seq, side = batch["labels"], batch["input_ids"].shape[1], assembled.image_spec.size
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def step() -> None:
@@ -138,7 +145,9 @@ def child(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="one timed step per configuration, no warm-up step (< 1 min)"
+        "--quick",
+        action="store_true",
+        help="one timed step per configuration, no warm-up step (< 1 min; the goal is not judged)",
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (the median counts)")
     parser.add_argument("--text-tokens", type=int, default=128, help="text tokens after the image")
@@ -163,7 +172,7 @@ def main() -> None:
         results[name] = json.loads(out.strip().splitlines()[-1])
     rates = [rate for r in results.values() for rate in r["matmul_rates"]]
     print(
-        f"fp32 matmul (2048^3) on {torch.get_num_threads()} threads, before each step: "
+        f"fp32 matmul (2048^3) on {torch.get_num_threads()} threads, around each step: "
         f"{min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f} GFLOP/s"
     )
     for name, r in results.items():
@@ -182,7 +191,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "bf16_autocast": args.bf16,
         "goal_fraction_of_matmul_peak": goal,
-        "goal_met": all(r["fraction_of_matmul_peak"] >= goal for r in results.values()),
+        # One cold step (--quick) shows the set-up works; it is not the measurement.
+        "goal_met": None if args.quick else all(r["fraction_of_matmul_peak"] >= goal for r in results.values()),
         **{f"{name}_{k}": v for name, r in results.items() for k, v in r.items()},
     }
     print(json.dumps(summary))

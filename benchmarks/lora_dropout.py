@@ -48,7 +48,7 @@ def step_seconds(gradient_checkpointing: bool, rounds: int) -> dict[str, float]:
     from peft.tuners.lora.layer import LoraLayer
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from local_lite_step import build_model
+    from local_lite_step import build_model, one_record
 
     from llavactl.config.schema import TrainingConfig
     from llavactl.model.dropout import SparseDropout
@@ -58,18 +58,8 @@ def step_seconds(gradient_checkpointing: bool, rounds: int) -> dict[str, float]:
     assembled, config = build_model(gradient_checkpointing, None)
     model = assembled.model
     optimizer = build_optimizer(assembled.parameter_groups(), TrainingConfig(learning_rate=2e-4))
-    image_tokens, side = assembled.image_spec.num_tokens, assembled.image_spec.size
-    input_ids = torch.randint(0, config.text_config.vocab_size - 2, (1, image_tokens + 128))
-    input_ids[0, 1 : 1 + image_tokens] = config.image_token_id
-    labels = input_ids.clone()
-    labels[0, : 1 + image_tokens + 64] = -100
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "labels": labels,
-        "pixel_values": torch.randn(1, 3, side, side),
-    }
-    supervised = int((labels[:, 1:] != -100).sum())
+    batch = one_record(assembled, config, text_tokens=128)
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
     lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
 
     def step() -> float:

@@ -67,15 +67,11 @@ class SparseDropout(nn.Dropout):
         return out
 
 
-def use_sparse_dropout(model: PeftModel) -> int:
-    """Swap every LoRA `nn.Dropout` in ``model`` for a `SparseDropout` of the same p; the count."""
-    swapped = 0
+def use_sparse_dropout(model: PeftModel) -> None:
+    """Swap every LoRA `nn.Dropout` in ``model`` for a `SparseDropout` of the same p."""
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, nn.ModuleDict):
-            continue
-        for name, dropout in dropouts.items():
-            if type(dropout) is nn.Dropout:
-                dropouts[name] = SparseDropout(dropout.p)
-                swapped += 1
-    return swapped
+        if isinstance(dropouts, nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if type(dropout) is nn.Dropout:
+                    dropouts[name] = SparseDropout(dropout.p)
