@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 TOKEN_SAMPLE = 2000
 # The share of the measured matmul FLOP/s that a training step reaches: what llavactl's loop
 # reached on local_lite's shapes on a 2-core CPU (benchmarks/local_lite_step.py, attention and
-# recomputed FLOPs counted: 77-79% without gradient checkpointing, 76-78% with it, on an idle machine).
+# recomputed FLOPs counted: 71-79% without gradient checkpointing, 69-78% with it, over six runs).
 STEP_EFFICIENCY = 0.75
 CUDA_CONTEXT_BYTES = 600 * 1024**2
 
