@@ -220,3 +220,24 @@ def test_local_lite_shapes_build_on_meta_with_the_real_parameter_counts(tmp_path
 
 def component_is_llm(name: str) -> bool:
     return name.startswith(("model.language_model.", "lm_head."))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_tower_stops_after_the_layer_llava_reads_with_the_same_features(frozen):
+    # mm_vision_select_layer -2: the last layer's output is never read, so it never runs.
+    assembled = build_llava(tiny(freeze_vision_tower=frozen), "lora", image_size=None, seed=0)
+    tower = assembled.model.model.vision_tower
+    last_layer_calls = record_calls(tower.encoder.layers[-1])
+    pixels = collated(assembled)["pixel_values"]
+    features = assembled.model.model.get_image_features(
+        pixels, vision_feature_layer=-2, vision_feature_select_strategy="default"
+    ).pooler_output
+    assert last_layer_calls == []
+    assert len(tower.encoder.layers) == 2  # the layer list is whole again after the call
+    with torch.no_grad():
+        # The tower class's own forward, all layers run.
+        full = type(tower).forward(tower, pixels, output_hidden_states=True).hidden_states
+        expected = assembled.model.model.multi_modal_projector(full[-2][:, 1:])
+    assert last_layer_calls == [False]
+    assert len(full) == 3
+    torch.testing.assert_close(torch.stack(features), expected, rtol=0, atol=0)

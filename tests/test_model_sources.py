@@ -201,5 +201,12 @@ def test_a_siglip_tower_keeps_every_patch_and_normalises_with_one_half(tmp_path)
     cfg = ModelConfig(model_name_or_path="builtin:tiny-llama", vision_tower=str(tmp_path / "siglip"))
     assembled = build_llava(cfg, "projector", image_size=None, seed=0)
     assert assembled.model.config.vision_feature_select_strategy == "full"  # SigLIP has no CLS token
-    features = assembled.model.model.get_image_features(pixel_values=torch.randn(1, 3, 32, 32)).pooler_output
+    pixels = torch.randn(1, 3, 32, 32)
+    features = assembled.model.model.get_image_features(pixel_values=pixels).pooler_output
     assert tuple(features[0].shape) == (16, 64)
+    # The tower stops after the layer LLaVA reads (-2); the features are those of a full run.
+    tower = assembled.model.model.vision_tower
+    with torch.no_grad():
+        full = type(tower).forward(tower, pixels, output_hidden_states=True).hidden_states
+        expected = assembled.model.model.multi_modal_projector(full[-2])
+    torch.testing.assert_close(features[0], expected[0], rtol=0, atol=0)

@@ -66,7 +66,7 @@ class ModelConfig(_Section):
     mm_vision_select_layer: int = Field(
         default=-2,
         description="Hidden layer of the tower whose patch features feed the projector (-2: the "
-        "penultimate, as in LLaVA-1.5). The CLS token is dropped.",
+        "penultimate, as in LLaVA-1.5). The CLS token is dropped. The tower runs no layer after this one.",
     )
     pretrain_mm_mlp_adapter: str | None = Field(
         default=None,

@@ -114,19 +114,62 @@ def _tower_info(model_cfg: ModelConfig, image_size: int | None, device: str) -> 
     return info
 
 
-def _run_tower(tower: nn.Module, *, frozen: bool, interpolate: bool) -> None:
-    """Make the tower's forward run under no_grad when frozen, and interpolate its position
-    embeddings when images are not its native size. The instance's forward is replaced so
-    that parameter names (and so checkpoints) stay those of transformers."""
+def _encoder_layers(tower: nn.Module) -> tuple[nn.Module, nn.ModuleList] | None:
+    """The tower's encoder and its layer list (CLIP, SigLIP); None for a tower of another make."""
+    from torch import nn
+
+    encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    return (encoder, layers) if isinstance(layers, nn.ModuleList) else None
+
+
+def _run_tower(tower: nn.Module, *, frozen: bool, interpolate: bool, select_layer: int) -> None:
+    """Make the tower's forward run under no_grad when frozen, interpolate its position embeddings
+    when images are not its native size, and stop after the layer whose output LLaVA reads
+    (``select_layer``, an index into its hidden states): with LLaVA's -2 the last layer's output is
+    never used, and running it cost 2% of a local_lite step. The instance's forward is replaced
+    so that parameter names (and so checkpoints) stay those of transformers.
+
+    The layers not run are left out of the encoder's list for the call only; the hidden states
+    returned are padded with the last one computed, so that negative indices still point at the
+    layers they name. The output's `last_hidden_state` and pooled output are then those of the
+    read layer: LLaVA uses neither."""
     import torch
+    from torch import nn
 
     forward = tower.forward
+    found = _encoder_layers(tower)
+    skipped, encoder, layers, kept = 0, None, None, None
+    if found is not None:
+        encoder, layers = found
+        read = select_layer % (len(layers) + 1)  # hidden state k is layer k-1's output
+        skipped = len(layers) - read
+        kept = nn.ModuleList(list(layers)[:read])
+    if not (frozen or interpolate or skipped):
+        return
+    if skipped:
+        # transformers records hidden states by hooks it installs on the layers present at the
+        # first call: installed now, a call with every layer (outside LLaVA) still records them all.
+        with contextlib.suppress(ImportError):
+            from transformers.utils.output_capturing import maybe_install_capturing_hooks
+
+            maybe_install_capturing_hooks(tower)
 
     def tower_forward(*args: object, **kwargs: object) -> object:
         if interpolate:
             kwargs["interpolate_pos_encoding"] = True
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            return forward(*args, **kwargs)
+            if not skipped:
+                return forward(*args, **kwargs)
+            encoder.layers = kept
+            try:
+                out = forward(*args, **kwargs)
+            finally:
+                encoder.layers = layers
+        hidden = getattr(out, "hidden_states", None)
+        if hidden is not None:
+            out.hidden_states = (*hidden, *(hidden[-1],) * skipped)
+        return out
 
     tower.forward = tower_forward
 
@@ -319,12 +362,12 @@ def build_llava(
     native = tower.config.image_size
     if not model_cfg.freeze_vision_tower:
         _train_read_tower_layers(model.model.vision_tower, model_cfg.mm_vision_select_layer)
-    if model_cfg.freeze_vision_tower or image_spec.size != native:
-        _run_tower(
-            model.model.vision_tower,
-            frozen=model_cfg.freeze_vision_tower,
-            interpolate=image_spec.size != native,
-        )
+    _run_tower(
+        model.model.vision_tower,
+        frozen=model_cfg.freeze_vision_tower,
+        interpolate=image_spec.size != native,
+        select_layer=model_cfg.mm_vision_select_layer,
+    )
     if gradient_checkpointing:
         model.model.language_model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
