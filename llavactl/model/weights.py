@@ -32,18 +32,26 @@ OTHER_FILE = "trainable.safetensors"
 _METADATA = {"format": "pt"}
 
 
+def file_of(name: str) -> str:
+    """The file a trained parameter of the LLaVA model is saved in (LoRA's: peft's adapter file)."""
+    part = component(name)
+    return PROJECTOR_FILE if part == "projector" else ADAPTER_FILE if part == "lora" else OTHER_FILE
+
+
+def split_into_files(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """File name -> {key: tensor} of a state dict in LlavaForConditionalGeneration's names, LoRA
+    weights excepted (peft names those)."""
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        if (file := file_of(name)) != ADAPTER_FILE:
+            files.setdefault(file, {})[name] = tensor
+    return files
+
+
 def trainable_state(assembled: AssembledModel) -> dict[str, dict[str, torch.Tensor]]:
     """File name -> {key: tensor} of everything the stage trains; the tensors share storage
     with the model's parameters."""
-    files: dict[str, dict[str, torch.Tensor]] = {}
-    for name, parameter in assembled.model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        part = component(name)
-        if part == "projector":
-            files.setdefault(PROJECTOR_FILE, {})[name] = parameter.data
-        elif part != "lora":
-            files.setdefault(OTHER_FILE, {})[name] = parameter.data
+    files = split_into_files({name: p.data for name, p in assembled.model.named_parameters() if p.requires_grad})
     if assembled.peft_model is not None:
         from peft import get_peft_model_state_dict
 

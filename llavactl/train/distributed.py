@@ -219,12 +219,7 @@ def write_full_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
     """Write :func:`full_trainable_state` in the files ``save_trainable`` writes for stage `full`."""
     from safetensors.torch import save_file
 
-    from llavactl.model.assembly import component
-    from llavactl.model.weights import OTHER_FILE, PROJECTOR_FILE
+    from llavactl.model.weights import split_into_files
 
-    files: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        file = PROJECTOR_FILE if component(key) == "projector" else OTHER_FILE
-        files.setdefault(file, {})[key] = tensor.contiguous()
-    for file, tensors in files.items():
-        save_file(tensors, folder / file, {"format": "pt"})
+    for file, tensors in split_into_files(state).items():
+        save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, folder / file, {"format": "pt"})
