@@ -195,7 +195,8 @@ def _lora_targets(model_cfg: ModelConfig) -> str:
 
 def add_lora(model: LlavaForConditionalGeneration, model_cfg: ModelConfig) -> PeftModel:
     """Inject peft LoRA adapters into ``model``'s LLM (in place); only they are left trainable. Their dropout
-    is `SparseDropout` (same distribution, far fewer random draws on a CPU)."""
+    is `SparseDropout` (same distribution, far fewer random draws on a CPU) and their update is added
+    into the base output in place (`fused_lora`)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -217,8 +218,10 @@ def add_lora(model: LlavaForConditionalGeneration, model_cfg: ModelConfig) -> Pe
             fix="name the LLM's linear layers, e.g. `model.lora_target_modules=[q_proj,k_proj,v_proj,o_proj]`",
         ) from exc
     from llavactl.model.dropout import use_sparse_dropout
+    from llavactl.model.fused_lora import use_fused_lora
 
     use_sparse_dropout(peft_model)
+    use_fused_lora(peft_model)
     return peft_model
 
 
