@@ -15,7 +15,7 @@ Other devices keep `nn.Dropout` (their masks are cheap).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -48,6 +48,28 @@ def dropped_positions(n: int, p: float) -> torch.Tensor:
         last = int(inside[-1])
 
 
+class _ScaleAndDrop(torch.autograd.Function):
+    """``x * scale`` with ``positions`` (of the flattened tensor) zeroed; the backward does the
+    same to the gradient in one pass (autograd's own would copy it once more)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(positions)
+        ctx.scale = scale
+        return _scale_and_drop(x, positions, scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (positions,) = ctx.saved_tensors
+        return _scale_and_drop(grad, positions, ctx.scale), None, None
+
+
+def _scale_and_drop(x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+    out = torch.mul(x, scale).contiguous()
+    out.view(-1).index_fill_(0, positions, 0)
+    return out
+
+
 class SparseDropout(nn.Dropout):
     """`nn.Dropout` whose CPU masks are drawn as positions (see the module docstring)."""
 
@@ -56,15 +78,12 @@ class SparseDropout(nn.Dropout):
             return super().forward(x)
         from torch._subclasses.fake_tensor import is_fake
 
-        out = (x * (1 / (1 - self.p))).contiguous()
-        if is_fake(out):
+        if is_fake(x):
             # A dry run's memory trace has no values to draw from: the same allocations instead.
-            positions = torch.empty(chunk_size(out.numel(), self.p), dtype=torch.int64)
+            positions = torch.empty(chunk_size(x.numel(), self.p), dtype=torch.int64)
         else:
-            positions = dropped_positions(out.numel(), self.p)
-        # In place on a tensor made here: autograd zeroes the same positions of the gradient.
-        out.view(-1).index_fill_(0, positions, 0)
-        return out
+            positions = dropped_positions(x.numel(), self.p)
+        return _ScaleAndDrop.apply(x, positions, 1 / (1 - self.p))
 
 
 def use_sparse_dropout(model: PeftModel) -> None:
