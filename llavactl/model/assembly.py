@@ -354,6 +354,9 @@ def build_llava(
             model_cfg.mm_projector_type,
         )
 
+    from llavactl.model import attention
+
+    attention.use_for(model.model.language_model.config)
     model.requires_grad_(False)
     peft_model = add_lora(model, model_cfg) if stage in ("lora", "qlora") else None
     trainable = set(projector.trainable_keys(model_cfg.mm_projector_type))
