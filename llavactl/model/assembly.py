@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llavactl.errors import ModelSourceError
 from llavactl.model import llms, projector, sources, towers
+from llavactl.model.weight_files import no_peft_checkpointing_warning
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -207,10 +207,7 @@ def add_lora(model: LlavaForConditionalGeneration, model_cfg: ModelConfig) -> Pe
         bias="none",
     )
     try:
-        with warnings.catch_warnings():
-            # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning
-            # meant for peft, shown to our users on every LoRA run.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with no_peft_checkpointing_warning():
             peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise ModelSourceError(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from llavactl.errors import CheckFailed, ModelSourceError
 from llavactl.model import towers
 from llavactl.model.assembly import component
-from llavactl.model.weight_files import quiet_loading
+from llavactl.model.weight_files import no_peft_checkpointing_warning, quiet_loading
 
 if TYPE_CHECKING:
     import torch
@@ -226,5 +226,6 @@ def load_exported_model(folder: Path, dtype: torch.dtype | None = None) -> nn.Mo
         if (folder / ADAPTER_DIR).is_dir():
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR)
+            with no_peft_checkpointing_warning():
+                model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR)
     return model.eval()
