@@ -222,22 +222,24 @@ def component_is_llm(name: str) -> bool:
     return name.startswith(("model.language_model.", "lm_head."))
 
 
-@pytest.mark.parametrize("frozen", [True, False])
-def test_tower_stops_after_the_layer_llava_reads_with_the_same_features(frozen):
-    # mm_vision_select_layer -2: the last layer's output is never read, so it never runs.
-    assembled = build_llava(tiny(freeze_vision_tower=frozen), "lora", image_size=None, seed=0)
+@pytest.mark.parametrize(("frozen", "select_layer"), [(True, -2), (False, -2), (True, 1), (True, -1), (True, -3)])
+def test_tower_stops_after_the_layer_llava_reads_with_the_same_features(frozen, select_layer):
+    # Of the tiny tower's 2 layers, -2 and 1 read layer 0's output: layer 1 never runs. -1 reads
+    # the last layer; -3 (hidden state 0) is recorded at the first layer's input: all run.
+    cfg = tiny(freeze_vision_tower=frozen, mm_vision_select_layer=select_layer)
+    assembled = build_llava(cfg, "lora", image_size=None, seed=0)
     tower = assembled.model.model.vision_tower
     last_layer_calls = record_calls(tower.encoder.layers[-1])
     pixels = collated(assembled)["pixel_values"]
-    features = assembled.model.model.get_image_features(
-        pixels, vision_feature_layer=-2, vision_feature_select_strategy="default"
-    ).pooler_output
-    assert last_layer_calls == []
-    assert len(tower.encoder.layers) == 2  # the layer list is whole again after the call
+    output = assembled.model.model.get_image_features(
+        pixels, vision_feature_layer=select_layer, vision_feature_select_strategy="default"
+    )
+    assert len(last_layer_calls) == (0 if select_layer in (-2, 1) else 1)
+    if select_layer == -2:
+        assert output.hidden_states[-1] is None  # a layer that did not run is not there to read
     with torch.no_grad():
         # The tower class's own forward, all layers run.
         full = type(tower).forward(tower, pixels, output_hidden_states=True).hidden_states
-        expected = assembled.model.model.multi_modal_projector(full[-2][:, 1:])
-    assert last_layer_calls == [False]
-    assert len(full) == 3
-    torch.testing.assert_close(torch.stack(features), expected, rtol=0, atol=0)
+        expected = assembled.model.model.multi_modal_projector(full[select_layer][:, 1:])
+    assert len(full) == 3 and all(h is not None for h in full)
+    torch.testing.assert_close(torch.stack(output.pooler_output), expected, rtol=0, atol=0)

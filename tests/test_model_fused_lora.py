@@ -98,3 +98,17 @@ def test_autocast_takes_peft_s_path():
         with peft_forward(assembled):
             peft = summed_token_loss(assembled.model, batch)
     assert torch.equal(fused, peft)
+
+
+def test_a_hooked_base_layer_sees_its_own_output():
+    # A forward hook on the base layer may keep its output: the update must not be added into it.
+    assembled = built()
+    layer = lora_layers(assembled)[0]
+    seen: list[torch.Tensor] = []
+    layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out))
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        out = layer(x)
+        base = torch.nn.functional.linear(x, layer.base_layer.weight)
+    torch.testing.assert_close(seen[0], base)
+    assert not torch.allclose(out, base)  # the update is there, in the layer's own output

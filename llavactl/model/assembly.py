@@ -14,6 +14,7 @@ and, since gradient checkpointing is switched on for the LLM only, is never reco
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
 import time
 from dataclasses import dataclass
@@ -123,33 +124,55 @@ def _encoder_layers(tower: nn.Module) -> tuple[nn.Module, nn.ModuleList] | None:
     return (encoder, layers) if isinstance(layers, nn.ModuleList) else None
 
 
+# How many encoder layers the tower call in progress (in this thread or task) runs; None: all.
+_LAYERS_TO_RUN: contextvars.ContextVar[int | None] = contextvars.ContextVar("layers_to_run", default=None)
+
+
+def _stop_encoder_early(encoder: nn.Module) -> None:
+    """Make ``encoder`` run only its first `_LAYERS_TO_RUN` layers when that is set. Its own
+    forward is the same loop over all of them (CLIP's and SigLIP's encoders in transformers 5)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    forward = encoder.forward
+
+    def encoder_forward(inputs_embeds: object, attention_mask: object = None, **kwargs: object) -> object:
+        count = _LAYERS_TO_RUN.get()
+        if count is None:
+            return forward(inputs_embeds, attention_mask, **kwargs)
+        hidden = inputs_embeds
+        for layer in encoder.layers[:count]:
+            hidden = layer(hidden, attention_mask, **kwargs)
+        return BaseModelOutput(last_hidden_state=hidden)
+
+    encoder.forward = encoder_forward
+
+
 def _run_tower(tower: nn.Module, *, frozen: bool, interpolate: bool, select_layer: int) -> None:
     """Make the tower's forward run under no_grad when frozen, interpolate its position embeddings
     when images are not its native size, and stop after the layer whose output LLaVA reads
     (``select_layer``, an index into its hidden states): with LLaVA's -2 the last layer's output is
-    never used, and running it cost 2% of a local_lite step. The instance's forward is replaced
+    never used, and running it cost 2% of a local_lite step. The instances' forwards are replaced
     so that parameter names (and so checkpoints) stay those of transformers.
 
-    The layers not run are left out of the encoder's list for the call only; the hidden states
-    returned are padded with the last one computed, so that negative indices still point at the
-    layers they name. The output's `last_hidden_state` and pooled output are then those of the
-    read layer: LLaVA uses neither."""
+    The hidden states returned are padded with None for the layers not run, so that negative
+    indices still point at the layers they name and asking for a layer not run fails. The output's
+    `last_hidden_state` and pooled output are then those of the read layer: LLaVA uses neither."""
     import torch
-    from torch import nn
 
     forward = tower.forward
     found = _encoder_layers(tower)
-    skipped, encoder, layers, kept = 0, None, None, None
+    read, skipped = 0, 0
     if found is not None:
         encoder, layers = found
         read = select_layer % (len(layers) + 1)  # hidden state k is layer k-1's output
-        skipped = len(layers) - read
-        kept = nn.ModuleList(list(layers)[:read])
+        skipped = len(layers) - read if read >= 1 else 0  # hidden state 0 needs no layer, but it is
+        # recorded at the first layer's input: keep every layer then.
     if not (frozen or interpolate or skipped):
         return
     if skipped:
-        # transformers records hidden states by hooks it installs on the layers present at the
-        # first call: installed now, a call with every layer (outside LLaVA) still records them all.
+        _stop_encoder_early(encoder)
+        # transformers records hidden states by hooks it installs on the layers at the first call
+        # that asks for them: installed now, on every layer.
         with contextlib.suppress(ImportError):
             from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
@@ -158,17 +181,17 @@ def _run_tower(tower: nn.Module, *, frozen: bool, interpolate: bool, select_laye
     def tower_forward(*args: object, **kwargs: object) -> object:
         if interpolate:
             kwargs["interpolate_pos_encoding"] = True
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            if not skipped:
-                return forward(*args, **kwargs)
-            encoder.layers = kept
-            try:
+        stop = skipped and kwargs.get("return_dict") is not False  # a tuple output could not be padded
+        token = _LAYERS_TO_RUN.set(read) if stop else None
+        try:
+            with torch.no_grad() if frozen else contextlib.nullcontext():
                 out = forward(*args, **kwargs)
-            finally:
-                encoder.layers = layers
+        finally:
+            if token is not None:
+                _LAYERS_TO_RUN.reset(token)
         hidden = getattr(out, "hidden_states", None)
-        if hidden is not None:
-            out.hidden_states = (*hidden, *(hidden[-1],) * skipped)
+        if stop and hidden is not None:
+            out.hidden_states = (*hidden, *(None,) * skipped)
         return out
 
     tower.forward = tower_forward

@@ -7,11 +7,12 @@ goes into the base output by one ``addmm_`` with ``alpha=scaling``. In local_lit
 cores (120 adapted modules) a step took 5.21 s with peft's forward and 4.94 s with this one, and
 5.36 against 5.29 s an hour later, steps of the two alternating in one process (medians of 8).
 
-The base layer's weight is frozen and its backward does not read its output, so adding into that
-output in place is safe for autograd (and for gradient checkpointing's recomputation). Anything
+The base layer is a plain `nn.Linear`, whose backward does not read its output, so adding into
+that output in place is safe for autograd (and for gradient checkpointing's recomputation). Anything
 off the plain path runs peft's own forward: adapters disabled or merged, several active adapters or
 a mixed batch (`adapter_names`), DoRA and the other variants, a bias on B, autocast, dtypes that
-differ (QLoRA's quantized base).
+differ, another base layer or one with hooks. QLoRA's layers are peft's bitsandbytes classes,
+which keep peft's forward.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ def _plain_adapter(layer: LoraLinear, x: torch.Tensor, args: tuple[Any, ...], kw
     if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
-    if name not in layer.lora_A or name in layer.lora_variant:
+    # `lora_variant` (DoRA and others) came with peft 0.15; before, DoRA was `use_dora`.
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name):
         return None
-    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    lora_a, lora_b, base = layer.lora_A[name], layer.lora_B[name], layer.base_layer
     plain = (
-        type(lora_a) is nn.Linear
+        # A plain nn.Linear does not keep its output for the backward, and no hook of it sees the
+        # output before the update is added.
+        type(base) is nn.Linear
+        and not (base._forward_hooks or base._forward_pre_hooks)
+        and type(lora_a) is nn.Linear
         and type(lora_b) is nn.Linear
         and lora_b.bias is None
         and x.dtype == lora_a.weight.dtype == lora_b.weight.dtype
