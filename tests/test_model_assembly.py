@@ -243,3 +243,10 @@ def test_tower_stops_after_the_layer_llava_reads_with_the_same_features(frozen, 
         expected = assembled.model.model.multi_modal_projector(full[select_layer][:, 1:])
     assert len(full) == 3 and all(h is not None for h in full)
     torch.testing.assert_close(torch.stack(output.pooler_output), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("select_layer", [0, 3, -4])
+def test_a_select_layer_the_tower_does_not_have_is_a_config_error(select_layer):
+    with pytest.raises(ConfigError, match="mm_vision_select_layer") as info:
+        build_llava(tiny(mm_vision_select_layer=select_layer), "lora", image_size=None, seed=0)
+    assert "from -3 to -1 or from 1 to 2" in (info.value.fix or "")

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llavactl.errors import ModelSourceError
+from llavactl.errors import ConfigError, ModelSourceError
 from llavactl.model import llms, projector, sources, towers
 from llavactl.model.weight_files import no_peft_checkpointing_warning
 
@@ -197,6 +197,19 @@ def _run_tower(tower: nn.Module, *, frozen: bool, interpolate: bool, select_laye
     tower.forward = tower_forward
 
 
+def _check_select_layer(select: int, layers: int, source: str) -> None:
+    """``select`` must name one of the tower's hidden states in a way transformers' LLaVA reads."""
+    if select != 0 and -(layers + 1) <= select <= layers:
+        return
+    raise ConfigError(
+        f"model.mm_vision_select_layer: {select} names no hidden state of `{source}` that LLaVA can read: "
+        f"its {layers} layers give hidden states 1 to {layers}, or -1 to -{layers + 1} counted from the end "
+        "(transformers' LLaVA does not read 0).",
+        fix=f"`model.mm_vision_select_layer=-2` (the penultimate layer, as in LLaVA-1.5), or another value "
+        f"from -{layers + 1} to -1 or from 1 to {layers}",
+    )
+
+
 def _train_read_tower_layers(tower: nn.Module, select_layer: int) -> None:
     """Make the tower trainable up to the layer whose output LLaVA reads (``select_layer``, an
     index into its hidden states). The layers after it, the post-layernorm and SigLIP's pooling
@@ -342,6 +355,7 @@ def build_llava(
             raise
         tokenizer = None
     tower = _tower_info(model_cfg, image_size, device)
+    _check_select_layer(model_cfg.mm_vision_select_layer, tower.config.num_hidden_layers, model_cfg.vision_tower)
     image_spec = sources.tower_image_spec(model_cfg.vision_tower, image_size)
     if device == "meta":
         parts = None
