@@ -1,5 +1,5 @@
-"""The LLM's attention on a CPU: key/value groups repeated for training, the same results as
-transformers' SDPA."""
+"""The LLM's attention on a CPU: key/value groups repeated for training, causal attention in query
+chunks, the same results as transformers' SDPA."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llavactl.model import attention
+from llavactl.model.causal_attention import BACKWARD_CHUNK, FORWARD_CHUNK, LONGEST_CHUNKED, causal_attention, chunks
+from llavactl.model.flops import flop_counter
 from tests.test_model_assembly import tiny
 
 
@@ -41,8 +43,24 @@ def sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, bool]]:
     return calls
 
 
+@pytest.fixture
+def chunked_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(query heads, key heads) of each call of the chunked causal attention."""
+    import llavactl.model.causal_attention as module
+
+    calls: list[tuple[int, int]] = []
+    op = module.causal_attention
+
+    def recorded(query, key, value, scale):
+        calls.append((query.shape[1], key.shape[1]))
+        return op(query, key, value, scale)
+
+    monkeypatch.setattr(module, "causal_attention", recorded)
+    return calls
+
+
 @pytest.mark.parametrize("padded", [False, True])
-def test_training_repeats_the_groups_with_sdpa_s_results(padded: bool, sdpa_calls: list):
+def test_training_repeats_the_groups_with_sdpa_s_results(padded: bool, sdpa_calls: list, chunked_calls: list):
     ids = torch.randint(0, 64, (2 if padded else 1, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     if padded:
@@ -57,18 +75,91 @@ def test_training_repeats_the_groups_with_sdpa_s_results(padded: bool, sdpa_call
     assert sdpa_calls[0][1:] == ((4, False) if padded else (2, True))
     sdpa_calls.clear()
     loss, grads = loss_and_grads(ours, batch)
-    assert sdpa_calls == [(4, 4, False)] * 2  # one call per layer, the groups repeated
+    # One call per layer, the groups repeated: the masked batch through SDPA, the lone record chunked.
+    assert (chunked_calls, sdpa_calls) == (([(4, 4)] * 2, []) if not padded else ([], [(4, 4, False)] * 2))
     torch.testing.assert_close(loss, expected_loss)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], msg=name)
 
 
-def test_without_grad_the_groups_stay_for_the_kernel(sdpa_calls: list):
+def test_without_grad_the_groups_stay_for_the_kernel(sdpa_calls: list, chunked_calls: list):
     model = gqa_llama()
     attention.use_for(model.config)
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 5, dtype=torch.long))
     assert sdpa_calls == [(4, 2, True)] * 2
+    assert chunked_calls == []
+
+
+# Lengths on and around the chunks' edges, one chunk only, and past the longest that is chunked.
+LENGTHS = [1, 2, FORWARD_CHUNK - 1, FORWARD_CHUNK, FORWARD_CHUNK + 1, BACKWARD_CHUNK + 7, 333, LONGEST_CHUNKED + 3]
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_chunked_causal_attention_is_sdpa_s_causal_attention(length: int):
+    generator = torch.Generator().manual_seed(length)
+    # Laid out as the LLM's projections give them: tokens before heads.
+    query, key, value = (torch.randn(2, length, 3, 16, generator=generator).transpose(1, 2) for _ in range(3))
+    grad_out = torch.randn(2, 3, length, 16, generator=generator)
+    leaves = [t.requires_grad_() for t in (query, key, value)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.3)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+    out, _ = causal_attention(query, key, value, 0.3)
+    torch.testing.assert_close(out, expected)
+    for grad, expected_grad in zip(torch.autograd.grad(out, leaves, grad_out), expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_chunks_cover_the_queries_once_in_order():
+    assert chunks(130, 64) == [(0, 64), (64, 128), (128, 130)]
+    assert chunks(64, 64) == [(0, 64)]
+    assert chunks(LONGEST_CHUNKED + 1, 64) == [(0, LONGEST_CHUNKED + 1)]  # the kernel's own blocking wins there
+
+
+def test_chunked_attention_in_bf16_matches_sdpa_in_bf16():
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 4, 300, 32, generator=generator, dtype=torch.bfloat16) for _ in range(3))
+    leaves = [t.requires_grad_() for t in (query, key, value)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)
+    out, _ = causal_attention(query, key, value, 32**-0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.float().square().sum(), leaves)
+    expected_grads = torch.autograd.grad(expected.float().square().sum(), leaves)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=0.05, rtol=0.02)
+
+
+def test_the_flop_counter_credits_chunked_attention_as_the_causal_kernel():
+    query, key, value = (torch.randn(1, 3, 200, 16, requires_grad=True) for _ in range(3))
+
+    def counted(attend) -> int:
+        counter = flop_counter()
+        with counter:
+            attend().sum().backward()
+        return counter.get_total_flops()
+
+    chunked = counted(lambda: causal_attention(query, key, value, 0.25)[0])
+    kernel = counted(lambda: torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True))
+    # 200 * 201 / 2 query-key pairs, 3 heads of 16: (16 + 16) a pair forward, (3 * 16 + 2 * 16) backward.
+    assert chunked == kernel == 2 * 3 * 20100 * (32 + 80)
+
+
+def test_training_under_cpu_bf16_autocast_takes_the_chunked_path(chunked_calls: list):
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(2))
+    reference = gqa_llama()
+    ours = copy.deepcopy(reference)
+    attention.use_for(ours.config)
+    losses = []
+    for model in (reference, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert chunked_calls == [(4, 4)] * 2
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, expected), got in zip(reference.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, atol=1e-3, rtol=0.02, msg=name)
 
 
 def test_another_implementation_is_left_alone():

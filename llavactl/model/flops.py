@@ -5,7 +5,9 @@ and its backward, which is what `scaled_dot_product_attention` runs on a CPU: le
 local_lite's attention (the tower's 24 layers of 577 tokens, the LLM's 30 of 704) as nothing, about
 90 GFLOP of a 750 GFLOP step. Counted here as torch counts the CUDA kernels' (the matmuls of
 scores and outputs, five in the backward), except that a causal kernel is credited only with the
-query-key pairs it computes (about half), where torch counts every pair.
+query-key pairs it computes (about half), where torch counts every pair. llavactl's own chunked
+causal attention (:mod:`llavactl.model.causal_attention`) is credited with the causal pairs too,
+not with the chunks' masked calls (which compute about a tenth more).
 """
 
 from __future__ import annotations
@@ -66,11 +68,23 @@ def flop_counter(*, masked_attention_is_causal: bool = False) -> FlopCounterMode
         # scores recomputed (q k^T), grad scores (dout v^T), grad v (p^T dout), grad q (ds k), grad k (ds^T q)
         return 2 * query[0] * query[1] * pairs(query, key, is_causal, attn_mask) * (3 * query[3] + 2 * value[3])
 
-    aten = torch.ops.aten
+    Shape = tuple[int, ...]
+
+    def chunked_forward(query: Shape, key: Shape, value: Shape, *args: Any, **kwargs: Any) -> int:
+        return forward(query, key, value, is_causal=True)
+
+    def chunked_backward(grad_out: Shape, query: Shape, key: Shape, value: Shape, *args: Any, **kwargs: Any) -> int:
+        return backward(grad_out, query, key, value, (), (), is_causal=True)
+
+    import llavactl.model.causal_attention  # noqa: F401  (registers its ops)
+
+    aten, ours = torch.ops.aten, torch.ops.llavactl
     return FlopCounterMode(
         display=False,
         custom_mapping={
             aten._scaled_dot_product_flash_attention_for_cpu: forward,
             aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+            ours.causal_attention: chunked_forward,
+            ours.causal_attention_backward: chunked_backward,
         },
     )
