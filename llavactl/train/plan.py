@@ -197,8 +197,7 @@ def _static_loss(supervised: int) -> Callable[[Any, Mapping[str, Any]], Any]:
     whose size fake tensors cannot know."""
 
     def summed_loss(model: Any, batch: Mapping[str, Any]) -> Any:
-        import torch.nn.functional as F
-
+        from llavactl.train.linear_cross_entropy import summed_cross_entropy
         from llavactl.train.loss import llava_of
 
         llava = llava_of(model)
@@ -206,7 +205,7 @@ def _static_loss(supervised: int) -> Callable[[Any, Mapping[str, Any]], Any]:
         hidden = llava.model(**inputs, use_cache=False)[0]
         rows = hidden[:, -supervised - 1 : -1].reshape(-1, hidden.shape[-1])
         targets = batch["labels"][:, -supervised:].reshape(-1)
-        return F.cross_entropy(llava.lm_head(rows).float(), targets, reduction="sum")
+        return summed_cross_entropy(llava.lm_head, rows, targets)
 
     return summed_loss
 
