@@ -75,8 +75,9 @@ def test_training_repeats_the_groups_with_sdpa_s_results(padded: bool, sdpa_call
     assert sdpa_calls[0][1:] == ((4, False) if padded else (2, True))
     sdpa_calls.clear()
     loss, grads = loss_and_grads(ours, batch)
-    # One call per layer, the groups repeated: the masked batch through SDPA, the lone record chunked.
-    assert (chunked_calls, sdpa_calls) == (([(4, 4)] * 2, []) if not padded else ([], [(4, 4, False)] * 2))
+    # One call per layer: the lone record chunked, its 2 key/value heads shared by their groups; the
+    # masked batch through SDPA, the groups repeated.
+    assert (chunked_calls, sdpa_calls) == (([(4, 2)] * 2, []) if not padded else ([], [(4, 4, False)] * 2))
     torch.testing.assert_close(loss, expected_loss)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], msg=name)
@@ -107,6 +108,23 @@ def test_chunked_causal_attention_is_sdpa_s_causal_attention(length: int):
     out, _ = causal_attention(query, key, value, 0.3)
     torch.testing.assert_close(out, expected)
     for grad, expected_grad in zip(torch.autograd.grad(out, leaves, grad_out), expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_grouped_query_heads_share_their_key_value_heads(batch: int):
+    generator = torch.Generator().manual_seed(batch)
+    query = torch.randn(batch, 300, 6, 16, generator=generator).transpose(1, 2)  # 6 query heads
+    key, value = (torch.randn(batch, 300, 2, 16, generator=generator).transpose(1, 2) for _ in range(2))  # 2 shared
+    grad_out = torch.randn(batch, 6, 300, 16, generator=generator)
+    leaves = [t.requires_grad_() for t in (query, key, value)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+    out, _ = causal_attention(query, key, value, 16**-0.5)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
 
 
@@ -156,7 +174,7 @@ def test_training_under_cpu_bf16_autocast_takes_the_chunked_path(chunked_calls: 
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.detach())
-    assert chunked_calls == [(4, 4)] * 2
+    assert chunked_calls == [(4, 2)] * 2
     torch.testing.assert_close(losses[1], losses[0])
     for (name, expected), got in zip(reference.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(got.grad, expected.grad, atol=1e-3, rtol=0.02, msg=name)

@@ -1,16 +1,16 @@
 """The LLM's attention: transformers' SDPA, made faster for training on a CPU.
 
-With grouped-query attention (SmolLM: 9 query heads share 3 key/value heads) transformers asks
-torch's kernel to handle the groups (`enable_gqa`). On a CPU that kernel's backward is slower than
-the same attention given the key/value heads repeated: in local_lite's shapes (704 tokens, head
-dimension 64, 2 cores) 26.4 against 23.5 ms per layer for forward and backward, 30 layers a step.
-Repeating costs a copy of the keys and values per layer (and keeps it for the backward: 2 MiB a
-layer at 704 tokens). Elsewhere (CUDA, inference, no groups) this is transformers' SDPA as is.
+An unmasked causal attention (a lone record, or records of one length) runs in query chunks
+(:mod:`llavactl.model.causal_attention`), which skips most of the pairs above the diagonal that
+torch's kernel computes and lets each key/value head of grouped-query attention (SmolLM: 9 query
+heads share 3) serve its group without a copy: 20.0 against 17.2 ms a layer, forward and backward,
+in local_lite's shapes (704 tokens, head dimension 64, 2 cores; 30 layers a step).
 
-An unmasked causal attention (a lone record, or records of one length) in CPU training runs in query
-chunks (:mod:`llavactl.model.causal_attention`), which skips most of the pairs above the diagonal that
-torch's kernel computes: 20.1 against 16.9 ms a layer, forward and backward, at 704 tokens. A padded
-batch's mask goes to transformers' SDPA as is.
+A padded batch's masked attention goes to SDPA, given the key/value heads repeated: transformers
+would ask the kernel to handle the groups (`enable_gqa`), and on a CPU that kernel's backward is
+slower, 26.4 against 23.5 ms per layer in the same shapes. Repeating costs a copy of the keys and
+values per layer (kept for the backward: 2 MiB a layer at 704 tokens). Elsewhere (CUDA, inference)
+this is transformers' SDPA as is.
 
 Registered with transformers under :data:`NAME`, so that the model's config names it; the name is
 not saved with a checkpoint (transformers leaves the attention implementation out of config.json).
@@ -37,16 +37,14 @@ def sdpa_repeating_groups(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' `sdpa_attention_forward`, given repeated key/value heads when training on a CPU,
-    and the chunked causal kernel where it applies."""
+    """transformers' `sdpa_attention_forward` when training on a CPU: the chunked causal kernel where
+    it applies, else SDPA given repeated key/value heads."""
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
     if query.device.type != "cpu" or not torch.is_grad_enabled():
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if _plain_causal(module, query, key, value, attention_mask, kwargs):
         from llavactl.model.causal_attention import causal_attention
 
@@ -57,6 +55,7 @@ def sdpa_repeating_groups(
         out, _ = causal_attention(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
         return out.transpose(1, 2).contiguous(), None  # (batch, tokens, heads, head_dim), already laid out so
     if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         # What sdpa_attention_forward reads of the module, with no groups left.
         module = types.SimpleNamespace(num_key_value_groups=1, is_causal=getattr(module, "is_causal", True))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -94,7 +93,8 @@ def _plain_causal(
         and attention_mask is None
         and not kwargs.get("dropout")
         and not any(kwargs.get(name) for name in extras)
-        and query.shape[1] == key.shape[1] == value.shape[1]
+        and query.shape[1] % key.shape[1] == 0
+        and key.shape[1] == value.shape[1]
         and query.shape[2] == key.shape[2] > 1
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
         and (autocast or query.dtype == key.dtype == value.dtype)

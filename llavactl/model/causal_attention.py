@@ -55,28 +55,44 @@ def _chunk_mask(start: int, end: int, length: int, dtype: torch.dtype) -> torch.
     return None if start == 0 else _causal_mask(length, dtype)[start:end, :end]
 
 
+def _grouped(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """One record's ``(heads, tokens, dim)`` as ``(kv_heads, group, tokens, dim)``: the kernel's batch and
+    heads, so that each key/value head serves its group of query heads without being copied."""
+    return tensor.view(kv_heads, tensor.shape[0] // kv_heads, *tensor.shape[1:])
+
+
+def _shared(tensor: torch.Tensor, group: int) -> torch.Tensor:
+    """One record's key or value ``(kv_heads, tokens, dim)``, seen by every query head of its group."""
+    return tensor.unsqueeze(1).expand(-1, group, -1, -1)
+
+
 @torch.library.custom_op("llavactl::causal_attention", mutates_args=(), device_types="cpu")
 def causal_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention over ``(batch, heads, tokens, head_dim)`` tensors of one dtype, as many key/value
-    heads as query heads: the output (laid out as the kernel lays it, tokens before heads) and the
-    log-sum-exp of each query's scores (float32), which the backward needs."""
+    """Causal attention over ``(batch, heads, tokens, head_dim)`` tensors of one dtype; key and value
+    may have fewer heads, each shared by a group of query heads (grouped-query attention). Returns the
+    output (laid out as the kernel lays it, tokens before heads) and the log-sum-exp of each query's
+    scores (float32), which the backward needs."""
     batch, heads, length, _ = query.shape
+    kv_heads = key.shape[1]
     out = query.new_empty(batch, length, heads, value.shape[-1]).transpose(1, 2)
     lse = query.new_empty(batch, heads, length, dtype=torch.float32)
-    for start, end in chunks(length, FORWARD_CHUNK):
-        chunk_out, chunk_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query[:, :, start:end],
-            key[:, :, :end],
-            value[:, :, :end],
-            0.0,
-            start == 0,
-            attn_mask=_chunk_mask(start, end, length, query.dtype),
-            scale=scale,
-        )
-        out[:, :, start:end] = chunk_out
-        lse[:, :, start:end] = chunk_lse
+    for b in range(batch):
+        q, o, m = _grouped(query[b], kv_heads), _grouped(out[b], kv_heads), _grouped(lse[b], kv_heads)
+        k, v = _shared(key[b], q.shape[1]), _shared(value[b], q.shape[1])
+        for start, end in chunks(length, FORWARD_CHUNK):
+            chunk_out, chunk_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q[:, :, start:end],
+                k[:, :, :end],
+                v[:, :, :end],
+                0.0,
+                start == 0,
+                attn_mask=_chunk_mask(start, end, length, query.dtype),
+                scale=scale,
+            )
+            o[:, :, start:end] = chunk_out
+            m[:, :, start:end] = chunk_lse
     return out, lse
 
 
@@ -98,27 +114,36 @@ def causal_attention_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`causal_attention` for its query, key and value."""
-    length = query.shape[2]
+    batch, heads, length, _ = query.shape
+    kv_heads, group = key.shape[1], heads // key.shape[1]
     grad_query = torch.empty_like(query)
-    # Every chunk's keys start at 0: their gradients add up over the chunks.
-    grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
-    for start, end in chunks(length, BACKWARD_CHUNK):
-        chunk_query, chunk_key, chunk_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out[:, :, start:end],
-            query[:, :, start:end],
-            key[:, :, :end],
-            value[:, :, :end],
-            out[:, :, start:end],
-            lse[:, :, start:end],
-            0.0,
-            start == 0,
-            attn_mask=_chunk_mask(start, end, length, query.dtype),
-            scale=scale,
-        )
-        grad_query[:, :, start:end] = chunk_query
-        grad_key[:, :, :end] += chunk_key
-        grad_value[:, :, :end] += chunk_value
-    return grad_query, grad_key, grad_value
+    # Every chunk's keys start at 0, and a group's query heads share theirs: the key and value
+    # gradients add up over the chunks, then over the group.
+    grad_key = key.new_zeros(batch, kv_heads, group, length, key.shape[-1])
+    grad_value = value.new_zeros(batch, kv_heads, group, length, value.shape[-1])
+    for b in range(batch):
+        q, o, m = _grouped(query[b], kv_heads), _grouped(out[b], kv_heads), _grouped(lse[b], kv_heads)
+        k, v = _shared(key[b], group), _shared(value[b], group)
+        grad_o, grad_q = _grouped(grad_out[b], kv_heads), _grouped(grad_query[b], kv_heads)
+        for start, end in chunks(length, BACKWARD_CHUNK):
+            chunk_query, chunk_key, chunk_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_o[:, :, start:end],
+                q[:, :, start:end],
+                k[:, :, :end],
+                v[:, :, :end],
+                o[:, :, start:end],
+                m[:, :, start:end],
+                0.0,
+                start == 0,
+                attn_mask=_chunk_mask(start, end, length, query.dtype),
+                scale=scale,
+            )
+            grad_q[:, :, start:end] = chunk_query
+            grad_key[b, :, :, :end] += chunk_key
+            grad_value[b, :, :, :end] += chunk_value
+    if group == 1:
+        return grad_query, grad_key.squeeze(2), grad_value.squeeze(2)
+    return grad_query, grad_key.sum(2), grad_value.sum(2)
 
 
 @causal_attention_backward.register_fake
