@@ -193,3 +193,18 @@ def test_assembled_llm_uses_it_and_checkpoints_do_not_name_it(tmp_path):
     assert assembled.model.model.language_model.config._attn_implementation == attention.NAME
     assembled.model.config.save_pretrained(tmp_path)
     assert attention.NAME not in (tmp_path / "config.json").read_text()
+
+
+def test_fake_tensors_trace_the_chunked_attention_with_the_real_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def shapes() -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        query = torch.randn(2, 70, 4, 8).transpose(1, 2).requires_grad_()
+        key, value = (torch.randn(2, 70, 2, 8).transpose(1, 2).requires_grad_() for _ in range(2))
+        out, lse = causal_attention(query, key, value, 0.5)
+        out.sum().backward()
+        return [(t.shape, t.stride()) for t in (out, lse, query.grad, key.grad, value.grad)]
+
+    real = shapes()
+    with FakeTensorMode():
+        assert shapes() == real
