@@ -208,3 +208,39 @@ def test_fake_tensors_trace_the_chunked_attention_with_the_real_shapes():
     real = shapes()
     with FakeTensorMode():
         assert shapes() == real
+
+
+def test_the_ops_pass_torch_s_custom_op_checks():
+    # Fake implementations with the real shapes and strides, autograd registration, schema.
+    import llavactl.model.causal_attention as module
+
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 150, 4, 8, generator=generator).transpose(1, 2).requires_grad_()
+    key, value = (torch.randn(2, 150, 2, 8, generator=generator).transpose(1, 2).requires_grad_() for _ in range(2))
+    torch.library.opcheck(module.causal_attention, (query, key, value, 0.3))
+    out, lse = module.causal_attention(query, key, value, 0.3)
+    grad_out = torch.randn(2, 4, 150, 8, generator=generator)
+    backward_args = (grad_out, query.detach(), key.detach(), value.detach(), out.detach(), lse, 0.3)
+    torch.library.opcheck(module.causal_attention_backward, backward_args)
+
+
+def test_inputs_whose_last_dimension_is_strided_give_sdpa_s_results():
+    generator = torch.Generator().manual_seed(4)
+    query, key, value = (torch.randn(1, 2, 100, 16, generator=generator)[..., ::2] for _ in range(3))
+    out, lse = causal_attention(query, key, value, 0.35)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.35)
+    torch.testing.assert_close(out, expected)
+    assert not lse.requires_grad or lse.grad_fn is None  # the log-sum-exp is no result to differentiate
+
+
+def test_fp64_training_keeps_sdpa(chunked_calls: list):
+    ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(5))
+    reference = gqa_llama().double()
+    ours = copy.deepcopy(reference)
+    attention.use_for(ours.config)
+    expected_loss, expected_grads = loss_and_grads(reference, {"input_ids": ids})
+    loss, grads = loss_and_grads(ours, {"input_ids": ids})
+    assert chunked_calls == []
+    torch.testing.assert_close(loss, expected_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], msg=name)

@@ -58,3 +58,19 @@ def test_the_fused_path_is_taken_only_where_it_computes_the_plain_one(monkeypatc
     hooked.register_forward_hook(lambda *args: None)
     lce.summed_cross_entropy(hooked, hidden, targets)
     assert calls == [1]
+
+
+def test_a_head_with_backward_hooks_takes_the_plain_path():
+    head, hidden = nn.Linear(8, 50), torch.randn(3, 8, requires_grad=True)
+    fired: list[bool] = []
+    head.register_full_backward_hook(lambda *args: fired.append(True))
+    lce.summed_cross_entropy(head, hidden, torch.tensor([1, 2, 3])).backward()
+    assert fired == [True]
+
+
+def test_differentiating_the_fused_gradient_again_is_an_error_not_a_wrong_answer():
+    head, hidden = nn.Linear(8, 50), torch.randn(3, 8, requires_grad=True)
+    loss = lce.summed_cross_entropy(head, hidden, torch.tensor([1, 2, 3]))
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"does not require grad|once_differentiable"):
+        grad.sum().backward()

@@ -97,5 +97,7 @@ def _plain_causal(
         and key.shape[1] == value.shape[1]
         and query.shape[2] == key.shape[2] > 1
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        # fp64 stays out: autocast leaves it alone, and it is no training precision
+        and {query.dtype, key.dtype, value.dtype} <= {torch.float32, torch.bfloat16, torch.float16}
         and (autocast or query.dtype == key.dtype == value.dtype)
     )

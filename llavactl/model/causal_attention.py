@@ -45,7 +45,7 @@ def chunks(length: int, size: int) -> list[tuple[int, int]]:
 def _causal_mask(length: int, dtype: torch.dtype) -> torch.Tensor:
     mask = _masks.get(dtype)
     if mask is None or mask.shape[0] < length:
-        mask = torch.full((length, length), float("-inf"), dtype=dtype).triu_(1)
+        mask = torch.full((length, length), float("-inf"), dtype=dtype, device="cpu").triu_(1)
         _masks[dtype] = mask
     return mask
 
@@ -53,6 +53,16 @@ def _causal_mask(length: int, dtype: torch.dtype) -> torch.Tensor:
 def _chunk_mask(start: int, end: int, length: int, dtype: torch.dtype) -> torch.Tensor | None:
     # The first chunk starts at the diagonal's top: the kernel's own (top-left) causal mask fits it.
     return None if start == 0 else _causal_mask(length, dtype)[start:end, :end]
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernel's log-sum-exp dtype: its accumulation type."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _unit_stride(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The kernel reads the last dimension as contiguous without checking (SDPA checks before calling it)."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
 def _grouped(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -74,10 +84,11 @@ def causal_attention(
     may have fewer heads, each shared by a group of query heads (grouped-query attention). Returns the
     output (laid out as the kernel lays it, tokens before heads) and the log-sum-exp of each query's
     scores (float32), which the backward needs."""
+    query, key, value = _unit_stride(query, key, value)
     batch, heads, length, _ = query.shape
     kv_heads = key.shape[1]
     out = query.new_empty(batch, length, heads, value.shape[-1]).transpose(1, 2)
-    lse = query.new_empty(batch, heads, length, dtype=torch.float32)
+    lse = query.new_empty(batch, heads, length, dtype=_lse_dtype(query.dtype))
     for b in range(batch):
         q, o, m = _grouped(query[b], kv_heads), _grouped(out[b], kv_heads), _grouped(lse[b], kv_heads)
         k, v = _shared(key[b], q.shape[1]), _shared(value[b], q.shape[1])
@@ -100,7 +111,7 @@ def causal_attention(
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, length, _ = query.shape
     out = query.new_empty(batch, length, heads, value.shape[-1]).transpose(1, 2)
-    return out, query.new_empty(batch, heads, length, dtype=torch.float32)
+    return out, query.new_empty(batch, heads, length, dtype=_lse_dtype(query.dtype))
 
 
 @torch.library.custom_op("llavactl::causal_attention_backward", mutates_args=(), device_types="cpu")
@@ -114,6 +125,7 @@ def causal_attention_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`causal_attention` for its query, key and value."""
+    query, key, value, out = _unit_stride(query, key, value, out)
     batch, heads, length, _ = query.shape
     kv_heads, group = key.shape[1], heads // key.shape[1]
     grad_query = torch.empty_like(query)
@@ -150,13 +162,15 @@ def causal_attention_backward(
 def _(
     grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: object
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    # As the real one returns them: the query's gradient laid out as the query, the others contiguous.
+    return torch.empty_like(query), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
     query, key, value, scale = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse)
+    ctx.mark_non_differentiable(lse)  # an output for the backward, not a result to differentiate
     ctx.scale = scale
 
 

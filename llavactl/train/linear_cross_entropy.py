@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -38,6 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # the saved gradient of the logits is not a function of the inputs' graph
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, grad_logits = ctx.saved_tensors
         need_hidden, need_weight, need_bias, _ = ctx.needs_input_grad
@@ -51,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _plain_head(head: nn.Module, hidden: torch.Tensor) -> bool:
     return (
         type(head) is nn.Linear
-        and not (head._forward_hooks or head._forward_pre_hooks)
+        and not (head._forward_hooks or head._forward_pre_hooks or head._backward_hooks or head._backward_pre_hooks)
         and hidden.dtype == head.weight.dtype == torch.float32
         and not torch.is_autocast_enabled(hidden.device.type)
     )
