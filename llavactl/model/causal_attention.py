@@ -83,7 +83,7 @@ def causal_attention(
     """Causal attention over ``(batch, heads, tokens, head_dim)`` tensors of one dtype; key and value
     may have fewer heads, each shared by a group of query heads (grouped-query attention). Returns the
     output (laid out as the kernel lays it, tokens before heads) and the log-sum-exp of each query's
-    scores (float32), which the backward needs."""
+    scores (float32, or float64 for float64 inputs), which the backward needs."""
     query, key, value = _unit_stride(query, key, value)
     batch, heads, length, _ = query.shape
     kv_heads = key.shape[1]
