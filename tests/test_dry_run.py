@@ -8,6 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from llavactl.cli._errors import run_guarded
 from llavactl.cli.main import app
 from llavactl.config.loader import load_profile
 from llavactl.model.assembly import build_llava
@@ -148,6 +149,20 @@ def test_cli_dry_run_json_with_smoke_steps_passes_the_reload_check():
     assert data["smoke"]["losses_match"] is True and data["smoke"]["weights_match"] is True
     assert len(data["smoke"]["losses"]) == 2
     assert data["fits"] is True and data["memory"]["total"] > 0
+
+
+def test_cli_dry_run_steps_without_the_tokenizer_say_which_and_the_fix(tmp_path, monkeypatch, capsys):
+    # SmolLM's weights are not here, so random ones stand in; its tokenizer cannot, and is not here either.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    args = ["dry-run", "--profile", "tiny", "--steps", "1", "model.model_name_or_path=HuggingFaceTB/SmolLM-135M"]
+    args += ["stage=lora", "model.lora_target_modules=[q_proj]", "data.conversation_template=chatml"]
+    with pytest.raises(SystemExit) as stopped:
+        run_guarded(lambda: app(args, prog_name="llavactl"))
+    assert stopped.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the tokenizer of `HuggingFaceTB/SmolLM-135M` is not at hand" in err
+    assert "Fix: download it once" in err and "Traceback" not in err
 
 
 def test_cli_dry_run_plans_for_the_stated_device_memory_and_names_what_fits():

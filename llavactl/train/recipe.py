@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llavactl.config.loader import LoadedProfile
-from llavactl.errors import ConfigError, DataError, TrainingError
+from llavactl.errors import ConfigError, DataError, ModelSourceError, TrainingError
 from llavactl.train import checkpoint, loss
 from llavactl.train.metrics import MetricsWriter, library_versions, peak_memory_bytes, write_run_record
 from llavactl.train.optimizer import build_optimizer, build_scheduler
@@ -258,6 +258,16 @@ class TrainRecipe:
         from llavactl.data.dataset import Collator, ResumableSampler, build_dataset
 
         data, t, assembled = self._profile.data, self._training, self._assembled
+        if assembled.tokenizer is None:
+            # Random weights stand in for weights that are not downloaded; the text still needs its tokens.
+            model_cfg = self._profile.model
+            source = model_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path
+            raise ModelSourceError(
+                f"model.tokenizer_name_or_path: the tokenizer of `{source}` is not at hand, and the steps need it "
+                "to encode the data (random weights can stand in for the model's weights, not for its tokenizer)",
+                fix=f"download it once (`hf download {source} --include '*.json' '*.model' '*.txt'`), or point "
+                "`model.tokenizer_name_or_path` at a local folder that has it",
+            )
         dataset = build_dataset(
             data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, self._profile.seed
         )
