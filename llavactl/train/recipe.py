@@ -265,8 +265,8 @@ class TrainRecipe:
             raise ModelSourceError(
                 f"model.tokenizer_name_or_path: the tokenizer of `{source}` is not at hand, and the steps need it "
                 "to encode the data (random weights can stand in for the model's weights, not for its tokenizer)",
-                fix=f"download it once (`hf download {source} --include '*.json' '*.model' '*.txt'`), or point "
-                "`model.tokenizer_name_or_path` at a local folder that has it",
+                fix=f"download it once (`hf download {source} --include '*.json' --include '*.model' "
+                "--include '*.txt'`), or point `model.tokenizer_name_or_path` at a local folder that has it",
             )
         dataset = build_dataset(
             data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, self._profile.seed
