@@ -1,20 +1,21 @@
 """One training step in local_lite's real shapes on this CPU: seconds, FLOP/s, peak RSS.
 
 Random weights in the shapes of CLIP ViT-L/14-336 (frozen tower) and SmolLM-135M (LoRA r16 on
-q/k/v/o, projector mlp2x_gelu trained), one record of 576 image tokens plus text, batch 1
-(`--image-size 224` gives 256 image tokens through interpolated position embeddings; `--bf16` runs
-the forward under CPU bf16 autocast, as `training.bf16=true` does). Each
-configuration (with and without gradient checkpointing) runs in its own process so that its peak
-RSS is its own. The step is llavactl's: ``summed_token_loss``, backward, clipping, fused AdamW over
+q/k/v/o, projector mlp2x_gelu trained), one record of 576 image tokens plus text, batch 1 (`--image-
+size 224` gives 256 image tokens through interpolated position embeddings; `--bf16` runs the forward
+under CPU bf16 autocast, as `training.bf16=true` does). Each configuration (with and without
+gradient checkpointing) runs in its own process so that its peak RSS is its own. The step is
+llavactl's own unit, :class:`llavactl.train.step.TrainingStep` (the one the recipe runs and the
+planner traces): loss normalised by the supervised tokens, backward, clipping, fused AdamW over
 ``build_optimizer``'s groups. FLOPs are counted on one step by llavactl's `flop_counter` (torch's
 FlopCounterMode plus the CPU attention kernels it does not know, causal ones credited with the pairs
 they compute) and divided by the measured step time; the reference is this machine's fp32 matmul
 FLOP/s (a 2048x2048 matmul), so the ratio says how much of the CPU the step uses. The matmul rate is
-measured in the same process for half a second before and after each timed step and each step is
-set against the mean of its two: a laptop or shared machine drifts by up to 30% within a
-minute, and a rate taken at another moment would move the ratio by as much. The median step counts.
-With checkpointing the recomputed forward counts as work (the CPU does it); the gc line also gives
-the share counting only the model's FLOPs (those of the step without checkpointing).
+measured in the same process for half a second before and after each timed step and each step is set
+against the mean of its two: a laptop or shared machine drifts by up to 30% within a minute, and a
+rate taken at another moment would move the ratio by as much. The median step counts. With
+checkpointing the recomputed forward counts as work (the CPU does it); the gc line also gives the
+share counting only the model's FLOPs (those of the step without checkpointing).
 
     python benchmarks/local_lite_step.py [--quick] [--steps N] [--text-tokens T] [--image-size S] [--bf16]
 
@@ -84,30 +85,31 @@ def one_record(assembled: Any, config: Any, text_tokens: int) -> dict[str, Any]:
 def child(
     gradient_checkpointing: bool, steps: int, text_tokens: int, warmup: bool, image_size: int | None, bf16: bool
 ) -> dict[str, float]:
-    import contextlib
-
     import torch
 
     from llavactl.config.schema import TrainingConfig
     from llavactl.model.flops import flop_counter
-    from llavactl.train.loss import summed_token_loss
+    from llavactl.resolve import Precision
+    from llavactl.train.loss import TokenLoss
     from llavactl.train.optimizer import build_optimizer
+    from llavactl.train.step import TrainingStep
 
     assembled, config = build_model(gradient_checkpointing, image_size)
     model = assembled.model
     rss_before_steps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     optimizer = build_optimizer(assembled.parameter_groups(), TrainingConfig(learning_rate=2e-4))
     batch = one_record(assembled, config, text_tokens)
-    labels, seq, side = batch["labels"], batch["input_ids"].shape[1], assembled.image_spec.size
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    seq, side = batch["input_ids"].shape[1], assembled.image_spec.size
+    unit = TrainingStep(
+        TokenLoss(model),
+        optimizer,
+        precision=Precision(autocast="bf16" if bf16 else None),
+        device=torch.device("cpu"),
+        max_grad_norm=1.0,
+    )
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = summed_token_loss(model, batch) / int((labels[:, 1:] != -100).sum())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        unit([batch])
 
     if warmup:
         step()  # allocator, fused kernels, thread pool

@@ -90,8 +90,8 @@ def measure_local_lite(steps: int, gradient_checkpointing: bool) -> int:
 def estimate(case: str) -> int:
     """dry-run's estimate of the same case (in this fresh process, as dry-run would)."""
     from llavactl.config.loader import load_profile
-    from llavactl.model.memory import runtime_rss_bytes
-    from llavactl.train import plan
+    from llavactl.plan import build as plan
+    from llavactl.plan.memory import runtime_rss_bytes
 
     runtime = runtime_rss_bytes()
     if case == "tiny":

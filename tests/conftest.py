@@ -1,7 +1,9 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures: YAML files, the synthetic shapes data set. Helpers that are not fixtures
+are in ``helpers.py``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,3 +21,25 @@ def write_yaml(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """The shapes data set (32 px images, seed 0) with ``n`` records, made once per size per session:
+    ``shapes_data(24)`` is the path of its JSON file."""
+    from llavactl.data.synth import write_shapes
+
+    made: dict[int, Path] = {}
+
+    def make(n: int = 8) -> Path:
+        if n not in made:
+            made[n] = write_shapes(tmp_path_factory.mktemp(f"shapes{n}"), n=n, seed=0, image_size=32)
+        return made[n]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def shapes(shapes_data: Callable[..., Path]) -> Path:
+    """Eight shapes records: what most tests train, export and evaluate on."""
+    return shapes_data(8)

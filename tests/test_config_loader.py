@@ -182,7 +182,6 @@ def test_override_into_a_scalar_is_an_error(write_yaml):
         (["model.load_in_4bit=true"], "without QLoRA"),
         (["stage=qlora"], "stage is `qlora` but `model.use_qlora` is false"),
         (["stage=full"], "stage `full` trains no LoRA adapters"),
-        (["training.fp16=true", "training.device=cpu"], "fp16 with a gradient scaler needs CUDA"),
         (["training.warmup_ratio=0.1", "training.warmup_steps=10"], "Both warmup_ratio and warmup_steps"),
     ],
 )

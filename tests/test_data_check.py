@@ -6,14 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures.data_helpers import REFERENCE, byte_tokenizer, image_id, llama_tokenizer, record
+from helpers import REFERENCE, byte_tokenizer, image_id, llama_tokenizer, record, run_cli
 from PIL import Image
-from typer.testing import CliRunner
 
-from llavactl.cli.data import app
 from llavactl.data.check import TokenContext, check_dataset
 from llavactl.data.images import ImageSpec
-from llavactl.errors import DataError
 
 SPEC = ImageSpec(32, 8, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 MAX_LEN = 256
@@ -119,18 +116,25 @@ def profile_file(folder: Path, data_path: Path, model: str = "builtin:tiny-llama
 def test_cli_exit_1_json_report_and_write_clean(tmp_path: Path) -> None:
     data = crafted(tmp_path)
     report_file, clean = tmp_path / "r.json", tmp_path / "clean.jsonl"
-    result = CliRunner().invoke(
-        app, ["check", "-p", str(profile_file(tmp_path, data)), "--json", str(report_file), "--write-clean", str(clean)]
-    )
-    assert result.exit_code == 1, result.output
-    assert "empty_supervision" in result.output and "tokens per record" in result.output
+    args = ["data", "check", "-p", str(profile_file(tmp_path, data)), "--json-file", str(report_file)]
+    code, out, err = run_cli([*args, "--write-clean", str(clean)])
+    assert code == 1, out + err
+    assert "empty_supervision" in out and "tokens per record" in out
+    assert "Error: 7 of 11 records have errors" in err
     report = json.loads(report_file.read_text())
     assert set(report) == {"records", "problems", "stats", "skipped_checks"}
     assert {"index", "id", "code", "message"} <= set(report["problems"][0])
     kept = [json.loads(line)["id"] for line in clean.read_text().splitlines()]
     assert kept == ["good", "long", "good", 11]
-    again = CliRunner().invoke(app, ["check", "-p", str(profile_file(tmp_path, clean))])
-    assert again.exit_code == 0, again.output
+    assert run_cli(["data", "check", "-p", str(profile_file(tmp_path, clean))])[0] == 0
+
+
+def test_json_prints_the_report_to_stdout_and_the_old_file_form_names_the_new_option(tmp_path: Path) -> None:
+    data = crafted(tmp_path)
+    code, out, _ = run_cli(["data", "check", "-p", str(profile_file(tmp_path, data)), "--json"])
+    assert code == 1 and json.loads(out)["records"] == 11
+    code, out, err = run_cli(["data", "check", "-p", str(profile_file(tmp_path, data)), "--json", "r.json"])
+    assert code == 2 and "--json-file r.json" in err and not (tmp_path / "r.json").exists()
 
 
 def test_cli_exit_0_on_the_real_records_and_2_on_usage_errors(tmp_path: Path) -> None:
@@ -140,19 +144,17 @@ def test_cli_exit_0_on_the_real_records_and_2_on_usage_errors(tmp_path: Path) ->
         f"data:\n  data_path: {REFERENCE / 'llava_real_samples.json'}\n  max_seq_len: 4096\n",
         encoding="utf-8",
     )
-    assert CliRunner().invoke(app, ["check", "-p", str(path)]).exit_code == 0
-    assert CliRunner().invoke(app, ["check", "-p", str(path), "--limit", "0"]).exit_code == 2
-    missing = CliRunner().invoke(app, ["check", "-p", str(path), f"data.data_path={tmp_path / 'nope.json'}"])
-    assert isinstance(missing.exception, DataError) and missing.exception.exit_code == 2
+    assert run_cli(["data", "check", "-p", str(path)])[0] == 0
+    assert run_cli(["data", "check", "-p", str(path), "--limit", "0"])[0] == 2
+    code, _, err = run_cli(["data", "check", "-p", str(path), f"data.data_path={tmp_path / 'nope.json'}"])
+    assert code == 2 and "nope.json" in err and "Internal error" not in err
 
 
 def test_cli_reports_what_it_skipped_without_a_tokenizer(tmp_path: Path) -> None:
     data = crafted(tmp_path)
-    result = CliRunner().invoke(
-        app, ["check", "-p", str(profile_file(tmp_path, data, model=str(tmp_path / "no-such-model")))]
-    )
-    assert result.exit_code == 1
-    assert "skipped" in result.output and "token lengths" in result.output and "missing_image" in result.output
+    code, out, _ = run_cli(["data", "check", "-p", str(profile_file(tmp_path, data, model=str(tmp_path / "no-such")))])
+    assert code == 1
+    assert "skipped" in out and "token lengths" in out and "missing_image" in out
 
 
 def test_preview_json_lists_supervised_spans(tmp_path: Path) -> None:
@@ -162,18 +164,18 @@ def test_preview_json_lists_supervised_spans(tmp_path: Path) -> None:
         f"data:\n  data_path: {REFERENCE / 'llava_real_samples.json'}\n  max_seq_len: 4096\n",
         encoding="utf-8",
     )
-    result = CliRunner().invoke(app, ["preview", "-p", str(path), "--index", "3", "--json"])
-    assert result.exit_code == 0, result.output
-    (item,) = json.loads(result.output)
+    code, out, err = run_cli(["data", "preview", "-p", str(path), "--index", "3", "--json"])
+    assert code == 0, err
+    (item,) = json.loads(out)
     assert item["id"] == 2327515 and item["supervised"] == [" Yes</s>", " No</s>"]
     assert "USER: <image x16>\nAre there scarves" in item["prompt"]
-    shown = CliRunner().invoke(app, ["preview", "-p", str(path), "-n", "2"])
-    assert shown.exit_code == 0 and "<image x16>" in shown.output
+    code, shown, _ = run_cli(["data", "preview", "-p", str(path), "-n", "2"])
+    assert code == 0 and "<image x16>" in shown
 
 
 def test_synth_writes_a_dataset_that_checks_clean(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["synth", str(tmp_path / "s"), "--n", "12", "--seed", "4", "--image-size", "40"])
-    assert result.exit_code == 0, result.output
+    code, out, err = run_cli(["data", "synth", str(tmp_path / "s"), "--n", "12", "--seed", "4", "--image-size", "40"])
+    assert code == 0, out + err
     records = tmp_path / "s" / "shapes.json"
     assert len(json.loads(records.read_text())) == 12
-    assert CliRunner().invoke(app, ["check", "-p", str(profile_file(tmp_path, records))]).exit_code == 0
+    assert run_cli(["data", "check", "-p", str(profile_file(tmp_path, records))])[0] == 0

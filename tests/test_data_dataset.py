@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.data_helpers import REFERENCE, byte_tokenizer, image_id, record, write_json
+from helpers import REFERENCE, byte_tokenizer, image_id, record, write_json
 from PIL import Image
 
 from llavactl.config.schema import DataConfig

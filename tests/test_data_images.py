@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures.data_helpers import REFERENCE
+from helpers import REFERENCE
 from PIL import Image
 
 from llavactl.data.images import ImageFileError, ImageSpec, expand_to_square, load_image, open_rgb, probe

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fixtures.data_helpers import REFERENCE, record, write_json
+from helpers import REFERENCE, record, write_json
 
 from llavactl.data.records import (
     Problem,

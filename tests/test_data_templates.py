@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from fixtures.data_helpers import REFERENCE, byte_tokenizer, image_id, llama_tokenizer, record
+from helpers import REFERENCE, byte_tokenizer, image_id, llama_tokenizer, record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

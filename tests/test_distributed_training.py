@@ -3,7 +3,6 @@ exactly what one process with gradient accumulation 2 trains, with DDP and with 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -13,15 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
+from helpers import train_recipe
 from safetensors.torch import load_file
 
-from llavactl.config.loader import load_profile
 from llavactl.data.synth import write_shapes
 from llavactl.errors import CheckFailed
 from llavactl.train import checkpoint
-from llavactl.train.progress import TrainingProgress
-from llavactl.train.recipe import TrainRecipe
 
 STEPS = 4
 WEIGHT_FILES = ("trainable.safetensors", "projector.safetensors")
@@ -49,13 +45,7 @@ def _overrides(shapes: Path, output_dir: Path, *extra: str) -> list[str]:
 
 
 def _train_here(overrides: list[str], *, resume: str | None = None) -> None:
-    with TrainingProgress(Console(file=io.StringIO())) as progress:
-        recipe = TrainRecipe(load_profile("tiny", overrides), progress, resume=resume)
-        try:
-            recipe.setup()
-            recipe.train()
-        finally:
-            recipe.cleanup()
+    train_recipe(overrides, resume=resume)
 
 
 def _train_on_two_processes(overrides: list[str], *args: str) -> str:

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import A100, CPU, CPU_BF16, EIGHT_GPUS, GIB, ONE, PACKAGES, T4, profile, run_cli
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from llavactl.cli.main import app
-from llavactl.config.loader import load_profile
 from llavactl.doctor import blocking_failures, run_checks
 from llavactl.doctor.environment import (
     cuda_build_check,
@@ -22,48 +20,12 @@ from llavactl.doctor.environment import (
     ram_check,
     torch_load_check,
 )
-from llavactl.doctor.facts import GpuFacts, MachineFacts, probe
-from llavactl.doctor.profile_checks import (
-    data_checks,
-    model_source_checks,
-    precision_checks,
-    quantization_check,
-    wandb_check,
-)
-
-GIB = 1024**3
-PACKAGES = {
-    "torch": "2.13.0",
-    "transformers": "5.24.0",
-    "peft": "0.21.2",
-    "safetensors": "0.8.0",
-    "pillow": "13.0.0",
-    "bitsandbytes": None,
-    "wandb": None,
-}
-CPU = MachineFacts(
-    python=(3, 11, 7),
-    packages=PACKAGES,
-    torch_cuda_build=None,
-    cpu_cores=2,
-    torch_threads=2,
-    cpu_capability="AVX2",
-    cpu_flags=frozenset({"avx2"}),
-    ram_total_bytes=24 * GIB,
-    ram_available_bytes=20 * GIB,
-)
-CPU_BF16 = replace(CPU, cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16"}))
-T4 = replace(
-    CPU,
-    torch_cuda_build="12.4",
-    gpus=[GpuFacts("Tesla T4", 16 * GIB, 15 * GIB, (7, 5))],
-    packages={**PACKAGES, "bitsandbytes": "0.45.0"},
-)
-A100 = replace(T4, gpus=[GpuFacts("NVIDIA A100-SXM4-80GB", 80 * GIB, 79 * GIB, (8, 0))])
+from llavactl.doctor.profile_checks import data_checks, model_source_checks, precision_checks, wandb_check
+from llavactl.resolve import WorldFacts, resolve
 
 
 def _profile(name: str, *overrides: str):
-    return load_profile(name, list(overrides)).profile
+    return profile(name, *overrides).profile
 
 
 def _by_check(results, name):
@@ -108,55 +70,26 @@ def test_disk_check_reads_the_nearest_existing_parent(tmp_path):
     assert str(tmp_path) in result.finding
 
 
-def test_bf16_on_cpu_without_native_support_fails_with_the_override():
-    [result] = precision_checks(_profile("local_lite", "training.bf16=true").training, CPU)
-    assert result.status == "fail" and result.fix == "add `training.bf16=false`"
+def test_precision_rows_are_the_resolutions_problems_or_what_the_run_computes_in():
+    [slow] = precision_checks(resolve(profile("local_lite", "training.bf16=true"), CPU, ONE))
+    assert (slow.check, slow.status, slow.fix) == ("training.bf16", "fail", "add `training.bf16=false`")
+    [native] = precision_checks(resolve(profile("local_lite", "training.bf16=true"), CPU_BF16, ONE))
+    assert native.status == "pass" and "AVX512-BF16" in native.finding
+    [hint] = precision_checks(resolve(profile("local_lite"), CPU_BF16, ONE))
+    assert hint.status == "pass" and "training.bf16=true" in hint.fix
+    t4 = precision_checks(resolve(profile("finetune"), T4, ONE))
+    assert [(r.check, r.status) for r in t4] == [("training.bf16", "fail"), ("training.tf32", "fail")]
+    assert [r.status for r in precision_checks(resolve(profile("finetune"), A100, ONE))] == ["pass"]
 
 
-def test_bf16_on_cpu_with_native_support_passes():
-    [result] = precision_checks(_profile("local_lite", "training.bf16=true").training, CPU_BF16)
-    assert result.status == "pass" and "AVX512-BF16" in result.finding
-
-
-def test_fp32_on_a_bf16_cpu_passes_with_a_hint():
-    [result] = precision_checks(_profile("local_lite").training, CPU_BF16)
-    assert result.status == "pass" and "training.bf16=true" in result.fix
-
-
-def test_bf16_on_a_t4_fails_and_suggests_fp16():
-    training = _profile("finetune", "training.tf32=false").training
-    [result] = precision_checks(training, T4)
-    assert result.status == "fail" and result.fix == "add `training.bf16=false training.fp16=true`"
-    assert all(r.status == "pass" for r in precision_checks(_profile("finetune").training, A100))
-
-
-def test_tf32_fails_off_ampere():
-    results = precision_checks(_profile("finetune", "training.bf16=false").training, T4)
-    assert [(r.check, r.status) for r in results] == [("training.tf32", "fail")]
-
-
-def test_fp16_on_cpu_fails():
-    training = _profile("t4_qlora").training.model_copy(update={"device": "auto"})
-    results = precision_checks(training, CPU)
-    assert ("training.fp16", "fail") in [(r.check, r.status) for r in results]
-
-
-def test_qlora_on_cpu_fails_with_the_cpu_guides_overrides():
-    result = quantization_check(_profile("t4_qlora"), CPU)
-    assert result.status == "fail"
-    assert "stage=lora model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false" in result.fix
-
-
-def test_qlora_without_bitsandbytes_fails_and_with_broken_bitsandbytes_fails():
-    no_bnb = replace(T4, packages={**PACKAGES, "bitsandbytes": None})
-    assert "llavactl[qlora]" in quantization_check(_profile("t4_qlora"), no_bnb).fix
-    broken = replace(T4, bitsandbytes_error="RuntimeError: CUDA Setup failed")
-    assert "CUDA Setup failed" in quantization_check(_profile("t4_qlora"), broken).finding
-    assert quantization_check(_profile("t4_qlora"), T4).status == "pass"
+def test_qlora_on_cpu_fails_in_doctor_with_the_cpu_guides_overrides():
+    [row] = _by_check(run_checks(profile("t4_qlora"), CPU, ONE), "QLoRA / bitsandbytes")
+    assert row.status == "fail" and row.blocking
+    assert "stage=lora model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false" in row.fix
 
 
 def test_cuda_profile_on_a_cpu_machine_fails_with_device_override():
-    results = run_checks(_profile("finetune"), CPU)
+    results = run_checks(profile("finetune"), CPU, ONE)
     [device] = _by_check(results, "training.device")
     assert device.status == "fail" and "training.device=cpu" in device.fix
     assert device in blocking_failures(results)
@@ -250,7 +183,9 @@ def empty_hub_cache(tmp_path, monkeypatch):
 
 
 def _source(model_cfg, facts=CPU, offline=False):
-    return {r.check: r for r in model_source_checks(model_cfg, facts, offline=offline)}
+    loaded = profile("local_lite")
+    loaded.profile.model = model_cfg
+    return {r.check: r for r in model_source_checks(resolve(loaded, facts, ONE), offline=offline)}
 
 
 def test_safetensors_only_tower_passes_pickle_only_warns_or_fails_by_torch(tmp_path, empty_hub_cache):
@@ -307,51 +242,81 @@ def test_wandb_checks(monkeypatch, tmp_path):
     assert wandb_check(_profile("local_lite").training, CPU) is None
 
 
-def test_probe_reads_this_machine():
-    facts = probe()
-    assert facts.packages["torch"] == torch.__version__
-    assert facts.cpu_cores >= 1 and facts.ram_total_bytes > 0
-
-
 def test_cli_doctor_json_for_tiny_is_ok_and_exit_0():
-    result = CliRunner().invoke(app, ["doctor", "--profile", "tiny", "--json"])
-    data = json.loads(result.output)
-    assert result.exit_code == (0 if data["ok"] else 1)
+    code, out, _ = run_cli(["doctor", "--profile", "tiny", "--json"])
+    data = json.loads(out)
+    assert code == (0 if data["ok"] else 1)
     assert {c["check"] for c in data["checks"]} >= {"python", "device", "model.vision_tower", "data"}
     assert all(set(c) == {"check", "status", "finding", "fix", "blocking"} for c in data["checks"])
 
 
 def test_cli_doctor_exits_1_on_a_failing_check(tmp_path):
-    result = CliRunner().invoke(app, ["doctor", "--profile", "local_lite", f"data.data_path={tmp_path}/x.json"])
-    assert result.exit_code == 1
-    assert "data.data_path" in result.output
+    code, out, err = run_cli(["doctor", "--profile", "local_lite", f"data.data_path={tmp_path}/x.json"])
+    assert code == 1
+    assert "data.data_path" in out and "Error:" in err and "check" in err and "failed" in err
 
 
 def test_memory_check_passes_warns_within_the_error_and_fails_with_the_overrides_that_fit():
     from llavactl.doctor.memory_checks import memory_check
 
-    profile = _profile("local_lite")
+    resolved = resolve(profile("local_lite"), CPU, ONE)
     free = CPU.ram_available_bytes
-    assert memory_check(profile, CPU, lambda p, f, d: (free // 2, None)).status == "pass"
-    assert memory_check(profile, CPU, lambda p, f, d: (int(free * 0.9), None)).status == "warn"
+    assert memory_check(resolved, lambda r: (free // 2, None)).status == "pass"
+    assert memory_check(resolved, lambda r: (int(free * 0.9), None)).status == "warn"
     fix = "training.per_device_train_batch_size=1 training.gradient_accumulation_steps=16"
-    result = memory_check(profile, CPU, lambda p, f, d: (free * 2, fix))
+    result = memory_check(resolved, lambda r: (free * 2, fix))
     assert result.status == "fail" and result.fix == f"add `{fix}`"
-    assert "no override fits" in memory_check(profile, CPU, lambda p, f, d: (free * 2, None)).fix
+    assert "no override fits" in memory_check(resolved, lambda r: (free * 2, None)).fix
 
 
 def test_memory_check_on_a_gpu_compares_with_its_free_memory_and_skips_without_one():
     from llavactl.doctor.memory_checks import memory_check
 
     seen = []
-    result = memory_check(_profile("t4_qlora"), T4, lambda p, f, d: (seen.append(f) or 10 * GIB, None))
+    on_t4 = resolve(profile("t4_qlora"), T4, ONE)
+    result = memory_check(on_t4, lambda r: (seen.append(r.free_memory_bytes) or 10 * GIB, None))
     assert result.status == "pass" and seen == [15 * GIB] and "Tesla T4" in result.finding
-    assert memory_check(_profile("t4_qlora"), CPU, lambda p, f, d: (0, None)).status == "skipped"
+    assert memory_check(resolve(profile("t4_qlora"), CPU, ONE), lambda r: (0, None)).status == "skipped"
 
 
 def test_memory_check_with_the_real_planner_on_tiny():
-    from llavactl.train.plan import plan_memory
+    from llavactl.plan import plan_memory
 
-    results = run_checks(_profile("tiny"), CPU, memory_planner=plan_memory)
+    results = run_checks(profile("tiny"), CPU, ONE, memory_planner=plan_memory)
     [memory] = _by_check(results, "memory")
     assert memory.status == "pass" and "estimated peak" in memory.finding
+
+
+def test_doctor_reads_the_world_torchrun_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    results = {r.check: r for r in run_checks(profile("tiny"), CPU, offline=True)}
+    assert results["world"].finding == "2 processes (2 on this node), ddp"
+    assert results["distributed backend"].status == "pass"
+    assert results["global batch"].finding.startswith("8 = 4 per device x 1 accumulation x 2 processes")
+
+
+def test_global_batch_is_shown_and_a_multiplied_one_gets_the_accumulation_that_keeps_it() -> None:
+    from llavactl.doctor.distributed_checks import global_batch_check
+
+    eight = WorldFacts(8, 8, frozenset({"gloo", "nccl"}))
+
+    def check(name: str, *overrides: str, world: WorldFacts = eight):
+        return global_batch_check(resolve(profile(name, *overrides), EIGHT_GPUS, world))
+
+    assert check("finetune", world=ONE).finding == "128 = 16 per device x 8 accumulation x 1 process"
+    multiplied = check("finetune")
+    assert multiplied.status == "warn"
+    assert multiplied.finding.startswith("1024 = 16 per device x 8 accumulation x 8 processes: 8 times the")
+    assert multiplied.fix.startswith("add `training.gradient_accumulation_steps=1` to keep")
+    assert check("finetune", "training.gradient_accumulation_steps=1").status == "warn"
+    tiny = check("tiny", world=WorldFacts(2, 2, frozenset({"gloo"})))
+    assert "`training.per_device_train_batch_size=2 training.gradient_accumulation_steps=1`" in (tiny.fix or "")
+
+
+@pytest.mark.parametrize(
+    ("world", "status"), [(WorldFacts(1, 1, frozenset()), "warn"), (WorldFacts(2, 2, frozenset()), "fail")]
+)
+def test_missing_backend_blocks_only_a_multi_process_run(world: WorldFacts, status: str) -> None:
+    [result] = _by_check(run_checks(profile("tiny"), CPU, world), "distributed backend")
+    assert result.status == status and "no `gloo` backend" in result.finding

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
-from typer.testing import CliRunner
+from helpers import CPU, ONE, run_cli
 
-from llavactl.cli._errors import run_guarded
-from llavactl.cli.main import app
 from llavactl.config.loader import load_profile
 from llavactl.model.assembly import build_llava
-from llavactl.model.memory import component_params
-from llavactl.train import plan as P
+from llavactl.plan import build as P
+from llavactl.plan.memory import component_params
+from llavactl.resolve import resolve
 
 GIB = 1024**3
 TINY_TOKENS = P.TokenPlan("test", 600, 600, 16, 1, 297.9, 333, 341, 73)
@@ -38,8 +38,9 @@ def test_meta_counts_equal_the_built_model():
 
 
 def test_tiny_plan_counts_tokens_and_steps_from_its_data():
-    profile = load_profile("tiny").profile
-    plan = P.build_plan(profile, name="tiny", device="cpu", free_bytes=20 * GIB, runtime_bytes=0, measure_speed=False)
+    loaded = load_profile("tiny")
+    profile = loaded.profile
+    plan = P.build_plan(resolve(loaded, replace(CPU, ram_available_bytes=20 * GIB), ONE), runtime_bytes=0)
     assert plan.tokens.records == 600 and plan.tokens.records_with_image == 600
     assert plan.tokens.image_tokens_per_image == 16
     assert plan.tokens.longest <= profile.data.max_seq_len and plan.tokens.supervised > 0
@@ -135,7 +136,7 @@ def test_suggestions_are_cumulative_ready_to_paste_overrides_cheapest_first():
 def test_qlora_weights_count_at_four_bits():
     profile = load_profile("t4_qlora").profile
     assembled = P.build_meta(profile, gradient_checkpointing=True)
-    from llavactl.model.memory import weight_bytes
+    from llavactl.plan.memory import weight_bytes
 
     full = weight_bytes(assembled, dtype_bytes=2)
     quantized = weight_bytes(assembled, dtype_bytes=2, quantized_bits=4)
@@ -143,9 +144,9 @@ def test_qlora_weights_count_at_four_bits():
 
 
 def test_cli_dry_run_json_with_smoke_steps_passes_the_reload_check():
-    result = CliRunner().invoke(app, ["dry-run", "--profile", "tiny", "--steps", "1", "--json"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    code, out, err = run_cli(["dry-run", "--profile", "tiny", "--steps", "1", "--json"])
+    assert code == 0, err
+    data = json.loads(out)
     assert data["smoke"]["losses_match"] is True and data["smoke"]["weights_match"] is True
     assert len(data["smoke"]["losses"]) == 2
     assert data["fits"] is True and data["memory"]["total"] > 0
@@ -157,10 +158,9 @@ def test_cli_dry_run_steps_without_the_tokenizer_say_which_and_the_fix(tmp_path,
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     args = ["dry-run", "--profile", "tiny", "--steps", "1", "model.model_name_or_path=HuggingFaceTB/SmolLM-135M"]
     args += ["stage=lora", "model.lora_target_modules=[q_proj]", "data.conversation_template=chatml"]
-    with pytest.raises(SystemExit) as stopped:
-        run_guarded(lambda: app(args, prog_name="llavactl"))
-    assert stopped.value.code == 2
-    err = " ".join(capsys.readouterr().err.split())
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    err = " ".join(err.split())
     assert "the tokenizer of `HuggingFaceTB/SmolLM-135M` is not at hand" in err
     assert "Fix: download it once" in err and "Traceback" not in err
 
@@ -168,12 +168,13 @@ def test_cli_dry_run_steps_without_the_tokenizer_say_which_and_the_fix(tmp_path,
 def test_cli_dry_run_plans_for_the_stated_device_memory_and_names_what_fits():
     args = ["dry-run", "--profile", "tiny", "training.device=cuda", "training.per_device_train_batch_size=1"]
     args += ["training.gradient_checkpointing=true", "--device-memory", "0.2"]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    assert "Free memory on the device: 0.20 GiB: does not fit" in result.output
+    code, out, err = run_cli(args)
+    assert code == 0, err
+    out = " ".join(out.split())
+    assert "Free memory on the device: 0.20 GiB: does not fit" in out
     # The runtime with a CUDA context already takes more than 0.2 GiB: no knob can help.
-    assert "No override brings the estimate under 0.20 GiB" in result.output
-    assert "no cuda device on this machine: time per step not estimated" in result.output
+    assert "No override brings the estimate under 0.20 GiB" in out
+    assert "no cuda device on this machine: time per step not estimated" in out
 
 
 @pytest.mark.parametrize("name", ["tiny", "local_lite", "t4_qlora", "pretrain", "finetune", "finetune_lora"])

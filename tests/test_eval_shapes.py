@@ -7,22 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
-import typer
-from test_export_llava import make_run, run_cli
+from helpers import make_run, run_cli
 
-from llavactl.cli.export import evaluate
 from llavactl.data.records import Record, Turn
 from llavactl.data.sources import resolve_data_source
-from llavactl.data.synth import write_shapes
 from llavactl.train.evaluate import COLOUR_QUESTION, SHAPE_QUESTION, Score, first_named, shapes_scores, shapes_truth
-
-app = typer.Typer()
-app.command()(evaluate)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shapes(tmp_path_factory.mktemp("shapes"), n=8, seed=0, image_size=32)
 
 
 def record(rid: str, *pairs: tuple[str, str]) -> Record:
@@ -95,7 +84,7 @@ def test_eval_reports_loss_perplexity_and_shapes_shares_as_json(
 ) -> None:
     make_run(tmp_path / "run", shapes)
     args = ["--profile", "tiny", f"data.eval_data_path={shapes}", "--model", str(tmp_path / "run"), "--json"]
-    code, out, err = run_cli(app, args, capsys)
+    code, out, err = run_cli(["eval", *args], capsys)
     assert (code, err) == (0, "")
     report = json.loads(out)
     assert report["records"] == 8 and report["skipped"] == 0 and report["supervised_tokens"] > 0
@@ -116,7 +105,7 @@ def test_eval_without_held_out_data_says_which_key_to_set(
 ) -> None:
     make_run(tmp_path / "run", shapes)
     args = ["--profile", "tiny", "data.eval_data_path=null", "--model", str(tmp_path / "run")]
-    code, _, err = run_cli(app, args, capsys)
+    code, _, err = run_cli(["eval", *args], capsys)
     assert code == 2
     assert err.startswith("Error: data.eval_data_path is not set")
     assert "Fix: add `data.eval_data_path=PATH`" in err

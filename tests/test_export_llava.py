@@ -7,63 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
+from helpers import make_run, run_cli
 from PIL import Image
 
-from llavactl.cli._errors import run_guarded
-from llavactl.cli.export import export
 from llavactl.config.loader import load_profile
 from llavactl.data.dataset import Collator, build_dataset
 from llavactl.data.images import load_image
-from llavactl.data.synth import write_shapes
-from llavactl.model.assembly import AssembledModel, build_llava
+from llavactl.model.assembly import AssembledModel
 from llavactl.model.export import batch_logits, max_difference
-from llavactl.model.weights import save_trainable
-from llavactl.train.checkpoint import save_checkpoint
 from llavactl.train.generate import Predictor
-
-app = typer.Typer()
-app.command()(export)
-
-
-def run_cli(app: typer.Typer, args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        run_guarded(lambda: app(args, prog_name="llavactl"))
-    out = capsys.readouterr()
-    return int(info.value.code or 0), out.out, out.err
-
-
-@pytest.fixture(scope="session")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shapes(tmp_path_factory.mktemp("shapes"), n=8, seed=0, image_size=32)
-
-
-def tiny_model(shapes: Path, *overrides: str) -> tuple[AssembledModel, object]:
-    """The tiny profile's model on ``shapes``, its trainable weights moved off their init (so that
-    LoRA adapters change the logits), and the profile."""
-    profile = load_profile("tiny", [f"data.data_path={shapes}", f"data.eval_data_path={shapes}", *overrides]).profile
-    assembled = build_llava(profile.model, profile.stage, image_size=profile.data.image_size, seed=profile.seed)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in assembled.model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return assembled, profile
-
-
-def make_run(run_dir: Path, shapes: Path, *overrides: str) -> AssembledModel:
-    """A run folder with one checkpoint of the tiny model, as the trainer writes it."""
-    assembled, profile = tiny_model(shapes, *overrides)
-    save_checkpoint(
-        run_dir,
-        3,
-        write_weights=lambda folder: save_trainable(assembled, folder),
-        training_state={},
-        progress={"step": 3, "profile": profile.model_dump(mode="json")},
-        save_total_limit=None,
-    )
-    assembled.model.eval()
-    return assembled
 
 
 def real_batch(assembled: AssembledModel, shapes: Path) -> dict[str, torch.Tensor]:
@@ -78,7 +30,7 @@ def test_full_stage_export_reloads_in_plain_transformers_with_the_same_logits(
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     assembled = make_run(tmp_path / "run", shapes)
-    code, out, err = run_cli(app, [str(tmp_path / "run"), str(tmp_path / "out"), "--json"], capsys)
+    code, out, err = run_cli(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--json"], capsys)
     assert (code, err) == (0, "")
     report = json.loads(out)
     assert report["max_logit_difference"] <= 1e-5 and report["adapter"] is None
@@ -108,7 +60,7 @@ def test_merged_lora_gives_the_unmerged_logits_and_a_plain_llava_folder(
     from transformers import LlavaForConditionalGeneration
 
     assembled = make_run(tmp_path / "run", shapes, "stage=lora")
-    code, out, _ = run_cli(app, [str(tmp_path / "run"), str(tmp_path / "out"), "--merge-lora", "--json"], capsys)
+    code, out, _ = run_cli(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--merge-lora", "--json"], capsys)
     assert code == 0
     report = json.loads(out)
     assert report["merged_lora"] is True
@@ -131,7 +83,7 @@ def test_unmerged_lora_writes_the_base_and_a_peft_adapter_beside_it(
     from transformers import LlavaForConditionalGeneration
 
     assembled = make_run(tmp_path / "run", shapes, "stage=lora")
-    code, out, _ = run_cli(app, [str(tmp_path / "run" / "checkpoint-3"), str(tmp_path / "out")], capsys)
+    code, out, _ = run_cli(["export", str(tmp_path / "run" / "checkpoint-3"), str(tmp_path / "out")], capsys)
     assert code == 0
     assert "LoRA adapter (peft) in" in out and "logits within" in out
     adapter = tmp_path / "out" / "adapter"
@@ -151,7 +103,8 @@ def test_bf16_export_stores_bf16_weights_and_checks_them_in_fp32(
     from safetensors import safe_open
 
     make_run(tmp_path / "run", shapes, "stage=projector")
-    code, out, err = run_cli(app, [str(tmp_path / "run"), str(tmp_path / "out"), "--dtype", "bf16", "--json"], capsys)
+    args = ["export", str(tmp_path / "run"), str(tmp_path / "out"), "--dtype", "bf16", "--json"]
+    code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert json.loads(out)["max_logit_difference"] <= 1e-5
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
@@ -165,7 +118,7 @@ def test_exported_processor_prepares_a_question_as_llavactl_does(
     from transformers import AutoProcessor
 
     assembled = make_run(tmp_path / "run", shapes, f"data.image_aspect_ratio={aspect}")
-    assert run_cli(app, [str(tmp_path / "run"), str(tmp_path / "out")], capsys)[0] == 0
+    assert run_cli(["export", str(tmp_path / "run"), str(tmp_path / "out")], capsys)[0] == 0
     processor = AutoProcessor.from_pretrained(tmp_path / "out")
     profile = load_profile("tiny", [f"data.image_aspect_ratio={aspect}"]).profile
     predictor = Predictor(
@@ -186,7 +139,7 @@ def test_exported_processor_prepares_a_question_as_llavactl_does(
 def test_export_needs_a_checkpoint_and_an_empty_folder(
     shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run_cli(app, [str(tmp_path), str(tmp_path / "out")], capsys)
+    code, _, err = run_cli(["export", str(tmp_path), str(tmp_path / "out")], capsys)
     assert code == 2
     assert err.startswith(f"Error: `{tmp_path}` is neither a llavactl checkpoint")
     assert "Fix: pass a run folder" in err
@@ -194,5 +147,5 @@ def test_export_needs_a_checkpoint_and_an_empty_folder(
     make_run(tmp_path / "run", shapes, "stage=projector")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("x")
-    code, _, err = run_cli(app, [str(tmp_path / "run"), str(tmp_path / "busy")], capsys)
+    code, _, err = run_cli(["export", str(tmp_path / "run"), str(tmp_path / "busy")], capsys)
     assert code == 2 and "is not empty" in err and (tmp_path / "busy" / "keep.txt").read_text() == "x"

@@ -8,34 +8,31 @@ tower trained at 224 px. (A builtin tower is simply built at the requested size.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
-from typer.testing import CliRunner
+from helpers import run_cli, train_recipe
 
 from llavactl.cli._errors import run_guarded
 from llavactl.cli.main import app
 from llavactl.config.loader import load_profile
 from llavactl.data.dataset import Collator, build_dataset
-from llavactl.data.synth import write_shapes
 from llavactl.errors import CheckFailed
 from llavactl.model import builtin
 from llavactl.model.assembly import AssembledModel, build_llava
 from llavactl.model.export import batch_logits, max_difference
 from llavactl.model.towers import resize_position_table
-from llavactl.train import plan
-from llavactl.train.progress import TrainingProgress
-from llavactl.train.recipe import TrainRecipe, TrainResult
+from llavactl.plan import build as plan
+from llavactl.train.recipe import TrainResult
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shapes(tmp_path_factory.mktemp("shapes"), n=12, seed=0, image_size=32)
+def shapes(shapes_data: Callable[..., Path]) -> Path:
+    return shapes_data(12)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +76,8 @@ def test_image_size_sets_the_image_tokens_of_batches_data_check_and_the_plan(
     for size in ("null", "16"):
         report = tmp_path / f"check-{size}.json"
         args = ["data", "check", "--profile", "tiny", *overrides(shapes, tower, f"data.image_size={size}")]
-        result = CliRunner().invoke(app, [*args, "--json", str(report)])
-        assert result.exit_code == 0, result.output
+        code, out, err = run_cli([*args, "--json-file", str(report)])
+        assert code == 0, out + err
         reports[size] = json.loads(report.read_text())["stats"]["length"]
     assert reports["null"]["max"] - reports["16"]["max"] == 16 - 4
     assert reports["null"]["min"] - reports["16"]["min"] == 16 - 4
@@ -105,13 +102,7 @@ def _train(shapes: Path, tower: Path, output_dir: Path, *extra: str, resume: str
         "training.learning_rate=1e-2",
         *extra,
     )
-    with TrainingProgress(Console(file=io.StringIO())) as progress:
-        recipe = TrainRecipe(load_profile("tiny", settings), progress, resume=resume)
-        try:
-            recipe.setup()
-            return recipe.train()
-        finally:
-            recipe.cleanup()
+    return train_recipe(settings, resume=resume)[0]
 
 
 @pytest.mark.parametrize("size", [16, 24])

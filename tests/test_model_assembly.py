@@ -5,40 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import collated
+from helpers import tiny_config as tiny
 
 from llavactl.config.schema import ModelConfig
 from llavactl.errors import ConfigError
 from llavactl.model import builtin
 from llavactl.model.assembly import AssembledModel, build_llava
-from llavactl.model.llms import QLORA_OFF
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def tiny(**fields: object) -> ModelConfig:
-    return ModelConfig(model_name_or_path="builtin:tiny-llama", vision_tower="builtin:tiny-clip", **fields)
-
-
-def collated(assembled: AssembledModel, replies: tuple[str, ...] = ("a red square", "two dots")) -> dict:
-    """A batch as the data collator makes it: `<image>` expanded, right-padded, prompt masked."""
-    tok = assembled.tokenizer
-    image = [assembled.image_token_id] * assembled.image_spec.num_tokens
-    rows = []
-    for reply in replies:
-        prompt = [tok.bos_token_id, *image, *tok("USER: what is it? ASSISTANT:", add_special_tokens=False).input_ids]
-        rows.append((prompt, [*tok(" " + reply, add_special_tokens=False).input_ids, tok.eos_token_id]))
-    length = max(len(p) + len(r) for p, r in rows)
-    input_ids = torch.full((len(rows), length), tok.pad_token_id)
-    labels = torch.full((len(rows), length), -100)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (prompt, reply) in enumerate(rows):
-        n = len(prompt) + len(reply)
-        input_ids[i, :n] = torch.tensor(prompt + reply)
-        labels[i, len(prompt) : n] = torch.tensor(reply)
-        attention_mask[i, :n] = 1
-    size = assembled.image_spec.size
-    pixels = torch.randn(len(rows), 3, size, size, generator=torch.Generator().manual_seed(0))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixels}
 
 
 def trainable_names(assembled: AssembledModel) -> set[str]:
@@ -181,15 +156,6 @@ def test_image_size_override_changes_the_token_count():
     assert assembled.image_spec.size == 48
     assert assembled.image_spec.num_tokens == 36
     assert torch.isfinite(assembled.model(**collated(assembled)).loss)
-
-
-def test_qlora_on_cpu_is_refused_with_the_overrides_that_turn_it_off():
-    cfg = tiny(use_qlora=True, load_in_4bit=True)
-    with pytest.raises(ConfigError) as caught:
-        build_llava(cfg, "qlora", image_size=None, seed=0, device="cpu")
-    assert caught.value.fix is not None
-    assert "stage=lora model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false" in caught.value.fix
-    assert QLORA_OFF in caught.value.fix
 
 
 # CLIP ViT-L/14-336's vision tower, counted from its config: patch conv (no bias), CLS, 577

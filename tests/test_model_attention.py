@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_config as tiny
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llavactl.model import attention
 from llavactl.model.causal_attention import BACKWARD_CHUNK, FORWARD_CHUNK, LONGEST_CHUNKED, causal_attention, chunks
 from llavactl.model.flops import flop_counter
-from tests.test_model_assembly import tiny
 
 
 def gqa_llama() -> LlamaForCausalLM:

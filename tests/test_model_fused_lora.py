@@ -8,12 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import collated
+from helpers import tiny_config as tiny
 from peft.tuners.lora import Linear as LoraLinear
 
 from llavactl.model.assembly import AssembledModel, build_llava
 from llavactl.model.fused_lora import fused_forward
 from llavactl.train.loss import summed_token_loss
-from tests.test_model_assembly import collated, tiny
 
 
 def lora_layers(assembled: AssembledModel) -> list[LoraLinear]:

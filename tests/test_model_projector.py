@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_config as tiny
 from safetensors.torch import save_file
 
 from llavactl.config.schema import ModelConfig
@@ -12,10 +13,6 @@ from llavactl.model.assembly import build_llava
 from llavactl.model.weights import save_trainable
 
 VISION, TEXT = 64, 64  # builtin tiny-clip and tiny-llama hidden sizes
-
-
-def tiny(**fields: object) -> ModelConfig:
-    return ModelConfig(model_name_or_path="builtin:tiny-llama", vision_tower="builtin:tiny-clip", **fields)
 
 
 def mlp_weights(prefix_1: str, prefix_2: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:

@@ -6,16 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_config as tiny
 from safetensors.torch import load_file, save_file
 
-from llavactl.config.schema import ModelConfig
 from llavactl.errors import ModelSourceError
 from llavactl.model.assembly import AssembledModel, build_llava
 from llavactl.model.weights import load_trainable, save_trainable
-
-
-def tiny(**fields: object) -> ModelConfig:
-    return ModelConfig(model_name_or_path="builtin:tiny-llama", vision_tower="builtin:tiny-clip", **fields)
 
 
 def trained(assembled: AssembledModel) -> AssembledModel:

@@ -6,37 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
-from test_export_llava import make_run, run_cli, tiny_model
+from helpers import make_run, run_cli, tiny_model
 
-from llavactl.cli.export import export, predict
 from llavactl.data.dataset import build_dataset
-from llavactl.data.synth import write_shapes
 from llavactl.train.generate import Predictor
-
-app = typer.Typer()
-app.command("export")(export)
-app.command("predict")(predict)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shapes(tmp_path_factory.mktemp("shapes"), n=8, seed=0, image_size=32)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, shapes: Path) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("predict")
     make_run(root / "run", shapes)
-    code = run_cli_quiet(["export", str(root / "run"), str(root / "out")])
+    code, _, _ = run_cli(["export", str(root / "run"), str(root / "out")])
     assert code == 0
     return root / "run", root / "out"
-
-
-def run_cli_quiet(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as info:
-        app(args, prog_name="llavactl")
-    return int(info.value.code or 0)
 
 
 def test_run_folder_checkpoint_and_export_give_the_same_answer(
@@ -47,7 +29,7 @@ def test_run_folder_checkpoint_and_export_give_the_same_answer(
     answers = []
     for model in (run, run / "checkpoint-3", out):
         args = ["predict", "--model", str(model), "--image", str(image), "--max-new-tokens", "6", "--json"]
-        code, text, err = run_cli(app, args, capsys)
+        code, text, err = run_cli(args, capsys)
         assert (code, err) == (0, "")
         answer = json.loads(text)
         assert answer["new_tokens"] == 6 and answer["prompt"] == "Describe the image."
@@ -61,8 +43,8 @@ def test_answer_is_streamed_to_the_terminal(
     run, _ = exported
     image = shapes.parent / "images" / "000001.png"
     args = ["predict", "--model", str(run), "--image", str(image), "--prompt", "What colour is the shape?"]
-    code, streamed, _ = run_cli(app, [*args, "--max-new-tokens", "5"], capsys)
-    _, as_json, _ = run_cli(app, [*args, "--max-new-tokens", "5", "--json"], capsys)
+    code, streamed, _ = run_cli([*args, "--max-new-tokens", "5"], capsys)
+    _, as_json, _ = run_cli([*args, "--max-new-tokens", "5", "--json"], capsys)
     assert code == 0
     assert streamed.strip() == json.loads(as_json)["answer"]
 
@@ -84,7 +66,7 @@ def test_unreadable_image_is_one_paragraph_with_exit_code_2(
     exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run, _ = exported
-    code, _, err = run_cli(app, ["predict", "--model", str(run), "--image", str(tmp_path / "nope.png")], capsys)
+    code, _, err = run_cli(["predict", "--model", str(run), "--image", str(tmp_path / "nope.png")], capsys)
     assert code == 2
     assert err.startswith(f"Error: --image: image file {tmp_path / 'nope.png'} does not exist")
     assert "Traceback" not in err

@@ -6,34 +6,24 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
+from helpers import run_cli
 
-from llavactl.cli._errors import run_guarded
-from llavactl.cli.train import train
-from llavactl.data.synth import write_shapes
 from llavactl.train import loss
-
-app = typer.Typer()
-app.command()(train)
-
-
-def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        run_guarded(lambda: app(args, prog_name="llavactl train"))
-    out = capsys.readouterr()
-    return int(info.value.code or 0), out.out, out.err
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shapes(tmp_path_factory.mktemp("shapes"), n=8, seed=0, image_size=32)
 
 
 def test_train_runs_to_the_end_and_says_where_the_checkpoint_is(
     shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = _run(
-        ["--profile", "tiny", f"data.data_path={shapes}", "training.max_steps=2", "--output-dir", str(tmp_path)],
+    code, out, err = run_cli(
+        [
+            "train",
+            "--profile",
+            "tiny",
+            f"data.data_path={shapes}",
+            "training.max_steps=2",
+            "--output-dir",
+            str(tmp_path),
+        ],
         capsys,
     )
     assert (code, err) == (0, "")
@@ -46,7 +36,9 @@ def test_doctor_stops_the_run_first_with_its_findings_and_exit_code_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = tmp_path / "nope.json"
-    code, out, err = _run(["--profile", "tiny", f"data.data_path={missing}", "--output-dir", str(tmp_path)], capsys)
+    code, out, err = run_cli(
+        ["train", "--profile", "tiny", f"data.data_path={missing}", "--output-dir", str(tmp_path)], capsys
+    )
     assert "Loading model" not in out
     assert code == 1
     assert err.startswith("Error: llavactl doctor found 1 problem that stop this run:\n  - data: ")
@@ -59,7 +51,7 @@ def test_missing_data_file_without_doctor_is_one_paragraph_with_exit_code_2(
 ) -> None:
     missing = tmp_path / "nope.json"
     args = ["--profile", "tiny", f"data.data_path={missing}", "--output-dir", str(tmp_path), "--skip-doctor"]
-    code, out, err = _run(args, capsys)
+    code, out, err = run_cli(["train", *args], capsys)
     assert "Loading model" not in out  # found before the model loads
     assert code == 2
     assert err.startswith(f"Error: data.data_path: {missing} is not a file\nFix: ")
@@ -68,7 +60,7 @@ def test_missing_data_file_without_doctor_is_one_paragraph_with_exit_code_2(
 
 def test_missing_image_folder_is_exit_code_2(shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--profile", "tiny", f"data.data_path={shapes}", f"data.image_folder={tmp_path / 'gone'}"]
-    code, _, err = _run([*args, "--output-dir", str(tmp_path), "--skip-doctor"], capsys)
+    code, _, err = run_cli(["train", *args, "--output-dir", str(tmp_path), "--skip-doctor"], capsys)
     assert code == 2
     assert "data.image_folder" in err and "Traceback" not in err
 
@@ -77,7 +69,9 @@ def test_qlora_on_a_cpu_gives_the_overrides_that_turn_it_off(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     qlora = ["stage=qlora", "model.use_qlora=true", "model.load_in_4bit=true"]
-    code, _, err = _run(["--profile", "tiny", *qlora, "--output-dir", str(tmp_path), "--skip-doctor"], capsys)
+    code, _, err = run_cli(
+        ["train", "--profile", "tiny", *qlora, "--output-dir", str(tmp_path), "--skip-doctor"], capsys
+    )
     assert code == 2
     assert "qlora" in err.lower()
     assert "model.use_qlora=false model.load_in_4bit=false" in err
@@ -91,7 +85,9 @@ def test_out_of_memory_names_the_settings_that_use_less(
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(loss, "summed_token_loss", out_of_memory)
-    code, _, err = _run(["--profile", "tiny", f"data.data_path={shapes}", "--output-dir", str(tmp_path)], capsys)
+    code, _, err = run_cli(
+        ["train", "--profile", "tiny", f"data.data_path={shapes}", "--output-dir", str(tmp_path)], capsys
+    )
     assert code == 1
     assert err.startswith("Error: Step 1: the machine ran out of RAM with micro-batches of 4 records")
     assert "training.gradient_checkpointing=true" in err
@@ -100,7 +96,7 @@ def test_out_of_memory_names_the_settings_that_use_less(
 
 def test_doctor_refuses_qlora_on_a_cpu_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     qlora = ["stage=qlora", "model.use_qlora=true", "model.load_in_4bit=true"]
-    code, out, err = _run(["--profile", "tiny", *qlora, "--output-dir", str(tmp_path)], capsys)
+    code, out, err = run_cli(["train", "--profile", "tiny", *qlora, "--output-dir", str(tmp_path)], capsys)
     assert code == 1 and "Loading model" not in out
     assert "QLoRA / bitsandbytes" in err
     assert "stage=lora model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false" in err

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+from helpers import train_recipe
 
-from llavactl.config.loader import load_profile
-from llavactl.data.synth import write_shapes
 from llavactl.errors import CheckFailed, TrainingError
 from llavactl.train import checkpoint, loss
-from llavactl.train.progress import TrainingProgress
-from llavactl.train.recipe import TrainRecipe, TrainResult
+from llavactl.train.recipe import TrainResult
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shapes(tmp_path_factory.mktemp("shapes"), n=24, seed=0, image_size=32)
+def shapes(shapes_data: Callable[..., Path]) -> Path:
+    return shapes_data(24)
 
 
 def _overrides(shapes: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -43,15 +40,7 @@ def _overrides(shapes: Path, output_dir: Path, *extra: str) -> list[str]:
 
 
 def _train(overrides: list[str], *, resume: str | None = None, force: bool = False) -> tuple[TrainResult, str]:
-    out = io.StringIO()
-    with TrainingProgress(Console(file=out, width=300)) as progress:
-        recipe = TrainRecipe(load_profile("tiny", overrides), progress, resume=resume, force=force)
-        try:
-            recipe.setup()
-            result = recipe.train()
-        finally:
-            recipe.cleanup()
-    return result, out.getvalue()
+    return train_recipe(overrides, resume=resume, force=force)
 
 
 @pytest.mark.parametrize(

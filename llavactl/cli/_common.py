@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -33,12 +36,24 @@ OverridesArg = Annotated[
 
 
 class _Verbosity:
-    """-v / -q from the root callback: 0 quiet, 1 normal, 2 verbose."""
+    """-v / -q from the root callback: 0 quiet, 1 normal, 2 verbose (phase timings on stderr, and
+    the traceback of a handled error)."""
 
     level = 1
 
 
 verbosity = _Verbosity()
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Under ``-v``, print how long ``name`` took (on stderr, so that --json output stays clean)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if verbosity.level >= 2:
+            err_console.print(f"[dim]{name}: {time.perf_counter() - start:.2f} s[/]")
 
 
 def load(profile: str, overrides: list[str] | None) -> LoadedProfile:

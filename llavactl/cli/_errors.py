@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from rich.markup import escape
 
-from llavactl.cli._common import err_console
+from llavactl.cli._common import err_console, verbosity
 from llavactl.errors import LlavactlError
 
 DEBUG_ENV = "LLAVACTL_DEBUG"
@@ -34,6 +34,8 @@ def run_guarded(app: Callable[[], object]) -> None:
     except LlavactlError as exc:
         if debug_enabled():
             raise
+        if verbosity.level >= 2:  # -v: where the handled error came from
+            err_console.print_exception()
         print_error(exc)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

@@ -12,31 +12,16 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from llavactl.cli._common import OverridesArg, ProfileOpt, console, load
+from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load
 from llavactl.data.synth import DEFAULT_COUNT, DEFAULT_IMAGE_SIZE
-from llavactl.errors import ModelSourceError
+from llavactl.errors import CheckFailed, ConfigError, ModelSourceError
 
 if TYPE_CHECKING:
-    from llavactl.config.schema import Profile
-    from llavactl.data.check import CheckReport, TokenContext
+    from llavactl.data.check import CheckReport
 
 app = typer.Typer(help="Check, preview and generate LLaVA-format training data.", no_args_is_help=True)
 
 SHOWN_PER_CODE = 3
-
-
-def _token_context(profile: Profile) -> tuple[TokenContext | None, str | None]:
-    """The tokenizer and image spec, or why they cannot be had (without weights, offline)."""
-    from llavactl.data.check import TokenContext
-    from llavactl.model.sources import IMAGE_TOKEN, load_tokenizer, tower_image_spec
-
-    model = profile.model
-    try:
-        tokenizer = load_tokenizer(model.tokenizer_name_or_path or model.model_name_or_path)
-        spec = tower_image_spec(model.vision_tower, profile.data.image_size)
-    except ModelSourceError as exc:
-        return None, exc.message
-    return TokenContext(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), spec), None
 
 
 @app.command("check")
@@ -44,8 +29,10 @@ def check(
     profile: ProfileOpt,
     overrides: OverridesArg = None,
     *,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (instead of the tables).")] = False,
     json_file: Annotated[
-        Path | None, typer.Option("--json", help="Also write the report as JSON to this file.", show_default=False)
+        Path | None,
+        typer.Option("--json-file", help="Also write the report as JSON to this file.", show_default=False),
     ] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Check only the first N records.")] = None,
     workers: Annotated[
@@ -66,11 +53,13 @@ def check(
     from llavactl.data.check import check_dataset
     from llavactl.data.check import write_clean as write_clean_file
     from llavactl.data.sources import resolve_data_source
+    from llavactl.model.sources import data_token_context
 
+    _refuse_old_json_file_form(as_json, overrides)
     loaded = load(profile, overrides)
     prof, data = loaded.profile, loaded.profile.data
     records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, prof.seed)
-    tokens, why = _token_context(prof)
+    tokens, why = data_token_context(prof.model, data.image_size)
     skipped = (f"token lengths, masks and template checks: {why}",) if why else ()
     report, raws = check_dataset(
         records_path,
@@ -83,15 +72,36 @@ def check(
         decode=decode,
         skipped_checks=skipped,
     )
-    _print_report(report, records_path, decode)
+    # With --json the report is stdout's one JSON document; the rest goes to stderr.
+    out = err_console if as_json else console
+    if as_json:
+        print(json.dumps(report.as_json(), indent=1, ensure_ascii=False))
+    else:
+        _print_report(report, records_path, decode)
     if json_file is not None:
         json_file.write_text(json.dumps(report.as_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        console.print(f"JSON report written to {escape(str(json_file))}")
+        out.print(f"JSON report written to {escape(str(json_file))}")
     if write_clean is not None:
         kept = write_clean_file(raws, report, write_clean)
-        console.print(f"{kept} records without errors written to {escape(str(write_clean))}")
+        out.print(f"{kept} records without errors written to {escape(str(write_clean))}")
     if report.errors:
-        raise typer.Exit(1)
+        raise CheckFailed(
+            f"{report.stats['records_with_errors']} of {report.records} records have errors "
+            f"({report.stats['errors']} errors in all).",
+            fix="fix or drop those records (the table above names each), or write the good ones with "
+            "`--write-clean FILE`",
+        )
+
+
+def _refuse_old_json_file_form(as_json: bool, overrides: list[str] | None) -> None:
+    """`data check --json FILE` once wrote FILE; now --json is a flag, and FILE would be an override."""
+    stray = [w for w in overrides or [] if "=" not in w]
+    if as_json and stray:
+        raise ConfigError(
+            f"`--json {stray[0]}`: --json now prints the report to stdout (as in every command); "
+            "a file is written with --json-file.",
+            fix=f"use `--json-file {stray[0]}`",
+        )
 
 
 def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None:
@@ -151,46 +161,24 @@ def preview(
     as_json: Annotated[bool, typer.Option("--json", help="Print {index, id, prompt, supervised} per record.")] = False,
 ) -> None:
     """Show what records train on: masked text dimmed, supervised text highlighted, images collapsed."""
-    from llavactl.data.preview import PreviewItem, runs_of
-    from llavactl.data.records import Problem, RecordProblem, iter_records, read_raw_records
+    from llavactl.data.preview import PreviewProblem, preview_records
     from llavactl.data.sources import resolve_data_source
-    from llavactl.data.templates import encoder_for, prepare
-    from llavactl.errors import DataError
+    from llavactl.model.sources import data_token_context
 
     loaded = load(profile, overrides)
     prof, data = loaded.profile, loaded.profile.data
     records_path, _ = resolve_data_source(data.data_path, data.image_folder, prof.seed)
-    tokens, why = _token_context(prof)
+    tokens, why = data_token_context(prof.model, data.image_size)
     if tokens is None:
         raise ModelSourceError(f"preview needs the tokenizer and the tower's image spec: {why}")
-    raws, _ = read_raw_records(records_path)
-    chosen = [r for r in raws if r.index == index] if index is not None else raws[:n]
-    if index is not None and not chosen:
-        raise DataError(
-            f"{records_path} has no record {index} ({len(raws)} records read)",
-            fix=f"pick an index below {len(raws)}",
-        )
-    encoder = encoder_for(tokens.tokenizer, tokens.image_token_id, tokens.spec.num_tokens, data.conversation_template)
-    out = []
-    for raw, parsed in iter_records(chosen):
-        if isinstance(parsed, Problem):
-            out.append({"index": raw.index, "id": parsed.id, "problem": f"{parsed.code}: {parsed.message}"})
-            continue
-        try:
-            prepared = prepare(parsed, data.conversation_template, encoder, data.max_seq_len)
-        except RecordProblem as e:
-            out.append({"index": raw.index, "id": parsed.id, "problem": f"{e.code}: {e.message}"})
-            continue
-        out.append(
-            PreviewItem(raw.index, parsed.id, runs_of(prepared.encoded, tokens.tokenizer, tokens.image_token_id))
-        )
+    out = preview_records(records_path, data, tokens, n=n, index=index)
     if as_json:
-        print(json.dumps([o if isinstance(o, dict) else o.as_json() for o in out], indent=1, ensure_ascii=False))
+        print(json.dumps([o.as_json() for o in out], indent=1, ensure_ascii=False))
         return
     styles = {"masked": "dim", "supervised": "bold green", "image": "cyan"}
     for o in out:
-        if isinstance(o, dict):
-            console.print(f"[bold]record {o['index']}[/] (id {escape(repr(o['id']))}): [red]{escape(o['problem'])}[/]")
+        if isinstance(o, PreviewProblem):
+            console.print(f"[bold]record {o.index}[/] (id {escape(repr(o.id))}): [red]{escape(o.problem)}[/]")
             continue
         console.print(f"[bold]record {o.index}[/] (id {escape(repr(o.id))})")
         text = Text()

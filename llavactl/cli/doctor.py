@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from llavactl.cli._common import OverridesArg, console, load, verbosity
+from llavactl.cli._common import OverridesArg, console, load, phase, verbosity
+from llavactl.errors import CheckFailed
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skipped": "dim"}
 
@@ -33,13 +34,15 @@ def doctor(
     if overrides and profile is None:
         raise typer.BadParameter("overrides need --profile")
     loaded = load(profile, overrides) if profile else None
-    from llavactl.train.plan import plan_memory
+    from llavactl.plan import plan_memory
 
-    results = run_checks(loaded.profile if loaded else None, offline=offline, memory_planner=plan_memory)
-    failed = any(r.status == "fail" for r in results)
+    with phase("doctor's checks"):
+        results = run_checks(loaded, offline=offline, memory_planner=plan_memory)
+    failures = [r for r in results if r.status == "fail"]
     if as_json:
-        print(json.dumps({"ok": not failed, "profile": profile, "checks": [r.to_json() for r in results]}, indent=2))
-        raise typer.Exit(1 if failed else 0)
+        print(json.dumps({"ok": not failures, "profile": profile, "checks": [r.to_json() for r in results]}, indent=2))
+        _fail_on(failures)
+        return
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("check", no_wrap=True)
     table.add_column("status")
@@ -52,5 +55,14 @@ def doctor(
     console.print(table)
     counts = {s: sum(r.status == s for r in results) for s in _STYLE}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    console.print(f"\n{'[bold red]Not ready[/]' if failed else '[green]Ready[/]'}: {summary}.")
-    raise typer.Exit(1 if failed else 0)
+    console.print(f"\n{'[bold red]Not ready[/]' if failures else '[green]Ready[/]'}: {summary}.")
+    _fail_on(failures)
+
+
+def _fail_on(failures: list) -> None:
+    if failures:
+        names = ", ".join(dict.fromkeys(r.check for r in failures))
+        raise CheckFailed(
+            f"{len(failures)} check{'s' if len(failures) > 1 else ''} failed: {names}.",
+            fix="apply the fix of each failed check above, then run doctor again",
+        )

@@ -46,7 +46,10 @@ def _root(
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show more detail.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Show more: timings of each phase, and the traceback of a handled error."),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only results and errors.")] = False,
 ) -> None:
     if verbose and quiet:

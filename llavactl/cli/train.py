@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load, verbosity
+from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load, phase, verbosity
 from llavactl.errors import CheckFailed, ConfigError
 
 if TYPE_CHECKING:
-    from llavactl.config.schema import Profile
-    from llavactl.train.plan import Plan
+    from llavactl.plan import Plan
+    from llavactl.resolve import ResolvedRun
     from llavactl.train.smoke import SmokeResult
 
 ResumeOpt = Annotated[
@@ -63,6 +63,7 @@ def train(
     ] = None,
 ) -> None:
     """Train a model with a profile: milestones, live progress, checkpoints, `run.json`."""
+    from llavactl.resolve import resolve
     from llavactl.train.progress import TrainingProgress
     from llavactl.train.recipe import TrainRecipe
 
@@ -70,10 +71,12 @@ def train(
         _restart_under_torchrun(nproc_per_node)
     words = [*(overrides or []), *([f"training.output_dir={output_dir}"] if output_dir else [])]
     loaded = load(profile, words)
-    if not skip_doctor:
-        _preflight(loaded.profile)
-    with TrainingProgress(console, quiet=verbosity.level == 0) as progress:
-        result = TrainRecipe(loaded, progress, resume=resume, force=force).run()
+    with phase("resolve and doctor's checks"):
+        resolved = resolve(loaded)
+        if not skip_doctor:
+            _preflight(resolved)
+    with phase("training"), TrainingProgress(console, quiet=verbosity.level == 0) as progress:
+        result = TrainRecipe(loaded, progress, resume=resume, force=force, resolved=resolved).run()
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         raise typer.Exit(result.exit_code)
     if result.status == "interrupted":
@@ -111,12 +114,12 @@ def _restart_under_torchrun(nproc: int) -> None:
     os.execv(sys.executable, [*torchrun, "-m", "llavactl", *words])
 
 
-def _preflight(profile: Profile) -> None:
-    """Run doctor's checks; stop on a blocking failure with doctor's findings and fixes."""
-    from llavactl.doctor import blocking_failures, run_checks
-    from llavactl.train.plan import plan_memory
+def _preflight(resolved: ResolvedRun) -> None:
+    """Run doctor's checks on the resolved run; stop on a blocking failure with doctor's findings and fixes."""
+    from llavactl.doctor import blocking_failures, checks_of
+    from llavactl.plan import plan_memory
 
-    results = run_checks(profile, memory_planner=plan_memory)
+    results = checks_of(resolved, resolved.facts, memory_planner=plan_memory)
     failures = blocking_failures(results)
     if failures:
         lines = "\n".join(f"  - {r.check}: {r.finding}\n    Fix: {r.fix}" for r in failures)
@@ -163,26 +166,16 @@ def dry_run(
     import tempfile
     from pathlib import Path
 
-    from llavactl.doctor.facts import probe
-    from llavactl.doctor.profile_checks import resolve_device
-    from llavactl.model.memory import runtime_rss_bytes
-    from llavactl.train.plan import build_plan
+    from llavactl.plan import build_plan
+    from llavactl.plan.memory import runtime_rss_bytes
+    from llavactl.resolve import resolve
 
     loaded = load(profile, overrides)
     runtime = runtime_rss_bytes()
-    facts = probe()
-    device = resolve_device(loaded.profile.training.device, facts)
-    here = device == "cpu" or (device == "cuda" and bool(facts.gpus)) or (device == "mps" and facts.mps)
-    free: int | None = None
-    if device_memory is not None:
-        free = int(device_memory * 1024**3)
-    elif device == "cpu":
-        free = facts.ram_available_bytes
-    elif device == "cuda" and facts.gpus:
-        free = facts.gpus[0].free_bytes
-    plan = build_plan(
-        loaded.profile, name=loaded.name, device=device, free_bytes=free, runtime_bytes=runtime, measure_speed=here
-    )
+    resolved = resolve(loaded)
+    with phase("plan"):
+        memory = None if device_memory is None else int(device_memory * 1024**3)
+        plan = build_plan(resolved, runtime_bytes=runtime, device_memory=memory)
     if not as_json:
         _print_plan(plan)
     smoke = None
@@ -192,11 +185,12 @@ def dry_run(
 
         out = err_console if as_json else console
         with (
+            phase(f"{steps + 1} real steps and a reload"),
             tempfile.TemporaryDirectory(prefix="llavactl-dry-run-") as workdir,
             TrainingProgress(out, quiet=verbosity.level == 0 or as_json) as progress,
         ):
-            random_weights = not _weights_at_hand(loaded.profile)
-            smoke = smoke_run(loaded, steps, Path(workdir), progress, random_weights=random_weights)
+            random_weights = not _weights_at_hand(resolved)
+            smoke = smoke_run(resolved, steps, Path(workdir), progress, random_weights=random_weights)
         if not as_json:
             _print_smoke(smoke, plan.memory.total)
     if as_json:
@@ -211,12 +205,10 @@ def dry_run(
         )
 
 
-def _weights_at_hand(profile: Profile) -> bool:
+def _weights_at_hand(resolved: ResolvedRun) -> bool:
     """Whether the tower's and the LLM's weights are local (builtin, a folder, or the HF cache)."""
-    from llavactl.model.hub import find_local
-
-    sources = (profile.model.vision_tower, profile.model.model_name_or_path)
-    return all(s.startswith("builtin:") or find_local(s) is not None for s in sources)
+    weights = ("model.vision_tower", "model.model_name_or_path")
+    return all(s.kind != "missing" for s in resolved.sources if s.key in weights)
 
 
 def _gib(value: int) -> str:
@@ -226,7 +218,7 @@ def _gib(value: int) -> str:
 def _print_plan(plan: Plan) -> None:
     from rich.table import Table
 
-    from llavactl.train.plan import STEP_EFFICIENCY
+    from llavactl.plan import STEP_EFFICIENCY
 
     console.print(f"[bold]Plan for {escape(plan.profile)}[/] (stage {plan.stage}, device {plan.device})")
     table = Table(show_edge=False, pad_edge=False)

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from llavactl.config.lookup import find_profile
-from llavactl.config.schema import Profile
+from llavactl.config.schema import Profile, RuleViolation
 from llavactl.errors import ConfigError
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -84,9 +84,24 @@ class LoadedProfile:
     def name(self) -> str:
         return self.source.stem
 
+    def problem(self, violation: RuleViolation) -> ProfileProblem:
+        """``violation`` as a problem that says where each of its keys was set (file:line or override)."""
+        origins = [self.origin(p) for p in violation.paths]
+        set_here = [f"{p} ({o})" for p, o in zip(violation.paths, origins, strict=True) if o.kind != "default"]
+        where = "; ".join(set_here) if set_here else None
+        message = violation.message + (f" Set at: {where}." if where else "")
+        return ProfileProblem(" + ".join(violation.paths), None, message, violation.fix)
+
+    def raise_problems(self, problems: Sequence[ProfileProblem], context: str = "") -> None:
+        """Raise one ConfigError listing ``problems`` (nothing when there are none)."""
+        if problems:
+            _raise(self.source, list(problems), context)
+
 
 @dataclass(frozen=True)
-class _Problem:
+class ProfileProblem:
+    """One problem of a profile: the key(s), where the value came from, what is wrong, the fix."""
+
     path: str
     origin: Origin | None
     message: str
@@ -101,7 +116,7 @@ def load_profile(name_or_path: str, overrides: Sequence[str] = ()) -> LoadedProf
     """Resolve, merge and validate a profile; raise ConfigError listing every problem."""
     source = find_profile(name_or_path)
     raw, provenance, chain = _load_with_extends(source, ())
-    problems: list[_Problem] = []
+    problems: list[ProfileProblem] = []
     for word in overrides:
         problems.extend(_apply_override(raw, provenance, word))
     try:
@@ -109,21 +124,11 @@ def load_profile(name_or_path: str, overrides: Sequence[str] = ()) -> LoadedProf
     except ValidationError as exc:
         problems.extend(_validation_problems(exc, provenance))
         _raise(source, problems)
-    for violation in profile.rule_violations():
-        origins = [_lookup_origin(provenance, p) for p in violation.paths]
-        set_here = [f"{p} ({o})" for p, o in zip(violation.paths, origins, strict=True) if o.kind != "default"]
-        where = "; ".join(set_here) if set_here else None
-        problems.append(
-            _Problem(
-                " + ".join(violation.paths),
-                None,
-                violation.message + (f" Set at: {where}." if where else ""),
-                violation.fix,
-            )
-        )
+    loaded = LoadedProfile(profile, source, raw, provenance, chain, list(overrides))
+    problems += [loaded.problem(violation) for violation in profile.rule_violations()]
     if problems:
         _raise(source, problems)
-    return LoadedProfile(profile, source, raw, provenance, chain, list(overrides))
+    return loaded
 
 
 def resolved_with_origins(loaded: LoadedProfile) -> Iterator[tuple[str, Any, Origin]]:
@@ -134,9 +139,7 @@ def resolved_with_origins(loaded: LoadedProfile) -> Iterator[tuple[str, Any, Ori
 # --- YAML with line numbers -----------------------------------------------------------------
 
 
-def _load_with_extends(
-    path: Path, seen: tuple[Path, ...]
-) -> tuple[dict[str, Any], dict[str, Origin], list[Path]]:
+def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, Origin], list[Path]]:
     if path in seen:
         cycle = " -> ".join(_display_path(p) for p in (*seen, path))
         raise ConfigError(
@@ -178,8 +181,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         data, node = {}, None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{_display_path(path)}: a profile must be a mapping of keys to values, not a "
-            f"{type(data).__name__}.",
+            f"{_display_path(path)}: a profile must be a mapping of keys to values, not a {type(data).__name__}.",
             fix="start the file with keys such as `model:`, `data:` and `training:`",
         )
     lines: dict[str, int] = {}
@@ -237,13 +239,13 @@ def _drop_below(provenance: dict[str, Origin], dotted: str) -> None:
 # --- overrides ------------------------------------------------------------------------------
 
 
-def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: str) -> list[_Problem]:
+def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: str) -> list[ProfileProblem]:
     origin = Origin("override", text=word)
     key, sep, text = word.partition("=")
     key = key.strip()
     if not sep or not _KEY_RE.match(key):
         return [
-            _Problem(
+            ProfileProblem(
                 word,
                 origin,
                 "an override must look like `section.key=value`.",
@@ -252,13 +254,15 @@ def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: st
         ]
     if text == "":
         return [
-            _Problem(key, origin, "the override has no value.", f"write `{key}=VALUE`, or `{key}=null` to clear it")
+            ProfileProblem(
+                key, origin, "the override has no value.", f"write `{key}=VALUE`, or `{key}=null` to clear it"
+            )
         ]
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return [
-            _Problem(
+            ProfileProblem(
                 key,
                 origin,
                 f"the value `{text}` is not a YAML scalar or flow list.",
@@ -276,7 +280,7 @@ def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: st
             child = node[part] = {}
         if not isinstance(child, dict):
             return [
-                _Problem(
+                ProfileProblem(
                     key,
                     origin,
                     f"`{parent}` is a value, not a section, so `{key}` cannot be set.",
@@ -297,7 +301,7 @@ def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: st
 # --- validation errors ----------------------------------------------------------------------
 
 
-def _validation_problems(exc: ValidationError, provenance: dict[str, Origin]) -> list[_Problem]:
+def _validation_problems(exc: ValidationError, provenance: dict[str, Origin]) -> list[ProfileProblem]:
     problems = []
     for error in exc.errors(include_url=False):
         path = _dotted(error["loc"])
@@ -306,16 +310,18 @@ def _validation_problems(exc: ValidationError, provenance: dict[str, Origin]) ->
         if kind == "extra_forbidden":
             suggestion = suggest_key(path)
             fix = f"did you mean `{suggestion}`?" if suggestion else f"remove `{path}` (see docs/profiles.md)"
-            problems.append(_Problem(path, origin, "unknown key.", fix))
+            problems.append(ProfileProblem(path, origin, "unknown key.", fix))
         elif kind == "missing":
             problems.append(
-                _Problem(path, None, "required key is not set.", f"add `{path}: ...` to the profile or `{path}=...`")
+                ProfileProblem(
+                    path, None, "required key is not set.", f"add `{path}: ...` to the profile or `{path}=...`"
+                )
             )
         else:
             value = error.get("input")
             shown = f" (got {value!r})" if not isinstance(value, dict) else ""
             fix = _type_fix(path, error)
-            problems.append(_Problem(path, origin, f"{error['msg']}{shown}.", fix))
+            problems.append(ProfileProblem(path, origin, f"{error['msg']}{shown}.", fix))
     return problems
 
 
@@ -423,7 +429,7 @@ def _display_path(path: Path | None) -> str:
         return str(path)
 
 
-def _raise(source: Path, problems: list[_Problem]) -> None:
+def _raise(source: Path, problems: list[ProfileProblem], context: str = "") -> None:
     count = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
     body = "\n".join(p.render() for p in problems)
-    raise ConfigError(f"Profile {_display_path(source)} has {count}:\n{body}")
+    raise ConfigError(f"Profile {_display_path(source)} has {count}{context}:\n{body}")

@@ -22,6 +22,9 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 Reporter = Literal["tensorboard", "wandb"]
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+# The CPU guide's overrides that turn every quantized path off, and with it the `qlora` stage.
+QUANTIZATION_OFF = "model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false"
+QLORA_OFF = f"stage=lora {QUANTIZATION_OFF}"
 
 
 @dataclass(frozen=True)
@@ -277,17 +280,6 @@ class TrainingConfig(_Section):
             ]
         return []
 
-    def _rule_fp16_needs_cuda(self) -> list[RuleViolation]:
-        if self.fp16 and self.device in ("cpu", "mps"):
-            return [
-                RuleViolation(
-                    ("training.fp16", "training.device"),
-                    f"fp16 with a gradient scaler needs CUDA, but the device is `{self.device}`.",
-                    "add `training.fp16=false` (fp32), or `training.bf16=true` on a CPU with native bf16",
-                )
-            ]
-        return []
-
     def _rule_one_warmup(self) -> list[RuleViolation]:
         if self.warmup_ratio and self.warmup_steps:
             return [
@@ -340,8 +332,7 @@ class Profile(BaseModel):
                 RuleViolation(
                     ("model.use_qlora", "stage"),
                     f"`model.use_qlora` is true on stage `{self.stage}`; QLoRA is its own stage.",
-                    "add `model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false` "
-                    "(the CPU guide's overrides), or `stage=qlora`",
+                    f"add `{QUANTIZATION_OFF}` (the CPU guide's overrides), or `stage=qlora`",
                 )
             ]
         return []

@@ -8,9 +8,15 @@ tokenizer attaches to a run's first token are kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from llavactl.data.templates import IGNORE_INDEX, Encoded
+from llavactl.errors import DataError
+
+if TYPE_CHECKING:
+    from llavactl.config.schema import DataConfig
+    from llavactl.data.check import TokenContext
 
 RunKind = Literal["masked", "supervised", "image"]
 
@@ -66,3 +72,47 @@ def runs_of(encoded: Encoded, tokenizer: Any, image_token_id: int) -> list[Run]:
         runs.append(Run(kind, image_label(count) if kind == "image" else piece, count))
         decoded_upto, start = text, end
     return runs
+
+
+@dataclass(frozen=True)
+class PreviewProblem:
+    """A record that cannot be previewed: its problem code and message."""
+
+    index: int
+    id: str | int | None
+    problem: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"index": self.index, "id": self.id, "problem": self.problem}
+
+
+def preview_records(
+    records_path: Path, data: DataConfig, tokens: TokenContext, *, n: int, index: int | None = None
+) -> list[PreviewItem | PreviewProblem]:
+    """The first ``n`` records of ``records_path`` (or record ``index`` alone) as training prepares them."""
+    from llavactl.data.records import Problem, RecordProblem, iter_records, read_raw_records
+    from llavactl.data.templates import encoder_for, prepare
+
+    raws, _ = read_raw_records(records_path)
+    chosen = [r for r in raws if r.index == index] if index is not None else raws[:n]
+    if index is not None and not chosen:
+        raise DataError(
+            f"{records_path} has no record {index} ({len(raws)} records read)",
+            fix=f"pick an index below {len(raws)}",
+        )
+    template = data.conversation_template
+    encoder = encoder_for(tokens.tokenizer, tokens.image_token_id, tokens.spec.num_tokens, template)
+    out: list[PreviewItem | PreviewProblem] = []
+    for raw, parsed in iter_records(chosen):
+        if isinstance(parsed, Problem):
+            out.append(PreviewProblem(raw.index, parsed.id, f"{parsed.code}: {parsed.message}"))
+            continue
+        try:
+            prepared = prepare(parsed, template, encoder, data.max_seq_len)
+        except RecordProblem as e:
+            out.append(PreviewProblem(raw.index, parsed.id, f"{e.code}: {e.message}"))
+            continue
+        out.append(
+            PreviewItem(raw.index, parsed.id, runs_of(prepared.encoded, tokens.tokenizer, tokens.image_token_id))
+        )
+    return out

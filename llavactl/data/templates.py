@@ -16,6 +16,7 @@ Llama tokenizer for every reference record.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -78,20 +79,9 @@ def render(record: Record, template: str, tokenizer: Any = None) -> list[Segment
     pairs = [(body[i].text, body[i + 1].text) for i in range(0, len(body), 2)]
     if template == "plain":
         return _plain(pairs, len(record.images))
-    if template == "vicuna_v1":
-        return _vicuna_v1(VICUNA_SYSTEM if system is None else system, pairs)
-    if template == "llama_2":
-        return _llama_2(LLAMA_2_SYSTEM if system is None else system, pairs)
-    if template == "llama_3":
-        return _llama_3(system, pairs)
-    if template == "chatml":
-        return _chatml(system, pairs)
     if template == "tokenizer":
         return _tokenizer_template(tokenizer, system, pairs)
-    raise DataError(
-        f"unknown conversation template {template!r}",
-        fix=f"set `data.conversation_template` to one of {', '.join(TEMPLATES)}",
-    )
+    return conversation_template(template).segments(system, pairs)
 
 
 def _text(text: str, supervised: bool = False) -> list[Segment]:
@@ -115,47 +105,208 @@ def _plain(pairs: list[tuple[str, str]], n_images: int) -> list[Segment]:
     return [Segment("image")] * n_images + [Segment("text", pairs[0][1] + "\n", True)]
 
 
-def _vicuna_v1(system: str, pairs: list[tuple[str, str]]) -> list[Segment]:
+# --------------------------------------------------------------------------- turn templates
+#
+# Each conversation template is written once, as the pieces below. Training renders a record
+# from them as masked and supervised segments; an export carries the Jinja chat template made
+# from the same pieces, so that transformers users render exactly what the model was trained on.
+
+
+@dataclass(frozen=True)
+class TurnTemplate:
+    """A chat template of user and assistant turns, with an optional system block.
+
+    In ``system``, ``first_user``, ``user`` and ``reply`` the placeholders ``{system}``,
+    ``{user}`` and ``{reply}`` stand for the texts. User turns (with the assistant's header) are
+    masked; the reply, its end (``reply_eos``: the tokenizer's EOS) are supervised; ``after_reply``
+    is masked again. ``system_when`` says when the system block is written: ``always`` (even for
+    an empty system text), ``set`` (when the record has a system turn or there is a default),
+    ``nonempty`` (when that text is not empty).
+    """
+
+    name: str
+    default_system: str | None
+    system: str
+    first_user: str
+    user: str
+    reply: str
+    reply_eos: bool
+    system_when: Literal["always", "set", "nonempty"]
+    after_reply: str = ""
+    later_turn_bos: bool = False  # the tokenizer's BOS before every exchange but the first (masked)
+    end_of_turn: str | None = None  # a token that ends a reply other than the tokenizer's EOS
+
+    def _system_block(self, system: str | None) -> str:
+        write = {"always": True, "set": system is not None, "nonempty": bool(system)}[self.system_when]
+        return self.system.replace("{system}", system or "") if write else ""
+
+    def segments(self, system: str | None, pairs: list[tuple[str, str]]) -> list[Segment]:
+        """A conversation as masked and supervised segments (training's side)."""
+        system = self.default_system if system is None else system
+        out: list[Segment] = []
+        for k, (question, answer) in enumerate(pairs):
+            if k and self.later_turn_bos:
+                out.append(Segment("bos"))
+            head = self.first_user.replace("{system}", self._system_block(system)) if k == 0 else self.user
+            out += _text(head.replace("{user}", question))
+            out += _text(self.reply.replace("{reply}", answer), True)
+            if self.reply_eos:
+                out.append(Segment("eos", supervised=True))
+            out += _text(self.after_reply)
+        return out
+
+    def jinja(self) -> str:
+        """The same template as a Jinja chat template (the export's side).
+
+        A user message's content is a string (``<image>`` markers in place) or a list of
+        ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts, images first as LLaVA
+        places them, each written ``<image>\\n``."""
+        condition = {"always": "true", "set": "system is not none", "nonempty": "system"}[self.system_when]
+        block = f"{{%- if {condition} -%}}{_jinja_text(self.system, system='system')}{{%- endif -%}}"
+        first = _jinja_text(self.first_user, user="content(m, '<image>\\n')", system=None, system_block=block)
+        later = ("{{ bos_token }}" if self.later_turn_bos else "") + _jinja_text(
+            self.user, user="content(m, '<image>\\n')"
+        )
+        reply = _jinja_text(self.reply, reply="content(m, '')") + ("{{ eos_token }}" if self.reply_eos else "")
+        default = "none" if self.default_system is None else json.dumps(self.default_system, ensure_ascii=False)
+        return (
+            _JINJA_CONTENT
+            + "{%- if messages and messages[0]['role'] == 'system' -%}"
+            + "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+            + f"{{%- else -%}}{{%- set system = {default} -%}}{{%- set turns = messages -%}}{{%- endif -%}}"
+            + "{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
+            + f"{{%- if loop.first -%}}{first}{{%- else -%}}{later}{{%- endif -%}}"
+            + f"{{%- elif m['role'] == 'assistant' -%}}{reply}{_jinja_text(self.after_reply)}"
+            + "{%- endif -%}{%- endfor -%}"
+        )
+
+
+# A user message's content: its text, or its parts with every image first.
+_JINJA_CONTENT = (
+    "{%- macro content(m, image) -%}"
+    "{%- if m['content'] is string -%}{{ m['content'] }}"
+    "{%- else -%}"
+    "{%- for p in m['content'] if p['type'] == 'image' -%}{{ image }}{%- endfor -%}"
+    "{%- for p in m['content'] if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+
+def _jinja_text(
+    pattern: str, *, system: str | None = None, system_block: str = "", user: str = "", reply: str = ""
+) -> str:
+    """``pattern`` as Jinja: literal text as string expressions, placeholders as the expressions given."""
+    import re
+
+    out = ""
+    for piece in re.split(r"(\{system\}|\{user\}|\{reply\})", pattern):
+        if piece == "{system}":
+            out += f"{{{{ {system} }}}}" if system is not None else system_block
+        elif piece == "{user}":
+            out += f"{{{{ {user} }}}}"
+        elif piece == "{reply}":
+            out += f"{{{{ {reply} }}}}"
+        elif piece:
+            out += f"{{{{ {json.dumps(piece, ensure_ascii=False)} }}}}"
+    return out
+
+
+_HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
+_TURN_TEMPLATES = {
     # "{system} USER: {q} ASSISTANT: {a}</s>USER: {q} ASSISTANT: {a}</s>" (conv_vicuna_v1).
-    out: list[Segment] = []
-    for k, (question, answer) in enumerate(pairs):
-        head = f"{system} USER: " if k == 0 else "USER: "
-        out += _text(head + question + " ASSISTANT:")
-        out += [*_text(" " + answer, True), Segment("eos", supervised=True)]
-    return out
-
-
-def _llama_2(system: str, pairs: list[tuple[str, str]]) -> list[Segment]:
+    "vicuna_v1": TurnTemplate(
+        "vicuna_v1",
+        VICUNA_SYSTEM,
+        system="{system} ",
+        first_user="{system}USER: {user} ASSISTANT:",
+        user="USER: {user} ASSISTANT:",
+        reply=" {reply}",
+        reply_eos=True,
+        system_when="always",
+    ),
     # "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] {q} [/INST] {a} </s>".
-    out: list[Segment] = []
-    for k, (question, answer) in enumerate(pairs):
-        if k:
-            out.append(Segment("bos"))
-        sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if k == 0 and system else ""
-        out += _text(f"[INST] {sys_block}{question} [/INST]")
-        out += [*_text(f" {answer} ", True), Segment("eos", supervised=True)]
-    return out
+    "llama_2": TurnTemplate(
+        "llama_2",
+        LLAMA_2_SYSTEM,
+        system="<<SYS>>\n{system}\n<</SYS>>\n\n",
+        first_user="[INST] {system}{user} [/INST]",
+        user="[INST] {user} [/INST]",
+        reply=" {reply} ",
+        reply_eos=True,
+        system_when="nonempty",
+        later_turn_bos=True,
+    ),
+    "llama_3": TurnTemplate(
+        "llama_3",
+        None,
+        system=_HEADER.format("system") + "{system}<|eot_id|>",
+        first_user="{system}" + _HEADER.format("user") + "{user}<|eot_id|>" + _HEADER.format("assistant"),
+        user=_HEADER.format("user") + "{user}<|eot_id|>" + _HEADER.format("assistant"),
+        reply="{reply}<|eot_id|>",
+        reply_eos=False,
+        system_when="set",
+        end_of_turn="<|eot_id|>",
+    ),
+    "chatml": TurnTemplate(
+        "chatml",
+        None,
+        system="<|im_start|>system\n{system}<|im_end|>\n",
+        first_user="{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n",
+        user="<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n",
+        reply="{reply}<|im_end|>",
+        reply_eos=False,
+        system_when="set",
+        after_reply="\n",
+        end_of_turn="<|im_end|>",
+    ),
+}
+
+# Stage 1's template as Jinja: each image's marker, then the caption and a newline; user text dropped.
+_PLAIN_JINJA = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{%- if m['content'] is not string -%}"
+    "{%- for p in m['content'] if p['type'] == 'image' -%}{{ '<image>' }}{%- endfor -%}{%- endif -%}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
+    "{%- for p in m['content'] if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}{%- endif -%}"
+    "{{ '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
-def _llama_3(system: str | None, pairs: list[tuple[str, str]]) -> list[Segment]:
-    out: list[Segment] = []
-    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
-    if system is not None:
-        out += _text(header.format("system") + system + "<|eot_id|>")
-    for question, answer in pairs:
-        out += _text(header.format("user") + question + "<|eot_id|>" + header.format("assistant"))
-        out += _text(answer + "<|eot_id|>", True)
-    return out
+def conversation_template(name: str) -> TurnTemplate:
+    """The turn template ``name`` (every template but `plain` and `tokenizer`, which are written apart)."""
+    try:
+        return _TURN_TEMPLATES[name]
+    except KeyError:
+        raise DataError(
+            f"unknown conversation template {name!r}",
+            fix=f"set `data.conversation_template` to one of {', '.join(TEMPLATES)}",
+        ) from None
 
 
-def _chatml(system: str | None, pairs: list[tuple[str, str]]) -> list[Segment]:
-    out: list[Segment] = []
-    if system is not None:
-        out += _text(f"<|im_start|>system\n{system}<|im_end|>\n")
-    for question, answer in pairs:
-        out += _text(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
-        out += [*_text(answer + "<|im_end|>", True), *_text("\n")]
-    return out
+def chat_template(template: str, tokenizer: Any) -> str:
+    """The Jinja chat template that renders ``template`` as training does (for `tokenizer`: the
+    tokenizer's own), for an exported folder."""
+    if template == "tokenizer":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                "data.conversation_template is `tokenizer`, but the tokenizer has no chat template to export.",
+                fix="train with an explicit template, e.g. `data.conversation_template=vicuna_v1`",
+            )
+        return tokenizer.chat_template
+    if template == "plain":
+        return _PLAIN_JINJA
+    return conversation_template(template).jinja()
+
+
+def end_of_turn_token(template: str) -> str | None:
+    """The token that ends a reply under ``template`` where that is not the tokenizer's EOS."""
+    turn = _TURN_TEMPLATES.get(template)
+    return turn.end_of_turn if turn is not None else None
 
 
 def _tokenizer_template(tokenizer: Any, system: str | None, pairs: list[tuple[str, str]]) -> list[Segment]:

@@ -1,4 +1,9 @@
-"""`llavactl doctor`: can this machine run this profile? Checks -> results (status, finding, fix)."""
+"""`llavactl doctor`: can this machine run this profile? Checks -> results (status, finding, fix).
+
+The machine rules are the resolution's (:func:`llavactl.resolve.resolve`); doctor shows its
+problems as rows and adds only the checks nobody else needs: packages, disk, RAM, data files,
+model files, the memory estimate against free memory.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,15 @@ from typing import TYPE_CHECKING
 from llavactl.doctor.results import CheckResult
 
 if TYPE_CHECKING:
-    from llavactl.config.schema import Profile
-    from llavactl.doctor.facts import MachineFacts
+    from llavactl.config.loader import LoadedProfile
     from llavactl.doctor.memory_checks import MemoryPlanner
+    from llavactl.resolve import MachineFacts, ResolvedRun, WorldFacts
 
 
 def run_checks(
-    profile: Profile | None,
+    loaded: LoadedProfile | None,
     facts: MachineFacts | None = None,
+    world: WorldFacts | None = None,
     *,
     offline: bool = False,
     memory_planner: MemoryPlanner | None = None,
@@ -23,24 +29,39 @@ def run_checks(
 
     ``memory_planner`` adds the memory check (dry-run's estimate against free memory).
     """
-    from llavactl.doctor.environment import environment_checks
-    from llavactl.doctor.facts import probe
-    from llavactl.doctor.profile_checks import profile_checks
+    from llavactl.resolve import resolve
+    from llavactl.resolve.facts import probe
 
     facts = facts or probe()
+    return checks_of(
+        resolve(loaded, facts, world) if loaded else None, facts, offline=offline, memory_planner=memory_planner
+    )
+
+
+def checks_of(
+    resolved: ResolvedRun | None,
+    facts: MachineFacts,
+    *,
+    offline: bool = False,
+    memory_planner: MemoryPlanner | None = None,
+) -> list[CheckResult]:
+    """Doctor's rows for a run already resolved (or for the machine alone when ``resolved`` is None)."""
+    from llavactl.doctor.environment import environment_checks
     from llavactl.model.hub import offline as hub_offline
 
     offline = offline or hub_offline()
-    results = environment_checks(facts, profile.training.output_dir if profile else None)
-    if profile is not None:
-        from llavactl.doctor.distributed_checks import distributed_checks, probe_world
+    output_dir = resolved.loaded.profile.training.output_dir if resolved else None
+    results = environment_checks(facts, output_dir)
+    if resolved is not None:
+        from llavactl.doctor.distributed_checks import distributed_checks
+        from llavactl.doctor.profile_checks import profile_checks
 
-        results += profile_checks(profile, facts, offline=offline)
-        results += distributed_checks(profile, facts, probe_world())
+        results += profile_checks(resolved, offline=offline)
+        results += distributed_checks(resolved)
         if memory_planner is not None:
             from llavactl.doctor.memory_checks import memory_check
 
-            results.append(memory_check(profile, facts, memory_planner))
+            results.append(memory_check(resolved, memory_planner))
     return results
 
 
@@ -49,4 +70,4 @@ def blocking_failures(results: list[CheckResult]) -> list[CheckResult]:
     return [r for r in results if r.status == "fail" and r.blocking]
 
 
-__all__ = ["CheckResult", "blocking_failures", "run_checks"]
+__all__ = ["CheckResult", "blocking_failures", "checks_of", "run_checks"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
-from llavactl.doctor.facts import MachineFacts
 from llavactl.doctor.results import CheckResult, failed, passed, skipped, warned
+from llavactl.resolve.facts import MachineFacts
 
 GIB = 1024**3
 

@@ -1,7 +1,7 @@
 """The memory check: dry-run's estimated peak against the free memory of the device the run uses.
 
-The estimate comes from the training side (:func:`llavactl.train.plan.plan_memory`), handed in by
-the CLI, so that doctor does not depend on the trainer.
+The estimate comes from the planner (:func:`llavactl.plan.plan_memory`), handed in by the CLI, so
+that doctor does not depend on it; the free memory is the resolution's.
 """
 
 from __future__ import annotations
@@ -9,33 +9,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from llavactl.doctor.profile_checks import resolve_device
 from llavactl.doctor.results import CheckResult, failed, passed, skipped, warned
 
 if TYPE_CHECKING:
-    from llavactl.config.schema import Profile
-    from llavactl.doctor.facts import MachineFacts
+    from llavactl.resolve.run import ResolvedRun
 
 GIB = 1024**3
-# (profile, free bytes, device) -> (estimated peak bytes, overrides that would fit or None)
-MemoryPlanner = Callable[["Profile", int, str], tuple[int, str | None]]
+# resolved run -> (estimated peak bytes, overrides that would fit or None)
+MemoryPlanner = Callable[["ResolvedRun"], tuple[int, str | None]]
 # The estimate is within 20% of measured peaks (benchmarks/memory_estimate.py): closer than this
 # to the limit is a warning, not a pass.
 MARGIN = 0.8
 
 
-def memory_check(profile: Profile, facts: MachineFacts, planner: MemoryPlanner) -> CheckResult:
-    device = resolve_device(profile.training.device, facts)
-    if device == "cpu":
-        free, where = facts.ram_available_bytes, "available RAM"
-    elif device == "cuda" and facts.gpus:
-        free, where = facts.gpus[0].free_bytes, f"free memory of {facts.gpus[0].name}"
-    else:
+def memory_check(resolved: ResolvedRun, planner: MemoryPlanner) -> CheckResult:
+    free = resolved.free_memory_bytes
+    if free is None:
         return skipped(
-            "memory", f"no {device} device here to compare with; `llavactl dry-run --device-memory GIB` plans for one"
+            "memory",
+            f"{resolved.memory_where} to compare with; `llavactl dry-run --device-memory GIB` plans for one",
         )
-    peak, fits_with = planner(profile, free, device)
-    finding = f"estimated peak {peak / GIB:.2f} GiB against {free / GIB:.2f} GiB {where}"
+    peak, fits_with = planner(resolved)
+    finding = f"estimated peak {peak / GIB:.2f} GiB against {free / GIB:.2f} GiB {resolved.memory_where}"
     if peak <= free * MARGIN:
         return passed("memory", finding)
     if peak <= free:

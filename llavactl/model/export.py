@@ -3,7 +3,8 @@
 The folder holds `LlavaForConditionalGeneration` weights (safetensors) and config, a `LlavaProcessor`
 (tokenizer with `<image>`, `LlavaImageProcessor` settings, the chat template of the profile's
 conversation template, given by the caller), a generation config that stops at the template's end
-of turn, and `llavactl.json` (the profile and image spec, so that llavactl can read the folder back). A
+of turn, and `llavactl.json` (:class:`ExportManifest`: the profile and image spec, so that llavactl
+can read the folder back). A
 LoRA run is either merged into the LLM or written as the base model plus a peft adapter in
 `adapter/`. A model trained at another image size than its tower's own (`data.image_size`) is
 written with its position embeddings resized to that size, so transformers runs it as it is.
@@ -17,7 +18,7 @@ the export and not the rounding.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -120,6 +121,8 @@ class ExportResult:
     adapter: Path | None  # the peft adapter folder of an unmerged LoRA export
     max_logit_difference: float  # reloaded folder against the model in memory
     merge_logit_difference: float | None  # merged against unmerged LoRA
+    source: str = ""  # the checkpoint exported
+    checked_records: int = 0  # records the logits were compared on
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -130,6 +133,8 @@ class ExportResult:
             "max_logit_difference": self.max_logit_difference,
             "merge_logit_difference": self.merge_logit_difference,
             "tolerance": TOLERANCE,
+            "source": self.source,
+            "checked_records": self.checked_records,
         }
 
 
@@ -148,13 +153,67 @@ def _check(difference: float, what: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ExportManifest:
+    """`llavactl.json` in an exported folder: what llavactl needs to read the folder back.
+
+    ``profile`` is the training profile (as JSON), ``image_spec`` the tower's input as trained
+    (size, patch size, mean, std), ``source`` the checkpoint exported; ``dtype``, ``merged_lora``
+    and ``adapter`` (the peft adapter's folder, or None) describe the export itself."""
+
+    source: str
+    profile: dict[str, Any]
+    image_spec: ImageSpec
+    dtype: ExportDtype = "fp32"
+    merged_lora: bool = False
+    adapter: str | None = None
+
+    def write(self, folder: Path) -> None:
+        spec = self.image_spec
+        data = {
+            "source": self.source,
+            "profile": self.profile,
+            "image_spec": {"size": spec.size, "patch_size": spec.patch_size, "mean": spec.mean, "std": spec.std},
+            "dtype": self.dtype,
+            "merged_lora": self.merged_lora,
+            "adapter": self.adapter,
+        }
+        (folder / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path) -> ExportManifest | None:
+        """The manifest of an exported folder, or None when ``folder`` is not an export."""
+        from llavactl.data.images import ImageSpec
+
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            saved = data["image_spec"]
+            spec = ImageSpec(saved["size"], saved["patch_size"], tuple(saved["mean"]), tuple(saved["std"]))
+            return cls(
+                str(data["source"]),
+                dict(data["profile"]),
+                spec,
+                data.get("dtype", "fp32"),
+                bool(data.get("merged_lora", False)),
+                data.get("adapter"),
+            )
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise ModelSourceError(
+                f"`{path}` is not a readable llavactl export manifest ({type(exc).__name__}: {str(exc)[:200]}).",
+                fix="export the checkpoint again with `llavactl export RUN OUT_DIR`",
+            ) from exc
+
+
 def export_model(
     assembled: AssembledModel,
     processor: LlavaProcessor,
     out_dir: Path,
     batch: dict[str, torch.Tensor],
     *,
-    manifest: dict[str, Any],
+    manifest: ExportManifest,
     stop_ids: list[int],
     merge_lora: bool,
     dtype: ExportDtype,
@@ -201,20 +260,22 @@ def export_model(
     with quiet_loading():
         base.to(target).save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
-    result_manifest = {**manifest, "dtype": dtype, "merged_lora": merge_difference is not None}
-    result_manifest["adapter"] = ADAPTER_DIR if adapter is not None else None
-    (out_dir / MANIFEST).write_text(json.dumps(result_manifest, indent=2, sort_keys=True) + "\n")
+    adapter_dir = ADAPTER_DIR if adapter is not None else None
+    replace(manifest, dtype=dtype, merged_lora=merge_difference is not None, adapter=adapter_dir).write(out_dir)
 
     reloaded = load_exported_model(out_dir, torch.float32)
     difference = max_difference(batch_logits(reloaded, batch), expected, mask)
     _check(difference, f"The folder `{out_dir}` reloaded with transformers")
-    return ExportResult(out_dir, dtype, merge_difference is not None, adapter, difference, merge_difference)
-
-
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """The `llavactl.json` of an exported folder, or None when ``folder`` is not an export."""
-    path = Path(folder) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    return ExportResult(
+        out_dir,
+        dtype,
+        merge_difference is not None,
+        adapter,
+        difference,
+        merge_difference,
+        manifest.source,
+        len(batch["input_ids"]),
+    )
 
 
 def load_exported_model(folder: Path, dtype: torch.dtype | None = None) -> nn.Module:

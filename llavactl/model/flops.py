@@ -12,6 +12,8 @@ not with the chunks' masked calls (which compute about a tenth more).
 
 from __future__ import annotations
 
+import functools
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -88,3 +90,66 @@ def flop_counter(*, masked_attention_is_causal: bool = False) -> FlopCounterMode
             ours.causal_attention_backward: chunked_backward,
         },
     )
+
+
+def op_flop_counter() -> OpFlops:
+    """A FLOP counter with :func:`flop_counter`'s formulas but no module tracking, for a real training
+    step: FlopCounterMode's module tracker adds autograd nodes, which changes the order in which
+    gradients are summed and so the step's results. This one only watches the ops."""
+    return OpFlops(flop_counter().flop_registry)
+
+
+class OpFlops:
+    """FLOPs of the ops run under it (as a context manager), in all and by op."""
+
+    def __init__(self, registry: dict[Any, Any]) -> None:
+        from collections import Counter
+
+        self._registry = registry
+        self.by_op: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values())
+
+    def __enter__(self) -> OpFlops:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                count = counter._registry.get(func._overloadpacket)
+                if count is not None:
+                    counter.by_op[str(func._overloadpacket)] += count(*args, **kwargs, out_val=out)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+
+@functools.cache
+def measure_matmul_flops(device: str, dtype_name: str = "float32", seconds: float = 0.3) -> float:
+    """FLOP/s of a large square matmul in ``dtype_name`` on ``device``: the machine's practical peak.
+
+    Measured once per process and device (2048^3 on a CPU, 8192^3 on a GPU)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm up the kernel and threads
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        runs += 1
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n**3 * runs / (time.perf_counter() - start)

@@ -1,13 +1,14 @@
 """Causal language models: their config and weights from any source, and the QLoRA load.
 
-QLoRA loads the LLM in 4 or 8 bits through bitsandbytes, which needs CUDA; anywhere else the
-error gives the overrides that turn it off (the CPU guide's).
+QLoRA loads the LLM in 4 or 8 bits through bitsandbytes, which needs CUDA; whether this machine
+can is decided with the profile's resolution (:mod:`llavactl.resolve`), before anything loads.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from llavactl.config.schema import QLORA_OFF
 from llavactl.errors import ConfigError, ModelSourceError
 from llavactl.model import builtin, hub, known_configs, weight_files
 
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
     from llavactl.config.schema import ModelConfig
 
 FIELD = "model.model_name_or_path"
-QLORA_OFF = "stage=lora model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false"
 
 
 def llm_config(spec: str, *, download: bool = True) -> PretrainedConfig:
@@ -47,22 +47,10 @@ def llm_config(spec: str, *, download: bool = True) -> PretrainedConfig:
         ) from exc
 
 
-def quantization_config(model_cfg: ModelConfig, device: str) -> BitsAndBytesConfig:
-    """bitsandbytes settings for QLoRA; a ConfigError where QLoRA cannot run."""
+def quantization_config(model_cfg: ModelConfig) -> BitsAndBytesConfig:
+    """bitsandbytes settings for QLoRA. Where QLoRA can run (CUDA, bitsandbytes) is the resolution's
+    rule (:mod:`llavactl.resolve`), checked before any model is built."""
     import torch
-
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise ConfigError(
-            f"QLoRA (`stage: qlora`, `model.use_qlora`) needs a CUDA GPU, but the device is `{device}`.",
-            fix=f"train plain LoRA instead: add `{QLORA_OFF}`",
-        )
-    try:
-        import bitsandbytes  # noqa: F401 - only its presence is checked here
-    except ImportError as exc:
-        raise ConfigError(
-            "QLoRA needs the bitsandbytes package, which is not installed.",
-            fix=f"`pip install 'llavactl[qlora]'`, or train plain LoRA: add `{QLORA_OFF}`",
-        ) from exc
     from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -14,6 +14,8 @@ from llavactl.model import builtin, hub
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from llavactl.config.schema import ModelConfig
+    from llavactl.data.check import TokenContext
     from llavactl.data.images import ImageSpec
 
 IMAGE_TOKEN = "<image>"
@@ -63,3 +65,16 @@ def tower_image_spec(vision_tower: str, image_size: int | None) -> ImageSpec:
     info = towers.tower_info(vision_tower)
     size = image_size or info.config.image_size
     return ImageSpec(size=size, patch_size=info.config.patch_size, mean=info.mean, std=info.std)
+
+
+def data_token_context(model_cfg: ModelConfig, image_size: int | None) -> tuple[TokenContext | None, str | None]:
+    """The tokenizer, `<image>` id and image spec that `data check` and `data preview` read records
+    with, or why they cannot be had here (no weights are needed; offline, no download)."""
+    from llavactl.data.check import TokenContext
+
+    try:
+        tokenizer = load_tokenizer(model_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path)
+        spec = tower_image_spec(model_cfg.vision_tower, image_size)
+    except ModelSourceError as exc:
+        return None, exc.message
+    return TokenContext(tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), spec), None

@@ -9,72 +9,41 @@ the gradients are summed across processes before every optimizer step:
 - ``fsdp``: FSDP2 (``fully_shard``); parameters, gradients and optimizer states are sharded,
   one group per LLM decoder layer, the rest in the root group.
 
-The backend is nccl on CUDA and gloo on the CPU. Without ``WORLD_SIZE`` (or with 1) nothing
-here starts a process group and the helpers do nothing, so one code path serves both.
+The world (rank, size, backend: nccl on CUDA, gloo on the CPU, strategy) is resolved with the
+profile (:class:`llavactl.resolve.World`). For one process nothing here starts a process group
+and the helpers do nothing, so one code path serves both.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from llavactl.errors import ConfigError
-from llavactl.train import loss
-
-Strategy = Literal["ddp", "fsdp"]
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the training processes."""
-
-    rank: int = 0
-    local_rank: int = 0
-    size: int = 1
-    backend: str | None = None  # None: no process group (one process)
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 logs, writes metrics, ``run.json`` and checkpoints."""
-        return self.rank == 0
+from llavactl.resolve.run import World
+from llavactl.train.loss import TokenLoss, llava_of
 
 
-def start(device_type: str) -> World:
-    """Join the process group torchrun describes in the environment; a one-process World otherwise."""
+def start(world: World) -> None:
+    """Join the process group of ``world`` (resolved from torchrun's environment); nothing for one process."""
     import torch.distributed as dist
 
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return World()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if not dist.is_available() or not dist.is_backend_available(backend):
-        raise ConfigError(
-            f"this is process {rank} of {size} (WORLD_SIZE), but torch {torch.__version__} has no "
-            f"`{backend}` backend for the `{device_type}` device.",
-            fix="install a torch build with torch.distributed (the official wheels have gloo, and nccl on CUDA)",
-        )
-    if device_type == "cuda":
-        if local_rank >= torch.cuda.device_count():
+    if not world.distributed:
+        return
+    if world.backend == "nccl":
+        if world.local_rank >= torch.cuda.device_count():
             raise ConfigError(
-                f"process {rank} is local rank {local_rank}, but this node has {torch.cuda.device_count()} CUDA "
-                "devices.",
+                f"process {world.rank} is local rank {world.local_rank}, but this node has "
+                f"{torch.cuda.device_count()} CUDA devices.",
                 fix="start at most one process per GPU: `--nproc-per-node` no larger than the GPU count",
             )
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return World(rank=rank, local_rank=local_rank, size=size, backend=backend)
+        dist.init_process_group(world.backend)
 
 
 def stop(world: World) -> None:
@@ -115,19 +84,7 @@ def gather_to_main(world: World, value: Any) -> list[Any] | None:
     return gathered
 
 
-class TokenLoss(nn.Module):
-    """The summed token loss as a module, so that a DDP or FSDP wrapper's hooks run around it
-    (the loss calls the LLaVA model's parts, not its ``forward``)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss.summed_token_loss(self.model, batch)
-
-
-def wrap(module: TokenLoss, world: World, strategy: Strategy, device: torch.device, *, find_unused: bool) -> nn.Module:
+def wrap(module: TokenLoss, world: World, device: torch.device, *, find_unused: bool) -> nn.Module:
     """``module`` ready for data-parallel training; unchanged for one process.
 
     ``find_unused``: some batches leave trainable parameters without a gradient (the projector
@@ -135,7 +92,7 @@ def wrap(module: TokenLoss, world: World, strategy: Strategy, device: torch.devi
     """
     if not world.distributed:
         return module
-    if strategy == "fsdp":
+    if world.sharded:
         return _fully_shard(module)
     from torch.nn.parallel import DistributedDataParallel
 
@@ -150,7 +107,7 @@ def wrap(module: TokenLoss, world: World, strategy: Strategy, device: torch.devi
 def _fully_shard(module: TokenLoss) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    llava = loss.llava_of(module.model)
+    llava = llava_of(module.model)
     # One group per decoder layer: only one layer's full parameters exist at a time. The tower,
     # projector, embeddings and head form the root group (sharding the tower on its own changes
     # its class, and transformers then no longer records its hidden states).

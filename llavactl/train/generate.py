@@ -2,21 +2,19 @@
 
 The prompt is made by the training data's own code (`llavactl.data.templates`): a one-turn record
 with an empty reply is rendered, and the segments before the reply are the prompt, so a question
-is asked exactly as the model saw questions in training. The same templates are also written as
-Jinja chat templates for an exported folder, so that transformers users render the same text.
+is asked exactly as the model saw questions in training. An exported folder carries the same
+templates as Jinja (:func:`llavactl.data.templates.chat_template`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llavactl.data.images import load_image
 from llavactl.data.records import IMAGE_MARKER, Record, Turn
-from llavactl.data.templates import LLAMA_2_SYSTEM, VICUNA_SYSTEM, Segment, encoder_for, render
-from llavactl.errors import ModelSourceError
+from llavactl.data.templates import Segment, encoder_for, end_of_turn_token, render
 
 if TYPE_CHECKING:
     import torch
@@ -26,81 +24,10 @@ if TYPE_CHECKING:
     from llavactl.config.schema import DataConfig
     from llavactl.data.images import ImageSpec
 
-# Jinja chat templates that render messages exactly as `llavactl.data.templates` renders records
-# (a test compares them template by template). A user message's content is a string or a list of
-# `{"type": "image"}` / `{"type": "text", "text": ...}` parts; images go first, as LLaVA places them.
-_CONTENT = (
-    "{%- macro content(m, image) -%}"
-    "{%- if m['content'] is string -%}{{ m['content'] }}"
-    "{%- else -%}"
-    "{%- for p in m['content'] if p['type'] == 'image' -%}{{ image }}{%- endfor -%}"
-    "{%- for p in m['content'] if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-)
-_SPLIT_SYSTEM = (
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
-    "{%- else -%}{%- set system = DEFAULT -%}{%- set turns = messages -%}{%- endif -%}"
-)
-_CHAT_TEMPLATES = {
-    "plain": _CONTENT + "{%- for m in messages -%}"
-    "{%- if m['role'] == 'user' -%}"
-    "{%- if m['content'] is not string -%}"
-    "{%- for p in m['content'] if p['type'] == 'image' -%}{{ '<image>' }}{%- endfor -%}{%- endif -%}"
-    "{%- elif m['role'] == 'assistant' -%}{{ content(m, '') ~ '\\n' }}{%- endif -%}"
-    "{%- endfor -%}",
-    "vicuna_v1": _CONTENT + _SPLIT_SYSTEM + "{%- for m in turns -%}"
-    "{%- if m['role'] == 'user' -%}"
-    "{{ (system ~ ' USER: ') if loop.first else 'USER: ' }}{{ content(m, '<image>\\n') ~ ' ASSISTANT:' }}"
-    "{%- else -%}{{ ' ' ~ content(m, '') ~ eos_token }}{%- endif -%}"
-    "{%- endfor -%}",
-    "llama_2": _CONTENT + _SPLIT_SYSTEM + "{%- for m in turns -%}"
-    "{%- if m['role'] == 'user' -%}"
-    "{%- if not loop.first -%}{{ bos_token }}{%- endif -%}{{ '[INST] ' }}"
-    "{%- if loop.first and system -%}{{ '<<SYS>>\\n' ~ system ~ '\\n<</SYS>>\\n\\n' }}{%- endif -%}"
-    "{{ content(m, '<image>\\n') ~ ' [/INST]' }}"
-    "{%- else -%}{{ ' ' ~ content(m, '') ~ ' ' ~ eos_token }}{%- endif -%}"
-    "{%- endfor -%}",
-    "llama_3": _CONTENT + "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}"
-    "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' ~ m['content'] ~ '<|eot_id|>' }}"
-    "{%- elif m['role'] == 'user' -%}"
-    "{{ '<|start_header_id|>user<|end_header_id|>\\n\\n' ~ content(m, '<image>\\n') ~ '<|eot_id|>' }}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-    "{%- else -%}{{ content(m, '') ~ '<|eot_id|>' }}{%- endif -%}"
-    "{%- endfor -%}",
-    "chatml": _CONTENT + "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}{{ '<|im_start|>system\\n' ~ m['content'] ~ '<|im_end|>\\n' }}"
-    "{%- elif m['role'] == 'user' -%}"
-    "{{ '<|im_start|>user\\n' ~ content(m, '<image>\\n') ~ '<|im_end|>\\n<|im_start|>assistant\\n' }}"
-    "{%- else -%}{{ content(m, '') ~ '<|im_end|>\\n' }}{%- endif -%}"
-    "{%- endfor -%}",
-}
-_DEFAULT_SYSTEMS = {"vicuna_v1": VICUNA_SYSTEM, "llama_2": LLAMA_2_SYSTEM}
-# The token that ends a reply where a template does not end it with the tokenizer's EOS.
-_END_OF_TURN = {"llama_3": "<|eot_id|>", "chatml": "<|im_end|>"}
-
-
-def chat_template(template: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The Jinja chat template that renders ``template`` (for `tokenizer`: the tokenizer's own)."""
-    if template == "tokenizer":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ModelSourceError(
-                "data.conversation_template is `tokenizer`, but the tokenizer has no chat template to export.",
-                fix="train with an explicit template, e.g. `data.conversation_template=vicuna_v1`",
-            )
-        return tokenizer.chat_template
-    jinja = _CHAT_TEMPLATES[template]
-    if template in _DEFAULT_SYSTEMS:
-        jinja = jinja.replace("DEFAULT", json.dumps(_DEFAULT_SYSTEMS[template]))
-    return jinja
-
-
 def stop_token_ids(template: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The ids that end a reply under ``template``: the tokenizer's EOS and the template's end-of-turn token."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    end = _END_OF_TURN.get(template)
+    end = end_of_turn_token(template)
     if end is not None and end in tokenizer.get_vocab():
         ids.append(tokenizer.convert_tokens_to_ids(end))
     return ids

@@ -10,13 +10,16 @@ function where they can (:mod:`llavactl.train.linear_cross_entropy`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
+
+from torch import nn
 
 if TYPE_CHECKING:
     import torch
 
 IGNORE_INDEX = -100
+LossFn = Callable[[nn.Module, Mapping[str, "torch.Tensor"]], "torch.Tensor"]
 
 
 def llava_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -30,13 +33,48 @@ def supervised_token_count(batch: Mapping[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def _hidden_states(llava: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+    return llava.model(**inputs, use_cache=False)[0]
+
+
 def summed_token_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy summed over the supervised next-token predictions of ``batch`` (fp32)."""
     from llavactl.train.linear_cross_entropy import summed_cross_entropy
 
     llava = llava_of(model)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
-    hidden = llava.model(**inputs, use_cache=False)[0]
+    hidden = _hidden_states(llava, batch)
     targets = batch["labels"][:, 1:]
     supervised = targets != IGNORE_INDEX
     return summed_cross_entropy(llava.lm_head, hidden[:, :-1][supervised], targets[supervised])
+
+
+def last_positions_loss(supervised: int) -> LossFn:
+    """:func:`summed_token_loss` with the supervised positions fixed to the last ``supervised`` ones:
+    the same shapes and work, without the boolean mask whose size fake tensors cannot know (the
+    planner traces the step on fake tensors)."""
+
+    def summed_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        from llavactl.train.linear_cross_entropy import summed_cross_entropy
+
+        llava = llava_of(model)
+        hidden = _hidden_states(llava, batch)
+        rows = hidden[:, -supervised - 1 : -1].reshape(-1, hidden.shape[-1])
+        targets = batch["labels"][:, -supervised:].reshape(-1)
+        return summed_cross_entropy(llava.lm_head, rows, targets)
+
+    return summed_loss
+
+
+class TokenLoss(nn.Module):
+    """The summed token loss as a module, so that a DDP or FSDP wrapper's hooks run around it
+    (the loss calls the LLaVA model's parts, not its ``forward``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None) -> None:
+        """``loss_fn``: the loss of a micro-batch, by default :func:`summed_token_loss`."""
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (self._loss_fn or summed_token_loss)(self.model, batch)

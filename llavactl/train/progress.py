@@ -28,6 +28,7 @@ class StepStats:
     tokens_per_s: float
     peak_memory_bytes: int
     eta_s: float
+    mfu: float | None = None  # achieved FLOP/s over the device's peak (None before it is known)
 
 
 def format_duration(seconds: float) -> str:
@@ -55,6 +56,7 @@ def format_stats(stats: StepStats, *, with_step: bool = True) -> str:
         f"grad norm {stats.grad_norm:.3f}",
         f"{stats.samples_per_s:.2f} samples/s",
         f"{stats.tokens_per_s:.0f} tokens/s",
+        *([f"MFU {stats.mfu:.1%}"] if stats.mfu is not None else []),
         f"peak mem {format_bytes(stats.peak_memory_bytes)}",
         f"ETA {format_duration(stats.eta_s)}",
     ]

@@ -7,14 +7,14 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llavactl.config.loader import LoadedProfile
-from llavactl.errors import ConfigError, DataError, ModelSourceError, TrainingError
-from llavactl.train import checkpoint, loss
+from llavactl.errors import DataError, ModelSourceError, TrainingError
+from llavactl.train import checkpoint
 from llavactl.train.metrics import MetricsWriter, library_versions, peak_memory_bytes, write_run_record
 from llavactl.train.optimizer import build_optimizer, build_scheduler
 from llavactl.train.progress import StepStats, TrainingProgress
@@ -22,7 +22,8 @@ from llavactl.train.progress import StepStats, TrainingProgress
 if TYPE_CHECKING:
     import torch
 
-    from llavactl.train.distributed import World
+    from llavactl.resolve.run import ResolvedRun
+    from llavactl.train.step import StepOutcome, TrainingStep
 
 _SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -56,14 +57,18 @@ class TrainRecipe:
       by the supervised tokens of the whole optimizer step; gradient clipping
       (``training.max_grad_norm``).
     - Precision: fp32 by default; bf16 autocast (``training.bf16``, CUDA or CPU); fp16 autocast
-      with a gradient scaler (``training.fp16``, CUDA only); TF32 matmuls (``training.tf32``).
+      with a gradient scaler (``training.fp16``, CUDA only); TF32 matmuls (``training.tf32``), as
+      resolved against the machine (:func:`llavactl.resolve.resolve`), whose problems stop the run.
+    - One optimizer step is :class:`~llavactl.train.step.TrainingStep`, the unit the benchmarks and
+      the planner run too.
     - Gradient checkpointing (``training.gradient_checkpointing``), seeding (``seed``).
     - Non-finite losses: the step is skipped and counted; ``training.max_bad_steps`` in a row
       stop the run, keeping the last good checkpoint.
     - Checkpoints every ``training.save_steps`` steps, at the end and on Ctrl-C/SIGTERM, at most
       ``training.save_total_limit`` kept, in ``training.output_dir``; exact resume from one.
     - Logging every ``training.logging_steps`` steps to the terminal and ``metrics.jsonl``, and to
-      tensorboard/wandb (``training.report_to``); ``run.json`` describes the run.
+      tensorboard/wandb (``training.report_to``): loss, learning rate, throughput, achieved FLOP/s and
+      MFU (:mod:`llavactl.train.utilisation`); ``run.json`` describes the run.
     - Several processes when started by torchrun (``training.distributed``: DDP or FSDP2): each
       trains on its share of every step's batches; rank 0 logs and writes checkpoints.
     """
@@ -76,7 +81,12 @@ class TrainRecipe:
         resume: str | None = None,
         force: bool = False,
         random_weights: bool = False,
+        resolved: ResolvedRun | None = None,
     ) -> None:
+        """``resolved``: the profile already resolved against this machine (by ``llavactl train``,
+        whose doctor checks read the same object); resolved in :meth:`setup` when not given."""
+        self._loaded = loaded
+        self._resolved = resolved
         self._profile = loaded.profile
         self._random_weights = random_weights
         self._profile_name = str(loaded.source)
@@ -90,9 +100,9 @@ class TrainRecipe:
         self._bad_total = 0
         self._stop_signal: int | None = None
         self._metrics: MetricsWriter | None = None
-        from llavactl.train.distributed import World
+        from llavactl.resolve.run import World
 
-        self._world: World = World()
+        self._world = World()
 
     def run(self) -> TrainResult:
         """``setup()``, ``train()``, and ``cleanup()`` whatever happens."""
@@ -110,10 +120,17 @@ class TrainRecipe:
 
         from llavactl.data.sources import resolve_data_source
         from llavactl.model.weights import load_trainable
+        from llavactl.resolve import resolve
         from llavactl.train import distributed
+        from llavactl.train.step import TrainingStep
+        from llavactl.train.utilisation import StepFlops, device_peak
 
-        self._device = self._setup_device()
-        self._world = distributed.start(self._device.type)
+        resolved = self._resolved = self._resolved or resolve(self._loaded)
+        resolved.raise_problems()
+        self._device = resolved.torch_device()
+        resolved.precision.apply_tf32()
+        self._world = resolved.world
+        distributed.start(self._world)
         if self._world.distributed:
             self._setup_world()
         torch.manual_seed(self._profile.seed)
@@ -130,10 +147,11 @@ class TrainRecipe:
             # weights besides); from here on dropout must differ between processes.
             torch.manual_seed(self._profile.seed + self._world.rank)
         self._setup_data()
+        from llavactl.train.loss import TokenLoss
+
         self._model = distributed.wrap(
-            distributed.TokenLoss(self._assembled.model),
+            TokenLoss(self._assembled.model),
             self._world,
-            self._training.distributed,
             self._device,
             find_unused=any(n <= 0 for n in self._sampler.lengths),
         )
@@ -145,7 +163,17 @@ class TrainRecipe:
         self._total_epochs = math.ceil(self._total_steps / self._steps_per_epoch)
         self._optimizer = build_optimizer(self._assembled.parameter_groups(), self._training)
         self._scheduler = build_scheduler(self._optimizer, self._training, self._total_steps)
-        self._scaler = torch.amp.GradScaler("cuda") if self._training.fp16 else None
+        self._step_unit: TrainingStep = TrainingStep(
+            self._model,
+            self._optimizer,
+            self._scheduler,
+            precision=resolved.precision,
+            device=self._device,
+            world=self._world,
+            max_grad_norm=self._training.max_grad_norm,
+        )
+        self._flops = StepFlops()
+        self._peak = device_peak(resolved)
         if resume_from is not None:
             self._load_checkpoint(resume_from)
         if self._world.is_main:
@@ -154,62 +182,15 @@ class TrainRecipe:
             )
 
     def _setup_world(self) -> None:
-        """Checks and settings of a multi-process run: its device, FSDP's limits, quiet non-zero ranks."""
-        import torch
+        """A multi-process run: quiet non-zero ranks, and say how the work is shared."""
         from rich.console import Console
 
-        if self._device.type == "cuda":
-            self._device = torch.device("cuda", self._world.local_rank)
-        strategy = self._training.distributed
-        if strategy == "fsdp" and self._profile.stage != "full":
-            raise ConfigError(
-                f"training.distributed is `fsdp`, which shards the stage `full` (the whole LLM); this profile's "
-                f"stage is `{self._profile.stage}`, whose few trainable weights DDP handles better.",
-                fix="add `training.distributed=ddp`, or `stage=full`",
-            )
-        if strategy == "fsdp" and self._training.fp16:
-            raise ConfigError(
-                "training.distributed `fsdp` runs with bf16 or fp32 here, not fp16 (its gradient scaler).",
-                fix="add `training.fp16=false training.bf16=true`, or `training.distributed=ddp`",
-            )
         if not self._world.is_main:
             self._progress = TrainingProgress(Console(quiet=True), quiet=True)
         self._progress.milestone(
-            f"Training on {self._world.size} processes ({strategy} over {self._world.backend}); rank 0 logs and "
-            "saves checkpoints"
+            f"Training on {self._world.size} processes ({self._world.strategy} over {self._world.backend}); rank 0 "
+            "logs and saves checkpoints"
         )
-
-    def _setup_device(self) -> torch.device:
-        import torch
-
-        wanted = self._training.device
-        if wanted == "auto":
-            if torch.cuda.is_available():
-                wanted = "cuda"
-            elif torch.backends.mps.is_available():
-                wanted = "mps"
-            else:
-                wanted = "cpu"
-        if wanted == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(
-                "training.device is `cuda`, but torch sees no CUDA device "
-                f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA).",
-                fix="add `training.device=cpu`, or run on a machine with an NVIDIA GPU and a CUDA build of torch",
-            )
-        if self._profile.stage == "qlora" and wanted != "cuda":
-            raise ConfigError(
-                f"stage `qlora` needs CUDA (bitsandbytes' 4/8-bit kernels), but the device is `{wanted}`.",
-                fix="add `stage=lora model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false`",
-            )
-        if self._training.fp16 and wanted != "cuda":
-            raise ConfigError(
-                f"training.fp16 needs CUDA (a gradient scaler), but the device is `{wanted}`.",
-                fix="add `training.fp16=false`",
-            )
-        if wanted == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = self._training.tf32
-            torch.backends.cudnn.allow_tf32 = self._training.tf32
-        return torch.device(wanted)
 
     def _find_resume(self) -> Path | None:
         if self._resume is None:
@@ -292,7 +273,6 @@ class TrainRecipe:
             generator=torch.Generator().manual_seed(self._profile.seed),
         )
         self._skipped_records = 0
-        self._last_batch: dict[str, torch.Tensor] | None = None
         per = f" on each of {world.size} processes" if world.distributed else ""
         dropped = self._sampler.dropped_per_epoch
         left_out = f" ({dropped} records of each epoch left out so that all get as many)" if dropped else ""
@@ -314,8 +294,7 @@ class TrainRecipe:
         else:
             self._optimizer.load_state_dict(training_state["optimizer"])
         self._scheduler.load_state_dict(training_state["scheduler"])
-        if self._scaler is not None and "scaler" in training_state:
-            self._scaler.load_state_dict(training_state["scaler"])
+        self._step_unit.load_state_dict(training_state)
         self._sampler.load_state_dict(saved["data_position"])
         self._step = saved["step"]
         self._bad_total = saved["bad_steps_total"]
@@ -325,7 +304,7 @@ class TrainRecipe:
 
     @property
     def _sharded(self) -> bool:
-        return self._world.distributed and self._training.distributed == "fsdp"
+        return self._world.distributed and self._world.sharded
 
     def _profile_json(self) -> dict[str, Any]:
         return self._profile.model_dump(mode="json")
@@ -337,14 +316,12 @@ class TrainRecipe:
 
     def train(self) -> TrainResult:
         """Run optimizer steps until ``total_steps``, a stop signal, or too many bad steps."""
-        from llavactl.train import distributed
-
-        t, world, device = self._training, self._world, self._device
-        parameters = [p for group in self._optimizer.param_groups for p in group["params"]]
+        t = self._training
         result = TrainResult(status="completed", step=self._step, total_steps=self._total_steps)
         window = _Window()
         run_started = time.perf_counter()
         steps_this_run = 0
+        self._totals = _Window()  # the whole run, for run.json
         self._write_run_record("running", {})
         steps = self._step_batches()
         with self._stop_on_signals():
@@ -352,46 +329,24 @@ class TrainRecipe:
             while self._step < self._total_steps:
                 step_started = time.perf_counter()
                 micro_batches = next(steps)
-                local_counts = [
-                    sum(loss.supervised_token_count(b) for b in micro_batches),
-                    sum(len(b["input_ids"]) for b in micro_batches),
-                    sum(int(b["attention_mask"].sum()) for b in micro_batches),
-                ]
-                supervised, samples, tokens = (int(x) for x in distributed.sum_across(world, local_counts, device))
-                if samples:
-                    step_loss_value, grad_norm, good = self._update(
-                        micro_batches, supervised, local_samples=local_counts[1], parameters=parameters
-                    )
-                else:
-                    # Every record of the step was skipped as bad (data.on_error: skip), on every
-                    # process: nothing to learn from, but the step keeps its place so that epochs,
-                    # the schedule and resume stay where they belong.
-                    self._progress.milestone(f"Step {self._step + 1}: every record was skipped as bad; no update")
-                    step_loss_value, grad_norm, good = math.nan, math.nan, False
-                self._scheduler.step()
+                # The first step's FLOPs are counted, which slows it: its rate is left out.
+                counting = not self._flops.ready
+                with self._out_of_memory_as_error(), self._flops.count(micro_batches):
+                    outcome = self._step_unit(micro_batches)
+                seconds = time.perf_counter() - step_started
                 self._step += 1
                 steps_this_run += 1
-                if samples:
-                    result.losses.append(step_loss_value)
-                    if good:
-                        self._bad_in_a_row = 0
-                    else:
-                        self._bad_in_a_row += 1
-                        self._bad_total += 1
-                        self._progress.milestone(
-                            f"Step {self._step}: non-finite loss or gradient ({step_loss_value}); step skipped "
-                            f"({self._bad_in_a_row} in a row, {self._bad_total} in all)"
-                        )
-                        if self._bad_in_a_row >= t.max_bad_steps:
-                            self._stop_on_bad_steps()
-
-                window.add(
-                    loss=step_loss_value if good else None,
-                    grad_norm=grad_norm if good else None,
-                    samples=samples,
-                    tokens=tokens,
-                    seconds=time.perf_counter() - step_started,
-                )
+                self._account(outcome, result)
+                flops = None if counting else self._flops.of(micro_batches)
+                for w in (window, self._totals):
+                    w.add(
+                        loss=outcome.loss if outcome.updated else None,
+                        grad_norm=outcome.grad_norm if outcome.updated else None,
+                        samples=outcome.samples,
+                        tokens=outcome.tokens,
+                        seconds=seconds,
+                        flops=flops,
+                    )
                 if self._step % t.logging_steps == 0 or self._step == self._total_steps:
                     elapsed = time.perf_counter() - run_started
                     self._log(window, eta_s=elapsed / steps_this_run * (self._total_steps - self._step))
@@ -414,56 +369,23 @@ class TrainRecipe:
         self._write_run_record(result.status, self._final_metrics(result, time.perf_counter() - run_started))
         return result
 
-    def _update(
-        self,
-        micro_batches: list[dict[str, torch.Tensor]],
-        supervised: int,
-        *,
-        local_samples: int,
-        parameters: list[torch.nn.Parameter],
-    ) -> tuple[float, float, bool]:
-        """Forward and backward over the step's micro-batches, then the optimizer step unless the
-        loss or the gradient is not finite. Returns (loss, gradient norm, whether it was good)."""
-        import torch
-
-        from llavactl.train import distributed
-
-        world, device = self._world, self._device
-        if not micro_batches:
-            # Only this process lost its records: it still takes part in the gradient reduction,
-            # with a batch that counts for nothing.
-            micro_batches = [self._placeholder_batch()]
-        else:
-            self._last_batch = micro_batches[-1]
-        # The loss is summed over every process's supervised tokens of the step. DDP and FSDP
-        # average the gradients over the processes, so each process's share is scaled back up by
-        # the world size.
-        denominator = max(supervised, 1) / world.size
-        step_loss = torch.zeros((), dtype=torch.float32, device=device)
-        with self._out_of_memory_as_error():
-            for i, batch in enumerate(micro_batches):
-                on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with distributed.gradient_sync(self._model, sync=i == len(micro_batches) - 1):
-                    with self._autocast():
-                        token_loss = self._model(on_device)
-                    scaled = token_loss / denominator if local_samples else token_loss * 0.0
-                    self._backward(scaled)
-                step_loss += scaled.detach()
-            grad_norm = self._clip_gradients(parameters)
-        # Each process's share was scaled up by the world size: the mean of the shares is the loss.
-        step_loss_value = distributed.sum_across(world, [step_loss.item()], device)[0] / world.size
-        good = math.isfinite(step_loss_value)
-        if self._scaler is not None:
-            # The scaler skips overflowing fp16 gradients itself and lowers its scale; that is
-            # routine, not a bad step.
-            self._scaler.step(self._optimizer)
-            self._scaler.update()
-        else:
-            good = good and math.isfinite(grad_norm)
-            if good:
-                self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-        return step_loss_value, grad_norm, good
+    def _account(self, outcome: StepOutcome, result: TrainResult) -> None:
+        """Count the step as good, bad (non-finite) or empty (every record skipped); stop on too many bad."""
+        if not outcome.samples:
+            self._progress.milestone(f"Step {self._step}: every record was skipped as bad; no update")
+            return
+        result.losses.append(outcome.loss)
+        if outcome.good:
+            self._bad_in_a_row = 0
+            return
+        self._bad_in_a_row += 1
+        self._bad_total += 1
+        self._progress.milestone(
+            f"Step {self._step}: non-finite loss or gradient ({outcome.loss}); step skipped "
+            f"({self._bad_in_a_row} in a row, {self._bad_total} in all)"
+        )
+        if self._bad_in_a_row >= self._training.max_bad_steps:
+            self._stop_on_bad_steps()
 
     def _step_batches(self) -> Iterator[list[dict[str, torch.Tensor]]]:
         """The micro-batches of each optimizer step; the last step of an epoch may have fewer.
@@ -509,43 +431,6 @@ class TrainRecipe:
                 ids = ", ".join(str(s.id) for s in skipped)
                 self._progress.milestone(f"Skipped bad record(s) {ids} (data.on_error: skip)")
             yield batch if "input_ids" in batch else None
-
-    def _placeholder_batch(self) -> dict[str, torch.Tensor]:
-        """A batch for a process whose records of the step were all skipped while other processes
-        have some: the last batch it used, to be weighted zero."""
-        if self._last_batch is None:
-            raise DataError(
-                "every record this process was given for the first step was skipped as bad "
-                "(data.on_error: skip), so it has no batch to take part in the gradient reduction with",
-                fix="run `llavactl data check` on the data and fix or drop the bad records",
-            )
-        return self._last_batch
-
-    def _backward(self, scaled_loss: torch.Tensor) -> None:
-        if self._scaler is not None:
-            self._scaler.scale(scaled_loss).backward()
-        else:
-            scaled_loss.backward()
-
-    def _clip_gradients(self, parameters: list[torch.nn.Parameter]) -> float:
-        """Clip to ``training.max_grad_norm`` (0: no clipping) and return the norm before clipping."""
-        import torch
-
-        if self._scaler is not None:
-            self._scaler.unscale_(self._optimizer)
-        from llavactl.train.distributed import as_float
-
-        max_norm = self._training.max_grad_norm or math.inf
-        return as_float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
-
-    def _autocast(self) -> AbstractContextManager[object]:
-        import torch
-
-        if self._training.bf16:
-            return torch.autocast(self._device.type, dtype=torch.bfloat16)
-        if self._training.fp16:
-            return torch.autocast(self._device.type, dtype=torch.float16)
-        return nullcontext()
 
     @contextmanager
     def _out_of_memory_as_error(self) -> Iterator[None]:
@@ -625,6 +510,7 @@ class TrainRecipe:
         if self._metrics is None:  # not rank 0
             return
         lr = self._scheduler.get_last_lr()[0]
+        flops_per_s = self._flops_per_s(window)
         stats = StepStats(
             step=self._step,
             total_steps=self._total_steps,
@@ -636,6 +522,7 @@ class TrainRecipe:
             tokens_per_s=window.tokens / window.seconds,
             peak_memory_bytes=peak_memory_bytes(self._device.type),
             eta_s=eta_s,
+            mfu=None if flops_per_s is None else flops_per_s / self._peak.flops_per_s,
         )
         self._progress.step(stats)
         self._metrics.log(
@@ -647,11 +534,19 @@ class TrainRecipe:
                 "epoch": stats.epoch,
                 "samples_per_s": stats.samples_per_s,
                 "tokens_per_s": stats.tokens_per_s,
+                "flops_per_s": flops_per_s if flops_per_s is not None else math.nan,
+                "mfu": stats.mfu if stats.mfu is not None else math.nan,
                 "peak_memory_bytes": stats.peak_memory_bytes,
                 "bad_steps": self._bad_total,
                 "skipped_records": self._skipped_records,
             },
         )
+
+    def _flops_per_s(self, window: _Window) -> float | None:
+        """FLOP/s of the window's steps over every process (each process computes its own share)."""
+        if window.flops is None or not window.flop_seconds:
+            return None
+        return window.flops * self._world.size / window.flop_seconds
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -696,8 +591,7 @@ class TrainRecipe:
             "optimizer": optimizer_state,
             "scheduler": self._scheduler.state_dict(),
         }
-        if self._scaler is not None:
-            training_state["scaler"] = self._scaler.state_dict()
+        training_state.update(self._step_unit.state_dict())
         progress = {
             "step": self._step,
             "total_steps": self._total_steps,
@@ -731,10 +625,11 @@ class TrainRecipe:
                 "profile": self._profile_json(),
                 "seed": self._profile.seed,
                 "device": _describe_device(self._device),
+                "precision": self._resolved.precision.name if self._resolved else None,
                 "world": {
                     "size": self._world.size,
                     "backend": self._world.backend,
-                    "strategy": self._training.distributed if self._world.distributed else None,
+                    "strategy": self._world.strategy,
                 },
                 "versions": library_versions(),
                 "total_steps": self._total_steps,
@@ -745,6 +640,7 @@ class TrainRecipe:
 
     def _final_metrics(self, result: TrainResult, seconds: float) -> dict[str, Any]:
         finite = [x for x in result.losses if math.isfinite(x)]
+        flops_per_s = self._flops_per_s(self._totals)
         return {
             "step": self._step,
             "first_loss": finite[0] if finite else None,
@@ -752,6 +648,10 @@ class TrainRecipe:
             "bad_steps": self._bad_total,
             "skipped_records": self._skipped_records,
             "train_seconds": round(seconds, 3),
+            "flops_per_s": flops_per_s,
+            "mfu": None if flops_per_s is None else flops_per_s / self._peak.flops_per_s,
+            "mfu_peak_flops_per_s": self._peak.flops_per_s,
+            "mfu_peak_source": self._peak.source,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         }
 
@@ -768,6 +668,7 @@ class TrainRecipe:
             # destructor waits on a peer that may be gone, and the process hangs.
             self._model = None
             self._optimizer = None
+            self._step_unit = None
             gc.collect()
         stop(self._world)
 
@@ -781,14 +682,29 @@ class _Window:
     samples: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    flops: float | None = None  # this process's FLOPs of the steps whose FLOPs are known
+    flop_seconds: float = 0.0  # the seconds of those steps
 
-    def add(self, *, loss: float | None, grad_norm: float | None, samples: int, tokens: int, seconds: float) -> None:
+    def add(
+        self,
+        *,
+        loss: float | None,
+        grad_norm: float | None,
+        samples: int,
+        tokens: int,
+        seconds: float,
+        flops: float | None = None,
+    ) -> None:
         if loss is not None:
             self.losses.append(loss)
         if grad_norm is not None:
             self.grad_norms.append(grad_norm)
         self.samples += samples
         self.tokens += tokens
+        if flops is not None:
+            # Seconds count only alongside FLOPs: the counted step, slowed by counting, is left out.
+            self.flops = (self.flops or 0.0) + flops
+            self.flop_seconds += seconds
         self.seconds += seconds
 
     @property

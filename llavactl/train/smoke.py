@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llavactl.config.loader import LoadedProfile, load_profile
 from llavactl.train.progress import TrainingProgress
+
+if TYPE_CHECKING:
+    from llavactl.resolve.run import ResolvedRun
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,14 @@ def _tensors(folder: Path) -> dict[str, object]:
 
 
 def smoke_run(
-    loaded: LoadedProfile, steps: int, workdir: Path, progress: TrainingProgress, *, random_weights: bool
+    resolved: ResolvedRun, steps: int, workdir: Path, progress: TrainingProgress, *, random_weights: bool
 ) -> SmokeResult:
     """Train ``steps`` + 1 steps, then resume from step ``steps`` and compare step ``steps`` + 1."""
     import torch
 
     from llavactl.train.metrics import peak_memory_bytes
+
+    loaded = resolved.loaded
 
     common = [
         *loaded.overrides,
@@ -59,8 +65,7 @@ def smoke_run(
     ]
     first = load_profile(str(loaded.source), [*common, f"training.output_dir={workdir / 'run'}"])
     losses = _run(first, progress, resume=None, random_weights=random_weights)
-    device_type = "cuda" if torch.cuda.is_available() and first.profile.training.device != "cpu" else "cpu"
-    peak = peak_memory_bytes(device_type)
+    peak = peak_memory_bytes(resolved.device_type)
     second = load_profile(str(loaded.source), [*common, f"training.output_dir={workdir / 'resumed'}"])
     progress.milestone(f"Reloading checkpoint-{steps} into a fresh model")
     resumed = _run(second, progress, resume=str(workdir / "run" / f"checkpoint-{steps}"), random_weights=random_weights)

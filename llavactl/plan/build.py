@@ -3,15 +3,13 @@
 `llavactl dry-run` prints it. The model is built on the meta device from known or cached
 configs; tokens per sample come from the data when the tokenizer is at hand (else from
 ``data.max_seq_len``); peak memory and FLOPs come from tracing one step on fake tensors
-(:mod:`llavactl.model.memory`). When the estimate does not fit the free memory, the plan lists
+(:mod:`llavactl.plan.memory`). When the estimate does not fit the free memory, the plan lists
 the overrides that would make it fit, cheapest in quality first, each with its estimated peak.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -20,13 +18,14 @@ from llavactl.errors import DataError, ModelSourceError
 if TYPE_CHECKING:
     from llavactl.config.schema import Profile
     from llavactl.model.assembly import AssembledModel
-    from llavactl.model.memory import ComponentParams, MemoryEstimate
+    from llavactl.plan.memory import ComponentParams, MemoryEstimate
+    from llavactl.resolve.run import ResolvedRun
 
 # Tokens per sample are measured on at most this many records, spread over the file.
 TOKEN_SAMPLE = 2000
 # The share of the measured matmul FLOP/s that a training step reaches: what llavactl's loop
-# reached on local_lite's shapes on a 2-core CPU (benchmarks/local_lite_step.py, attention and
-# recomputed FLOPs counted: 71-79% without gradient checkpointing, 69-78% with it, over six runs).
+# reached on local_lite's shapes on a 2-core CPU (benchmarks/local_lite_step.py, which runs the
+# training step unit, llavactl.train.step.TrainingStep; attention and recomputed FLOPs counted).
 STEP_EFFICIENCY = 0.75
 CUDA_CONTEXT_BYTES = 600 * 1024**2
 
@@ -167,9 +166,7 @@ def estimate(
     profile: Profile, tokens: TokenPlan, *, runtime_bytes: int, device: str = "cpu"
 ) -> tuple[MemoryEstimate, int]:
     """Peak memory and FLOPs of one micro-batch step of ``profile`` (built afresh on meta)."""
-    import torch
-
-    from llavactl.model.memory import estimate_memory, trace_step
+    from llavactl.plan.memory import estimate_memory, trace_step
 
     training = profile.training
     assembled = build_meta(profile, gradient_checkpointing=training.gradient_checkpointing)
@@ -182,32 +179,13 @@ def estimate(
         batch_size=training.per_device_train_batch_size,
         seq_len=seq_len,
         images_per_sample=tokens.images_per_sample,
-        loss_fn=_static_loss(min(tokens.supervised, seq_len - 1)),
-        autocast_dtype=torch.bfloat16 if half else None,
+        supervised=min(tokens.supervised, seq_len - 1),
+        autocast="bf16" if half else None,
         device=device,
     )
     quantized = 4 if profile.model.load_in_4bit else 8 if profile.model.load_in_8bit else None
     memory = estimate_memory(assembled, trace, runtime_bytes=runtime_bytes, quantized_bits=quantized)
     return memory, trace.flops
-
-
-def _static_loss(supervised: int) -> Callable[[Any, Mapping[str, Any]], Any]:
-    """The loop's loss (:func:`llavactl.train.loss.summed_token_loss`) with the supervised
-    positions fixed to the last ``supervised`` ones: the same shapes, without the boolean mask
-    whose size fake tensors cannot know."""
-
-    def summed_loss(model: Any, batch: Mapping[str, Any]) -> Any:
-        from llavactl.train.linear_cross_entropy import summed_cross_entropy
-        from llavactl.train.loss import llava_of
-
-        llava = llava_of(model)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
-        hidden = llava.model(**inputs, use_cache=False)[0]
-        rows = hidden[:, -supervised - 1 : -1].reshape(-1, hidden.shape[-1])
-        targets = batch["labels"][:, -supervised:].reshape(-1)
-        return summed_cross_entropy(llava.lm_head, rows, targets)
-
-    return summed_loss
 
 
 def _knobs(profile: Profile, tokens: TokenPlan) -> list[tuple[dict[str, Any], str]]:
@@ -306,34 +284,12 @@ def _yaml(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def measure_matmul_flops(device: str, seconds: float = 0.3) -> float:
-    """FLOP/s of a large fp32 matmul (bf16 on CUDA) on ``device``: the machine's practical peak."""
-    import torch
-
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        runs += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * runs / (time.perf_counter() - start)
-
-
-def build_plan(
-    profile: Profile,
-    *,
-    name: str,
-    device: str,
-    free_bytes: int | None,
-    runtime_bytes: int,
-    measure_speed: bool,
-) -> Plan:
-    """The whole plan for ``profile`` on ``device`` (the device the run would use)."""
+def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int | None = None) -> Plan:
+    """The whole plan of the resolved run on its device; ``device_memory`` (bytes) stands for the
+    free memory of a device planned for elsewhere (else the resolution's free memory)."""
+    profile, device = resolved.loaded.profile, resolved.device_type
+    free_bytes = device_memory if device_memory is not None else resolved.free_memory_bytes
+    measure_speed = resolved.device_present
     notes: list[str] = []
     try:
         assembled = build_meta(profile, gradient_checkpointing=profile.training.gradient_checkpointing)
@@ -342,7 +298,7 @@ def build_plan(
             f"dry-run needs the model's config: {exc.message}",
             fix=exc.fix,
         ) from exc
-    from llavactl.model.memory import component_params
+    from llavactl.plan.memory import component_params
 
     components = component_params(assembled)
     tokens = token_plan(profile, assembled)
@@ -361,7 +317,10 @@ def build_plan(
     flops_per_step = flops * t.gradient_accumulation_steps
     matmul = seconds = None
     if measure_speed:
-        matmul = measure_matmul_flops(device)
+        from llavactl.model.flops import measure_matmul_flops
+
+        # bf16 on a GPU (what training there runs in), fp32 on a CPU.
+        matmul = measure_matmul_flops(device, "bfloat16" if device == "cuda" else "float32")
         seconds = flops_per_step / (matmul * STEP_EFFICIENCY)
     else:
         notes.append(f"no {device} device on this machine: time per step not estimated")
@@ -369,7 +328,7 @@ def build_plan(
     if free_bytes is not None and memory.total > free_bytes:
         suggestions = suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime, device=device)
     return Plan(
-        profile=name,
+        profile=resolved.loaded.name,
         stage=profile.stage,
         device=device,
         components=components,
@@ -388,10 +347,13 @@ def build_plan(
     )
 
 
-def plan_memory(profile: Profile, free_bytes: int, device: str) -> tuple[int, str | None]:
-    """The estimated peak of ``profile`` on ``device`` and, when it exceeds ``free_bytes``, the
-    cheapest overrides whose estimate fits (None when none does). For doctor's memory check."""
-    from llavactl.model.memory import runtime_rss_bytes
+def plan_memory(resolved: ResolvedRun) -> tuple[int, str | None]:
+    """The estimated peak of the resolved run on its device and, when it exceeds the device's free
+    memory, the cheapest overrides whose estimate fits (None when none does). For doctor's memory check."""
+    from llavactl.plan.memory import runtime_rss_bytes
+
+    profile, device = resolved.loaded.profile, resolved.device_type
+    free_bytes = resolved.free_memory_bytes or 0
 
     runtime = runtime_rss_bytes() + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     tokens = token_plan(profile, build_meta(profile, gradient_checkpointing=profile.training.gradient_checkpointing))

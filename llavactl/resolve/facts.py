@@ -1,7 +1,9 @@
-"""Facts about this machine that the checks judge: packages, device, CPU features, memory.
+"""Facts about this machine and process world that a profile is resolved against.
 
-Gathering (which imports torch) is kept apart from judging, so that tests can hand the checks
-any machine they like: a T4 without bf16, a CPU with AMX, a CUDA build without a GPU.
+Packages, devices, CPU features, memory, and the world torchrun describes. Gathering (which
+imports torch) is kept apart from judging, so that tests can hand :func:`llavactl.resolve.resolve`
+and doctor's checks any machine they like: a T4 without bf16, a CPU with AMX, a CUDA build without
+a GPU, eight processes on four GPUs.
 """
 
 from __future__ import annotations
@@ -119,3 +121,25 @@ def probe() -> MachineFacts:
         ram_available_bytes=available,
         bitsandbytes_error=_bitsandbytes_error(),
     )
+
+
+@dataclass(frozen=True)
+class WorldFacts:
+    """The world torchrun describes in the environment (one process outside it)."""
+
+    size: int = 1  # processes in all (WORLD_SIZE)
+    local_size: int = 1  # processes on this node (LOCAL_WORLD_SIZE)
+    backends: frozenset[str] = frozenset({"gloo"})  # torch.distributed backends this torch build has
+    rank: int = 0
+    local_rank: int = 0
+
+
+def probe_world() -> WorldFacts:
+    """The world of this process, from torchrun's variables, and the backends torch has (imports torch)."""
+    import torch.distributed as dist
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    backends = frozenset(b for b in ("gloo", "nccl") if dist.is_available() and dist.is_backend_available(b))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    return WorldFacts(size, local, backends, rank, local_rank)

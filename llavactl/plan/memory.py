@@ -1,5 +1,7 @@
 """Estimate a training step's peak memory and FLOPs without weights, by tracing it on fake tensors.
 
+Used by the planner alone (:mod:`llavactl.plan.build`).
+
 A model built on the meta device is moved to fake tensors (shapes and dtypes, no storage) and one
 forward and backward pass runs on a batch of the real shape. Every tensor the pass allocates is
 counted until it is freed, so the activation peak follows what autograd really keeps: image
@@ -9,12 +11,10 @@ pass counts FLOPs. Weights, gradients and optimizer state are exact sums over th
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import weakref
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -172,15 +172,17 @@ def trace_step(
     batch_size: int,
     seq_len: int,
     images_per_sample: int,
-    loss_fn: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor],
-    autocast_dtype: torch.dtype | None = None,
+    supervised: int,
+    autocast: Literal["bf16", "fp16"] | None = None,
     device: str = "cpu",
 ) -> StepTrace:
     """Trace one forward + backward pass of a batch of this shape on fake tensors.
 
     ``assembled`` must have been built on the meta device; its parameters become fake tensors.
-    ``seq_len`` counts the image tokens; ``images_per_sample`` may be 0 (text-only). ``loss_fn``
-    is the training loop's loss, in a form whose shapes do not depend on tensor values.
+    ``seq_len`` counts the image tokens; ``images_per_sample`` may be 0 (text-only). The pass is
+    the training step's own (:meth:`llavactl.train.step.TrainingStep.accumulate`), its loss over the
+    last ``supervised`` positions of each row: the shapes of the real loss, without a boolean mask
+    whose size fake tensors cannot know.
     """
     from unittest import mock
 
@@ -188,6 +190,9 @@ def trace_step(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from llavactl.model.flops import flop_counter
+    from llavactl.resolve.run import Precision
+    from llavactl.train.loss import TokenLoss, last_positions_loss
+    from llavactl.train.step import TrainingStep
 
     model = assembled.model
     spec = assembled.image_spec
@@ -208,8 +213,12 @@ def trace_step(
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         if images_per_sample:
             inputs["pixel_values"] = torch.zeros((batch_size * images_per_sample, 3, spec.size, spec.size))
-        autocast = (
-            torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+        # The autocast of the run, on the CPU that traces it; no gradient scaler (it scales values only).
+        step = TrainingStep(
+            TokenLoss(model, last_positions_loss(supervised)),
+            None,
+            precision=Precision(autocast=autocast),
+            device=torch.device("cpu"),
         )
         # Batches of several records are padded, and their attention runs under a mask over every
         # query-key pair. A lone record's mask is all ones, which transformers drops for the causal
@@ -227,9 +236,7 @@ def trace_step(
         gc.freeze()
         try:
             with no_check, flops, counter.mode():
-                with autocast:
-                    loss = loss_fn(model, inputs)
-                loss.backward()
+                step.accumulate([inputs], denominator=1.0)
         finally:
             gc.unfreeze()
     return StepTrace(peak_bytes=counter.peak, flops=flops.get_total_flops())

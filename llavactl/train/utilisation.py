@@ -1,0 +1,110 @@
+"""Achieved FLOP/s of training steps and their share of the device's peak (MFU), beside the loss.
+
+The FLOPs of the first optimizer step a process runs are counted exactly (:func:`op_flop_counter`:
+forward, backward, recomputation, attention as the kernels compute it). Later steps are credited
+by their shapes: the non-attention work scales with the tokens computed (padding included, as
+the device computes it), the attention work with the sum of squared row lengths. The peak is the
+datasheet's dense rate for known GPUs in the run's precision, else this device's measured matmul
+rate (:func:`llavactl.model.flops.measure_matmul_flops`), which on a CPU is the practical peak.
+Counting only watches the ops, so the counted step computes exactly what an uncounted one does
+(exact resume holds whichever step a process counts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from llavactl.resolve.run import ResolvedRun
+
+# Dense tensor-core rates per GPU from the vendors' datasheets, FLOP/s: (bf16/fp16, tf32, fp32).
+# The first name contained in torch's device name wins, so longer names come first.
+_GPU_PEAKS: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("H100 PCIe", (756e12, 378e12, 51e12)),
+    ("H200", (989e12, 494e12, 67e12)),
+    ("H100", (989e12, 494e12, 67e12)),
+    ("A100", (312e12, 156e12, 19.5e12)),
+    ("L40S", (362e12, 183e12, 91.6e12)),
+    ("L4", (121e12, 60e12, 30.3e12)),
+    ("V100", (125e12, 15.7e12, 15.7e12)),
+    ("T4", (65e12, 8.1e12, 8.1e12)),
+)
+
+
+@dataclass(frozen=True)
+class DevicePeak:
+    flops_per_s: float
+    source: str  # e.g. "NVIDIA H100 datasheet, bf16 dense" or "measured fp32 matmul"
+
+
+def device_peak(resolved: ResolvedRun) -> DevicePeak:
+    """The peak FLOP/s that MFU is reported against, for the run's device and precision."""
+    from llavactl.model.flops import measure_matmul_flops
+
+    precision = resolved.precision
+    kind = precision.autocast or ("tf32" if precision.tf32 else "fp32")
+    if resolved.device_type == "cuda" and resolved.facts.gpus:
+        name = resolved.facts.gpus[min(resolved.world.local_rank, len(resolved.facts.gpus) - 1)].name
+        for key, (half, tf32, fp32) in _GPU_PEAKS:
+            if key in name:
+                rate = half if precision.autocast else tf32 if precision.tf32 else fp32
+                return DevicePeak(rate, f"{key} datasheet, {kind} dense")
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision.autocast or "", "float32")
+    if resolved.device_type == "cpu":
+        # A CPU's fp32 matmul is its practical peak; bf16 autocast is reported against it too.
+        dtype = "float32"
+    return DevicePeak(measure_matmul_flops(resolved.device, dtype), f"measured {dtype} matmul")
+
+
+def _shape_work(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """(tokens computed, sum of squared row lengths) of a step's micro-batches."""
+    tokens = squares = 0.0
+    for batch in batches:
+        rows, length = batch["input_ids"].shape
+        tokens += rows * length
+        squares += rows * length * length
+    return tokens, squares
+
+
+class StepFlops:
+    """FLOPs per optimizer step: counted on the first step, then scaled by each step's shapes."""
+
+    def __init__(self) -> None:
+        self._linear = self._attention = 0.0  # FLOPs of the counted step, by kind
+        self._tokens = self._squares = 0.0  # its shapes
+        self._counted = False
+
+    @property
+    def ready(self) -> bool:
+        """Whether a step has been counted, so that :meth:`of` can credit steps."""
+        return self._counted
+
+    @contextlib.contextmanager
+    def count(self, batches: Sequence[dict[str, torch.Tensor]]) -> Iterator[None]:
+        """Around the first step: count its FLOPs; around later ones: nothing."""
+        if self._counted or not batches:
+            yield
+            return
+        from llavactl.model.flops import op_flop_counter
+
+        with op_flop_counter() as counter:
+            yield
+        attention = float(sum(n for op, n in counter.by_op.items() if "attention" in op))
+        self._attention = attention
+        self._linear = float(counter.total) - attention
+        self._tokens, self._squares = _shape_work(batches)
+        self._counted = True
+
+    def of(self, batches: Sequence[dict[str, torch.Tensor]]) -> float | None:
+        """This process's FLOPs for a step of ``batches`` (None before the first counted step)."""
+        if not self._counted:
+            return None
+        tokens, squares = _shape_work(batches)
+        linear = self._linear * tokens / self._tokens if self._tokens else 0.0
+        attention = self._attention * squares / self._squares if self._squares else 0.0
+        return linear + attention
