@@ -136,6 +136,7 @@ class TrainRecipe:
             self._training.distributed,
             self._device,
             find_unused=any(n <= 0 for n in self._sampler.lengths),
+            bf16=self._training.bf16,
         )
         self._steps_per_epoch = math.ceil(len(self._loader) / self._training.gradient_accumulation_steps)
         if self._training.max_steps > 0:
