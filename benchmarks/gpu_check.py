@@ -68,7 +68,7 @@ PACKAGES = (
 LIMITS = {"full": {"tests": 300, "benchmark": 140}, "quick": {"tests": 36, "benchmark": 18}}
 # Benchmark profile and sizes: records per step, timed steps, steps left out of the timing. --quick and
 # the CPU dry mode time the `tiny` profile's builtin models (building local_lite's alone takes seconds).
-SIZES = {"full": ("local_lite", 8, 40, 5), "quick": ("tiny", 8, 20, 3), "cpu": ("tiny", 4, 6, 2)}
+SIZES = {"full": ("local_lite", 8, 40, 5), "quick": ("tiny", 8, 20, 3), "cpu": ("tiny", 2, 4, 1)}
 
 
 class Log:
@@ -250,7 +250,7 @@ def tests_phase(mode: str, cuda: bool, env: dict[str, str], log: Log) -> dict[st
     limit = LIMITS[mode]["tests"] if cuda else 120
     if importlib.util.find_spec("pytest_timeout") is not None:
         # A hung test fails alone, and the phase goes on to the next one and writes its junit file.
-        command += [f"--timeout={limit // 2}"]
+        command += [f"--timeout={max(limit // 2, 30)}"]
     run = run_phase(command, limit=limit, env=env, log=log, name="tests")
     results = test_results(junit, run["output"], run["timed_out"])
     counts: dict[str, int] = {}
@@ -470,9 +470,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the gpu tests not marked slow and a short benchmark")
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="carried wheels to install (no index)")
     parser.add_argument("--benchmark-child", help=argparse.SUPPRESS)
+    parser.add_argument("--environment-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.benchmark_child:
         print(json.dumps(benchmark_child(json.loads(args.benchmark_child))))
+        return 0
+    if args.environment_child:
+        print(json.dumps(environment()))
         return 0
 
     started = time.perf_counter()
@@ -484,10 +488,14 @@ def main() -> int:
     summary: dict[str, Any] = {"gpu_check": mode}
     try:
         extra_path, carried = install_carried_wheels(args.wheels, log)
-        if extra_path is not None:
-            sys.path.insert(0, extra_path)
         env = child_env(extra_path)
-        described = environment()
+        # In a child: with the carried wheels on its path, and no CUDA context held here during the tests.
+        probe = run_phase(
+            [sys.executable, __file__, "--environment-child"], limit=60, env=env, log=log, name="environment"
+        )
+        if probe["returncode"] != 0:
+            raise RuntimeError(f"the environment probe failed: {probe['output'].strip()[-800:]}")
+        described = json.loads(probe["output"].strip().splitlines()[-1])
         cuda = described["cuda"]
         summary.update(
             gpu_present=cuda,

@@ -410,6 +410,7 @@ def _measured_bytes(profile: str, overrides: list[str], *, random_weights: bool)
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.ones(64, 64, device="cuda", dtype=dtype, requires_grad=True)
         (a @ a).sum().backward()
+        torch.nn.functional.linear(a, a, a[0]).sum().backward()  # addmm: cuBLASLt's workspace
     del a
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
