@@ -491,7 +491,7 @@ def main() -> int:
         env = child_env(extra_path)
         # In a child: with the carried wheels on its path, and no CUDA context held here during the tests.
         probe = run_phase(
-            [sys.executable, __file__, "--environment-child"], limit=60, env=env, log=log, name="environment"
+            [sys.executable, __file__, "--environment-child"], limit=30, env=env, log=log, name="environment"
         )
         if probe["returncode"] != 0:
             raise RuntimeError(f"the environment probe failed: {probe['output'].strip()[-800:]}")
