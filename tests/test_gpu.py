@@ -420,16 +420,24 @@ def _measured_bytes(profile: str, overrides: list[str], *, random_weights: bool)
     return torch.cuda.max_memory_allocated() - before
 
 
+def _estimated_and_measured(
+    profile: str, overrides: list[str], record_property: Callable[[str, object], None], *, random_weights: bool
+) -> tuple[int, int]:
+    """dry-run's estimate and the measured peak, both kept in the test's junit record."""
+    estimated = _estimated_bytes(profile, overrides)
+    measured = _measured_bytes(profile, overrides, random_weights=random_weights)
+    record_property("estimated_bytes", estimated)
+    record_property("measured_bytes", measured)
+    return estimated, measured
+
+
 @pytest.mark.slow
 def test_dry_run_estimates_tiny_within_15_percent(
     shapes: Path, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     # One epoch (16 steps of 4): the batch with the longest record, which dry-run plans for, is in it.
     overrides = _overrides(shapes, tmp_path, "training.max_steps=16", "training.save_steps=100")
-    estimated = _estimated_bytes("tiny", overrides)
-    measured = _measured_bytes("tiny", overrides, random_weights=False)
-    record_property("estimated_bytes", estimated)
-    record_property("measured_bytes", measured)
+    estimated, measured = _estimated_and_measured("tiny", overrides, record_property, random_weights=False)
     assert abs(estimated - measured) <= 0.15 * measured, (estimated, measured)
 
 
@@ -447,10 +455,7 @@ def test_dry_run_estimates_local_lite_shapes_within_15_percent(
         f"data.image_folder={data.parent}",
         "model.tokenizer_name_or_path=builtin:tiny-llama",
     ]
-    estimated = _estimated_bytes("local_lite", overrides)
-    measured = _measured_bytes("local_lite", overrides, random_weights=True)
-    record_property("estimated_bytes", estimated)
-    record_property("measured_bytes", measured)
+    estimated, measured = _estimated_and_measured("local_lite", overrides, record_property, random_weights=True)
     assert abs(estimated - measured) <= 0.15 * measured, (estimated, measured)
 
 
