@@ -7,7 +7,8 @@ the gradients are summed across processes before every optimizer step:
 
 - ``ddp``: DistributedDataParallel; each process holds the whole model and optimizer.
 - ``fsdp``: FSDP2 (``fully_shard``); parameters, gradients and optimizer states are sharded,
-  one group per LLM decoder layer, the rest in the root group.
+  one group per LLM decoder layer, the rest in the root group. With ``training.bf16`` the
+  gathered parameters are bf16 and gradients are reduced in fp32.
 
 The world (rank, size, backend: nccl on CUDA, gloo on the CPU, strategy) is resolved with the
 profile (:class:`llavactl.resolve.World`). For one process nothing here starts a process group
@@ -84,16 +85,24 @@ def gather_to_main(world: World, value: Any) -> list[Any] | None:
     return gathered
 
 
-def wrap(module: TokenLoss, world: World, device: torch.device, *, find_unused: bool) -> nn.Module:
+def wrap(
+    module: TokenLoss,
+    world: World,
+    device: torch.device,
+    *,
+    find_unused: bool,
+    bf16: bool = False,
+) -> nn.Module:
     """``module`` ready for data-parallel training; unchanged for one process.
 
     ``find_unused``: some batches leave trainable parameters without a gradient (the projector
-    on a text-only batch), which DDP must be told about.
+    on a text-only batch), which DDP must be told about. ``bf16`` (``training.bf16``): FSDP
+    computes with bf16 copies of the parameters (DDP's autocast does that per op).
     """
     if not world.distributed:
         return module
     if world.sharded:
-        return _fully_shard(module)
+        return _fully_shard(module, bf16=bf16)
     from torch.nn.parallel import DistributedDataParallel
 
     # DDP broadcasts rank 0's parameters and buffers here, so every process starts identical.
@@ -104,16 +113,22 @@ def wrap(module: TokenLoss, world: World, device: torch.device, *, find_unused: 
     )
 
 
-def _fully_shard(module: TokenLoss) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
+def _fully_shard(module: TokenLoss, *, bf16: bool) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     llava = llava_of(module.model)
+    # bf16: parameters are gathered (half the traffic) and used in bf16, while the shards, the
+    # optimizer and the reduced gradients stay fp32: bf16 sums over many processes lose the
+    # small gradients. Without it FSDP gathers fp32 and autocast casts each op's weights anew.
+    policy = MixedPrecisionPolicy()
+    if bf16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     # One group per decoder layer: only one layer's full parameters exist at a time. The tower,
     # projector, embeddings and head form the root group (sharding the tower on its own changes
     # its class, and transformers then no longer records its hidden states).
     for layer in llava.model.language_model.layers:
-        fully_shard(layer)
-    fully_shard(module)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
     return module
 
 

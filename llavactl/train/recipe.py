@@ -154,6 +154,7 @@ class TrainRecipe:
             self._world,
             self._device,
             find_unused=any(n <= 0 for n in self._sampler.lengths),
+            bf16=resolved.precision.autocast == "bf16",
         )
         self._steps_per_epoch = math.ceil(len(self._loader) / self._training.gradient_accumulation_steps)
         if self._training.max_steps > 0:
