@@ -23,6 +23,15 @@ Reporter = Literal["tensorboard", "wandb"]
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
+# PIL's own `MAX_IMAGE_PIXELS`, the size it warns about as a possible decompression bomb: a quarter
+# GiB decoded as RGB (9459 px square), nearly twice a 50 MP camera photo and 2.7 times an 8K frame,
+# while a tower sees 224-768 px. PIL itself refuses only twice this, which left 0.5 GiB per image
+# (and with `pad`, ratio times more) to a DataLoader worker.
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# At 20:1 `pad` gives the picture a twentieth of the tower's square (17 of 336 px); beyond it a
+# record is a strip of pixels, and its padded square takes 20 times the decoded image's memory.
+MAX_IMAGE_ASPECT_RATIO = 20.0
+
 
 @dataclass(frozen=True)
 class RuleViolation:
@@ -84,9 +93,7 @@ class ModelConfig(_Section):
     )
     load_in_4bit: bool = Field(default=False, description="Load the LLM in 4 bits (QLoRA only).")
     load_in_8bit: bool = Field(default=False, description="Load the LLM in 8 bits (QLoRA only).")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
-        default="nf4", description="4-bit data type for QLoRA."
-    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type for QLoRA.")
     bnb_4bit_use_double_quant: bool = Field(
         default=True, description="Quantize the 4-bit quantization constants too (QLoRA)."
     )
@@ -125,8 +132,7 @@ class ModelConfig(_Section):
                     ("model.load_in_4bit", "model.load_in_8bit", "model.use_qlora"),
                     "A quantized (4/8-bit) load is requested without QLoRA; a quantized LLM can "
                     "only be trained through adapters.",
-                    "add `model.load_in_4bit=false model.load_in_8bit=false`, or "
-                    "`stage=qlora model.use_qlora=true`",
+                    "add `model.load_in_4bit=false model.load_in_8bit=false`, or `stage=qlora model.use_qlora=true`",
                 )
             ]
         return []
@@ -158,6 +164,20 @@ class DataConfig(_Section):
         description="`pad`: expand to a square filled with the processor's mean colour, as "
         "LLaVA-1.5 does; `resize`: stretch to a square.",
     )
+    max_image_pixels: int = Field(
+        default=MAX_IMAGE_PIXELS,
+        ge=1,
+        description="Largest image in pixels (width x height, read from the file's header before "
+        "decoding); larger images are bad records (`image_too_large`). The default is PIL's own "
+        "decompression-bomb threshold, a quarter GiB decoded.",
+    )
+    max_image_aspect_ratio: float = Field(
+        default=MAX_IMAGE_ASPECT_RATIO,
+        ge=1.0,
+        description="Largest ratio of an image's longer side to its shorter, read from the header; "
+        "beyond it an image is a bad record (`image_aspect_ratio`): `pad` would make it a square "
+        "this many times its own size, mostly padding.",
+    )
     conversation_template: Template = Field(
         default="vicuna_v1",
         description="How turns are rendered and which tokens are supervised: `plain` (stage 1), "
@@ -175,8 +195,7 @@ class DataConfig(_Section):
     )
     on_error: Literal["raise", "skip"] = Field(
         default="raise",
-        description="A bad record met during training: stop with an error naming it, or skip it "
-        "and count it.",
+        description="A bad record met during training: stop with an error naming it, or skip it and count it.",
     )
 
 
@@ -187,13 +206,9 @@ class TrainingConfig(_Section):
         default="./checkpoints/run",
         description="Where checkpoints, `metrics.jsonl` and `run.json` are written.",
     )
-    device: Device = Field(
-        default="auto", description="`auto` picks CUDA, then MPS, then CPU."
-    )
+    device: Device = Field(default="auto", description="`auto` picks CUDA, then MPS, then CPU.")
     per_device_train_batch_size: int = Field(default=1, ge=1, description="Micro-batch size per device.")
-    gradient_accumulation_steps: int = Field(
-        default=1, ge=1, description="Micro-batches per optimizer step."
-    )
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(default=2e-5, gt=0.0, description="Peak learning rate.")
     mm_projector_lr: float | None = Field(
         default=None,
@@ -203,9 +218,7 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(
         default=0.0, ge=0.0, description="AdamW weight decay (never applied to biases and norms)."
     )
-    max_grad_norm: float = Field(
-        default=1.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off."
-    )
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off.")
     num_train_epochs: int = Field(default=1, ge=1, description="Passes over the data.")
     max_steps: int = Field(
         default=-1,
@@ -218,9 +231,7 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="Share of the steps spent warming up linearly."
     )
-    warmup_steps: int = Field(
-        default=0, ge=0, description="Warmup in steps; use this or `warmup_ratio`, not both."
-    )
+    warmup_steps: int = Field(default=0, ge=0, description="Warmup in steps; use this or `warmup_ratio`, not both.")
     logging_steps: int = Field(default=1, ge=1, description="Log every N optimizer steps.")
     save_steps: int = Field(default=500, ge=1, description="Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = Field(
@@ -234,9 +245,7 @@ class TrainingConfig(_Section):
         description="Recompute LLM activations in the backward pass: less memory, about a third "
         "more compute. A frozen vision tower is never recomputed.",
     )
-    dataloader_num_workers: int = Field(
-        default=0, ge=0, description="DataLoader worker processes that decode images."
-    )
+    dataloader_num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes that decode images.")
     distributed: Literal["ddp", "fsdp"] = Field(
         default="ddp",
         description="How several processes (started by torchrun or `--nproc-per-node`) share the "
@@ -246,14 +255,12 @@ class TrainingConfig(_Section):
     )
     report_to: list[Reporter] = Field(
         default_factory=list,
-        description="Where metrics go besides `metrics.jsonl`: `tensorboard`, `wandb`, a list of "
-        "them, or `none`.",
+        description="Where metrics go besides `metrics.jsonl`: `tensorboard`, `wandb`, a list of them, or `none`.",
     )
     max_bad_steps: int = Field(
         default=10,
         ge=1,
-        description="Non-finite losses in a row after which the run stops (the last good "
-        "checkpoint is kept).",
+        description="Non-finite losses in a row after which the run stops (the last good checkpoint is kept).",
     )
 
     @field_validator("report_to", mode="before")
@@ -331,8 +338,7 @@ class Profile(BaseModel):
                 RuleViolation(
                     ("stage", "model.use_qlora"),
                     "stage is `qlora` but `model.use_qlora` is false.",
-                    "for plain LoRA add `stage=lora`; for QLoRA add `model.use_qlora=true "
-                    "model.load_in_4bit=true`",
+                    "for plain LoRA add `stage=lora`; for QLoRA add `model.use_qlora=true model.load_in_4bit=true`",
                 )
             ]
         if self.model.use_qlora and self.stage != "qlora":

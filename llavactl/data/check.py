@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llavactl.data.images import ImageFileError, ImageSpec, open_rgb, probe
+from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, open_rgb, probe
 from llavactl.data.records import (
     Problem,
     RawRecord,
@@ -76,6 +76,7 @@ def check_dataset(
     limit: int | None = None,
     workers: int = 1,
     decode: bool = False,
+    limits: ImageLimits = DEFAULT_LIMITS,
     skipped_checks: tuple[str, ...] = (),
 ) -> tuple[CheckReport, list[RawRecord]]:
     """Check the records of ``records_path``; return the report and the raw records read."""
@@ -90,7 +91,7 @@ def check_dataset(
         else:
             records.append(parsed)
     problems += _duplicate_ids(records)
-    problems += _image_problems(records, image_folder, workers, decode)
+    problems += _image_problems(records, image_folder, workers, decode, limits)
     lengths: list[int] = []
     supervised = 0
     if tokens is None:
@@ -138,21 +139,23 @@ def _duplicate_ids(records: list[Record]) -> list[Problem]:
     return out
 
 
-def _check_image(job: tuple[str, bool]) -> tuple[str, str] | None:
-    path, decode = job
+def _check_image(job: tuple[str, bool, ImageLimits]) -> tuple[str, str] | None:
+    path, decode, limits = job
     try:
         if decode:
-            open_rgb(Path(path))
+            open_rgb(Path(path), limits)
         else:
-            probe(Path(path))
+            probe(Path(path), limits)
     except ImageFileError as e:
         return e.code, e.message
     return None
 
 
-def _image_problems(records: list[Record], image_folder: Path, workers: int, decode: bool) -> list[Problem]:
+def _image_problems(
+    records: list[Record], image_folder: Path, workers: int, decode: bool, limits: ImageLimits
+) -> list[Problem]:
     paths = sorted({str(image_folder / p) for r in records for p in r.images})
-    jobs = [(p, decode) for p in paths]
+    jobs = [(p, decode, limits) for p in paths]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_check_image, jobs, chunksize=max(1, min(256, len(jobs) // (4 * workers)))))
