@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from llavactl.config.lookup import find_profile
 from llavactl.config.schema import Profile
@@ -434,6 +435,9 @@ _TYPE_FIXES = {
     "float_type": "use a number, e.g. 2.0e-4",
     "string_type": "use a string (quote it if it looks like a number)",
     "list_type": "use a list, e.g. [q_proj, v_proj]",
+    "finite_number": "use a finite number (not .inf or .nan), e.g. 2.0e-4",
+    "bool_not_number": "use a number (true and false are not numbers)",
+    "zero_steps": "use a positive number of steps, or -1 to run `training.num_train_epochs` epochs",
 }
 
 
@@ -444,6 +448,10 @@ def _type_fix(path: str, error: dict[str, Any]) -> str:
     for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if bound in ctx:
             return f"use a value {word} {ctx[bound]}"
+    if error["type"] == "empty_string":
+        info = _field(path)
+        required = info is not None and info.is_required()
+        return f"give `{path}` a path" + ("" if required else f", or `{path}=null` for its default")
     return _TYPE_FIXES.get(error["type"], f"give `{path}` a value of the type in docs/profiles.md")
 
 
@@ -474,6 +482,19 @@ def suggest_key(path: str) -> str | None:
     if close:
         return all_leaves[close[0]]
     return None
+
+
+def _field(path: str) -> FieldInfo | None:
+    """The schema field of a dotted key, or None."""
+    model: type[BaseModel] = Profile
+    info = None
+    for part in path.split("."):
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            model = info.annotation
+    return info
 
 
 def _sections(model: type[BaseModel] = Profile, prefix: str = "") -> set[str]:

@@ -11,10 +11,12 @@ them at once with the place each value came from.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 Stage = Literal["projector", "lora", "qlora", "full"]
 Template = Literal["plain", "vicuna_v1", "llama_2", "llama_3", "chatml", "tokenizer"]
@@ -42,9 +44,51 @@ class RuleViolation:
     fix: str
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+def _accepts(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field's type is one of ``kinds`` or an optional/union of them."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_accepts(a, kinds) for a in get_args(annotation))
+    return annotation in kinds
 
+
+class _Checked(BaseModel):
+    """Strict where lax parsing would silently mean something else.
+
+    Numbers must be finite (`learning_rate: .inf` trains nothing), a boolean is not a number
+    (pydantic reads `max_steps: true` as 1) and a path or name is not empty (`output_dir: ""`
+    would write into the current folder). Strings like `2e-4`, which YAML 1.1 leaves unparsed,
+    still become numbers.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers_or_empty_strings(cls, value: object, info: ValidationInfo) -> object:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _accepts(annotation, (int, float)) and not _accepts(annotation, (bool,)):
+            raise PydanticCustomError("bool_not_number", "Input should be a number, not a boolean")
+        if isinstance(value, str) and not value.strip() and info.field_name in _NON_EMPTY:
+            raise PydanticCustomError("empty_string", "Input should be a path or name, not an empty string")
+        return value
+
+
+# String keys that name a file, folder, model or tokenizer: empty, they would name the current folder.
+_NON_EMPTY = frozenset(
+    {
+        "model_name_or_path",
+        "vision_tower",
+        "tokenizer_name_or_path",
+        "pretrain_mm_mlp_adapter",
+        "data_path",
+        "image_folder",
+        "eval_data_path",
+        "output_dir",
+    }
+)
+
+
+class _Section(_Checked):
     def rule_violations(self) -> list[RuleViolation]:
         """Every cross-field rule of this section that does not hold."""
         problems: list[RuleViolation] = []
@@ -223,7 +267,7 @@ class TrainingConfig(_Section):
     max_steps: int = Field(
         default=-1,
         ge=-1,
-        description="Optimizer steps to run; -1 runs `num_train_epochs` epochs instead.",
+        description="Optimizer steps to run (a positive number); -1 runs `num_train_epochs` epochs instead.",
     )
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = Field(
         default="cosine", description="Learning-rate decay after warmup."
@@ -262,6 +306,13 @@ class TrainingConfig(_Section):
         ge=1,
         description="Non-finite losses in a row after which the run stops (the last good checkpoint is kept).",
     )
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0:
+            raise PydanticCustomError("zero_steps", "0 steps would train nothing")
+        return value
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -307,10 +358,8 @@ class TrainingConfig(_Section):
         return []
 
 
-class Profile(BaseModel):
+class Profile(_Checked):
     """A resolved training profile: what to train, on what data, and how."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     description: str = Field(default="", description="One line shown by `llavactl profiles list`.")
     stage: Stage = Field(
