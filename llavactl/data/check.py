@@ -25,6 +25,7 @@ from llavactl.data.records import (
     read_raw_records,
 )
 from llavactl.data.templates import encoder_for, prepare, render
+from llavactl.errors import DataError
 
 # Codes whose problems keep a record out of training; the others are warnings.
 WARNING_CODES = frozenset({"too_long", "duplicate_id"})
@@ -40,6 +41,7 @@ class CheckReport:
     problems: list[Problem]
     stats: dict[str, Any]
     skipped_checks: list[str] = field(default_factory=list)
+    source: Path | None = None  # the records file checked
 
     @property
     def errors(self) -> list[Problem]:
@@ -115,10 +117,12 @@ def check_dataset(
                         f"{prepared.supervised_cut} supervised tokens would be cut",
                     )
                 )
-    problems.sort(key=lambda p: (-1 if p.index is None else p.index, p.code))
     n_records = len(raws) + sum(1 for p in problems if p.code == "bad_json" and p.index is not None)
+    if n_records == 0 and not problems:
+        problems.append(Problem("no_records", f"{records_path} holds no records (an empty list, or only blank lines)"))
+    problems.sort(key=lambda p: (-1 if p.index is None else p.index, p.code))
     stats = _stats(records, n_records, problems, lengths, supervised, max_seq_len)
-    return CheckReport(n_records, problems, stats, list(skipped_checks)), raws
+    return CheckReport(n_records, problems, stats, list(skipped_checks), records_path), raws
 
 
 def _problem(record: Record, code: str, message: str) -> Problem:
@@ -203,7 +207,7 @@ def _stats(
         "errors": sum(1 for p in problems if p.severity == "error"),
         "warnings": sum(1 for p in problems if p.severity == "warning"),
         "problems_by_code": dict(sorted(Counter(p.code for p in problems).items())),
-        "records_with_errors": len({p.index for p in problems if p.severity == "error"}),
+        "records_with_errors": len({p.index for p in problems if p.severity == "error" and p.index is not None}),
         "length": None,
         "histogram": [],
         "supervised_tokens": supervised if lengths else None,
@@ -239,13 +243,40 @@ def _histogram(ordered: list[int]) -> list[dict[str, int]]:
 
 def write_clean(raws: list[RawRecord], report: CheckReport, out: Path) -> int:
     """Write the records without error-level problems to ``out`` (JSONL for ``.jsonl``, else a
-    JSON list); return how many were written."""
+    JSON list); return how many were written. Never over the records file it was checked from."""
+    if report.source is not None and _same_file(out, report.source):
+        raise DataError(
+            f"--write-clean {out} is the data file being checked; writing there would replace the data",
+            fix="write the clean records to another file, and point `data.data_path` at it",
+        )
     bad = report.bad_indices()
     keep = [r.value for r in raws if r.index not in bad]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".jsonl":
-        text = "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in keep)
-    else:
-        text = json.dumps(keep, indent=1, ensure_ascii=False) + "\n"
-    out.write_text(text, encoding="utf-8")
+    jsonl = out.suffix == ".jsonl"
+    text = "".join(_dumps(v) + "\n" for v in keep) if jsonl else _dumps(keep, indent=1) + "\n"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise DataError(
+            f"--write-clean {out} cannot be written ({e.strerror or e}: {e.filename})",
+            fix="give a file path in a folder you can write to",
+        ) from None
     return len(keep)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and a.samefile(b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _dumps(value: Any, indent: int | None = None) -> str:
+    # Non-ASCII as itself, except where a value holds a lone surrogate that UTF-8 cannot encode:
+    # JSON's \\u escapes keep it exactly.
+    text = json.dumps(value, indent=indent, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, indent=indent)
+    return text
