@@ -20,6 +20,7 @@ from llavactl.data.records import (
     RawRecord,
     Record,
     RecordProblem,
+    Severity,
     check_image_markers,
     iter_records,
     read_raw_records,
@@ -104,7 +105,9 @@ def check_dataset(
             try:
                 prepared = prepare(record, template, encoder, max_seq_len)
             except RecordProblem as e:
-                problems.append(_problem(record, e.code, e.message))
+                # A record the trainer cannot build is an error whatever its code: `too_long` is
+                # a warning when the cut only loses text, an error when it falls in image tokens.
+                problems.append(_problem(record, e.code, e.message, "error"))
                 continue
             lengths.append(prepared.full_length)
             supervised += prepared.encoded.num_supervised
@@ -125,8 +128,9 @@ def check_dataset(
     return CheckReport(n_records, problems, stats, list(skipped_checks), records_path), raws
 
 
-def _problem(record: Record, code: str, message: str) -> Problem:
-    severity = "warning" if code in WARNING_CODES else "error"
+def _problem(record: Record, code: str, message: str, severity: Severity | None = None) -> Problem:
+    if severity is None:
+        severity = "warning" if code in WARNING_CODES else "error"
     return Problem(code, message, record.index, record.id, severity)
 
 
