@@ -354,9 +354,15 @@ def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: st
                 "write e.g. `training.max_steps=10` (no spaces around `=`; quote values with spaces)",
             )
         ]
+    shown_key = _excerpt_text(key)
     if text == "":
         return [
-            _Problem(key, origin, "the override has no value.", f"write `{key}=VALUE`, or `{key}=null` to clear it")
+            _Problem(
+                key,
+                origin,
+                "the override has no value.",
+                f"write `{shown_key}=VALUE`, or `{shown_key}=null` to clear it",
+            )
         ]
     try:
         value, _ = _load_yaml(text, "value")
@@ -367,7 +373,7 @@ def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: st
                 key,
                 origin,
                 f"the value `{shown}` is not a YAML scalar or flow list ({exc.message}).",
-                f"quote it, e.g. `{key}='{shown}'`, or write a list as `{key}=[a,b]`",
+                f"quote it, e.g. `{shown_key}='{shown}'`, or write a list as `{shown_key}=[a,b]`",
             )
         ]
     parts = key.split(".")
@@ -384,7 +390,7 @@ def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: st
                 _Problem(
                     key,
                     origin,
-                    f"`{parent}` is a value, not a section, so `{key}` cannot be set.",
+                    f"`{parent}` is a value, not a section, so `{shown_key}` cannot be set.",
                     f"set `{parent}=...` itself",
                 )
             ]
