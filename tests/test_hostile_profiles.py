@@ -111,6 +111,7 @@ def test_profiles_list_lists_the_good_and_names_the_unreadable(tmp_path: Path) -
     (folder / "good.yaml").write_text("extends: tiny\ndescription: a good one\n", encoding="utf-8")
     (folder / "binary.yaml").write_bytes(bytes(range(256)))
     (folder / "laughs.yaml").write_text(LAUGHS + "\n", encoding="utf-8")
+    (folder / "surrogate.yaml").write_text('extends: tiny\ndescription: "a\\ud800"\n', encoding="utf-8")
     env = {**os.environ, "COLUMNS": "250"}
     env.pop("LLAVACTL_DEBUG", None)
     result = subprocess.run(
@@ -126,3 +127,5 @@ def test_profiles_list_lists_the_good_and_names_the_unreadable(tmp_path: Path) -
     assert "a good one" in rows["good"] and "tiny" in rows
     assert "invalid:" in rows["binary"] and "not UTF-8 text" in rows["binary"]
     assert "invalid:" in rows["laughs"] and "aliases" in rows["laughs"]
+    # A profile with several problems shows its first, not the headline "has 1 problem:".
+    assert "invalid: description (profiles/surrogate.yaml:2): Input holds a lone surrogate" in rows["surrogate"]

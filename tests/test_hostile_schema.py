@@ -92,3 +92,12 @@ def test_the_rules_hold_when_sections_are_built_directly() -> None:
         DataConfig(data_path="d.json", max_seq_len=True)
     with pytest.raises(ValueError, match="empty string"):
         DataConfig(data_path=" ")
+
+
+@pytest.mark.parametrize(
+    "override", ['description="a\\ud800"', 'training.output_dir="\\udc00"', 'model.lora_target_modules=["\\ud800"]']
+)
+def test_a_lone_surrogate_is_not_text(override: str) -> None:
+    message = problems(override)
+    assert "Input holds a lone surrogate (half of a UTF-16 pair)" in message
+    assert "Fix: remove the `\\ud800`-`\\udfff` escape" in message

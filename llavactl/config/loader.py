@@ -444,6 +444,7 @@ _TYPE_FIXES = {
     "finite_number": "use a finite number (not .inf or .nan), e.g. 2.0e-4",
     "bool_not_number": "use a number (true and false are not numbers)",
     "zero_steps": "use a positive number of steps, or -1 to run `training.num_train_epochs` epochs",
+    "lone_surrogate": "remove the `\\ud800`-`\\udfff` escape, or write the character it was meant to be",
 }
 
 

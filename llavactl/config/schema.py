@@ -55,9 +55,9 @@ class _Checked(BaseModel):
     """Strict where lax parsing would silently mean something else.
 
     Numbers must be finite (`learning_rate: .inf` trains nothing), a boolean is not a number
-    (pydantic reads `max_steps: true` as 1) and a path or name is not empty (`output_dir: ""`
-    would write into the current folder). Strings like `2e-4`, which YAML 1.1 leaves unparsed,
-    still become numbers.
+    (pydantic reads `max_steps: true` as 1), a path or name is not empty (`output_dir: ""`
+    would write into the current folder) and text is text (no lone surrogate, `"\\ud800"`).
+    Strings like `2e-4`, which YAML 1.1 leaves unparsed, still become numbers.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -70,7 +70,19 @@ class _Checked(BaseModel):
             raise PydanticCustomError("bool_not_number", "Input should be a number, not a boolean")
         if isinstance(value, str) and not value.strip() and info.field_name in _NON_EMPTY:
             raise PydanticCustomError("empty_string", "Input should be a path or name, not an empty string")
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(t, str) and not _encodable(t) for t in texts):
+            # YAML's "\ud800": no file name, terminal or log can hold half of a UTF-16 pair.
+            raise PydanticCustomError("lone_surrogate", "Input holds a lone surrogate (half of a UTF-16 pair)")
         return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # String keys that name a file, folder, model or tokenizer: empty, they would name the current folder.
