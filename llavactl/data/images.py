@@ -49,6 +49,16 @@ class ImageSpec:
         return r, g, b
 
 
+class ImageFileError(Exception):
+    """An image that cannot be used; ``code`` is ``missing_image``, ``corrupt_image``,
+    ``image_too_large`` or ``image_aspect_ratio``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """The largest image accepted, judged from its header before any pixel is decoded.
@@ -93,23 +103,13 @@ def _gib(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
 
 
-class ImageFileError(Exception):
-    """An image that cannot be used; ``code`` is ``missing_image``, ``corrupt_image``,
-    ``image_too_large`` or ``image_aspect_ratio``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def _open_header(path: Path, limits: ImageLimits) -> Image.Image:
     """``Image.open`` (it reads the header only), with PIL's decompression-bomb guard in our terms.
 
     PIL refuses, in ``open`` and in some formats' frame reads, images over twice its process-wide
     ``MAX_IMAGE_PIXELS`` and warns above it; our own limit, checked by the caller from the header,
-    is the one that decides. PIL's stays as a backstop for sizes that only a later frame declares,
-    and is raised (never lowered) only when a profile accepts more than it would.
+    is the one that decides. PIL's stays as a backstop for sizes that only a later frame declares;
+    it is raised to a profile's limit when that is higher, and never lowered.
     """
     from PIL import Image
 
