@@ -256,7 +256,7 @@ def write_clean(raws: list[RawRecord], report: CheckReport, out: Path) -> int:
     bad = report.bad_indices()
     keep = [r.value for r in raws if r.index not in bad]
     jsonl = out.suffix == ".jsonl"
-    text = "".join(_dumps(v) + "\n" for v in keep) if jsonl else _dumps(keep, indent=1) + "\n"
+    text = "".join(dump_json(v) + "\n" for v in keep) if jsonl else dump_json(keep, indent=1) + "\n"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
@@ -275,9 +275,9 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def _dumps(value: Any, indent: int | None = None) -> str:
-    # Non-ASCII as itself, except where a value holds a lone surrogate that UTF-8 cannot encode:
-    # JSON's \\u escapes keep it exactly.
+def dump_json(value: Any, indent: int | None = None) -> str:
+    """JSON with non-ASCII text as itself, except where a value holds a lone surrogate that UTF-8
+    cannot encode: then JSON's ``\\u`` escapes throughout, which keep it exactly."""
     text = json.dumps(value, indent=indent, ensure_ascii=False)
     try:
         text.encode("utf-8")
