@@ -50,8 +50,9 @@ def check(
 
     Exit code 0 when no record has an error, 1 when some do, 2 for usage errors.
     """
-    from llavactl.data.check import check_dataset
+    from llavactl.data.check import check_dataset, dump_json
     from llavactl.data.check import write_clean as write_clean_file
+    from llavactl.data.images import ImageLimits
     from llavactl.data.sources import resolve_data_source
     from llavactl.model.sources import data_token_context
 
@@ -70,16 +71,17 @@ def check(
         limit=limit,
         workers=workers or os.cpu_count() or 1,
         decode=decode,
+        limits=ImageLimits.of(data),
         skipped_checks=skipped,
     )
     # With --json the report is stdout's one JSON document; the rest goes to stderr.
     out = err_console if as_json else console
     if as_json:
-        print(json.dumps(report.as_json(), indent=1, ensure_ascii=False))
+        print(dump_json(report.as_json(), indent=1))
     else:
         _print_report(report, records_path, decode)
     if json_file is not None:
-        json_file.write_text(json.dumps(report.as_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        _write_report(json_file, report, records_path)
         out.print(f"JSON report written to {escape(str(json_file))}")
     if write_clean is not None:
         kept = write_clean_file(raws, report, write_clean)
@@ -104,6 +106,24 @@ def _refuse_old_json_file_form(as_json: bool, overrides: list[str] | None) -> No
         )
 
 
+def _write_report(json_file: Path, report: CheckReport, records_path: Path) -> None:
+    from llavactl.data.check import dump_json
+    from llavactl.errors import DataError
+
+    if json_file.exists() and json_file.samefile(records_path):
+        raise DataError(
+            f"--json-file {json_file} is the data file being checked; the report would replace the data",
+            fix="write the report to another file",
+        )
+    try:
+        json_file.write_text(dump_json(report.as_json(), indent=1) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise DataError(
+            f"--json-file {json_file} cannot be written ({e.strerror or e}: {e.filename})",
+            fix="give a file path in a folder you can write to",
+        ) from None
+
+
 def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None:
     s = report.stats
     console.print(f"[bold]{escape(str(records_path))}[/]: {report.records} records")
@@ -126,7 +146,8 @@ def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None
     for column in ("code", "level", "count", "first records"):
         table.add_column(column, overflow="fold")
     for code, items in sorted(by_code.items()):
-        level = "[red]error[/]" if items[0].severity == "error" else "[yellow]warning[/]"
+        # `too_long` is a warning when the cut loses text, an error when it falls in image tokens.
+        level = "[red]error[/]" if any(p.severity == "error" for p in items) else "[yellow]warning[/]"
         first = "\n".join(
             escape(f"#{p.index} id={p.id!r}: {p.message}" if p.index is not None else p.message)
             for p in items[:SHOWN_PER_CODE]
@@ -197,10 +218,13 @@ def synth(
     n: Annotated[int, typer.Option("--n", min=1, help="Number of records.")] = DEFAULT_COUNT,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed; the same seed gives the same files.")] = 0,
     image_size: Annotated[int, typer.Option("--image-size", min=8, help="Image side in pixels.")] = DEFAULT_IMAGE_SIZE,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into a folder that is not empty, over files of the same names.")
+    ] = False,
 ) -> None:
     """Write the synthetic shapes data set (coloured shapes, captions, questions) in LLaVA format."""
     from llavactl.data.synth import write_shapes
 
-    path = write_shapes(out_dir, n=n, seed=seed, image_size=image_size)
+    path = write_shapes(out_dir, n=n, seed=seed, image_size=image_size, overwrite=force)
     console.print(f"{n} records written to {escape(str(path))}")
     console.print(f"train on them with `data.data_path={escape(str(path))} data.image_folder={escape(str(out_dir))}`")

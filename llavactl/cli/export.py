@@ -78,14 +78,14 @@ def predict(
     """Answer a question about an image with the model's conversation template, streaming the tokens."""
     from transformers import TextStreamer
 
-    from llavactl.data.images import ImageFileError, open_rgb
+    from llavactl.data.images import ImageFileError, ImageLimits, probe
     from llavactl.train.runs import load_predictor
 
-    try:
-        open_rgb(image)
+    predictor = load_predictor(model)
+    try:  # the header, against the image limits the model was trained with
+        probe(image, ImageLimits.of(predictor.data))
     except ImageFileError as exc:
         raise DataError(f"--image: {exc.message}", fix="pass a readable image file (PNG, JPEG, ...)") from exc
-    predictor = load_predictor(model)
     streamer = None if json_output else TextStreamer(predictor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     prediction = predictor.predict(
         image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, streamer=streamer

@@ -30,11 +30,18 @@ def list_profiles() -> None:
         try:
             profile = load_profile(str(path)).profile
         except ConfigError as exc:
-            first = exc.message.splitlines()[0]
-            table.add_row(name, "-", "-", where, f"[red]invalid:[/] {escape(first)}")
+            table.add_row(name, "-", "-", where, f"[red]invalid:[/] {escape(_first_problem(exc.message))}")
             continue
         table.add_row(name, profile.stage, profile.training.device, where, escape(profile.description))
     console.print(table)
+
+
+def _first_problem(message: str) -> str:
+    """The headline of a load error: its first problem when it lists several."""
+    lines = message.splitlines()
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return lines[1].strip().removeprefix("- ")
+    return lines[0]
 
 
 @app.command("show")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import reprlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,21 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from llavactl.config.lookup import find_profile
 from llavactl.config.schema import Profile, RuleViolation
 from llavactl.errors import ConfigError
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+# A profile is a few KB of about a hundred values. These bounds answer a hostile or mistaken file
+# (a data file passed as a profile, a "billion laughs" of nested aliases that expands 465 bytes to
+# 10^9 values) with a message, before anything walks the expanded values.
+MAX_PROFILE_BYTES = 1 << 20
+MAX_VALUES = 100_000
+# The longest excerpt of a value, key or override that a message quotes.
+EXCERPT_CHARS = 80
 
 # Names that other trainers (HF Trainer flags, axolotl, torchtune, LLaMA-Factory) use for our keys.
 _ALIASES = {
@@ -109,7 +119,7 @@ class ProfileProblem:
 
     def render(self) -> str:
         where = f" ({self.origin})" if self.origin is not None else ""
-        return f"  - {self.path}{where}: {self.message}\n    Fix: {self.fix}"
+        return f"  - {_excerpt_text(self.path)}{where}: {self.message}\n    Fix: {self.fix}"
 
 
 def load_profile(name_or_path: str, overrides: Sequence[str] = ()) -> LoadedProfile:
@@ -154,7 +164,7 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, An
         return data, provenance, [path]
     if not isinstance(parent, str):
         raise ConfigError(
-            f"{_display_path(path)}: `extends` must be a profile name or path, not {parent!r}.",
+            f"{_display_path(path)}: `extends` must be a profile name or path, not {excerpt(parent)}.",
             fix="write e.g. `extends: local_lite`",
         )
     base_path = find_profile(parent, relative_to=path.parent)
@@ -165,29 +175,126 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, An
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """The mapping in a YAML file and the line of every (dotted) key in it."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(
-            f"{_display_path(path)}{where}: this is not valid YAML ({problem}).",
-            fix="correct the file at that line and column (check indentation, colons and quotes)",
-        ) from None
+    shown = _display_path(path)
+    text = _read_text(path)
+    data, node = _load_yaml(text, shown)
     if data is None:
         data, node = {}, None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{_display_path(path)}: a profile must be a mapping of keys to values, not a {type(data).__name__}.",
+            f"{shown}: a profile must be a mapping of keys to values, not a {type(data).__name__}.",
             fix="start the file with keys such as `model:`, `data:` and `training:`",
         )
     lines: dict[str, int] = {}
     if node is not None:
         _collect_lines(node, "", lines, path)
     return data, lines
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, or a ConfigError naming the file and the first bad byte."""
+    shown = _display_path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_PROFILE_BYTES:
+            raise ConfigError(
+                f"{shown} is {size:,} bytes, too large for a profile (at most {MAX_PROFILE_BYTES:,}; a profile "
+                "is a few KB of keys).",
+                fix="check that --profile names a profile, not a data or weight file",
+            )
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{shown} cannot be read ({exc.strerror or exc}).", fix="check the file's permissions"
+        ) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{shown}:{line}:{column}: not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x}); a profile "
+            "is a UTF-8 YAML file.",
+            fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or check that --profile names "
+            "a YAML profile, not a binary file",
+        ) from None
+
+
+def _load_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None]:
+    """Parse one YAML document into its node graph and its value, refusing alias bombs."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None, None
+            _count_values(node, where)
+            return loader.construct_document(node), node
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        if isinstance(exc, yaml.reader.ReaderError):
+            line = text.count("\n", 0, exc.position) + 1
+            column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+            at = f":{line}:{column}"
+            problem = f"character #x{exc.character:04x} is not allowed in YAML"
+        else:
+            problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"{where}{at}: this is not valid YAML ({_excerpt_text(problem)}).",
+            fix="correct the file at that line and column (check indentation, colons and quotes)",
+        ) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{where}: values are nested too deeply to read (thousands of levels).",
+            fix="a profile nests sections two levels deep; check that this is a profile",
+        ) from None
+    except ValueError as exc:
+        # Python refuses to convert integers of over 4,300 digits (a denial-of-service guard).
+        raise ConfigError(f"{where}: a value cannot be read ({_excerpt_text(str(exc))}).", fix="shorten it") from None
+
+
+def _count_values(root: yaml.Node, where: str) -> None:
+    """Raise when the values, with every alias expanded, would exceed ``MAX_VALUES`` or loop.
+
+    Aliases make the node graph a DAG whose shared nodes Python objects share too, but pydantic,
+    ``deepcopy`` of a merge and an error's ``repr`` walk every expanded copy.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(
+                f"{where}:{node.start_mark.line + 1}: this value contains itself through an alias.",
+                fix="replace the alias (`*name`) inside its own anchor (`&name`) by a value",
+            )
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > MAX_VALUES:
+                raise ConfigError(
+                    f"{where}:{node.start_mark.line + 1}: with its aliases (`*name`) expanded, this profile "
+                    f"holds over {MAX_VALUES:,} values (a profile holds about a hundred).",
+                    fix="write the values out, or use aliases only for small repeated values",
+                )
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int], path: Path) -> None:
@@ -199,7 +306,7 @@ def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int], path: Pa
         dotted = f"{prefix}{key}"
         if key in seen:
             raise ConfigError(
-                f"{_display_path(path)}:{key_node.start_mark.line + 1}: `{dotted}` is set twice in "
+                f"{_display_path(path)}:{key_node.start_mark.line + 1}: `{_excerpt_text(dotted)}` is set twice in "
                 "the same mapping; YAML would silently keep the last one.",
                 fix="delete one of the two lines",
             )
@@ -240,33 +347,38 @@ def _drop_below(provenance: dict[str, Origin], dotted: str) -> None:
 
 
 def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: str) -> list[ProfileProblem]:
-    origin = Origin("override", text=word)
+    origin = Origin("override", text=_excerpt_text(word))
     key, sep, text = word.partition("=")
     key = key.strip()
     if not sep or not _KEY_RE.match(key):
         return [
             ProfileProblem(
-                word,
+                _excerpt_text(word),
                 origin,
                 "an override must look like `section.key=value`.",
                 "write e.g. `training.max_steps=10` (no spaces around `=`; quote values with spaces)",
             )
         ]
+    shown_key = _excerpt_text(key)
     if text == "":
-        return [
-            ProfileProblem(
-                key, origin, "the override has no value.", f"write `{key}=VALUE`, or `{key}=null` to clear it"
-            )
-        ]
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
         return [
             ProfileProblem(
                 key,
                 origin,
-                f"the value `{text}` is not a YAML scalar or flow list.",
-                f"quote it, e.g. `{key}='{text}'`, or write a list as `{key}=[a,b]`",
+                "the override has no value.",
+                f"write `{shown_key}=VALUE`, or `{shown_key}=null` to clear it",
+            )
+        ]
+    try:
+        value, _ = _load_yaml(text, "value")
+    except ConfigError as exc:
+        shown = _excerpt_text(text)
+        return [
+            ProfileProblem(
+                key,
+                origin,
+                f"the value `{shown}` is not a YAML scalar or flow list ({exc.message}).",
+                f"quote it, e.g. `{shown_key}='{shown}'`, or write a list as `{shown_key}=[a,b]`",
             )
         ]
     parts = key.split(".")
@@ -283,7 +395,7 @@ def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: st
                 ProfileProblem(
                     key,
                     origin,
-                    f"`{parent}` is a value, not a section, so `{key}` cannot be set.",
+                    f"`{parent}` is a value, not a section, so `{shown_key}` cannot be set.",
                     f"set `{parent}=...` itself",
                 )
             ]
@@ -309,7 +421,8 @@ def _validation_problems(exc: ValidationError, provenance: dict[str, Origin]) ->
         kind = error["type"]
         if kind == "extra_forbidden":
             suggestion = suggest_key(path)
-            fix = f"did you mean `{suggestion}`?" if suggestion else f"remove `{path}` (see docs/profiles.md)"
+            shown = _excerpt_text(path)
+            fix = f"did you mean `{suggestion}`?" if suggestion else f"remove `{shown}` (see docs/profiles.md)"
             problems.append(ProfileProblem(path, origin, "unknown key.", fix))
         elif kind == "missing":
             problems.append(
@@ -319,7 +432,7 @@ def _validation_problems(exc: ValidationError, provenance: dict[str, Origin]) ->
             )
         else:
             value = error.get("input")
-            shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+            shown = f" (got {excerpt(value)})" if not isinstance(value, dict) else ""
             fix = _type_fix(path, error)
             problems.append(ProfileProblem(path, origin, f"{error['msg']}{shown}.", fix))
     return problems
@@ -335,6 +448,10 @@ _TYPE_FIXES = {
     "float_type": "use a number, e.g. 2.0e-4",
     "string_type": "use a string (quote it if it looks like a number)",
     "list_type": "use a list, e.g. [q_proj, v_proj]",
+    "finite_number": "use a finite number (not .inf or .nan), e.g. 2.0e-4",
+    "bool_not_number": "use a number (true and false are not numbers)",
+    "zero_steps": "use a positive number of steps, or -1 to run `training.num_train_epochs` epochs",
+    "lone_surrogate": "remove the `\\ud800`-`\\udfff` escape, or write the character it was meant to be",
 }
 
 
@@ -345,11 +462,17 @@ def _type_fix(path: str, error: dict[str, Any]) -> str:
     for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if bound in ctx:
             return f"use a value {word} {ctx[bound]}"
+    if error["type"] == "empty_string":
+        info = _field(path)
+        required = info is not None and info.is_required()
+        return f"give `{path}` a path" + ("" if required else f", or `{path}=null` for its default")
     return _TYPE_FIXES.get(error["type"], f"give `{path}` a value of the type in docs/profiles.md")
 
 
 def suggest_key(path: str) -> str | None:
     """The known key a mistyped dotted key most likely meant, or None."""
+    if len(path) > EXCERPT_CHARS:
+        return None  # no key is this long, and difflib's time grows with the product of the lengths
     known = list(schema_keys())
     section, _, leaf = path.rpartition(".")
     alias = _ALIASES.get(leaf)
@@ -373,6 +496,19 @@ def suggest_key(path: str) -> str | None:
     if close:
         return all_leaves[close[0]]
     return None
+
+
+def _field(path: str) -> FieldInfo | None:
+    """The schema field of a dotted key, or None."""
+    model: type[BaseModel] = Profile
+    info = None
+    for part in path.split("."):
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            model = info.annotation
+    return info
 
 
 def _sections(model: type[BaseModel] = Profile, prefix: str = "") -> set[str]:
@@ -418,6 +554,25 @@ def _dotted(loc: Iterable[Any]) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = EXCERPT_CHARS
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 3, 6, 4
+
+
+def excerpt(value: Any) -> str:
+    """``repr(value)`` cut to ``EXCERPT_CHARS`` with an ellipsis, without building the whole repr
+    of a large value (a message quotes a value, never 300 MB of it)."""
+    try:
+        text = _SHORT_REPR.repr(value)
+    except ValueError:  # an int of over 4,300 digits has no repr
+        text = f"<an integer of {value.bit_length() * 0.30103:.0f} digits>"
+    return _excerpt_text(text)
+
+
+def _excerpt_text(text: str) -> str:
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
 
 
 def _display_path(path: Path | None) -> str:

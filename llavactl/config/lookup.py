@@ -13,6 +13,8 @@ from pathlib import Path
 from llavactl.errors import ConfigError
 
 _SUFFIXES = (".yaml", ".yml")
+# Linux's PATH_MAX: no profile name or path is longer.
+MAX_NAME_CHARS = 4096
 
 
 def bundled_profiles_dir() -> Path:
@@ -45,6 +47,13 @@ def available_profiles() -> dict[str, Path]:
 
 def find_profile(name_or_path: str, relative_to: Path | None = None) -> Path:
     """The YAML file a ``--profile`` value (or an ``extends`` value) names."""
+    from llavactl.config.loader import excerpt  # the loader imports this module
+
+    if len(name_or_path) > MAX_NAME_CHARS:
+        raise ConfigError(
+            f"The profile {excerpt(name_or_path)} is {len(name_or_path):,} characters long, longer than any file path.",
+            fix="give a profile name (see `llavactl profiles list`) or a YAML path",
+        )
     looks_like_path = name_or_path.endswith(_SUFFIXES) or os.sep in name_or_path or "/" in name_or_path
     if looks_like_path:
         candidates = [Path(name_or_path)]
@@ -54,7 +63,7 @@ def find_profile(name_or_path: str, relative_to: Path | None = None) -> Path:
             if path.is_file():
                 return path.resolve()
         raise ConfigError(
-            f"Profile file {name_or_path} does not exist.",
+            f"Profile file {excerpt(name_or_path)} does not exist.",
             fix="check the path, or give a profile name (see `llavactl profiles list`)",
         )
     searched = profile_dirs(relative_to)
@@ -67,6 +76,6 @@ def find_profile(name_or_path: str, relative_to: Path | None = None) -> Path:
     close = difflib.get_close_matches(name_or_path, names, n=1)
     hint = f"did you mean `{close[0]}`? " if close else ""
     raise ConfigError(
-        f"No profile named `{name_or_path}` (looked in {', '.join(str(d) for d in searched)}).",
+        f"No profile named {excerpt(name_or_path)} (looked in {', '.join(str(d) for d in searched)}).",
         fix=f"{hint}known profiles: {', '.join(names) or 'none'}; or pass a YAML path",
     )

@@ -11,10 +11,12 @@ them at once with the place each value came from.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 Stage = Literal["projector", "lora", "qlora", "full"]
 Template = Literal["plain", "vicuna_v1", "llama_2", "llama_3", "chatml", "tokenizer"]
@@ -26,6 +28,15 @@ LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 QUANTIZATION_OFF = "model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false"
 QLORA_OFF = f"stage=lora {QUANTIZATION_OFF}"
 
+# PIL's own `MAX_IMAGE_PIXELS`, the size it warns about as a possible decompression bomb: a quarter
+# GiB decoded as RGB (9459 px square), nearly twice a 50 MP camera photo and 2.7 times an 8K frame,
+# while a tower sees 224-768 px. PIL itself refuses only twice this, which left 0.5 GiB per image
+# (and with `pad`, ratio times more) to a DataLoader worker.
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+# At 20:1 `pad` gives the picture a twentieth of the tower's square (17 of 336 px); beyond it a
+# record is a strip of pixels, and its padded square takes 20 times the decoded image's memory.
+MAX_IMAGE_ASPECT_RATIO = 20.0
+
 
 @dataclass(frozen=True)
 class RuleViolation:
@@ -36,9 +47,63 @@ class RuleViolation:
     fix: str
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+def _accepts(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field's type is one of ``kinds`` or an optional/union of them."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_accepts(a, kinds) for a in get_args(annotation))
+    return annotation in kinds
 
+
+class _Checked(BaseModel):
+    """Strict where lax parsing would silently mean something else.
+
+    Numbers must be finite (`learning_rate: .inf` trains nothing), a boolean is not a number
+    (pydantic reads `max_steps: true` as 1), a path or name is not empty (`output_dir: ""`
+    would write into the current folder) and text is text (no lone surrogate, `"\\ud800"`).
+    Strings like `2e-4`, which YAML 1.1 leaves unparsed, still become numbers.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers_or_empty_strings(cls, value: object, info: ValidationInfo) -> object:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _accepts(annotation, (int, float)) and not _accepts(annotation, (bool,)):
+            raise PydanticCustomError("bool_not_number", "Input should be a number, not a boolean")
+        if isinstance(value, str) and not value.strip() and info.field_name in _NON_EMPTY:
+            raise PydanticCustomError("empty_string", "Input should be a path or name, not an empty string")
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(t, str) and not _encodable(t) for t in texts):
+            # YAML's "\ud800": no file name, terminal or log can hold half of a UTF-16 pair.
+            raise PydanticCustomError("lone_surrogate", "Input holds a lone surrogate (half of a UTF-16 pair)")
+        return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# String keys that name a file, folder, model or tokenizer: empty, they would name the current folder.
+_NON_EMPTY = frozenset(
+    {
+        "model_name_or_path",
+        "vision_tower",
+        "tokenizer_name_or_path",
+        "pretrain_mm_mlp_adapter",
+        "data_path",
+        "image_folder",
+        "eval_data_path",
+        "output_dir",
+    }
+)
+
+
+class _Section(_Checked):
     def rule_violations(self) -> list[RuleViolation]:
         """Every cross-field rule of this section that does not hold."""
         problems: list[RuleViolation] = []
@@ -87,9 +152,7 @@ class ModelConfig(_Section):
     )
     load_in_4bit: bool = Field(default=False, description="Load the LLM in 4 bits (QLoRA only).")
     load_in_8bit: bool = Field(default=False, description="Load the LLM in 8 bits (QLoRA only).")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
-        default="nf4", description="4-bit data type for QLoRA."
-    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type for QLoRA.")
     bnb_4bit_use_double_quant: bool = Field(
         default=True, description="Quantize the 4-bit quantization constants too (QLoRA)."
     )
@@ -128,8 +191,7 @@ class ModelConfig(_Section):
                     ("model.load_in_4bit", "model.load_in_8bit", "model.use_qlora"),
                     "A quantized (4/8-bit) load is requested without QLoRA; a quantized LLM can "
                     "only be trained through adapters.",
-                    "add `model.load_in_4bit=false model.load_in_8bit=false`, or "
-                    "`stage=qlora model.use_qlora=true`",
+                    "add `model.load_in_4bit=false model.load_in_8bit=false`, or `stage=qlora model.use_qlora=true`",
                 )
             ]
         return []
@@ -161,6 +223,20 @@ class DataConfig(_Section):
         description="`pad`: expand to a square filled with the processor's mean colour, as "
         "LLaVA-1.5 does; `resize`: stretch to a square.",
     )
+    max_image_pixels: int = Field(
+        default=MAX_IMAGE_PIXELS,
+        ge=1,
+        description="Largest image in pixels (width x height, read from the file's header before "
+        "decoding); larger images are bad records (`image_too_large`). The default is PIL's own "
+        "decompression-bomb threshold, a quarter GiB decoded.",
+    )
+    max_image_aspect_ratio: float = Field(
+        default=MAX_IMAGE_ASPECT_RATIO,
+        ge=1.0,
+        description="Largest ratio of an image's longer side to its shorter, read from the header; "
+        "beyond it an image is a bad record (`image_aspect_ratio`): `pad` would make it a square "
+        "this many times its own size, mostly padding.",
+    )
     conversation_template: Template = Field(
         default="vicuna_v1",
         description="How turns are rendered and which tokens are supervised: `plain` (stage 1), "
@@ -178,8 +254,7 @@ class DataConfig(_Section):
     )
     on_error: Literal["raise", "skip"] = Field(
         default="raise",
-        description="A bad record met during training: stop with an error naming it, or skip it "
-        "and count it.",
+        description="A bad record met during training: stop with an error naming it, or skip it and count it.",
     )
 
 
@@ -190,13 +265,9 @@ class TrainingConfig(_Section):
         default="./checkpoints/run",
         description="Where checkpoints, `metrics.jsonl` and `run.json` are written.",
     )
-    device: Device = Field(
-        default="auto", description="`auto` picks CUDA, then MPS, then CPU."
-    )
+    device: Device = Field(default="auto", description="`auto` picks CUDA, then MPS, then CPU.")
     per_device_train_batch_size: int = Field(default=1, ge=1, description="Micro-batch size per device.")
-    gradient_accumulation_steps: int = Field(
-        default=1, ge=1, description="Micro-batches per optimizer step."
-    )
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(default=2e-5, gt=0.0, description="Peak learning rate.")
     mm_projector_lr: float | None = Field(
         default=None,
@@ -206,14 +277,12 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(
         default=0.0, ge=0.0, description="AdamW weight decay (never applied to biases and norms)."
     )
-    max_grad_norm: float = Field(
-        default=1.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off."
-    )
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping norm; 0 turns clipping off.")
     num_train_epochs: int = Field(default=1, ge=1, description="Passes over the data.")
     max_steps: int = Field(
         default=-1,
         ge=-1,
-        description="Optimizer steps to run; -1 runs `num_train_epochs` epochs instead.",
+        description="Optimizer steps to run (a positive number); -1 runs `num_train_epochs` epochs instead.",
     )
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = Field(
         default="cosine", description="Learning-rate decay after warmup."
@@ -221,9 +290,7 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="Share of the steps spent warming up linearly."
     )
-    warmup_steps: int = Field(
-        default=0, ge=0, description="Warmup in steps; use this or `warmup_ratio`, not both."
-    )
+    warmup_steps: int = Field(default=0, ge=0, description="Warmup in steps; use this or `warmup_ratio`, not both.")
     logging_steps: int = Field(default=1, ge=1, description="Log every N optimizer steps.")
     save_steps: int = Field(default=500, ge=1, description="Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = Field(
@@ -237,9 +304,7 @@ class TrainingConfig(_Section):
         description="Recompute LLM activations in the backward pass: less memory, about a third "
         "more compute. A frozen vision tower is never recomputed.",
     )
-    dataloader_num_workers: int = Field(
-        default=0, ge=0, description="DataLoader worker processes that decode images."
-    )
+    dataloader_num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes that decode images.")
     distributed: Literal["ddp", "fsdp"] = Field(
         default="ddp",
         description="How several processes (started by torchrun or `--nproc-per-node`) share the "
@@ -249,15 +314,20 @@ class TrainingConfig(_Section):
     )
     report_to: list[Reporter] = Field(
         default_factory=list,
-        description="Where metrics go besides `metrics.jsonl`: `tensorboard`, `wandb`, a list of "
-        "them, or `none`.",
+        description="Where metrics go besides `metrics.jsonl`: `tensorboard`, `wandb`, a list of them, or `none`.",
     )
     max_bad_steps: int = Field(
         default=10,
         ge=1,
-        description="Non-finite losses in a row after which the run stops (the last good "
-        "checkpoint is kept).",
+        description="Non-finite losses in a row after which the run stops (the last good checkpoint is kept).",
     )
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0:
+            raise PydanticCustomError("zero_steps", "0 steps would train nothing")
+        return value
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -292,10 +362,8 @@ class TrainingConfig(_Section):
         return []
 
 
-class Profile(BaseModel):
+class Profile(_Checked):
     """A resolved training profile: what to train, on what data, and how."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     description: str = Field(default="", description="One line shown by `llavactl profiles list`.")
     stage: Stage = Field(
@@ -323,8 +391,7 @@ class Profile(BaseModel):
                 RuleViolation(
                     ("stage", "model.use_qlora"),
                     "stage is `qlora` but `model.use_qlora` is false.",
-                    "for plain LoRA add `stage=lora`; for QLoRA add `model.use_qlora=true "
-                    "model.load_in_4bit=true`",
+                    "for plain LoRA add `stage=lora`; for QLoRA add `model.use_qlora=true model.load_in_4bit=true`",
                 )
             ]
         if self.model.use_qlora and self.stage != "qlora":

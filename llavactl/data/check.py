@@ -14,17 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llavactl.data.images import ImageFileError, ImageSpec, open_rgb, probe
+from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, open_rgb, probe
 from llavactl.data.records import (
     Problem,
     RawRecord,
     Record,
     RecordProblem,
+    Severity,
     check_image_markers,
     iter_records,
     read_raw_records,
 )
 from llavactl.data.templates import encoder_for, prepare, render
+from llavactl.errors import DataError
 
 # Codes whose problems keep a record out of training; the others are warnings.
 WARNING_CODES = frozenset({"too_long", "duplicate_id"})
@@ -40,6 +42,7 @@ class CheckReport:
     problems: list[Problem]
     stats: dict[str, Any]
     skipped_checks: list[str] = field(default_factory=list)
+    source: Path | None = None  # the records file checked
 
     @property
     def errors(self) -> list[Problem]:
@@ -76,6 +79,7 @@ def check_dataset(
     limit: int | None = None,
     workers: int = 1,
     decode: bool = False,
+    limits: ImageLimits = DEFAULT_LIMITS,
     skipped_checks: tuple[str, ...] = (),
 ) -> tuple[CheckReport, list[RawRecord]]:
     """Check the records of ``records_path``; return the report and the raw records read."""
@@ -90,7 +94,7 @@ def check_dataset(
         else:
             records.append(parsed)
     problems += _duplicate_ids(records)
-    problems += _image_problems(records, image_folder, workers, decode)
+    problems += _image_problems(records, image_folder, workers, decode, limits)
     lengths: list[int] = []
     supervised = 0
     if tokens is None:
@@ -101,7 +105,9 @@ def check_dataset(
             try:
                 prepared = prepare(record, template, encoder, max_seq_len)
             except RecordProblem as e:
-                problems.append(_problem(record, e.code, e.message))
+                # A record the trainer cannot build is an error whatever its code: `too_long` is
+                # a warning when the cut only loses text, an error when it falls in image tokens.
+                problems.append(_problem(record, e.code, e.message, "error"))
                 continue
             lengths.append(prepared.full_length)
             supervised += prepared.encoded.num_supervised
@@ -114,14 +120,17 @@ def check_dataset(
                         f"{prepared.supervised_cut} supervised tokens would be cut",
                     )
                 )
-    problems.sort(key=lambda p: (-1 if p.index is None else p.index, p.code))
     n_records = len(raws) + sum(1 for p in problems if p.code == "bad_json" and p.index is not None)
+    if n_records == 0 and not problems:
+        problems.append(Problem("no_records", f"{records_path} holds no records (an empty list, or only blank lines)"))
+    problems.sort(key=lambda p: (-1 if p.index is None else p.index, p.code))
     stats = _stats(records, n_records, problems, lengths, supervised, max_seq_len)
-    return CheckReport(n_records, problems, stats, list(skipped_checks)), raws
+    return CheckReport(n_records, problems, stats, list(skipped_checks), records_path), raws
 
 
-def _problem(record: Record, code: str, message: str) -> Problem:
-    severity = "warning" if code in WARNING_CODES else "error"
+def _problem(record: Record, code: str, message: str, severity: Severity | None = None) -> Problem:
+    if severity is None:
+        severity = "warning" if code in WARNING_CODES else "error"
     return Problem(code, message, record.index, record.id, severity)
 
 
@@ -138,21 +147,23 @@ def _duplicate_ids(records: list[Record]) -> list[Problem]:
     return out
 
 
-def _check_image(job: tuple[str, bool]) -> tuple[str, str] | None:
-    path, decode = job
+def _check_image(job: tuple[str, bool, ImageLimits]) -> tuple[str, str] | None:
+    path, decode, limits = job
     try:
         if decode:
-            open_rgb(Path(path))
+            open_rgb(Path(path), limits)
         else:
-            probe(Path(path))
+            probe(Path(path), limits)
     except ImageFileError as e:
         return e.code, e.message
     return None
 
 
-def _image_problems(records: list[Record], image_folder: Path, workers: int, decode: bool) -> list[Problem]:
+def _image_problems(
+    records: list[Record], image_folder: Path, workers: int, decode: bool, limits: ImageLimits
+) -> list[Problem]:
     paths = sorted({str(image_folder / p) for r in records for p in r.images})
-    jobs = [(p, decode) for p in paths]
+    jobs = [(p, decode, limits) for p in paths]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_check_image, jobs, chunksize=max(1, min(256, len(jobs) // (4 * workers)))))
@@ -200,7 +211,7 @@ def _stats(
         "errors": sum(1 for p in problems if p.severity == "error"),
         "warnings": sum(1 for p in problems if p.severity == "warning"),
         "problems_by_code": dict(sorted(Counter(p.code for p in problems).items())),
-        "records_with_errors": len({p.index for p in problems if p.severity == "error"}),
+        "records_with_errors": len({p.index for p in problems if p.severity == "error" and p.index is not None}),
         "length": None,
         "histogram": [],
         "supervised_tokens": supervised if lengths else None,
@@ -236,13 +247,40 @@ def _histogram(ordered: list[int]) -> list[dict[str, int]]:
 
 def write_clean(raws: list[RawRecord], report: CheckReport, out: Path) -> int:
     """Write the records without error-level problems to ``out`` (JSONL for ``.jsonl``, else a
-    JSON list); return how many were written."""
+    JSON list); return how many were written. Never over the records file it was checked from."""
+    if report.source is not None and _same_file(out, report.source):
+        raise DataError(
+            f"--write-clean {out} is the data file being checked; writing there would replace the data",
+            fix="write the clean records to another file, and point `data.data_path` at it",
+        )
     bad = report.bad_indices()
     keep = [r.value for r in raws if r.index not in bad]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".jsonl":
-        text = "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in keep)
-    else:
-        text = json.dumps(keep, indent=1, ensure_ascii=False) + "\n"
-    out.write_text(text, encoding="utf-8")
+    jsonl = out.suffix == ".jsonl"
+    text = "".join(dump_json(v) + "\n" for v in keep) if jsonl else dump_json(keep, indent=1) + "\n"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise DataError(
+            f"--write-clean {out} cannot be written ({e.strerror or e}: {e.filename})",
+            fix="give a file path in a folder you can write to",
+        ) from None
     return len(keep)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and a.samefile(b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def dump_json(value: Any, indent: int | None = None) -> str:
+    """JSON with non-ASCII text as itself, except where a value holds a lone surrogate that UTF-8
+    cannot encode: then JSON's ``\\u`` escapes throughout, which keep it exactly."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, indent=indent)
+    return text

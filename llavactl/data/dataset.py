@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from llavactl.config.schema import DataConfig
-from llavactl.data.images import ImageFileError, ImageSpec, load_image
+from llavactl.data.images import ImageFileError, ImageLimits, ImageSpec, load_image
 from llavactl.data.records import Record, RecordProblem, load_records
 from llavactl.data.sources import resolve_data_source
 from llavactl.data.templates import IGNORE_INDEX, encoder_for, prepare
@@ -57,6 +57,7 @@ class LlavaDataset(Dataset):
         self.image_folder = image_folder
         self.data = data
         self.spec = spec
+        self.limits = ImageLimits.of(data)
         self.encoder = encoder_for(tokenizer, image_token_id, spec.num_tokens, data.conversation_template)
 
     def __len__(self) -> int:
@@ -66,7 +67,10 @@ class LlavaDataset(Dataset):
         record = self.records[i]
         try:
             prepared = prepare(record, self.data.conversation_template, self.encoder, self.data.max_seq_len)
-            pixels = [load_image(self.image_folder / p, self.spec, self.data.image_aspect_ratio) for p in record.images]
+            pixels = [
+                load_image(self.image_folder / p, self.spec, self.data.image_aspect_ratio, self.limits)
+                for p in record.images
+            ]
         except (RecordProblem, ImageFileError) as e:
             # Returned, not raised: an exception raised in a DataLoader worker reaches the main
             # process as a traceback string. :func:`take_skipped` raises it there instead.

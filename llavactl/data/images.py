@@ -10,14 +10,20 @@ subtract per channel.
 from __future__ import annotations
 
 import functools
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+from llavactl.config.schema import MAX_IMAGE_ASPECT_RATIO, MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from PIL import Image
+
+    from llavactl.config.schema import DataConfig
 
 AspectRatio = Literal["pad", "resize"]
 
@@ -44,7 +50,8 @@ class ImageSpec:
 
 
 class ImageFileError(Exception):
-    """An image that is missing or cannot be read; ``code`` is ``missing_image`` or ``corrupt_image``."""
+    """An image that cannot be used; ``code`` is ``missing_image``, ``corrupt_image``,
+    ``image_too_large`` or ``image_aspect_ratio``."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -52,8 +59,80 @@ class ImageFileError(Exception):
         self.message = message
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` fully as an upright 8-bit RGB image.
+@dataclass(frozen=True)
+class ImageLimits:
+    """The largest image accepted, judged from its header before any pixel is decoded.
+
+    ``max_pixels`` bounds the decoded image (3 bytes a pixel); ``max_aspect_ratio`` bounds the
+    square that ``pad`` makes of it (3 x pixels x ratio bytes), and the share of the tower's
+    input that is padding rather than picture.
+    """
+
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_aspect_ratio: float = MAX_IMAGE_ASPECT_RATIO
+
+    @classmethod
+    def of(cls, data: DataConfig) -> ImageLimits:
+        """The limits a profile's ``data`` section sets."""
+        return cls(data.max_image_pixels, data.max_image_aspect_ratio)
+
+    def check(self, path: Path, width: int, height: int) -> None:
+        """Raise ``image_too_large`` or ``image_aspect_ratio`` for a size over the limits."""
+        if width < 1 or height < 1:
+            raise ImageFileError("corrupt_image", f"image file {path} is {width}x{height} pixels")
+        pixels = width * height
+        if pixels > self.max_pixels:
+            raise ImageFileError(
+                "image_too_large",
+                f"image file {path} declares {width}x{height} = {pixels:,} pixels ({_gib(3 * pixels)} decoded), "
+                f"over data.max_image_pixels={self.max_pixels:,}; raise it to accept such images",
+            )
+        ratio = max(width, height) / min(width, height)
+        if ratio > self.max_aspect_ratio:
+            raise ImageFileError(
+                "image_aspect_ratio",
+                f"image file {path} is {width}x{height}, an aspect ratio of {ratio:.4g}, over "
+                f"data.max_image_aspect_ratio={self.max_aspect_ratio:g}; crop or split it, or raise the limit",
+            )
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def _open_header(path: Path, limits: ImageLimits) -> Image.Image:
+    """``Image.open`` (it reads the header only), with PIL's decompression-bomb guard in our terms.
+
+    PIL refuses, in ``open`` and in some formats' frame reads, images over twice its process-wide
+    ``MAX_IMAGE_PIXELS`` and warns above it; our own limit, checked by the caller from the header,
+    is the one that decides. PIL's stays as a backstop for sizes that only a later frame declares;
+    it is raised to a profile's limit when that is higher, and never lowered.
+    """
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and limits.max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    with warnings.catch_warnings():
+        # Above PIL's limit but within twice it: our limit, checked next, decides; no stray warning.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _bomb_error(path: Path, exc: Exception, limits: ImageLimits) -> ImageFileError:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    declared = f"{int(found.group(1)):,} pixels" if found else "more pixels than PIL decodes"
+    return ImageFileError(
+        "image_too_large",
+        f"image file {path} declares {declared}, over data.max_image_pixels={limits.max_pixels:,} "
+        "(a possible decompression bomb)",
+    )
+
+
+def open_rgb(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Decode ``path`` fully as an upright 8-bit RGB image, once its header is within ``limits``.
 
     EXIF orientation is applied; palette, grey and CMYK images are converted; transparency is
     composited over white (as transformers' ``convert_to_rgb`` does, so transparent pixels do
@@ -63,13 +142,16 @@ def open_rgb(path: Path) -> Image.Image:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with _open_header(path, limits) as img:
+            limits.check(path, *img.size)
             img.load()
             # In place: without an orientation tag this is a no-op instead of a full copy.
             ImageOps.exif_transpose(img, in_place=True)
             upright = img
     except FileNotFoundError:
         raise ImageFileError("missing_image", f"image file {path} does not exist") from None
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(path, e, limits) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageFileError("corrupt_image", f"image file {path} cannot be decoded: {e}") from None
     return _to_rgb(upright)
@@ -94,22 +176,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def probe(path: Path) -> tuple[int, int]:
-    """Check that ``path`` exists and has a readable image header; return (width, height).
+def probe(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """Check that ``path`` exists and has a readable image header within ``limits``; return
+    (width, height).
 
     Reads the header only (no pixel decoding): what ``data check`` does without ``--decode``.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with _open_header(path, limits) as img:
             width, height = img.size
     except FileNotFoundError:
         raise ImageFileError("missing_image", f"image file {path} does not exist") from None
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(path, e, limits) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageFileError("corrupt_image", f"image file {path} has no readable image header: {e}") from None
-    if width < 1 or height < 1:
-        raise ImageFileError("corrupt_image", f"image file {path} is {width}x{height} pixels")
+    limits.check(path, width, height)
     return width, height
 
 
@@ -176,6 +260,8 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Imag
     return square
 
 
-def load_image(path: Path, spec: ImageSpec, aspect_ratio: AspectRatio) -> torch.Tensor:
+def load_image(
+    path: Path, spec: ImageSpec, aspect_ratio: AspectRatio, limits: ImageLimits = DEFAULT_LIMITS
+) -> torch.Tensor:
     """Read ``path`` and return the tower's input tensor (see :func:`open_rgb`, :func:`to_tensor`)."""
-    return to_tensor(open_rgb(path), spec, aspect_ratio)
+    return to_tensor(open_rgb(path, limits), spec, aspect_ratio)

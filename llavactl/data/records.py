@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from llavactl.config.loader import excerpt
 from llavactl.errors import DataError
 
 IMAGE_MARKER = "<image>"
+# Integer ids beyond 64 bits are JSON that Arrow, pandas and most other readers cannot hold.
+ID_BITS = 63
 ROLES = ("human", "gpt", "system")
 
 Severity = Literal["error", "warning"]
@@ -92,24 +95,40 @@ def read_raw_records(path: Path) -> tuple[list[RawRecord], list[Problem]]:
     bad line gives its own problem and the other lines still load.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the JSON.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(
             f"data file {path} does not exist", fix="set `data.data_path` to an existing JSON or JSONL file"
         ) from None
     except UnicodeDecodeError as e:
         raise DataError(f"data file {path} is not UTF-8 text ({e})", fix="re-encode the file as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"data file {path} cannot be read ({e.strerror or e})", fix="check its permissions") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         return _read_json_list(text)
     return _read_jsonl(text)
 
 
+def _decode(text: str, line_offset: int = 0) -> Any:
+    """``json.loads``, with every way it fails as a ValueError whose message gives the line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"line {e.lineno + line_offset}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ValueError(f"line {line_offset + 1}: values nested too deeply to read (thousands of levels)") from None
+    except ValueError:
+        # Python converts no integer of over 4,300 digits (a denial-of-service guard).
+        raise ValueError(f"line {line_offset + 1}: a number of over 4,300 digits") from None
+
+
 def _read_json_list(text: str) -> tuple[list[RawRecord], list[Problem]]:
     try:
-        values = json.loads(text)
-    except json.JSONDecodeError as e:
-        return [], [Problem("bad_json", f"line {e.lineno}, column {e.colno}: {e.msg}")]
+        values = _decode(text)
+    except ValueError as e:
+        return [], [Problem("bad_json", str(e))]
     # Record start lines let messages point into the file; json gives no positions, so find
     # them with a raw decoder over the list's elements.
     lines = _element_lines(text, len(values))
@@ -139,9 +158,9 @@ def _read_jsonl(text: str) -> tuple[list[RawRecord], list[Problem]]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(Problem("bad_json", f"line {lineno}, column {e.colno}: {e.msg}", index=index))
+            value = _decode(line, lineno - 1)
+        except ValueError as e:
+            problems.append(Problem("bad_json", str(e), index=index))
         else:
             records.append(RawRecord(index, lineno, value))
         index += 1
@@ -155,7 +174,13 @@ def parse_record(raw: RawRecord) -> Record:
         raise RecordProblem("missing_field", f"a record must be a JSON object, got {type(value).__name__}")
     rid = value.get("id")
     if rid is not None and not isinstance(rid, (str, int)):
-        raise RecordProblem("missing_field", f"`id` must be a string or an integer, got {rid!r}")
+        raise RecordProblem("missing_field", f"`id` must be a string or an integer, got {excerpt(rid)}")
+    if isinstance(rid, int) and not _fits_64_bits(rid):
+        raise RecordProblem(
+            "missing_field", f"`id` {excerpt(rid)} is outside the 64-bit integers; write it as a string"
+        )
+    if isinstance(rid, str):
+        _require_text(rid, "`id`")
     images = _parse_images(value)
     conversations = value.get("conversations")
     if conversations is None:
@@ -167,6 +192,10 @@ def parse_record(raw: RawRecord) -> Record:
     return Record(raw.index, rid, images, turns, value)
 
 
+def _fits_64_bits(n: int) -> bool:
+    return -(2**ID_BITS) <= n < 2**ID_BITS
+
+
 def _parse_images(value: dict[str, Any]) -> tuple[str, ...]:
     image = value.get("image")
     if image is None:
@@ -175,7 +204,7 @@ def _parse_images(value: dict[str, Any]) -> tuple[str, ...]:
         return (image,)
     if isinstance(image, list) and image and all(isinstance(p, str) and p for p in image):
         return tuple(image)
-    raise RecordProblem("missing_field", f"`image` must be a path or a non-empty list of paths, got {image!r}")
+    raise RecordProblem("missing_field", f"`image` must be a path or a non-empty list of paths, got {excerpt(image)}")
 
 
 def _parse_turn(position: int, turn: Any) -> Turn:
@@ -185,11 +214,24 @@ def _parse_turn(position: int, turn: Any) -> Turn:
         if key not in turn:
             raise RecordProblem("missing_field", f"turn {position} has no `{key}`")
     role, text = turn["from"], turn["value"]
-    if role not in ROLES:
-        raise RecordProblem("bad_role", f"turn {position} has role {role!r}; expected one of {', '.join(ROLES)}")
+    if not isinstance(role, str) or role not in ROLES:
+        raise RecordProblem("bad_role", f"turn {position} has role {excerpt(role)}; expected one of {', '.join(ROLES)}")
     if not isinstance(text, str):
         raise RecordProblem("missing_field", f"turn {position} `value` must be a string, got {type(text).__name__}")
+    _require_text(text, f"turn {position} `value`")
     return Turn(role, text)
+
+
+def _require_text(text: str, what: str) -> None:
+    """Refuse a lone UTF-16 surrogate (JSON's ``\\ud800``): no tokenizer or file can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordProblem(
+            "bad_text",
+            f"{what} holds a lone surrogate ({text[e.start]!r} at character {e.start}), half of a UTF-16 pair, "
+            "which is not text in any encoding",
+        ) from None
 
 
 def _check_turn_order(turns: tuple[Turn, ...]) -> None:
@@ -226,7 +268,16 @@ def iter_records(raws: list[RawRecord]) -> Iterator[tuple[RawRecord, Record | Pr
         try:
             yield raw, parse_record(raw)
         except RecordProblem as p:
-            yield raw, Problem(p.code, p.message, raw.index, rid if isinstance(rid, (str, int)) else None)
+            yield raw, Problem(p.code, p.message, raw.index, _reportable_id(rid))
+
+
+def _reportable_id(rid: Any) -> str | int | None:
+    """A bad record's id as reports can write it: None when it is no id, escaped when it is no text."""
+    if isinstance(rid, int) and not _fits_64_bits(rid):
+        return None
+    if isinstance(rid, str):
+        return rid.encode("utf-8", "backslashreplace").decode("utf-8")
+    return rid if isinstance(rid, int) else None
 
 
 def load_records(path: Path) -> list[Record]:

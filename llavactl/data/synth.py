@@ -19,6 +19,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from llavactl.errors import DataError
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -97,10 +99,28 @@ def _conversation(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
     return turns
 
 
-def write_shapes(out_dir: Path, n: int = DEFAULT_COUNT, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE) -> Path:
-    """Write ``n`` records and their PNG images under ``out_dir``; return the records file."""
+def write_shapes(
+    out_dir: Path,
+    n: int = DEFAULT_COUNT,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``n`` records and their PNG images under ``out_dir``; return the records file.
+
+    ``out_dir`` must be new or empty unless ``overwrite``: its ``shapes.json`` and ``images/NNNNNN.png``
+    would replace files of the same names, and other files would sit among the data set's.
+    """
+    _check_out_dir(out_dir, overwrite)
     rng = random.Random(seed)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    try:
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"{out_dir} cannot be made a folder ({e.strerror or e}: {e.filename})",
+            fix="give a folder path where you can write",
+        ) from None
     records = []
     for i in range(n):
         scene = _scene(rng)
@@ -110,3 +130,19 @@ def write_shapes(out_dir: Path, n: int = DEFAULT_COUNT, seed: int = 0, image_siz
     path = out_dir / RECORDS_FILE
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(
+            f"{out_dir} is a file, not a folder", fix="give a new or empty folder to write the data set into"
+        )
+    if overwrite or not out_dir.is_dir():
+        return
+    present = sorted(p.name for p in out_dir.iterdir())
+    if present:
+        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise DataError(
+            f"{out_dir} is not empty (it holds {shown}); the data set would be written among those files",
+            fix="give a new or empty folder, or add --force to write over files of the same names",
+        )

@@ -67,6 +67,8 @@ def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
         raws, file_problems = read_raw_records(path)
     except DataError as exc:
         return [failed("data", exc.message, exc.fix or "fix the data file")]
+    if not raws and not file_problems:
+        return [failed("data records", f"{path} holds no records", "point `data.data_path` at a non-empty data set")]
     if file_problems:
         first = file_problems[0]
         return [failed("data records", first.message, f"`llavactl data check` on {path} lists every problem")]

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from llavactl.errors import DataError, ModelSourceError
+from llavactl.errors import ConfigError, DataError, ModelSourceError
 
 if TYPE_CHECKING:
     from llavactl.config.schema import Profile
@@ -126,7 +126,9 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
         return replace(fallback, source=f"{fallback.source} ({exc.message})")
     records = [parsed for _, parsed in iter_records(raws) if not isinstance(parsed, Problem)]
     with_image = sum(1 for r in records if r.images)
-    most_images = max((len(r.images) for r in records), default=0)
+    # A record whose image tokens alone fill data.max_seq_len cannot train (`too_long`): it is
+    # stopped on or skipped, so it does not size the step.
+    most_images = max((len(r.images) for r in records if len(r.images) * per_image < data.max_seq_len), default=0)
     lengths: list[int] = []
     supervised: list[int] = []
     if assembled.tokenizer is not None:
@@ -174,6 +176,13 @@ def estimate(
     seq_len = min(
         max(tokens.longest, assembled.image_spec.num_tokens * tokens.images_per_sample + 8), profile.data.max_seq_len
     )
+    image_tokens = assembled.image_spec.num_tokens * tokens.images_per_sample
+    if image_tokens >= profile.data.max_seq_len:
+        raise ConfigError(
+            f"data.max_seq_len={profile.data.max_seq_len} leaves no room for text beside the {image_tokens} image "
+            f"tokens of {tokens.images_per_sample} image(s) of {assembled.image_spec.size} px",
+            fix=f"raise it, e.g. `data.max_seq_len={image_tokens + 256}`, or lower `data.image_size`",
+        )
     trace = trace_step(
         assembled,
         batch_size=training.per_device_train_batch_size,

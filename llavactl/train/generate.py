@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llavactl.data.images import load_image
+from llavactl.data.images import ImageLimits, load_image
 from llavactl.data.records import IMAGE_MARKER, Record, Turn
 from llavactl.data.templates import Segment, encoder_for, end_of_turn_token, render
 
@@ -67,7 +67,8 @@ class Predictor:
         return encoder.encode(prompt_segments(question, num_images, template, self.tokenizer)).input_ids
 
     def pixels(self, image: Path) -> torch.Tensor:
-        return load_image(image, self.image_spec, self.data.image_aspect_ratio).unsqueeze(0)
+        limits = ImageLimits.of(self.data)
+        return load_image(image, self.image_spec, self.data.image_aspect_ratio, limits).unsqueeze(0)
 
     def predict(
         self,

@@ -1,0 +1,150 @@
+"""Hostile data files: deep nesting, huge numbers, lone surrogates, no records, and --write-clean
+aimed at the data itself or at something that is not a writable file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llavactl.cli.data import app
+from llavactl.data.check import check_dataset, write_clean
+from llavactl.data.records import load_records, read_raw_records
+from llavactl.errors import DataError
+
+GOOD = '{"id": "g", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}'
+
+
+def line(rid: str, question: str = "q", **extra: str) -> str:
+    """A JSONL line written by hand, so that escapes such as \\ud800 reach the file as written."""
+    more = "".join(f', "{k}": {v}' for k, v in extra.items())
+    convo = f'[{{"from": "human", "value": "{question}"}}, {{"from": "gpt", "value": "a"}}]'
+    return f'{{"id": {rid}, "conversations": {convo}{more}}}'
+
+
+def jsonl(folder: Path, *lines: str, name: str = "d.jsonl") -> Path:
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def codes(path: Path) -> set[tuple[int | None, str]]:
+    report, _ = check_dataset(path, path.parent, "vicuna_v1", 256, None)
+    return {(p.index, p.code) for p in report.problems}
+
+
+def test_deep_nesting_is_bad_json_on_its_line(tmp_path: Path) -> None:
+    path = jsonl(tmp_path, GOOD, '{"id": "d", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    raws, problems = read_raw_records(path)
+    assert [r.index for r in raws] == [0]
+    assert [(p.index, p.code, p.message) for p in problems] == [
+        (1, "bad_json", "line 2: values nested too deeply to read (thousands of levels)")
+    ]
+
+
+def test_deep_nesting_in_a_json_list_is_a_problem_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text("[" + GOOD + ", " + "[" * 100_000 + "]" * 100_000 + "]", encoding="utf-8")
+    assert codes(path) == {(None, "bad_json")}
+
+
+def test_a_5000_digit_id_is_bad_json_and_a_65_bit_id_is_a_bad_id(tmp_path: Path) -> None:
+    path = jsonl(tmp_path, GOOD, line("9" * 5000), line(str(2**64)), line(str(2**62)))
+    _, problems = read_raw_records(path)
+    assert [(p.index, p.message) for p in problems] == [(1, "line 2: a number of over 4,300 digits")]
+    assert codes(path) == {(1, "bad_json"), (2, "missing_field")}
+    with pytest.raises(DataError, match="outside the 64-bit integers"):
+        load_records(jsonl(tmp_path, GOOD, line(str(2**64)), name="big.jsonl"))
+
+
+@pytest.mark.parametrize(
+    ("rid", "question", "where"),
+    [('"s\\ud800"', "q", "`id`"), ('"s"', "q\\udc00", "turn 0 `value`")],
+    ids=["id", "turn"],
+)
+def test_a_lone_surrogate_is_bad_text(tmp_path: Path, rid: str, question: str, where: str) -> None:
+    path = jsonl(tmp_path, GOOD, line(rid, question))
+    report, _ = check_dataset(path, tmp_path, "vicuna_v1", 256, None)
+    (problem,) = report.problems
+    assert (problem.index, problem.code) == (1, "bad_text")
+    assert problem.message.startswith(f"{where} holds a lone surrogate")
+    json.dumps(report.as_json(), ensure_ascii=False).encode("utf-8")  # the --json report can be written
+    with pytest.raises(DataError, match="bad_text"):
+        load_records(path)
+
+
+def test_write_clean_keeps_a_surrogate_outside_the_text_escaped(tmp_path: Path) -> None:
+    path = jsonl(tmp_path, line('"m"', meta='"\\ud800"'))
+    report, raws = check_dataset(path, tmp_path, "vicuna_v1", 256, None)
+    assert report.problems == []
+    out = tmp_path / "clean.jsonl"
+    assert write_clean(raws, report, out) == 1
+    assert json.loads(out.read_text(encoding="utf-8"))["meta"] == "\ud800"
+
+
+@pytest.mark.parametrize("text", ["[]", "", "\n\n  \n"], ids=["empty-list", "empty-file", "blank-lines"])
+def test_no_records_is_an_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(text, encoding="utf-8")
+    report, _ = check_dataset(path, tmp_path, "vicuna_v1", 256, None)
+    assert [(p.index, p.code) for p in report.errors] == [(None, "no_records")]
+    assert report.stats["records_with_errors"] == 0
+
+
+def test_a_byte_order_mark_is_not_part_of_the_json(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_bytes(b"\xef\xbb\xbf[" + GOOD.encode() + b"]")
+    assert codes(path) == set()
+
+
+def profile(folder: Path, data: Path) -> Path:
+    path = folder / "p.yaml"
+    path.write_text(
+        "model:\n  model_name_or_path: builtin:tiny-llama\n  vision_tower: builtin:tiny-clip\n"
+        f"data:\n  data_path: {data}\n  max_seq_len: 256\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def check(*args: str) -> object:
+    return CliRunner().invoke(app, ["check", *args])
+
+
+def test_cli_empty_data_exits_1(tmp_path: Path) -> None:
+    data = tmp_path / "d.json"
+    data.write_text("[]", encoding="utf-8")
+    result = check("-p", str(profile(tmp_path, data)))
+    assert result.exit_code == 1 and "no_records" in result.output
+
+
+def test_cli_hostile_records_exit_1_not_internal_error(tmp_path: Path) -> None:
+    data = jsonl(
+        tmp_path, GOOD, '{"id": 1, "x": ' + "[" * 50_000 + "]" * 50_000 + "}", line("9" * 5000), line('"s\\ud800"')
+    )
+    report = tmp_path / "r.json"
+    result = check("-p", str(profile(tmp_path, data)), "--json", str(report))
+    assert result.exit_code == 1, result.output
+    assert {p["code"] for p in json.loads(report.read_text(encoding="utf-8"))["problems"]} == {"bad_json", "bad_text"}
+
+
+def test_write_clean_refuses_the_data_file_itself(tmp_path: Path) -> None:
+    data = jsonl(tmp_path, GOOD, line("7", question="<image>"))
+    before = data.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(data)
+    for target in (str(data), str(tmp_path / "." / "d.jsonl"), str(tmp_path / "link.jsonl")):
+        result = check("-p", str(profile(tmp_path, data)), "--write-clean", target)
+        # A DataError, which the CLI's entry point turns into exit code 2.
+        assert isinstance(result.exception, DataError) and "is the data file being checked" in result.exception.message
+    assert data.read_bytes() == before
+
+
+def test_write_clean_to_a_folder_or_under_a_file_is_a_clean_error(tmp_path: Path) -> None:
+    data = jsonl(tmp_path, GOOD)
+    report, raws = check_dataset(data, tmp_path, "vicuna_v1", 256, None)
+    with pytest.raises(DataError, match="cannot be written \\(Is a directory"):
+        write_clean(raws, report, tmp_path)
+    with pytest.raises(DataError, match="cannot be written"):
+        write_clean(raws, report, data / "clean.jsonl")
