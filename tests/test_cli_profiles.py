@@ -8,38 +8,33 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
+from helpers import run_cli
 
 from llavactl import __version__
-from llavactl.cli.main import app
-
-runner = CliRunner()
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    env.pop("LLAVACTL_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "llavactl", *args], capture_output=True, text=True, env=env, timeout=60
-    )
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("LLAVACTL_DEBUG", raising=False)
 
 
 def test_version_flag_prints_the_package_version():
-    result = runner.invoke(app, ["--version"])
-    assert result.exit_code == 0
-    assert result.output.strip() == f"llavactl {__version__}"
+    code, out, _ = run_cli(["--version"])
+    assert code == 0
+    assert out.strip() == f"llavactl {__version__}"
 
 
 def test_help_lists_profiles_command():
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
-    assert "profiles" in result.output
+    code, out, _ = run_cli(["--help"])
+    assert code == 0
+    assert "profiles" in out
 
 
 def test_profiles_list_shows_every_bundled_profile_with_stage_and_device():
-    result = runner.invoke(app, ["profiles", "list"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0
-    cells = [[c.strip() for c in line.split("│")] for line in result.output.splitlines()[2:]]
+    code, out, _ = run_cli(["profiles", "list"])
+    assert code == 0
+    cells = [[c.strip() for c in line.split("│")] for line in out.splitlines()[2:]]
     rows = {c[0]: c[1:3] for c in cells if len(c) > 3}
     assert rows["tiny"] == ["full", "cpu"]
     assert rows["local_lite"] == ["lora", "cpu"]
@@ -50,9 +45,9 @@ def test_profiles_list_shows_every_bundled_profile_with_stage_and_device():
 
 
 def test_profiles_show_json_is_the_resolved_profile():
-    result = runner.invoke(app, ["profiles", "show", "t4_qlora", "--json"])
-    assert result.exit_code == 0
-    data = json.loads(result.output)
+    code, out, _ = run_cli(["profiles", "show", "t4_qlora", "--json"])
+    assert code == 0
+    data = json.loads(out)
     assert data["stage"] == "qlora"
     assert data["model"]["lora_r"] == 64
     # Inherited from local_lite through `extends`.
@@ -60,11 +55,9 @@ def test_profiles_show_json_is_the_resolved_profile():
 
 
 def test_profiles_show_provenance_json_names_file_line_override_and_default():
-    result = runner.invoke(
-        app, ["profiles", "show", "t4_qlora", "training.max_steps=5", "--provenance", "--json"]
-    )
-    assert result.exit_code == 0
-    rows = json.loads(result.output)
+    code, out, _ = run_cli(["profiles", "show", "t4_qlora", "training.max_steps=5", "--provenance", "--json"])
+    assert code == 0
+    rows = json.loads(out)
     assert rows["training.max_steps"] == {"value": 5, "from": "override `training.max_steps=5`"}
     assert rows["model.lora_r"]["from"].endswith("t4_qlora.yaml:11")
     assert rows["model.model_name_or_path"]["from"].endswith("local_lite.yaml:5")
@@ -72,18 +65,18 @@ def test_profiles_show_provenance_json_names_file_line_override_and_default():
 
 
 def test_profiles_show_yaml_starts_with_the_extends_chain():
-    result = runner.invoke(app, ["profiles", "show", "t4_qlora", "seed=3"])
-    assert result.exit_code == 0
-    assert result.output.splitlines()[0] == "# t4_qlora.yaml extends local_lite.yaml, with seed=3"
-    assert "seed: 3" in result.output
+    code, out, _ = run_cli(["profiles", "show", "t4_qlora", "seed=3"])
+    assert code == 0
+    assert out.splitlines()[0] == "# t4_qlora.yaml extends local_lite.yaml, with seed=3"
+    assert "seed: 3" in out
 
 
 def test_config_error_exits_2_with_one_message_and_no_traceback():
-    result = _run("profiles", "show", "local_lite", "training.batch_size=4")
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "did you mean `training.per_device_train_batch_size`?" in result.stderr
-    assert result.stdout == ""
+    code, out, err = run_cli(["profiles", "show", "local_lite", "training.batch_size=4"])
+    assert code == 2
+    assert "Traceback" not in err
+    assert "did you mean `training.per_device_train_batch_size`?" in err
+    assert out == ""
 
 
 def test_debug_env_shows_the_traceback():
@@ -97,7 +90,7 @@ def test_debug_env_shows_the_traceback():
 
 
 def test_usage_error_exits_2():
-    assert _run("profiles", "show").returncode == 2
+    assert run_cli(["profiles", "show"])[0] == 2
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["profiles", "list"], ["profiles", "show", "local_lite"]])

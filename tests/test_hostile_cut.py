@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fixtures.data_helpers import byte_tokenizer, image_id
+from helpers import byte_tokenizer, image_id
 from PIL import Image
 
 from llavactl.config.schema import DataConfig

@@ -12,10 +12,9 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 from PIL import Image
-from typer.testing import CliRunner
 
-from llavactl.cli.data import app
 from llavactl.config.schema import DataConfig
 from llavactl.data.check import check_dataset
 from llavactl.data.dataset import Collator, build_dataset, take_skipped
@@ -114,13 +113,13 @@ def test_cli_data_check_exits_1_not_internal_error(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     for extra in ([], ["--decode"]):
-        result = CliRunner().invoke(app, ["check", "-p", str(profile), "--workers", "1", *extra])
-        assert result.exit_code == 1, result.output
-        assert "image_too_large" in result.output and "image_aspect_ratio" in result.output
+        code, out, err = run_cli(["data", "check", "-p", str(profile), "--workers", "1", *extra])
+        assert code == 1, out + err
+        assert "image_too_large" in out and "image_aspect_ratio" in out and "Internal error" not in err
 
 
 def test_training_skips_such_records_under_on_error_skip(tmp_path: Path) -> None:
-    from fixtures.data_helpers import byte_tokenizer, image_id
+    from helpers import byte_tokenizer, image_id
 
     tok = byte_tokenizer()
     config = DataConfig(data_path=str(hostile_folder(tmp_path)), on_error="skip", max_seq_len=256)

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers import run_cli
 
-from llavactl.cli.data import app
 from llavactl.data.check import check_dataset, write_clean
 from llavactl.data.records import load_records, read_raw_records
 from llavactl.errors import DataError
@@ -109,15 +108,15 @@ def profile(folder: Path, data: Path) -> Path:
     return path
 
 
-def check(*args: str) -> object:
-    return CliRunner().invoke(app, ["check", *args])
+def check(*args: str) -> tuple[int, str, str]:
+    return run_cli(["data", "check", *args])
 
 
 def test_cli_empty_data_exits_1(tmp_path: Path) -> None:
     data = tmp_path / "d.json"
     data.write_text("[]", encoding="utf-8")
-    result = check("-p", str(profile(tmp_path, data)))
-    assert result.exit_code == 1 and "no_records" in result.output
+    code, out, _ = check("-p", str(profile(tmp_path, data)))
+    assert code == 1 and "no_records" in out
 
 
 def test_cli_hostile_records_exit_1_not_internal_error(tmp_path: Path) -> None:
@@ -125,8 +124,8 @@ def test_cli_hostile_records_exit_1_not_internal_error(tmp_path: Path) -> None:
         tmp_path, GOOD, '{"id": 1, "x": ' + "[" * 50_000 + "]" * 50_000 + "}", line("9" * 5000), line('"s\\ud800"')
     )
     report = tmp_path / "r.json"
-    result = check("-p", str(profile(tmp_path, data)), "--json", str(report))
-    assert result.exit_code == 1, result.output
+    code, out, err = check("-p", str(profile(tmp_path, data)), "--json-file", str(report))
+    assert code == 1, out + err
     assert {p["code"] for p in json.loads(report.read_text(encoding="utf-8"))["problems"]} == {"bad_json", "bad_text"}
 
 
@@ -135,9 +134,8 @@ def test_write_clean_refuses_the_data_file_itself(tmp_path: Path) -> None:
     before = data.read_bytes()
     (tmp_path / "link.jsonl").symlink_to(data)
     for target in (str(data), str(tmp_path / "." / "d.jsonl"), str(tmp_path / "link.jsonl")):
-        result = check("-p", str(profile(tmp_path, data)), "--write-clean", target)
-        # A DataError, which the CLI's entry point turns into exit code 2.
-        assert isinstance(result.exception, DataError) and "is the data file being checked" in result.exception.message
+        code, _, err = check("-p", str(profile(tmp_path, data)), "--write-clean", target)
+        assert code == 2 and "is the data file being checked" in " ".join(err.split())
     assert data.read_bytes() == before
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers import run_cli
 
-from llavactl.cli.data import app
 from llavactl.data.synth import RECORDS_FILE, write_shapes
 from llavactl.errors import DataError
 
@@ -46,6 +45,6 @@ def test_a_file_or_a_path_under_a_file_is_a_clean_error(tmp_path: Path) -> None:
 
 def test_cli_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("mine", encoding="utf-8")
-    result = CliRunner().invoke(app, ["synth", str(tmp_path), "--n", "2"])
-    assert isinstance(result.exception, DataError)  # exit code 2 under the CLI's entry point
+    code, _, err = run_cli(["data", "synth", str(tmp_path), "--n", "2"])
+    assert code == 2 and "not empty" in err
     assert not (tmp_path / RECORDS_FILE).exists()

@@ -152,4 +152,8 @@ def measure_matmul_flops(device: str, dtype_name: str = "float32", seconds: floa
         runs += 1
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return 2 * n**3 * runs / (time.perf_counter() - start)
+    rate = 2 * n**3 * runs / (time.perf_counter() - start)
+    del a, b
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rate

@@ -129,6 +129,11 @@ class TrainRecipe:
         resolved.raise_problems()
         self._device = resolved.torch_device()
         resolved.precision.apply_tf32()
+        # Before anything is allocated: measuring a device's matmul rate (where its peak is not in
+        # the table) takes memory that must not count in the run's peak.
+        self._peak = device_peak(resolved)
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
         self._world = resolved.world
         distributed.start(self._world)
         if self._world.distributed:
@@ -174,7 +179,6 @@ class TrainRecipe:
             max_grad_norm=self._training.max_grad_norm,
         )
         self._flops = StepFlops()
-        self._peak = device_peak(resolved)
         if resume_from is not None:
             self._load_checkpoint(resume_from)
         if self._world.is_main:
