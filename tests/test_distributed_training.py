@@ -23,6 +23,10 @@ STEPS = 4
 WEIGHT_FILES = ("trainable.safetensors", "projector.safetensors")
 
 
+# Each test starts torchrun processes: seconds apiece.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 16 records: 4 steps of 4 records, one epoch; batches of 2 shared by 2 processes leave none out.

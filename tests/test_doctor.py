@@ -250,6 +250,7 @@ def test_cli_doctor_json_for_tiny_is_ok_and_exit_0():
     assert all(set(c) == {"check", "status", "finding", "fix", "blocking"} for c in data["checks"])
 
 
+@pytest.mark.slow
 def test_cli_doctor_exits_1_on_a_failing_check(tmp_path):
     code, out, err = run_cli(["doctor", "--profile", "local_lite", f"data.data_path={tmp_path}/x.json"])
     assert code == 1

@@ -37,6 +37,7 @@ def test_meta_counts_equal_the_built_model():
     assert meta == real
 
 
+@pytest.mark.slow
 def test_tiny_plan_counts_tokens_and_steps_from_its_data():
     loaded = load_profile("tiny")
     profile = loaded.profile
@@ -91,6 +92,7 @@ def test_the_plans_flops_are_those_a_real_step_counts(batch_size: int):
     assert planned == _counted_real_step(profile, batch_size, tokens)
 
 
+@pytest.mark.slow
 def test_activation_peak_grows_with_sequence_and_batch():
     profile = load_profile("tiny").profile
     small, flops_small = P.estimate(profile, TINY_TOKENS, runtime_bytes=0)
@@ -102,6 +104,7 @@ def test_activation_peak_grows_with_sequence_and_batch():
     assert flops_small < flops_long
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_lowers_the_traced_peak_of_a_deep_model():
     # local_lite's shapes: 30 LLM layers, where keeping every layer's activations costs the most.
     # Traced as for a GPU, where only live tensors count, checkpointing keeps under half of them.
@@ -115,6 +118,7 @@ def test_gradient_checkpointing_lowers_the_traced_peak_of_a_deep_model():
     assert P.estimate(on, tokens, runtime_bytes=0)[0].total < P.estimate(off, tokens, runtime_bytes=0)[0].total
 
 
+@pytest.mark.slow
 def test_suggestions_are_cumulative_ready_to_paste_overrides_cheapest_first():
     profile = load_profile("tiny", ["data.max_seq_len=512", "training.per_device_train_batch_size=8"]).profile
     tokens = P.TokenPlan("test", 600, 600, 16, 1, 200.0, 200, 294, 40)
@@ -143,6 +147,7 @@ def test_qlora_weights_count_at_four_bits():
     assert quantized < full * 0.9
 
 
+@pytest.mark.slow
 def test_cli_dry_run_json_with_smoke_steps_passes_the_reload_check():
     code, out, err = run_cli(["dry-run", "--profile", "tiny", "--steps", "1", "--json"])
     assert code == 0, err
@@ -152,6 +157,7 @@ def test_cli_dry_run_json_with_smoke_steps_passes_the_reload_check():
     assert data["fits"] is True and data["memory"]["total"] > 0
 
 
+@pytest.mark.slow
 def test_cli_dry_run_steps_without_the_tokenizer_say_which_and_the_fix(tmp_path, monkeypatch, capsys):
     # SmolLM's weights are not here, so random ones stand in; its tokenizer cannot, and is not here either.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -165,6 +171,7 @@ def test_cli_dry_run_steps_without_the_tokenizer_say_which_and_the_fix(tmp_path,
     assert "Fix: download it once" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_cli_dry_run_plans_for_the_stated_device_memory_and_names_what_fits():
     args = ["dry-run", "--profile", "tiny", "training.device=cuda", "training.per_device_train_batch_size=1"]
     args += ["training.gradient_checkpointing=true", "--device-memory", "0.2"]

@@ -210,6 +210,7 @@ def test_fake_tensors_trace_the_chunked_attention_with_the_real_shapes():
         assert shapes() == real
 
 
+@pytest.mark.slow
 def test_the_ops_pass_torch_s_custom_op_checks():
     # Fake implementations with the real shapes and strides, autograd registration, schema.
     import llavactl.model.causal_attention as module

@@ -104,6 +104,7 @@ def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> No
     monkeypatch.setattr(MetricsWriter, "log", log_then_signal)
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_run_matches_one_run_bit_for_bit(
     shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
