@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import train_recipe
 
 from llavactl.errors import CheckFailed, TrainingError
@@ -144,6 +145,41 @@ def test_resume_with_a_changed_profile_shows_the_diff_and_needs_force(shapes: Pa
     forced, text = _train(changed, resume=str(tmp_path / "checkpoint-2"), force=True)
     assert "Resuming with changed settings (--force): training.learning_rate" in text
     assert (forced.step, len(forced.losses)) == (4, 2)
+
+
+def test_forced_resume_trains_at_the_new_learning_rate_from_the_resumed_step(shapes: Path, tmp_path: Path) -> None:
+    constant = ["training.lr_scheduler_type=constant", "training.warmup_steps=0", "training.save_steps=2"]
+    _train(_overrides(shapes, tmp_path, "training.max_steps=4", *constant))
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    seen: list[list[float]] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return real_step(optimizer, *args, **kwargs)
+
+    changed = _overrides(shapes, tmp_path, "training.max_steps=4", "training.learning_rate=1e-5", *constant)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", recording_step)
+        _train(changed, resume=str(tmp_path / "checkpoint-2"), force=True)
+    assert seen and all(lr == pytest.approx(1e-5) for step in seen for lr in step)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [round(r["lr"], 10) for r in logged if r["step"] > 2] == [1e-5, 1e-5]
+    saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["profile"]
+    assert saved["training"]["learning_rate"] == 1e-5
+
+
+def test_a_failure_after_set_up_is_recorded_as_failed_in_run_json(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(model, batch):  # type: ignore[no-untyped-def]
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(loss, "summed_token_loss", out_of_memory)
+    with pytest.raises(TrainingError):
+        _train(_overrides(shapes, tmp_path))
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["status"] == "failed" and "ran out of RAM" in run["final_metrics"]["error"]
 
 
 def test_non_finite_loss_skips_the_step_and_training_goes_on(

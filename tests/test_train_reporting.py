@@ -96,3 +96,13 @@ def test_a_reporter_that_is_not_installed_says_how_to_turn_it_off(
     with pytest.raises(ConfigError, match="wandb package is not installed") as info:
         metrics.MetricsWriter(tmp_path, ["wandb"], config={})
     assert "training.report_to=none" in (info.value.fix or "")
+
+
+def test_a_resumed_run_keeps_each_step_once_in_metrics_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + '\n{"step": 5, "lo', encoding="utf-8")  # killed mid-write
+    writer = metrics.MetricsWriter(tmp_path, [], config={}, from_step=2)
+    writer.log(3, {"loss": 0.25})
+    writer.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]

@@ -24,12 +24,19 @@ RUN_FILE = "run.json"
 class MetricsWriter:
     """Appends one JSON object per logging step to ``metrics.jsonl`` and forwards to reporters."""
 
-    def __init__(self, output_dir: Path, report_to: Sequence[str], *, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self, output_dir: Path, report_to: Sequence[str], *, config: Mapping[str, Any], from_step: int = 0
+    ) -> None:
+        """``from_step``: the step a resumed run continues after; lines of later steps (logged by
+        the run before it stopped, after its last checkpoint) are dropped, so each step is there once."""
         output_dir.mkdir(parents=True, exist_ok=True)
         self._tensorboard = _open_tensorboard(output_dir) if "tensorboard" in report_to else None
         # wandb reads WANDB_MODE (offline, disabled) and WANDB_PROJECT itself.
         self._wandb = _open_wandb(output_dir, config) if "wandb" in report_to else None
-        self._file = (output_dir / METRICS_FILE).open("a")
+        path = output_dir / METRICS_FILE
+        if path.is_file():
+            _keep_steps_up_to(path, from_step)
+        self._file = path.open("a")
 
     def log(self, step: int, values: Mapping[str, float | int]) -> None:
         record = {"step": step, **values}
@@ -47,6 +54,21 @@ class MetricsWriter:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _keep_steps_up_to(path: Path, step: int) -> None:
+    """Drop the lines of ``path`` for steps after ``step`` (and torn or unreadable lines), atomically."""
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill mid-write
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _open_tensorboard(output_dir: Path) -> Any:

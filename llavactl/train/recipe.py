@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llavactl.config.loader import LoadedProfile
-from llavactl.errors import DataError, ModelSourceError, TrainingError
+from llavactl.errors import DataError, LlavactlError, ModelSourceError, TrainingError
 from llavactl.train import checkpoint
 from llavactl.train.metrics import MetricsWriter, library_versions, peak_memory_bytes, write_run_record
 from llavactl.train.optimizer import build_optimizer, build_scheduler
@@ -105,12 +106,27 @@ class TrainRecipe:
         self._world = World()
 
     def run(self) -> TrainResult:
-        """``setup()``, ``train()``, and ``cleanup()`` whatever happens."""
+        """``setup()``, ``train()``, and ``cleanup()`` whatever happens; a failure llavactl catches
+        is recorded in ``run.json`` (``failed``, with the error) before it is raised."""
         try:
             self.setup()
             return self.train()
+        except LlavactlError as exc:
+            self._record_failure(str(exc))
+            raise
+        except KeyboardInterrupt:
+            self._record_failure("interrupted (Ctrl-C) before a checkpoint could be saved", status="interrupted")
+            raise
         finally:
             self.cleanup()
+
+    def _record_failure(self, error: str, *, status: str = "failed") -> None:
+        """``run.json`` says how the run ended, when it had got as far as its output folder."""
+        if not self._world.is_main or not self._output_dir.is_dir():
+            return
+        # A folder that cannot be written: the error being raised already says why the run stopped.
+        with contextlib.suppress(OSError):
+            self._write_run_record(status, {"step": self._step, "bad_steps": self._bad_total, "error": error})
 
     # ------------------------------------------------------------------ setup
 
@@ -183,7 +199,10 @@ class TrainRecipe:
             self._load_checkpoint(resume_from)
         if self._world.is_main:
             self._metrics = MetricsWriter(
-                self._output_dir, self._training.report_to, config=self._profile.model_dump(mode="json")
+                self._output_dir,
+                self._training.report_to,
+                config=self._profile.model_dump(mode="json"),
+                from_step=self._step,
             )
 
     def _setup_world(self) -> None:
@@ -294,11 +313,15 @@ class TrainRecipe:
 
         saved = checkpoint.read_progress(folder)
         training_state, rng = checkpoint.read_training_state(folder, self._world.rank)
+        # The learning rates and weight decay of this profile, which loading the saved states would
+        # replace with the saved run's: with `--force` and a new learning rate, the new one applies.
+        current = [(group["initial_lr"], group["weight_decay"]) for group in self._optimizer.param_groups]
         if self._sharded:
             distributed.load_full_optimizer_state(self._model, self._optimizer, training_state["optimizer"])
         else:
             self._optimizer.load_state_dict(training_state["optimizer"])
         self._scheduler.load_state_dict(training_state["scheduler"])
+        self._keep_schedule_of_this_profile(current)
         self._step_unit.load_state_dict(training_state)
         self._sampler.load_state_dict(saved["data_position"])
         self._step = saved["step"]
@@ -306,6 +329,19 @@ class TrainRecipe:
         self._bad_in_a_row = saved["bad_steps_in_a_row"]
         checkpoint.restore_rng(rng)
         self._progress.milestone(f"Resumed from {folder} at step {self._step}/{self._total_steps}")
+
+    def _keep_schedule_of_this_profile(self, current: list[tuple[float, float]]) -> None:
+        """After a resume, the schedule continues from the saved step with this profile's learning
+        rates and weight decay (and its schedule shape): equal to the saved ones unless `--force`
+        changed them, when a new learning rate takes effect at once, at the resumed step's point of
+        the (new) schedule."""
+        scheduler = self._scheduler
+        scheduler.base_lrs = [base for base, _ in current]
+        step = scheduler.last_epoch
+        lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+        for group, (base, decay), lr in zip(self._optimizer.param_groups, current, lrs, strict=True):
+            group["initial_lr"], group["weight_decay"], group["lr"] = base, decay, lr
+        scheduler._last_lr = lrs
 
     @property
     def _sharded(self) -> bool:
@@ -503,7 +539,6 @@ class TrainRecipe:
         last = checkpoint.latest_checkpoint(self._output_dir)
         kept = f"The last good checkpoint, {last}, is kept." if last else "No checkpoint had been saved yet."
         self._progress.close()
-        self._write_run_record("failed", {"bad_steps": self._bad_total, "step": self._step})
         raise TrainingError(
             f"{self._bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
             f"{self._step}), so training stopped. {kept}",
@@ -629,7 +664,8 @@ class TrainRecipe:
                 "profile_source": self._profile_name,
                 "profile": self._profile_json(),
                 "seed": self._profile.seed,
-                "device": _describe_device(self._device),
+                # A run that failed in its set-up may not have got as far as its device.
+                "device": _describe_device(self._device) if hasattr(self, "_device") else None,
                 "precision": self._resolved.precision.name if self._resolved else None,
                 "world": {
                     "size": self._world.size,
@@ -637,7 +673,7 @@ class TrainRecipe:
                     "strategy": self._world.strategy,
                 },
                 "versions": library_versions(),
-                "total_steps": self._total_steps,
+                "total_steps": getattr(self, "_total_steps", None),
                 "resumed_from": self._resume,
                 "final_metrics": final_metrics,
             },
