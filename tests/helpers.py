@@ -135,7 +135,12 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str] | None = None) -
 
 
 def train_recipe(
-    overrides: list[str], *, resume: str | None = None, force: bool = False, name: str = "tiny"
+    overrides: list[str],
+    *,
+    resume: str | None = None,
+    force: bool = False,
+    name: str = "tiny",
+    random_weights: bool = False,
 ) -> tuple[TrainResult, str]:
     """Train profile ``name`` with ``overrides`` through the recipe; the result and what it printed."""
     import io
@@ -147,7 +152,10 @@ def train_recipe(
 
     out = io.StringIO()
     with TrainingProgress(Console(file=out, width=300)) as progress:
-        result = TrainRecipe(profile(name, *overrides), progress, resume=resume, force=force).run()
+        recipe = TrainRecipe(
+            profile(name, *overrides), progress, resume=resume, force=force, random_weights=random_weights
+        )
+        result = recipe.run()
     return result, out.getvalue()
 
 

@@ -8,7 +8,6 @@ short benchmark and prints one JSON summary.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_recipe
 
 # cuBLAS is deterministic with a fixed workspace only; read when its first handle is made, so before any test runs.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -64,14 +64,7 @@ def _overrides(shapes: Path, output_dir: Path, *extra: str) -> list[str]:
 def _train(
     overrides: list[str], *, profile: str = "tiny", resume: str | None = None, random_weights: bool = False
 ) -> object:
-    from rich.console import Console
-
-    from llavactl.config.loader import load_profile
-    from llavactl.train.progress import TrainingProgress
-    from llavactl.train.recipe import TrainRecipe
-
-    progress = TrainingProgress(Console(file=io.StringIO()), quiet=True)
-    return TrainRecipe(load_profile(profile, overrides), progress, resume=resume, random_weights=random_weights).run()
+    return train_recipe(overrides, name=profile, resume=resume, random_weights=random_weights)[0]
 
 
 def _falls(losses: list[float]) -> bool:

@@ -51,6 +51,14 @@ def train(
     force: ForceOpt = False,
     output_dir: OutputDirOpt = None,
     skip_doctor: SkipDoctorOpt = False,
+    start_over: Annotated[
+        bool,
+        typer.Option(
+            "--start-over",
+            help="Train from step 0 into an output folder that holds another run: its files are first moved "
+            "aside into a sibling folder (nothing is deleted).",
+        ),
+    ] = False,
     nproc_per_node: Annotated[
         int | None,
         typer.Option(
@@ -76,7 +84,8 @@ def train(
         if not skip_doctor:
             _preflight(resolved)
     with phase("training"), TrainingProgress(console, quiet=verbosity.level == 0) as progress:
-        result = TrainRecipe(loaded, progress, resume=resume, force=force, resolved=resolved).run()
+        recipe = TrainRecipe(loaded, progress, resume=resume, force=force, resolved=resolved, start_over=start_over)
+        result = recipe.run()
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         raise typer.Exit(result.exit_code)
     if result.status == "interrupted":

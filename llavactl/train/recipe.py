@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llavactl.config.loader import LoadedProfile
-from llavactl.errors import DataError, LlavactlError, ModelSourceError, TrainingError
+from llavactl.errors import ConfigError, DataError, LlavactlError, ModelSourceError, TrainingError
 from llavactl.train import checkpoint
 from llavactl.train.metrics import MetricsWriter, library_versions, peak_memory_bytes, write_run_record
 from llavactl.train.optimizer import build_optimizer, build_scheduler
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from llavactl.resolve.run import ResolvedRun
+    from llavactl.train.run_folder import RunFolderLock
     from llavactl.train.step import StepOutcome, TrainingStep
 
 _SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -83,9 +85,15 @@ class TrainRecipe:
         force: bool = False,
         random_weights: bool = False,
         resolved: ResolvedRun | None = None,
+        start_over: bool = False,
     ) -> None:
         """``resolved``: the profile already resolved against this machine (by ``llavactl train``,
-        whose doctor checks read the same object); resolved in :meth:`setup` when not given."""
+        whose doctor checks read the same object); resolved in :meth:`setup` when not given.
+        ``start_over``: a run that does not resume may train into a folder holding another run, whose
+        files are first moved aside (:mod:`llavactl.train.run_folder`)."""
+        self._start_over = start_over
+        self._lock: RunFolderLock | None = None
+        self._owns_output_dir = False
         self._loaded = loaded
         self._resolved = resolved
         self._profile = loaded.profile
@@ -122,8 +130,8 @@ class TrainRecipe:
 
     def _record_failure(self, error: str, *, status: str = "failed") -> None:
         """``run.json`` says how the run ended, when it had got as far as its output folder."""
-        if not self._world.is_main or not self._output_dir.is_dir():
-            return
+        if not self._world.is_main or not self._owns_output_dir:
+            return  # never into a folder that another run holds
         # A folder that cannot be written: the error being raised already says why the run stopped.
         with contextlib.suppress(OSError):
             self._write_run_record(status, {"step": self._step, "bad_steps": self._bad_total, "error": error})
@@ -154,6 +162,8 @@ class TrainRecipe:
         distributed.start(self._world)
         if self._world.distributed:
             self._setup_world()
+        if self._world.is_main:
+            self._claim_output_dir()
         torch.manual_seed(self._profile.seed)
         resume_from = self._find_resume()
         data = self._profile.data
@@ -204,6 +214,30 @@ class TrainRecipe:
                 config=self._profile.model_dump(mode="json"),
                 from_step=self._step,
             )
+
+    def _claim_output_dir(self) -> None:
+        """Before anything loads: the output folder can be written, no other live run uses it, and
+        it holds no other run unless this one resumes it or starts over."""
+        from llavactl.train.run_folder import RunFolderLock, refuse_or_move_aside
+
+        out = self._output_dir
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"training.output_dir `{out}` cannot be written: {exc.strerror or exc} ({exc.filename}).",
+                fix="give `--output-dir` a folder you can write to, on a disk with room for checkpoints",
+            ) from None
+        self._lock = RunFolderLock(out)
+        self._lock.acquire()
+        if self._resume is None:
+            moved = refuse_or_move_aside(out, start_over=self._start_over)
+            if moved is not None:
+                self._progress.milestone(f"Moved the previous run in {out} aside to {moved} (--start-over)")
+        self._owns_output_dir = True
 
     def _setup_world(self) -> None:
         """A multi-process run: quiet non-zero ranks, and say how the work is shared."""
@@ -704,6 +738,8 @@ class TrainRecipe:
             self._metrics.close()
             self._metrics = None
         self._progress.close()
+        if self._lock is not None:
+            self._lock.release()
         if self._world.distributed:
             # DDP's reducer holds the process group: freed after the group is destroyed, its
             # destructor waits on a peer that may be gone, and the process hangs.

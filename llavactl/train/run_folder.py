@@ -1,0 +1,123 @@
+"""A run folder belongs to one run: a lock against a second live run, and no silent mixing of runs.
+
+``llavactl train`` into a folder that already holds another run's checkpoints is refused unless it
+resumes that run (``--resume``) or starts over (``--start-over``), which moves the old run's files
+aside into a sibling folder and never deletes them. While a run trains, ``.llavactl.lock`` in its
+folder names the process; a second run on the same folder is refused. A lock left by a process
+that is gone (a crash, a kill -9) is stale and taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from llavactl.errors import ConfigError
+
+LOCK_FILE = ".llavactl.lock"
+# What a run writes into its folder; a folder holding any of these holds a run.
+RUN_FILES = ("metrics.jsonl", "run.json")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process of another user holds that pid
+    return True
+
+
+class RunFolderLock:
+    """``output_dir/.llavactl.lock`` held by this process until :meth:`release`."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = output_dir / LOCK_FILE
+        self._held = False
+
+    def acquire(self) -> None:
+        """Take the lock, taking over a stale one; a ConfigError naming the live holder otherwise."""
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and self._is_stale(holder):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise self._busy(holder) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            self._held = True
+            return
+        raise self._busy(self._holder())
+
+    def release(self) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+    def _holder(self) -> dict[str, object] | None:
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # torn by a crash between create and write: nobody can be holding it
+        return holder if isinstance(holder, dict) else None
+
+    @staticmethod
+    def _is_stale(holder: dict[str, object]) -> bool:
+        pid = holder.get("pid")
+        if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+            return False  # another machine's process cannot be looked at from here
+        return not _alive(pid)
+
+    def _busy(self, holder: dict[str, object] | None) -> ConfigError:
+        who = (
+            f"process {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+            if holder
+            else "another process"
+        )
+        return ConfigError(
+            f"training.output_dir `{self.path.parent}` is in use by another llavactl run ({who}): two runs in "
+            "one folder would mix their checkpoints and metrics.",
+            fix="wait for that run to end, or give this one another `--output-dir`; if no such run exists "
+            f"(it ran on another machine that is gone), delete `{self.path}`",
+        )
+
+
+def holds_a_run(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds another run's checkpoints or records."""
+    from llavactl.train.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(output_dir)) or any((output_dir / name).exists() for name in RUN_FILES)
+
+
+def refuse_or_move_aside(output_dir: Path, *, start_over: bool) -> Path | None:
+    """For a run that does not resume: refuse a folder holding another run, or (``start_over``)
+    move that run's files into a new sibling folder. Returns where they went (None: nothing there)."""
+    if not holds_a_run(output_dir):
+        return None
+    if not start_over:
+        raise ConfigError(
+            f"training.output_dir `{output_dir}` already holds a run (its checkpoints, metrics.jsonl or "
+            "run.json); starting another there would mix the two, and `--resume auto` or export would later "
+            "pick the old run's checkpoints.",
+            fix="continue that run with `--resume auto`, train into another `--output-dir`, or add "
+            "`--start-over` to move the old run aside (into a sibling folder; nothing is deleted)",
+        )
+    aside = output_dir.with_name(f"{output_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while aside.exists():
+        aside = output_dir.with_name(f"{output_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
+        suffix += 1
+    aside.mkdir()
+    for entry in output_dir.iterdir():
+        if entry.name != LOCK_FILE:
+            shutil.move(str(entry), aside / entry.name)
+    return aside

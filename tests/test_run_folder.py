@@ -1,0 +1,99 @@
+"""A run folder belongs to one run: a second run is refused or moves the old one aside, a live lock
+stops a second process, a stale one is taken over, and an unusable folder is named before loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import run_cli, train_recipe
+
+from llavactl.errors import ConfigError
+from llavactl.train.run_folder import LOCK_FILE, RunFolderLock
+
+
+def _settings(shapes: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.data_path={shapes}", f"training.output_dir={out}", "training.max_steps=2", *extra]
+
+
+def test_a_second_run_without_resume_is_refused_with_the_choices(shapes: Path, tmp_path: Path) -> None:
+    train_recipe(_settings(shapes, tmp_path))
+    with pytest.raises(ConfigError) as refused:
+        train_recipe(_settings(shapes, tmp_path))
+    assert "already holds a run" in refused.value.message
+    assert "--resume auto" in refused.value.fix and "--start-over" in refused.value.fix
+    assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / LOCK_FILE).exists()
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "completed"  # the old run's, untouched
+
+
+def test_start_over_moves_the_old_run_aside_and_deletes_nothing(
+    shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    train_recipe(_settings(shapes, out))
+    old_weights = (out / "checkpoint-2" / "trainable.safetensors").read_bytes()
+    code, text, err = run_cli(
+        [
+            "train",
+            "--profile",
+            "tiny",
+            *_settings(shapes, out, "training.max_steps=1"),
+            "--start-over",
+            "--skip-doctor",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("run.previous-")]
+    assert "aside to" in text and (aside / "checkpoint-2" / "trainable.safetensors").read_bytes() == old_weights
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_live_lock_stops_a_second_run_and_a_stale_one_is_taken_over(shapes: Path, tmp_path: Path) -> None:
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        with pytest.raises(ConfigError) as busy:
+            train_recipe(_settings(shapes, tmp_path))
+        assert f"process {live.pid} on {socket.gethostname()}" in busy.value.message
+        assert not (tmp_path / "run.json").exists()
+    finally:
+        live.kill()
+        live.wait()
+    # The holder is gone (a kill -9 leaves its lock behind): the next run takes the lock over.
+    result, _ = train_recipe(_settings(shapes, tmp_path))
+    assert result.status == "completed" and not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_lock_of_another_machine_is_never_taken_over(tmp_path: Path) -> None:
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
+    with pytest.raises(ConfigError) as busy:
+        RunFolderLock(tmp_path).acquire()
+    assert "process 1 on elsewhere, started then" in busy.value.message
+    assert str(tmp_path / LOCK_FILE) in busy.value.fix
+
+
+def test_the_lock_names_this_process_and_goes_with_release(tmp_path: Path) -> None:
+    lock = RunFolderLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_an_output_folder_that_is_a_file_is_named_before_anything_loads(
+    shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, out, err = run_cli(
+        ["train", "--profile", "tiny", *_settings(shapes, blocker / "run"), "--skip-doctor"], capsys
+    )
+    assert code == 2 and "Loading model" not in out
+    assert f"training.output_dir `{blocker / 'run'}` cannot be written" in " ".join(err.split())
