@@ -34,6 +34,14 @@ class ModelSourceError(LlavactlError):
     """A model, tokenizer or weight file that cannot be found or loaded safely (exit code 2)."""
 
 
+class CheckpointError(LlavactlError):
+    """A checkpoint that is damaged, incomplete or not of this run (exit code 2)."""
+
+
+class OutputError(LlavactlError):
+    """An output folder that cannot be written: not a folder, read-only, or a full disk (exit code 2)."""
+
+
 class CheckFailed(LlavactlError):
     """A check (doctor, data check, resume compatibility) found a failing condition (exit code 1)."""
 

@@ -97,3 +97,23 @@ def test_an_output_folder_that_is_a_file_is_named_before_anything_loads(
     )
     assert code == 2 and "Loading model" not in out
     assert f"training.output_dir `{blocker / 'run'}` cannot be written" in " ".join(err.split())
+
+
+def test_a_damaged_checkpoint_is_named_by_train_export_and_predict(
+    shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    train_recipe(_settings(shapes, out, "training.max_steps=4", "training.save_steps=2"))
+    weights = out / "checkpoint-4" / "trainable.safetensors"
+    weights.write_bytes(b"\0" * weights.stat().st_size)  # right size, wrong bytes: would load as zeros
+    image = shapes.parent / "images" / "000000.png"
+    for args in (
+        ["train", "--profile", "tiny", *_settings(shapes, out, "training.max_steps=4"), "--resume", "auto"],
+        ["export", str(out), str(tmp_path / "exported")],
+        ["predict", "--model", str(out), "--image", str(image)],
+    ):
+        code, _, err = run_cli([*args, *(["--skip-doctor"] if args[0] == "train" else [])], capsys)
+        err = " ".join(err.split())
+        assert code == 2, err
+        assert "checkpoint-4 is damaged: trainable.safetensors does not hold the bytes it was saved with" in err
+        assert f"The newest intact checkpoint is {out / 'checkpoint-2'}" in err and "Internal error" not in err

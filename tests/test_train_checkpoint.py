@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llavactl.errors import CheckFailed, ConfigError
+from llavactl.errors import CheckFailed, CheckpointError, ConfigError, OutputError
 from llavactl.train import checkpoint
 
 
-def _save(output_dir: Path, step: int, limit: int | None = None, weights: bytes = b"w") -> Path:
+def _save(
+    output_dir: Path, step: int, limit: int | None = None, weights: bytes = b"w", bad_in_a_row: int = 0
+) -> Path:
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 2)).sum().backward()
@@ -23,7 +25,7 @@ def _save(output_dir: Path, step: int, limit: int | None = None, weights: bytes 
         step,
         write_weights=lambda folder: (folder / "adapter_model.safetensors").write_bytes(weights),
         training_state={"optimizer": optimizer.state_dict()},
-        progress={"step": step},
+        progress={"step": step, "profile": {}, "bad_steps_in_a_row": bad_in_a_row},
         save_total_limit=limit,
     )
 
@@ -33,6 +35,7 @@ def test_checkpoint_holds_weights_states_and_progress_loadable_without_pickled_c
     assert folder == tmp_path / "checkpoint-5"
     assert sorted(p.name for p in folder.iterdir()) == [
         "adapter_model.safetensors",
+        "manifest.json",
         "optimizer.pt",
         "rng.pt",
         "trainer_state.json",
@@ -40,7 +43,8 @@ def test_checkpoint_holds_weights_states_and_progress_loadable_without_pickled_c
     training_state, rng = checkpoint.read_training_state(folder)  # weights_only=True inside
     assert training_state["optimizer"]["state"][0]["step"].item() == 1
     assert set(rng) >= {"python", "torch"}
-    assert checkpoint.read_progress(folder) == {"step": 5}
+    assert checkpoint.read_progress(folder) == {"step": 5, "profile": {}, "bad_steps_in_a_row": 0}
+    assert checkpoint.damage(folder) is None
     assert list(tmp_path.glob(".tmp-*")) == []
 
 
@@ -51,14 +55,15 @@ def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path: Path) -> Non
         (folder / "adapter_model.safetensors").write_bytes(b"hal")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full") as failed:
         checkpoint.save_checkpoint(
             tmp_path, 20, write_weights=crash, training_state={}, progress={"step": 20}, save_total_limit=1
         )
+    assert "checkpoints saved before it are intact" in failed.value.message
     assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
     assert (tmp_path / "checkpoint-10" / "adapter_model.safetensors").read_bytes() == b"good"
-    assert not (tmp_path / "checkpoint-20").exists()
-    _save(tmp_path, 30)  # the next save clears the crashed temporary folder
+    assert not (tmp_path / "checkpoint-20").exists() and list(tmp_path.glob(".tmp-*")) == []
+    _save(tmp_path, 30)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-30"]
 
 
@@ -74,11 +79,99 @@ def test_save_total_limit_keeps_the_newest_by_step_not_by_name(tmp_path: Path) -
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-11"]
 
 
-def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
-    _save(tmp_path, 4, weights=b"old")
-    _save(tmp_path, 4, weights=b"new")
-    assert (tmp_path / "checkpoint-4" / "adapter_model.safetensors").read_bytes() == b"new"
+def test_saving_a_step_again_keeps_the_complete_one(tmp_path: Path) -> None:
+    # The same step holds the same state; keeping the folder never leaves a moment without it.
+    _save(tmp_path, 4, weights=b"first")
+    _save(tmp_path, 4, weights=b"again")
+    assert (tmp_path / "checkpoint-4" / "adapter_model.safetensors").read_bytes() == b"first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+
+
+@pytest.mark.parametrize(
+    ("harm", "found"),
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:3]), "is 3 bytes, not the"),
+        (lambda f: f.write_bytes(b"\0" * f.stat().st_size), "does not hold the bytes it was saved with"),
+        (lambda f: f.unlink(), "is missing"),
+    ],
+    ids=["truncated", "zeroed", "deleted"],
+)
+def test_a_damaged_file_is_named_with_the_newest_intact_checkpoint(tmp_path: Path, harm, found: str) -> None:
+    _save(tmp_path, 2)
+    newest = _save(tmp_path, 4, weights=b"weights of step 4")
+    for name in ("adapter_model.safetensors", "optimizer.pt", "rng.pt"):
+        target = newest / name
+        saved = target.read_bytes()
+        harm(target)
+        with pytest.raises(CheckpointError) as damaged:
+            checkpoint.verify_checkpoint(newest)
+        assert f"{newest} is damaged: {name} {found}" in damaged.value.message
+        assert f"newest intact checkpoint is {tmp_path / 'checkpoint-2'}" in damaged.value.message
+        target.write_bytes(saved)
+    checkpoint.verify_checkpoint(newest)
+
+
+@pytest.mark.parametrize(
+    ("state", "found"),
+    [
+        ("{not json", "cannot be read"),
+        ("[1, 2]", "not a llavactl progress record"),
+        ('{"profile": {}, "step": "7"}', "not a whole number of steps"),
+        ('{"profile": {}, "step": true}', "not a whole number of steps"),
+        ('{"profile": {}, "step": 99}', "beyond this run's 10 steps"),
+    ],
+)
+def test_a_progress_record_of_the_wrong_shape_is_refused(tmp_path: Path, state: str, found: str) -> None:
+    folder = _save(tmp_path, 3)
+    (folder / "trainer_state.json").write_text(state)
+    with pytest.raises(CheckpointError, match=found):
+        checkpoint.read_progress(folder, total_steps=10)
+
+
+def test_retention_keeps_the_newest_checkpoint_of_a_good_step(tmp_path: Path) -> None:
+    _save(tmp_path, 2, limit=2)
+    for step in (3, 4, 5):  # interrupt saves during a streak of non-finite losses
+        _save(tmp_path, step, limit=2, bad_in_a_row=step - 2)
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    assert checkpoint.latest_good_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+
+
+def test_a_kill_mid_delete_leaves_nothing_that_looks_like_a_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _save(tmp_path, 1, limit=1)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)  # killed before deleting
+    _save(tmp_path, 2, limit=1)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert [p.name for p in tmp_path.glob(".tmp-*")] == [".tmp-checkpoint-checkpoint-1.deleting"]
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    _save(tmp_path, 1)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage._replace(free=10))
+    with pytest.raises(OutputError, match="Not enough space to save a checkpoint") as full:
+        _save(tmp_path, 2)
+    assert "--resume auto" in (full.value.fix or "")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+
+
+def test_a_full_disk_mid_write_removes_the_partial_checkpoint(tmp_path: Path) -> None:
+    import errno
+    import os
+
+    def no_space(folder: Path) -> None:
+        (folder / "adapter_model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "adapter_model.safetensors"))
+
+    with pytest.raises(OutputError, match="No space left on device"):
+        checkpoint.save_checkpoint(
+            tmp_path, 1, write_weights=no_space, training_state={}, progress={"step": 1}, save_total_limit=None
+        )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rng_round_trip_replays_the_same_numbers() -> None:

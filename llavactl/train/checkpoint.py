@@ -7,12 +7,17 @@ A checkpoint is a folder ``checkpoint-<step>`` in the output folder holding
 - ``rng.pt``: the Python, torch CPU and CUDA random states (of rank 0 in a multi-process run;
   ``rng-rank<k>.pt`` holds rank k's),
 - ``trainer_state.json``: the progress record (step, epoch, data position, bad-step counts, the
-  resolved profile and a fingerprint of the data).
+  resolved profile and a fingerprint of the data),
+- ``manifest.json``, written last: every other file with its size and SHA-256. Loading a
+  checkpoint (resume, export, predict, eval) checks it and names a damaged file and the newest
+  intact checkpoint instead.
 
 The ``.pt`` files hold only tensors and plain containers, so they load with
 ``torch.load(weights_only=True)``: resuming never unpickles arbitrary objects. A checkpoint is
-written into a hidden temporary folder and renamed into place, and ``trainer_state.json`` is written
-last, so a crash mid-save leaves the previous checkpoints as they were and never a half one.
+written into a hidden temporary folder and renamed into place, so a crash mid-save leaves the
+previous checkpoints as they were and never a half one; one that is deleted (retention) is first
+renamed into a hidden folder, so a kill mid-delete never leaves a partial checkpoint that looks whole.
+Retention never removes the newest checkpoint saved after a good step.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llavactl.errors import CheckFailed, ConfigError
+from llavactl.errors import CheckFailed, CheckpointError, ConfigError, OutputError
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -34,6 +39,9 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 RANK_RNG_FILE = "rng-rank{rank}.pt"
+MANIFEST_FILE = "manifest.json"
+# Room kept free beyond a checkpoint's size when checking the disk before a save.
+_DISK_MARGIN = 1.1
 
 # Keys that change how a run is watched or kept, not what it computes: they may differ on resume.
 RUN_CONTROL_KEYS = frozenset(
@@ -124,34 +132,151 @@ def save_checkpoint(
     ``write_weights(folder)`` writes the weights; ``training_state`` (optimizer, scheduler, scaler
     state dicts) goes to ``optimizer.pt``; ``progress`` (JSON) to ``trainer_state.json``.
     ``rank_rng``: the random states of every process, rank 0 first (default: this process's).
+    A save that fails (a full disk, a read-only folder) removes what it wrote and raises
+    :class:`OutputError`; the checkpoints saved before are untouched.
     """
     import torch
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = output_dir / f"{TMP_PREFIX}{step}"
-    tmp.mkdir()
-    write_weights(tmp)
-    torch.save(dict(training_state), tmp / OPTIMIZER_FILE)
-    for rank, rng in enumerate(rank_rng or [capture_rng()]):
-        torch.save(dict(rng), tmp / _rng_file(rank))
-    _write_json_durably(tmp / STATE_FILE, dict(progress))
-
     final = output_dir / f"{PREFIX}{step}"
-    if final.exists():
-        # Saving the same step again (an interrupt right after a periodic save): replace it.
-        old = output_dir / f"{TMP_PREFIX}{step}.old"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync_dir(output_dir)
+    if checkpoint_step(final) is not None:
+        # Saved already at this step (a resume of a finished run, which then saves at its end):
+        # the state is the same, and the folder is kept rather than replaced.
+        return final
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _check_free_space(output_dir)
+        tmp = output_dir / f"{TMP_PREFIX}{step}"
+        tmp.mkdir()
+        try:
+            write_weights(tmp)
+            torch.save(dict(training_state), tmp / OPTIMIZER_FILE)
+            for rank, rng in enumerate(rank_rng or [capture_rng()]):
+                torch.save(dict(rng), tmp / _rng_file(rank))
+            _write_json_durably(tmp / STATE_FILE, dict(progress))
+            _write_json_durably(tmp / MANIFEST_FILE, _manifest(tmp))
+            tmp.rename(final)
+            _fsync_dir(output_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except OSError as exc:
+        raise OutputError(
+            f"Saving {final} failed: {exc.strerror or exc} ({exc.filename or output_dir}). Its partial files were "
+            f"removed; the checkpoints saved before it are intact.",
+            fix="free space on that disk (or make the folder writable), then continue with `--resume auto`",
+        ) from None
     if save_total_limit is not None:
-        for stale in list_checkpoints(output_dir)[:-save_total_limit]:
-            shutil.rmtree(stale)
+        _apply_retention(output_dir, save_total_limit)
     return final
+
+
+def _apply_retention(output_dir: Path, limit: int) -> None:
+    """Remove the oldest checkpoints beyond ``limit``, but never the newest one saved after a good
+    step (interrupt saves in a streak of non-finite losses must not push it out). Each goes by a
+    rename into a hidden folder first: a kill mid-delete leaves nothing that looks like a checkpoint."""
+    checkpoints = list_checkpoints(output_dir)
+    keep = set(checkpoints[-limit:])
+    good = latest_good_checkpoint(output_dir)
+    if good is not None:
+        keep.add(good)
+    for old in checkpoints:
+        if old not in keep:
+            doomed = output_dir / f"{TMP_PREFIX}{old.name}.deleting"
+            old.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _check_free_space(output_dir: Path) -> None:
+    """Refuse to start a save that cannot fit: the newest checkpoint's size, with a margin."""
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        return
+    needed = sum(f.stat().st_size for f in latest.iterdir() if f.is_file()) * _DISK_MARGIN
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise OutputError(
+            f"Not enough space to save a checkpoint in {output_dir}: about {needed / 1024**3:.2f} GiB needed "
+            f"(the size of {latest.name}), {free / 1024**3:.2f} GiB free. The checkpoints saved before are intact.",
+            fix="free space on that disk, or lower `training.save_total_limit`; then continue with `--resume auto`",
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name != MANIFEST_FILE)
+    return {"format": 1, "files": {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}}
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with checkpoint ``folder`` (a missing, truncated or altered file, an unreadable
+    manifest or progress record), or None when every file is as its manifest says."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if not isinstance(files, dict) or STATE_FILE not in files:
+            return f"{MANIFEST_FILE} does not list the checkpoint's files"
+    except FileNotFoundError:
+        return f"{MANIFEST_FILE} is missing (the checkpoint is incomplete, or from an older llavactl)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST_FILE} is unreadable ({type(exc).__name__})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected.get("size"):
+            return f"{name} is {size:,} bytes, not the {expected.get('size'):,} it was saved with"
+        if _sha256(path) != expected.get("sha256"):
+            return f"{name} does not hold the bytes it was saved with (its checksum differs)"
+    return None
+
+
+def newest_intact_checkpoint(output_dir: Path, *, below: int | None = None) -> Path | None:
+    """The newest checkpoint in ``output_dir`` (of a step below ``below``) whose files are intact."""
+    for folder in reversed(list_checkpoints(output_dir)):
+        step = checkpoint_step(folder)
+        if (below is None or (step is not None and step < below)) and damage(folder) is None:
+            return folder
+    return None
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise :class:`CheckpointError` naming the damaged file of ``folder`` and the newest intact
+    checkpoint beside it."""
+    problem = damage(folder)
+    if problem is None:
+        return
+    step = checkpoint_step(folder)
+    intact = newest_intact_checkpoint(folder.parent, below=step)
+    instead = (
+        f"The newest intact checkpoint is {intact}: resume with `--resume {intact}`, or load that one."
+        if intact
+        else "No older checkpoint in that folder is intact."
+    )
+    raise CheckpointError(
+        f"Checkpoint {folder} is damaged: {problem}. {instead}",
+        fix=f"use {intact}" if intact else "train from step 0 (`--start-over`), or restore the folder from a copy",
+    )
+
+
+def latest_good_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint saved after a step with a finite loss (none in a row of bad ones)."""
+    for folder in reversed(list_checkpoints(output_dir)):
+        try:
+            if read_progress(folder).get("bad_steps_in_a_row", 0) == 0:
+                return folder
+        except CheckpointError:
+            continue
+    return None
 
 
 def _write_json_durably(path: Path, data: dict[str, Any]) -> None:
@@ -169,9 +294,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def read_progress(folder: Path) -> dict[str, Any]:
-    """The progress record of a checkpoint."""
-    return json.loads((folder / STATE_FILE).read_text())
+def read_progress(folder: Path, total_steps: int | None = None) -> dict[str, Any]:
+    """The progress record of a checkpoint, its shape checked (and its step within ``total_steps``)."""
+    try:
+        saved = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{folder / STATE_FILE} cannot be read ({type(exc).__name__}: {str(exc)[:120]}).",
+            fix="load another checkpoint of the run (or its latest intact one with `--resume auto`)",
+        ) from None
+    step = saved.get("step") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("profile"), dict):
+        problem = "is not a llavactl progress record (no `profile` mapping)"
+    elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        problem = f"has a step that is not a whole number of steps ({str(step)[:40]!r})"
+    elif total_steps is not None and step > total_steps:
+        problem = f"is at step {step}, beyond this run's {total_steps} steps"
+    else:
+        return saved
+    raise CheckpointError(
+        f"{folder / STATE_FILE} {problem}.",
+        fix="load another checkpoint of the run, or raise `training.max_steps` when the run is meant to go on",
+    )
 
 
 def _rng_file(rank: int) -> str:
@@ -183,9 +327,16 @@ def read_training_state(folder: Path, rank: int = 0) -> tuple[dict[str, Any], di
     unpickling code."""
     import torch
 
-    training_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    rng = torch.load(folder / _rng_file(rank), map_location="cpu", weights_only=True)
-    return training_state, rng
+    states = []
+    for name in (OPTIMIZER_FILE, _rng_file(rank)):
+        try:
+            states.append(torch.load(folder / name, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, EOFError, ValueError) as exc:  # torch reports a torn file as RuntimeError
+            raise CheckpointError(
+                f"{folder / name} cannot be loaded ({type(exc).__name__}: {str(exc)[:120]}).",
+                fix="resume from another checkpoint of the run (`--resume PATH`)",
+            ) from None
+    return states[0], states[1]
 
 
 def check_same_world(folder: Path, saved_world_size: int, world_size: int) -> None:

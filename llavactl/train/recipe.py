@@ -257,6 +257,7 @@ class TrainRecipe:
         if folder is None:
             self._progress.milestone(f"No checkpoint in {self._output_dir} yet: starting from step 0.")
             return None
+        checkpoint.verify_checkpoint(folder)
         saved = checkpoint.read_progress(folder)
         checkpoint.check_same_world(folder, saved.get("world_size", 1), self._world.size)
         differences = checkpoint.resume_differences(
@@ -345,7 +346,7 @@ class TrainRecipe:
     def _load_checkpoint(self, folder: Path) -> None:
         from llavactl.train import distributed
 
-        saved = checkpoint.read_progress(folder)
+        saved = checkpoint.read_progress(folder, self._total_steps)
         training_state, rng = checkpoint.read_training_state(folder, self._world.rank)
         # The learning rates and weight decay of this profile, which loading the saved states would
         # replace with the saved run's: with `--force` and a new learning rate, the new one applies.
@@ -570,7 +571,7 @@ class TrainRecipe:
         return sum_across(self._world, [float(self._stop_signal is not None)], self._device)[0] > 0
 
     def _stop_on_bad_steps(self) -> None:
-        last = checkpoint.latest_checkpoint(self._output_dir)
+        last = checkpoint.latest_good_checkpoint(self._output_dir)
         kept = f"The last good checkpoint, {last}, is kept." if last else "No checkpoint had been saved yet."
         self._progress.close()
         raise TrainingError(

@@ -60,9 +60,10 @@ def load_checkpoint(path: Path) -> tuple[AssembledModel, Profile, Path]:
     from llavactl.model.assembly import build_llava
     from llavactl.model.export import inference_stage
     from llavactl.model.weights import load_trainable
-    from llavactl.train.checkpoint import STATE_FILE, read_progress
+    from llavactl.train.checkpoint import STATE_FILE, read_progress, verify_checkpoint
 
     folder = checkpoint_folder(path)
+    verify_checkpoint(folder)
     profile = _saved_profile(read_progress(folder)["profile"], folder / STATE_FILE)
     assembled = build_llava(
         profile.model, inference_stage(profile.stage), image_size=profile.data.image_size, seed=profile.seed
