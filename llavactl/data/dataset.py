@@ -9,6 +9,7 @@ image token id, labels are -100 wherever nothing is learned.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 
 from llavactl.config.schema import DataConfig
 from llavactl.data.images import ImageFileError, ImageLimits, ImageSpec, load_image
-from llavactl.data.records import Record, RecordProblem, load_records
+from llavactl.data.records import Problem, Record, RecordProblem, load_records
 from llavactl.data.sources import resolve_data_source
 from llavactl.data.templates import IGNORE_INDEX, encoder_for, prepare
 from llavactl.errors import DataError
@@ -59,6 +60,8 @@ class LlavaDataset(Dataset):
         self.spec = spec
         self.limits = ImageLimits.of(data)
         self.encoder = encoder_for(tokenizer, image_token_id, spec.num_tokens, data.conversation_template)
+        # Records left out when the file was read (`data.on_error: skip`): unparsable lines, bad structure.
+        self.skipped_at_load: list[Skipped] = []
 
     def __len__(self) -> int:
         return len(self.records)
@@ -268,7 +271,15 @@ def take_skipped(batch: dict[str, Any], on_error: str) -> list[Skipped]:
 def build_dataset(data: DataConfig, tokenizer: Any, image_token_id: int, spec: ImageSpec, seed: int) -> LlavaDataset:
     """The training dataset of a profile's ``data`` section (``seed`` picks builtin data)."""
     records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, seed)
-    records = load_records(records_path)
+    skipped: list[Problem] | None = [] if data.on_error == "skip" else None
+    records = load_records(records_path, skipped)
     if not records:
-        raise DataError(f"{records_path} holds no records", fix="point `data.data_path` at a non-empty data set")
-    return LlavaDataset(records, image_folder, data, tokenizer, image_token_id, spec)
+        counts = ", ".join(f"{code} {n}" for code, n in Counter(p.code for p in skipped or []).items())
+        bad = f": every record is bad ({counts})" if counts else ""
+        raise DataError(
+            f"{records_path} holds no usable records{bad}",
+            fix=f"run `llavactl data check` on {records_path}, or point `data.data_path` at a non-empty data set",
+        )
+    dataset = LlavaDataset(records, image_folder, data, tokenizer, image_token_id, spec)
+    dataset.skipped_at_load = [Skipped(p.index or 0, p.id, p.code, p.message) for p in skipped or []]
+    return dataset

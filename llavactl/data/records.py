@@ -280,16 +280,26 @@ def _reportable_id(rid: Any) -> str | int | None:
     return rid if isinstance(rid, int) else None
 
 
-def load_records(path: Path) -> list[Record]:
-    """Read and validate every record; raise :class:`DataError` naming the first bad one."""
+def load_records(path: Path, problems_out: list[Problem] | None = None) -> list[Record]:
+    """Read and validate every record; raise :class:`DataError` naming the first bad one.
+
+    With ``problems_out`` (``data.on_error: skip``), records that cannot be parsed (a bad JSONL
+    line, a record of the wrong structure) are left out and their problems appended there instead;
+    a file that is not JSON at all (a broken JSON list) still raises."""
     raws, problems = read_raw_records(path)
-    if problems:
-        p = problems[0]
+    fatal = [p for p in problems if p.index is None or problems_out is None]
+    if fatal or (problems and problems_out is None):
+        p = (fatal or problems)[0]
         where = f" (record {p.index})" if p.index is not None else ""
         raise DataError(f"{path}: invalid JSON{where}: {p.message}", fix=f"run `llavactl data check` on {path}")
+    if problems_out is not None:
+        problems_out.extend(problems)
     records = []
     for raw, parsed in iter_records(raws):
         if isinstance(parsed, Problem):
+            if problems_out is not None:
+                problems_out.append(parsed)
+                continue
             raise DataError(
                 f"{path}: record {raw.index} (id {parsed.id!r}, line {raw.line}): {parsed.code}: {parsed.message}",
                 fix="fix or drop the record; `llavactl data check --write-clean FILE` writes the data without "

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from llavactl.data import synth
 from llavactl.data.dataset import Collator, LlavaDataset, build_dataset, take_skipped
-from llavactl.errors import ConfigError
+from llavactl.errors import ConfigError, DataError
 from llavactl.train.loss import summed_token_loss, supervised_token_count
 
 if TYPE_CHECKING:
@@ -97,7 +97,13 @@ def held_out_loss(predictor: Predictor, dataset: LlavaDataset, batch_size: int) 
                 continue
             total += float(summed_token_loss(predictor.model, batch))
             tokens += supervised_token_count(batch)
-    return (total / tokens if tokens else math.nan), tokens, skipped
+    if not tokens:
+        raise DataError(
+            f"none of the {len(dataset)} held-out records could be scored: {skipped} were skipped as bad and the "
+            "rest supervise no token",
+            fix="run `llavactl data check` on `data.eval_data_path`, and fix or drop the bad records",
+        )
+    return total / tokens, tokens, skipped
 
 
 def shapes_truth(record: Record) -> tuple[str | None, str | None]:

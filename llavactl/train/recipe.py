@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -331,7 +332,13 @@ class TrainRecipe:
             # dropout uses, or a resumed run would see different dropout masks.
             generator=torch.Generator().manual_seed(self._profile.seed),
         )
-        self._skipped_records = 0
+        self._skipped_records = len(dataset.skipped_at_load)
+        self._skipped_by_code: Counter[str] = Counter(s.code for s in dataset.skipped_at_load)
+        if dataset.skipped_at_load:
+            self._progress.milestone(
+                f"Left out {len(dataset.skipped_at_load):,} bad record(s) while reading "
+                f"{data.data_path} (data.on_error: skip): {self._by_code()}"
+            )
         per = f" on each of {world.size} processes" if world.distributed else ""
         dropped = self._sampler.dropped_per_epoch
         left_out = f" ({dropped} records of each epoch left out so that all get as many)" if dropped else ""
@@ -501,12 +508,16 @@ class TrainRecipe:
         for batch in self._loader:
             skipped = take_skipped(batch, self._profile.data.on_error)
             self._skipped_records += len(skipped)
+            self._skipped_by_code.update(s.code for s in skipped)
             # The sampler cannot see what the DataLoader has prefetched, so it is told what was used.
             self._sampler.advance(len(skipped) + len(batch.get("input_ids", ())))
             if skipped:
                 ids = ", ".join(str(s.id) for s in skipped)
                 self._progress.milestone(f"Skipped bad record(s) {ids} (data.on_error: skip)")
             yield batch if "input_ids" in batch else None
+
+    def _by_code(self) -> str:
+        return ", ".join(f"{code} {n}" for code, n in sorted(self._skipped_by_code.items()))
 
     @contextmanager
     def _out_of_memory_as_error(self) -> Iterator[None]:
@@ -723,6 +734,7 @@ class TrainRecipe:
             "final_loss": finite[-1] if finite else None,
             "bad_steps": self._bad_total,
             "skipped_records": self._skipped_records,
+            "skipped_by_code": dict(sorted(self._skipped_by_code.items())),
             "train_seconds": round(seconds, 3),
             "flops_per_s": flops_per_s,
             "mfu": None if flops_per_s is None else flops_per_s / self._peak.flops_per_s,

@@ -1,0 +1,86 @@
+"""`data.on_error: skip` skips every kind of bad record (a bad JSONL line, a record of the wrong
+structure, images, cuts), counts them by code, and a data set with no usable record still stops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import byte_tokenizer, image_id, run_cli, train_recipe
+
+from llavactl.config.schema import DataConfig
+from llavactl.data.dataset import build_dataset
+from llavactl.data.images import ImageSpec
+from llavactl.errors import DataError
+
+SPEC = ImageSpec(32, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _mixed(folder: Path, shapes: Path, *, good: int = 6) -> Path:
+    """Shapes records as JSONL with a bad line, a record without turns and one with a missing image."""
+    records = json.loads(shapes.read_text())[:good]
+    for r in records:
+        r["image"] = str(shapes.parent / r["image"])
+    lines = [json.dumps(r) for r in records]
+    lines.insert(1, '{"id": "torn", "conversations": [')  # killed mid-write
+    lines.insert(3, json.dumps({"id": "no-turns", "image": records[0]["image"]}))
+    lines.append(json.dumps({**records[0], "id": "gone", "image": str(folder / "gone.png")}))
+    path = folder / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_the_dataset_leaves_out_unparsable_lines_and_records_under_skip(shapes: Path, tmp_path: Path) -> None:
+    path = _mixed(tmp_path, shapes)
+    tok = byte_tokenizer()
+    dataset = build_dataset(DataConfig(data_path=str(path), on_error="skip"), tok, image_id(tok), SPEC, 0)
+    assert len(dataset) == 7  # six good records and the one whose image is gone (found when built)
+    assert sorted((s.code, s.id) for s in dataset.skipped_at_load) == [
+        ("bad_json", None),
+        ("missing_field", "no-turns"),
+    ]
+    with pytest.raises(DataError, match="invalid JSON"):
+        build_dataset(DataConfig(data_path=str(path)), tok, image_id(tok), SPEC, 0)
+
+
+def test_training_skips_every_kind_and_counts_them_by_code(shapes: Path, tmp_path: Path) -> None:
+    path = _mixed(tmp_path, shapes)
+    settings = [f"data.data_path={path}", "data.on_error=skip", f"training.output_dir={tmp_path / 'run'}"]
+    result, text = train_recipe([*settings, "training.max_steps=3", "training.per_device_train_batch_size=2"])
+    assert result.status == "completed"
+    assert "Left out 2 bad record(s) while reading" in text and "bad_json 1, missing_field 1" in text
+    final = json.loads((tmp_path / "run" / "run.json").read_text())["final_metrics"]
+    assert final["skipped_by_code"] == {"bad_json": 1, "missing_field": 1, "missing_image": 1}
+    assert final["skipped_records"] == 3
+
+
+def test_a_data_set_with_no_usable_record_stops_training_and_eval(
+    shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": 1}\n{"torn": \n', encoding="utf-8")
+    code, _, err = run_cli(
+        [
+            "train",
+            "--profile",
+            "tiny",
+            f"data.data_path={path}",
+            "data.on_error=skip",
+            "--skip-doctor",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "holds no usable records: every record is bad (bad_json 1, missing_field 1)" in err
+    gone = tmp_path / "gone.jsonl"
+    records = json.loads(shapes.read_text())[:2]
+    gone.write_text("".join(json.dumps({**r, "image": "nowhere.png"}) + "\n" for r in records), encoding="utf-8")
+    run = tmp_path / "trained"
+    train_recipe([f"data.data_path={shapes}", f"training.output_dir={run}", "training.max_steps=1"])
+    code, _, err = run_cli(
+        ["eval", "--profile", "tiny", "--model", str(run), f"data.eval_data_path={gone}", "data.on_error=skip"],
+        capsys,
+    )
+    assert code == 2 and "none of the 2 held-out records could be scored: 2 were skipped" in " ".join(err.split())
