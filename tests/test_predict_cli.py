@@ -70,3 +70,27 @@ def test_unreadable_image_is_one_paragraph_with_exit_code_2(
     assert code == 2
     assert err.startswith(f"Error: --image: image file {tmp_path / 'nope.png'} does not exist")
     assert "Traceback" not in err
+
+
+def test_a_prompt_over_the_models_positions_or_not_utf8_is_refused(
+    exported: tuple[Path, Path], shapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = exported
+    image = shapes.parent / "images" / "000000.png"
+    code, _, err = run_cli(["predict", "--model", str(run), "--image", str(image), "--prompt", "x " * 3000], capsys)
+    err = " ".join(err.split())
+    assert code == 2 and "the model takes at most 2,048 positions" in err and "Internal error" not in err
+    code, _, err = run_cli(["predict", "--model", str(run), "--image", str(image), "--prompt", "caf\udce9"], capsys)
+    assert code == 2 and "--prompt is not valid UTF-8 text" in err
+
+
+def test_export_into_a_file_or_under_one_is_one_paragraph(
+    exported: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = exported
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    for target in (blocker, blocker / "out"):
+        code, _, err = run_cli(["export", str(run), str(target)], capsys)
+        assert code == 2 and "Internal error" not in err, err
+        assert blocker.read_text() == "mine"

@@ -81,6 +81,13 @@ def predict(
     from llavactl.data.images import ImageFileError, ImageLimits, probe
     from llavactl.train.runs import load_predictor
 
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            "--prompt is not valid UTF-8 text (the shell passed bytes that decode to no characters).",
+            fix="pass the question as UTF-8 text",
+        ) from None
     predictor = load_predictor(model)
     try:  # the header, against the image limits the model was trained with
         probe(image, ImageLimits.of(predictor.data))

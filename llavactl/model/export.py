@@ -226,11 +226,19 @@ def export_model(
     import torch
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        what = "is not empty" if out_dir.is_dir() else "is a file"
         raise ModelSourceError(
-            f"The export folder `{out_dir}` exists and is not empty.",
+            f"The export folder `{out_dir}` exists and {what}.",
             fix="pass a new or empty folder as OUT_DIR",
         )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelSourceError(
+            f"The export folder `{out_dir}` cannot be made: {exc.strerror or exc} ({exc.filename}).",
+            fix="pass a folder under one you can write to",
+        ) from None
     peft_model = assembled.peft_model
     model: nn.Module = peft_model if peft_model is not None else assembled.model
     model.eval()

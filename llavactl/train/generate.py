@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from llavactl.data.images import ImageLimits, load_image
 from llavactl.data.records import IMAGE_MARKER, Record, Turn
 from llavactl.data.templates import Segment, encoder_for, end_of_turn_token, render
+from llavactl.errors import DataError
 
 if TYPE_CHECKING:
     import torch
@@ -79,11 +80,27 @@ class Predictor:
         temperature: float = 0.0,
         streamer: Any = None,
     ) -> Prediction:
-        """Answer ``question`` about ``image`` (greedy at temperature 0), streaming tokens to ``streamer``."""
+        """Answer ``question`` about ``image`` (greedy at temperature 0), streaming tokens to ``streamer``.
+
+        A prompt longer than the model's positions is refused; the answer is cut where they end."""
         ids = self.prompt_ids(question, 1 if image is not None else 0)
+        positions = self.max_positions()
+        if positions is not None:
+            if len(ids) >= positions:
+                raise DataError(
+                    f"--prompt: the prompt is {len(ids):,} tokens (the image's {self.image_spec.num_tokens} "
+                    f"included), and the model takes at most {positions:,} positions, answer included.",
+                    fix="ask a shorter question",
+                )
+            max_new_tokens = min(max_new_tokens, positions - len(ids))
         pixels = self.pixels(image) if image is not None else None
         new = self._generate(ids, 1, pixels, max_new_tokens, temperature, streamer)[0]
         return Prediction(text=self._decode(new), new_tokens=len(new), prompt_tokens=len(ids))
+
+    def max_positions(self) -> int | None:
+        """The most tokens the LLM takes (its position embeddings), when its config says."""
+        config = getattr(self.model, "config", None)
+        return getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
 
     def answer_all(self, images: list[Path], question: str, *, max_new_tokens: int, batch_size: int = 32) -> list[str]:
         """Greedy answers to the same ``question`` about each image, generated a batch at a time.
