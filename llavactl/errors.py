@@ -52,3 +52,14 @@ class TrainingError(LlavactlError):
     """A run that had to stop: out of memory, too many non-finite losses (exit code 1)."""
 
     exit_code = 1
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM outside the training loop (which saves and stops on its own): exit 130/143.
+
+    A BaseException, so that nothing that catches errors swallows it, and not a KeyboardInterrupt,
+    which Typer turns into a silent exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

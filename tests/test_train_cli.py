@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,36 @@ def test_doctor_refuses_qlora_on_a_cpu_before_loading(tmp_path: Path, capsys: py
     assert code == 1 and "Loading model" not in out
     assert "QLoRA / bitsandbytes" in err
     assert "stage=lora model.use_qlora=false model.load_in_4bit=false model.load_in_8bit=false" in err
+
+
+@pytest.mark.parametrize(("signum", "code", "name"), [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_during_set_up_exits_with_a_message(
+    shapes: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    signum: int,
+    code: int,
+    name: str,
+) -> None:
+    import llavactl.resolve as resolve_package
+    from llavactl.cli._errors import install_signal_handlers
+
+    real = resolve_package.resolve
+
+    def signalled(*args, **kwargs):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signum)  # the user presses Ctrl-C (or a scheduler sends SIGTERM) while it resolves
+        return real(*args, **kwargs)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(resolve_package, "resolve", signalled)
+    install_signal_handlers()
+    try:
+        got, out, err = run_cli(
+            ["train", "--profile", "tiny", f"data.data_path={shapes}", "--output-dir", str(tmp_path)], capsys
+        )
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert got == code and "Loading model" not in out
+    assert f"Interrupted ({name}): stopped before a checkpoint could be saved" in err

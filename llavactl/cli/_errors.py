@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 
 from rich.markup import escape
 
 from llavactl.cli._common import err_console, verbosity
-from llavactl.errors import LlavactlError
+from llavactl.errors import Interrupted, LlavactlError
 
 DEBUG_ENV = "LLAVACTL_DEBUG"
 
@@ -27,10 +28,32 @@ def print_error(exc: LlavactlError) -> None:
         err_console.print(f"[bold]Fix:[/] {escape(exc.fix)}", soft_wrap=True)
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """Ctrl-C and SIGTERM raise :class:`Interrupted` for the rest of the process (the training loop
+    puts its own in place while it runs): Typer would turn a KeyboardInterrupt into a silent exit,
+    and SIGTERM would end the process without a word. Kept to the process's end, so that a second
+    signal while it exits does not kill it with another code."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+
+
 def run_guarded(app: Callable[[], object]) -> None:
-    """Run the Typer app; map user errors to messages and exit codes."""
+    """Run the Typer app; map user errors to messages and exit codes, Ctrl-C and SIGTERM to 130/143."""
     try:
         app()
+    except Interrupted as exc:
+        if debug_enabled():
+            raise
+        name = "Ctrl-C" if exc.signum == signal.SIGINT else "SIGTERM"
+        err_console.print(
+            f"Interrupted ({name}): stopped before a checkpoint could be saved; checkpoints saved earlier are kept.",
+            soft_wrap=True,
+        )
+        sys.exit(128 + exc.signum)
     except LlavactlError as exc:
         if debug_enabled():
             raise
@@ -38,7 +61,7 @@ def run_guarded(app: Callable[[], object]) -> None:
             err_console.print_exception()
         print_error(exc)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # raised by code that restored Python's default handler
         if debug_enabled():
             raise
         err_console.print("Interrupted.")

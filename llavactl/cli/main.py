@@ -13,7 +13,7 @@ import typer
 from llavactl import __version__
 from llavactl.cli import data, doctor, export, profiles, train
 from llavactl.cli._common import console, verbosity
-from llavactl.cli._errors import run_guarded
+from llavactl.cli._errors import install_signal_handlers, run_guarded
 
 app = typer.Typer(
     name="llavactl",
@@ -58,6 +58,7 @@ def _root(
 
 
 def main() -> None:
+    install_signal_handlers()
     run_guarded(app)
 
 

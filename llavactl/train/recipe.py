@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llavactl.config.loader import LoadedProfile
-from llavactl.errors import ConfigError, DataError, LlavactlError, ModelSourceError, TrainingError
+from llavactl.errors import ConfigError, DataError, Interrupted, LlavactlError, ModelSourceError, TrainingError
 from llavactl.train import checkpoint
 from llavactl.train.metrics import MetricsWriter, library_versions, peak_memory_bytes, write_run_record
 from llavactl.train.optimizer import build_optimizer, build_scheduler
@@ -123,8 +123,8 @@ class TrainRecipe:
         except LlavactlError as exc:
             self._record_failure(str(exc))
             raise
-        except KeyboardInterrupt:
-            self._record_failure("interrupted (Ctrl-C) before a checkpoint could be saved", status="interrupted")
+        except (KeyboardInterrupt, Interrupted):
+            self._record_failure("interrupted before a checkpoint could be saved", status="interrupted")
             raise
         finally:
             self.cleanup()
