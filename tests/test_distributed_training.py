@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,6 @@ import torch
 from helpers import train_recipe
 from safetensors.torch import load_file
 
-from llavactl.data.synth import write_shapes
 from llavactl.errors import CheckFailed
 from llavactl.train import checkpoint
 
@@ -28,9 +30,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def shapes(shapes_data: Callable[..., Path]) -> Path:
     # 16 records: 4 steps of 4 records, one epoch; batches of 2 shared by 2 processes leave none out.
-    return write_shapes(tmp_path_factory.mktemp("shapes"), n=16, seed=0, image_size=32)
+    return shapes_data(16)
 
 
 def _overrides(shapes: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -167,3 +169,49 @@ def test_a_process_whose_records_were_all_skipped_still_trains_in_step(shapes: P
     _train_here(_overrides(data, tmp_path / "one", *common, "training.gradient_accumulation_steps=2"))
     _train_on_two_processes(_overrides(data, tmp_path / "two", *common))
     _assert_same_training(tmp_path / "one", tmp_path / "two")
+
+
+def _start_two_processes(shapes: Path, out: Path) -> subprocess.Popen[str]:
+    """`llavactl train --nproc-per-node 2` in the background, once its first step is logged."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    settings = _overrides(shapes, out, "training.max_steps=400", "training.save_steps=1000")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "llavactl", "train", "--profile", "tiny", *settings, "--nproc-per-node", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert launcher.stdout is not None
+    for line in launcher.stdout:
+        if line.startswith("step "):
+            return launcher
+    raise AssertionError(f"no step was logged: {launcher.communicate()}")
+
+
+def test_sigterm_to_the_launcher_saves_once_and_exits_143_without_a_traceback(shapes: Path, tmp_path: Path) -> None:
+    launcher = _start_two_processes(shapes, tmp_path)
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 143, out + err
+    assert out.count("Saved ") == 1 and "Traceback" not in err, out + err
+    [saved] = checkpoint.list_checkpoints(tmp_path)
+    assert checkpoint.read_progress(saved)["step"] < 400
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the launcher's children from /proc")
+def test_workers_stop_within_seconds_when_the_launcher_is_killed(shapes: Path, tmp_path: Path) -> None:
+    launcher = _start_two_processes(shapes, tmp_path)
+    task = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+    workers = [int(pid) for pid in task.read_text().split()]
+    assert len(workers) == 2
+    launcher.kill()  # kill -9: nothing of the launcher runs any more
+    launcher.communicate()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "workers went on training"
+    # They stopped as on SIGTERM: after the step, with a checkpoint.
+    assert checkpoint.list_checkpoints(tmp_path)

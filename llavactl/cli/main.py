@@ -6,6 +6,7 @@ Command modules import torch and transformers only inside their functions, so th
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -14,6 +15,7 @@ from llavactl import __version__
 from llavactl.cli import data, doctor, export, profiles, train
 from llavactl.cli._common import console, verbosity
 from llavactl.cli._errors import install_signal_handlers, run_guarded
+from llavactl.train.launch import LAUNCHER_ENV, watch_launcher  # the standard library only
 
 app = typer.Typer(
     name="llavactl",
@@ -59,6 +61,8 @@ def _root(
 
 def main() -> None:
     install_signal_handlers()
+    if LAUNCHER_ENV in os.environ:  # a worker of `train --nproc-per-node`: stop if the launcher dies
+        watch_launcher()
     run_guarded(app)
 
 

@@ -64,8 +64,8 @@ def train(
         typer.Option(
             "--nproc-per-node",
             min=1,
-            help="Train on N processes of this machine (one per GPU): restarts this command under torchrun "
-            "(docs/distributed.md).",
+            help="Train on N processes of this machine (one per GPU): starts this command N times as torchrun "
+            "would, and forwards Ctrl-C and SIGTERM to them (docs/distributed.md).",
             show_default=False,
         ),
     ] = None,
@@ -76,7 +76,7 @@ def train(
     from llavactl.train.recipe import TrainRecipe
 
     if nproc_per_node is not None and nproc_per_node > 1:
-        _restart_under_torchrun(nproc_per_node)
+        raise typer.Exit(_launch(nproc_per_node))
     words = [*(overrides or []), *([f"training.output_dir={output_dir}"] if output_dir else [])]
     loaded = load(profile, words)
     with phase("resolve and doctor's checks"):
@@ -101,10 +101,11 @@ def train(
     )
 
 
-def _restart_under_torchrun(nproc: int) -> None:
-    """Replace this process with `torchrun --standalone --nproc-per-node N -m llavactl <the same words>`."""
-    import os
+def _launch(nproc: int) -> int:
+    """Run this same command on ``nproc`` processes of this machine (:mod:`llavactl.train.launch`)."""
     import sys
+
+    from llavactl.train.launch import launch
 
     if "WORLD_SIZE" in os.environ:
         raise ConfigError(
@@ -117,10 +118,7 @@ def _restart_under_torchrun(nproc: int) -> None:
             next(argv, None)
         elif not word.startswith("--nproc-per-node="):
             words.append(word)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [*torchrun, "-m", "llavactl", *words])
+    return launch(nproc, words)
 
 
 def _preflight(resolved: ResolvedRun) -> None:
