@@ -106,3 +106,22 @@ def test_a_resumed_run_keeps_each_step_once_in_metrics_jsonl(tmp_path: Path) -> 
     writer.log(3, {"loss": 0.25})
     writer.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_full_disk_while_logging_is_one_paragraph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from llavactl.errors import OutputError
+
+    writer = metrics.MetricsWriter(tmp_path, [], config={})
+
+    def full(_: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer._file, "write", full)
+    with pytest.raises(OutputError, match=r"metrics\.jsonl cannot be written: No space left on device"):
+        writer.log(1, {"loss": 1.0})
+    monkeypatch.setattr(metrics.Path, "write_text", lambda *a, **k: full(""))
+    with pytest.raises(OutputError, match=r"run\.json cannot be written: No space left on device"):
+        metrics.write_run_record(tmp_path, {"status": "completed"})

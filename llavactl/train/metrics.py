@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from llavactl.errors import ConfigError
+from llavactl.errors import ConfigError, OutputError
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
@@ -40,8 +40,11 @@ class MetricsWriter:
 
     def log(self, step: int, values: Mapping[str, float | int]) -> None:
         record = {"step": step, **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise _unwritable(self._file.name, exc) from None
         if self._tensorboard is not None:
             for key, value in values.items():
                 self._tensorboard.add_scalar(f"train/{key}", value, step)
@@ -109,9 +112,20 @@ def write_run_record(output_dir: Path, record: Mapping[str, Any]) -> Path:
     path = output_dir / RUN_FILE
     tmp = output_dir / f".{RUN_FILE}.tmp"
     stamped = {**record, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp.write_text(json.dumps(stamped, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(stamped, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _unwritable(str(path), exc) from None
     return path
+
+
+def _unwritable(path: str, exc: OSError) -> OutputError:
+    return OutputError(
+        f"{path} cannot be written: {exc.strerror or exc}. The checkpoints saved so far are intact.",
+        fix="free space on that disk (or make the folder writable), then continue with `--resume auto`",
+    )
 
 
 def peak_memory_bytes(device_type: str) -> int:
