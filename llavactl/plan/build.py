@@ -26,7 +26,7 @@ TOKEN_SAMPLE = 2000
 # The share of the measured fp32 matmul FLOP/s that a training step reaches on local_lite's shapes
 # (benchmarks/local_lite_step.py, which runs the training step unit, llavactl.train.step.TrainingStep;
 # attention and recomputed FLOPs counted). It depends on the CPU's balance of FMA units to memory:
-# 77-83% on a 2-core AVX512 machine whose 2048^3 fp32 matmul ran at ~200 GFLOP/s, 56-59% on one
+# 77-83% on a 2-core AVX512 machine whose 2048^3 fp32 matmul ran at ~200 GFLOP/s, 56-61% on one
 # with two FMA units a core (~320 GFLOP/s), whose matmuls are faster but the rest of the step is
 # not. The planning figure sits between, nearer the slower share.
 STEP_EFFICIENCY = 0.6
