@@ -136,6 +136,8 @@ class ResolvedRun:
     @property
     def device_present(self) -> bool:
         """Whether this machine has the device the profile trains on."""
+        if self.device_type == "mps":
+            return self.facts.mps
         return self.free_memory_bytes is not None
 
     def torch_device(self) -> torch.device:
@@ -304,6 +306,8 @@ def resolve(loaded: LoadedProfile, facts: MachineFacts | None = None, world: Wor
         free, where = facts.ram_available_bytes, "available RAM"
     elif gpu is not None:
         free, where = gpu.free_bytes, f"free memory of {gpu.name}"
+    elif device == "mps" and facts.mps:
+        free, where = None, "MPS, whose free memory torch does not report"
     else:
         free, where = None, f"no {device} device on this machine"
     return ResolvedRun(

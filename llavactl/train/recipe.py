@@ -620,11 +620,11 @@ class TrainRecipe:
                 "epoch": stats.epoch,
                 "samples_per_s": stats.samples_per_s,
                 "tokens_per_s": stats.tokens_per_s,
-                "flops_per_s": flops_per_s if flops_per_s is not None else math.nan,
-                "mfu": stats.mfu if stats.mfu is not None else math.nan,
                 "peak_memory_bytes": stats.peak_memory_bytes,
                 "bad_steps": self._bad_total,
                 "skipped_records": self._skipped_records,
+                # Known from the second step on (the first one's FLOPs are being counted).
+                **({"flops_per_s": flops_per_s, "mfu": stats.mfu} if flops_per_s is not None else {}),
             },
         )
 
