@@ -13,9 +13,7 @@ from llavactl.errors import CheckFailed, CheckpointError, ConfigError, OutputErr
 from llavactl.train import checkpoint
 
 
-def _save(
-    output_dir: Path, step: int, limit: int | None = None, weights: bytes = b"w", bad_in_a_row: int = 0
-) -> Path:
+def _save(output_dir: Path, step: int, limit: int | None = None, weights: bytes = b"w", bad_in_a_row: int = 0) -> Path:
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 2)).sum().backward()
@@ -157,6 +155,24 @@ def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path: Path, monkey
         _save(tmp_path, 2)
     assert "--resume auto" in (full.value.fix or "")
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+
+
+def test_a_first_save_is_checked_against_its_expected_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage._replace(free=1000))
+    with pytest.raises(OutputError, match="its weights and optimizer states"):
+        checkpoint.save_checkpoint(
+            tmp_path,
+            1,
+            write_weights=lambda f: None,
+            training_state={},
+            progress={},
+            save_total_limit=None,
+            expected_bytes=10_000,
+        )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_mid_write_removes_the_partial_checkpoint(tmp_path: Path) -> None:

@@ -126,12 +126,15 @@ def save_checkpoint(
     progress: Mapping[str, Any],
     save_total_limit: int | None,
     rank_rng: Sequence[Mapping[str, Any]] | None = None,
+    expected_bytes: int = 0,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically, then drop the oldest beyond ``save_total_limit``.
 
     ``write_weights(folder)`` writes the weights; ``training_state`` (optimizer, scheduler, scaler
     state dicts) goes to ``optimizer.pt``; ``progress`` (JSON) to ``trainer_state.json``.
     ``rank_rng``: the random states of every process, rank 0 first (default: this process's).
+    ``expected_bytes``: the size the checkpoint will have, for the free-space check of a first save
+    (later ones use the last checkpoint's size).
     A save that fails (a full disk, a read-only folder) removes what it wrote and raises
     :class:`OutputError`; the checkpoints saved before are untouched.
     """
@@ -146,7 +149,7 @@ def save_checkpoint(
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in output_dir.glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
-        _check_free_space(output_dir)
+        _check_free_space(output_dir, expected_bytes)
         tmp = output_dir / f"{TMP_PREFIX}{step}"
         tmp.mkdir()
         try:
@@ -188,17 +191,18 @@ def _apply_retention(output_dir: Path, limit: int) -> None:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _check_free_space(output_dir: Path) -> None:
-    """Refuse to start a save that cannot fit: the newest checkpoint's size, with a margin."""
+def _check_free_space(output_dir: Path, expected_bytes: int) -> None:
+    """Refuse to start a save that cannot fit: the newest checkpoint's size (or, for the first, the
+    expected one), with a margin."""
     latest = latest_checkpoint(output_dir)
-    if latest is None:
-        return
-    needed = sum(f.stat().st_size for f in latest.iterdir() if f.is_file()) * _DISK_MARGIN
+    size = sum(f.stat().st_size for f in latest.iterdir() if f.is_file()) if latest else expected_bytes
+    needed = max(size, expected_bytes) * _DISK_MARGIN
     free = shutil.disk_usage(output_dir).free
     if free < needed:
+        like = f"the size of {latest.name}" if latest else "its weights and optimizer states"
         raise OutputError(
             f"Not enough space to save a checkpoint in {output_dir}: about {needed / 1024**3:.2f} GiB needed "
-            f"(the size of {latest.name}), {free / 1024**3:.2f} GiB free. The checkpoints saved before are intact.",
+            f"({like}), {free / 1024**3:.2f} GiB free. The checkpoints saved before are intact.",
             fix="free space on that disk, or lower `training.save_total_limit`; then continue with `--resume auto`",
         )
 

@@ -698,6 +698,8 @@ class TrainRecipe:
             progress=progress,
             save_total_limit=self._training.save_total_limit,
             rank_rng=rank_rng,
+            # fp32 trainable weights and AdamW's two moments: what a first save needs at least.
+            expected_bytes=12 * sum(p.numel() for g in self._optimizer.param_groups for p in g["params"]),
         )
 
     def _write_run_record(self, status: str, final_metrics: dict[str, Any]) -> None:
