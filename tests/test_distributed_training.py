@@ -215,3 +215,37 @@ def test_workers_stop_within_seconds_when_the_launcher_is_killed(shapes: Path, t
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "workers went on training"
     # They stopped as on SIGTERM: after the step, with a checkpoint.
     assert checkpoint.list_checkpoints(tmp_path)
+
+
+def test_a_failing_process_ends_the_run_with_its_code_and_the_others_say_why(shapes: Path, tmp_path: Path) -> None:
+    # Process 1 stops with a data error at its third step (patched in at start-up by sitecustomize).
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import llavactl.train.step as step\n"
+        "    from llavactl.errors import DataError\n"
+        "    real, calls = step.TrainingStep.__call__, []\n"
+        "    def failing(self, micro_batches):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 3:\n"
+        "            raise DataError('record 7: made up for the test', fix='none')\n"
+        "        return real(self, micro_batches)\n"
+        "    step.TrainingStep.__call__ = failing\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])))
+    settings = _overrides(shapes, tmp_path / "run", "training.max_steps=8")
+    done = subprocess.run(
+        [sys.executable, "-m", "llavactl", "train", "--profile", "tiny", *settings, "--nproc-per-node", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    err = " ".join(done.stderr.split())
+    assert "record 7: made up for the test" in err
+    assert "Process 0 stopped: another process of this 2-process run ended" in err and "Internal error" not in err

@@ -74,13 +74,10 @@ def launch(nproc: int, words: Sequence[str]) -> int:
 
 def _wait(workers: list[subprocess.Popen[bytes]], forwarded: list[int]) -> int:
     failed_at: float | None = None
-    first_failure = 0
     while any(w.poll() is None for w in workers):
-        codes = [w.returncode for w in workers if w.returncode is not None]
-        bad = [c for c in codes if c != 0]
-        if bad and failed_at is None and not forwarded:
+        if failed_at is None and not forwarded and any(w.returncode not in (None, 0) for w in workers):
             # A worker failed on its own: the others would wait for it in their next collective.
-            failed_at, first_failure = time.monotonic(), bad[0]
+            failed_at = time.monotonic()
             for w in workers:
                 if w.poll() is None:
                     w.send_signal(signal.SIGTERM)
@@ -89,12 +86,12 @@ def _wait(workers: list[subprocess.Popen[bytes]], forwarded: list[int]) -> int:
                 if w.poll() is None:
                     w.kill()
         time.sleep(0.1)
-    codes = [w.returncode for w in workers]
-    if first_failure:
-        return first_failure if first_failure > 0 else 128 - first_failure
     if forwarded:
         return 128 + forwarded[0]
-    return next((c if c > 0 else 128 - c for c in codes if c != 0), 0)
+    codes = [w.returncode if w.returncode >= 0 else 128 - w.returncode for w in workers]
+    failures = [c for c in codes if c != 0]
+    # Processes that only lost a peer exit 1 (their error says so): the failing one's code is the cause.
+    return next((c for c in failures if c != 1), failures[0] if failures else 0)
 
 
 def watch_launcher() -> None:

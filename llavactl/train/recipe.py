@@ -123,6 +123,17 @@ class TrainRecipe:
         except LlavactlError as exc:
             self._record_failure(str(exc))
             raise
+        except RuntimeError as exc:
+            if not (self._world.distributed and _lost_a_peer(exc)):
+                raise
+            # Another process failed (its own error says why); this one learns it in a collective.
+            error = TrainingError(
+                f"Process {self._world.rank} stopped: another process of this {self._world.size}-process run "
+                f"ended ({str(exc).splitlines()[0][:160]}).",
+                fix="read the other process's error above; the checkpoints saved so far are kept",
+            )
+            self._record_failure(error.message)
+            raise error from None
         except (KeyboardInterrupt, Interrupted):
             self._record_failure("interrupted before a checkpoint could be saved", status="interrupted")
             raise
@@ -806,6 +817,15 @@ class _Window:
     @property
     def mean_grad_norm(self) -> float:
         return sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else math.nan
+
+
+def _lost_a_peer(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective failing because another process is gone (gloo, NCCL)."""
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", None)
+    signs = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted")
+    return (dist_error is not None and isinstance(exc, dist_error)) or any(sign in str(exc) for sign in signs)
 
 
 def _describe_device(device: torch.device) -> dict[str, Any]:
