@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from llavactl.config.schema import Template
 from llavactl.data.records import IMAGE_MARKER, Record, RecordProblem, Turn, check_image_markers
 from llavactl.errors import DataError
 
@@ -38,7 +39,7 @@ LLAMA_2_SYSTEM = (
     "don't share false information."
 )
 
-TEMPLATES = ("plain", "vicuna_v1", "llama_2", "llama_3", "chatml", "tokenizer")
+TEMPLATES: tuple[str, ...] = get_args(Template)  # the schema's list, in its order
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,6 @@ class TurnTemplate:
     ``nonempty`` (when that text is not empty).
     """
 
-    name: str
     default_system: str | None
     system: str
     first_user: str
@@ -216,7 +216,6 @@ _HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
 _TURN_TEMPLATES = {
     # "{system} USER: {q} ASSISTANT: {a}</s>USER: {q} ASSISTANT: {a}</s>" (conv_vicuna_v1).
     "vicuna_v1": TurnTemplate(
-        "vicuna_v1",
         VICUNA_SYSTEM,
         system="{system} ",
         first_user="{system}USER: {user} ASSISTANT:",
@@ -227,7 +226,6 @@ _TURN_TEMPLATES = {
     ),
     # "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] {q} [/INST] {a} </s>".
     "llama_2": TurnTemplate(
-        "llama_2",
         LLAMA_2_SYSTEM,
         system="<<SYS>>\n{system}\n<</SYS>>\n\n",
         first_user="[INST] {system}{user} [/INST]",
@@ -238,7 +236,6 @@ _TURN_TEMPLATES = {
         later_turn_bos=True,
     ),
     "llama_3": TurnTemplate(
-        "llama_3",
         None,
         system=_HEADER.format("system") + "{system}<|eot_id|>",
         first_user="{system}" + _HEADER.format("user") + "{user}<|eot_id|>" + _HEADER.format("assistant"),
@@ -249,7 +246,6 @@ _TURN_TEMPLATES = {
         end_of_turn="<|eot_id|>",
     ),
     "chatml": TurnTemplate(
-        "chatml",
         None,
         system="<|im_start|>system\n{system}<|im_end|>\n",
         first_user="{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n",

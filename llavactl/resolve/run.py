@@ -148,9 +148,9 @@ class ResolvedRun:
     def problems_for(self, check: str) -> list[ResolvedProblem]:
         return [p for p in self.problems if p.check == check]
 
-    def raise_problems(self, *, all_problems: bool = False) -> None:
-        """Stop with one ConfigError listing the problems that stop a run (``all_problems``: every one)."""
-        chosen = [p.problem for p in self.problems if p.stops_run or all_problems]
+    def raise_problems(self) -> None:
+        """Stop with one ConfigError listing the problems that stop a run."""
+        chosen = [p.problem for p in self.problems if p.stops_run]
         self.loaded.raise_problems(chosen, context=f" on this machine ({self.device_type})")
 
 
