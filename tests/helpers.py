@@ -159,6 +159,22 @@ def train_recipe(
     return result, out.getvalue()
 
 
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
+    """Send this process ``signum`` once the recipe has logged optimizer step ``step``."""
+    import os
+
+    from llavactl.train.metrics import MetricsWriter
+
+    log = MetricsWriter.log
+
+    def log_then_signal(self: MetricsWriter, at: int, values: dict[str, float]) -> None:
+        log(self, at, values)
+        if at == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(MetricsWriter, "log", log_then_signal)
+
+
 # ------------------------------------------------------------------ the tiny model
 
 

@@ -51,9 +51,9 @@ def chunked_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     calls: list[tuple[int, int]] = []
     op = module.causal_attention
 
-    def recorded(query, key, value, scale):
+    def recorded(query, key, value, scale, lengths=None):
         calls.append((query.shape[1], key.shape[1]))
-        return op(query, key, value, scale)
+        return op(query, key, value, scale, lengths)
 
     monkeypatch.setattr(module, "causal_attention", recorded)
     return calls

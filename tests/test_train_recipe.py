@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_recipe
+from helpers import interrupt_at, train_recipe
 
 from llavactl.errors import CheckFailed, TrainingError
 from llavactl.train import checkpoint, loss
@@ -92,19 +91,6 @@ def test_loss_is_normalised_by_the_supervised_tokens_of_the_whole_step(shapes: P
     assert accumulated.losses == pytest.approx(single.losses, rel=1e-5)
 
 
-def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
-    from llavactl.train.metrics import MetricsWriter
-
-    log = MetricsWriter.log
-
-    def log_then_signal(self: MetricsWriter, at: int, values: dict[str, float]) -> None:
-        log(self, at, values)
-        if at == step:
-            os.kill(os.getpid(), signum)
-
-    monkeypatch.setattr(MetricsWriter, "log", log_then_signal)
-
-
 @pytest.mark.slow
 def test_interrupted_then_resumed_run_matches_one_run_bit_for_bit(
     shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -114,7 +100,7 @@ def test_interrupted_then_resumed_run_matches_one_run_bit_for_bit(
     common = ["stage=lora", "model.lora_dropout=0.1"]
     whole, _ = _train(_overrides(shapes, tmp_path / "whole", *common))
     with monkeypatch.context() as m:
-        _interrupt_at(m, 5, signal.SIGINT)
+        interrupt_at(m, 5, signal.SIGINT)
         first, text = _train(_overrides(shapes, tmp_path / "split", *common))
     assert (first.status, first.step, first.exit_code) == ("interrupted", 5, 130)
     assert "Stopping after this step to save a checkpoint" in text
@@ -127,7 +113,7 @@ def test_interrupted_then_resumed_run_matches_one_run_bit_for_bit(
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _interrupt_at(monkeypatch, 2, signal.SIGTERM)
+    interrupt_at(monkeypatch, 2, signal.SIGTERM)
     result, _ = _train(_overrides(shapes, tmp_path))
     assert (result.status, result.step, result.exit_code) == ("interrupted", 2, 143)
     assert checkpoint.read_progress(tmp_path / "checkpoint-2")["step"] == 2

@@ -256,6 +256,13 @@ class DataConfig(_Section):
         default="raise",
         description="A bad record met during training: stop with an error naming it, or skip it and count it.",
     )
+    padding_free: bool = Field(
+        default=False,
+        description="Lay each micro-batch's records end to end in one row, without pad tokens; every "
+        "record still attends only to itself (position ids restart with each record). Trains on the "
+        "same records with the same loss; saves the work spent on padding when records differ in "
+        "length and `per_device_train_batch_size` > 1.",
+    )
 
 
 class TrainingConfig(_Section):

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Sampler
 
 from llavactl.config.schema import DataConfig
 from llavactl.data.images import ImageFileError, ImageLimits, ImageSpec, load_image
+from llavactl.data.packing import pack
 from llavactl.data.records import Problem, Record, RecordProblem, load_records
 from llavactl.data.sources import resolve_data_source
 from llavactl.data.templates import IGNORE_INDEX, encoder_for, prepare
@@ -95,16 +96,25 @@ class LlavaDataset(Dataset):
 
 
 class Collator:
-    """Right-pads a list of items into the batch contract.
+    """Collates a list of items into the batch contract, right-padded or packed.
 
-    Output: ``input_ids``/``attention_mask``/``labels`` Long[B, T] and, when any item has images,
-    ``pixel_values`` Float[N, 3, S, S] in item order. Records that could not be built are left
-    out and listed under ``skipped`` (a list of :class:`Skipped`): the trainer calls
-    :func:`take_skipped` on every batch. A batch whose items all failed holds only ``skipped``.
+    Padded (the default): ``input_ids``/``attention_mask``/``labels`` Long[B, T], each record in
+    its own row, right-padded to the longest. Packed (``padding_free``): the records laid end to end
+    in one row, ``input_ids``/``labels``/``position_ids`` Long[1, T] with T the sum of their lengths,
+    no pad token and no ``attention_mask``; the position ids restart at 0 with each record, which
+    is how the model (transformers' packed-sequence masks, flash-attention's varlen path, llavactl's
+    CPU attention) keeps every record's attention to itself. A record's first token is never a
+    target (nothing of the record comes before it), so its label is -100 in the packed row as well.
+
+    Either way, when any item has images, ``pixel_values`` Float[N, 3, S, S] in item order. Records
+    that could not be built are left out and listed under ``skipped`` (a list of :class:`Skipped`):
+    the trainer calls :func:`take_skipped` on every batch. A batch whose items all failed holds only
+    ``skipped``.
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, *, padding_free: bool = False) -> None:
         self.pad_token_id = pad_token_id
+        self.padding_free = padding_free
 
     def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
         skipped = [it for it in items if isinstance(it, Skipped)]
@@ -112,6 +122,13 @@ class Collator:
         batch: dict[str, Any] = {"skipped": skipped} if skipped else {}
         if not good:
             return batch
+        batch.update(pack(good) if self.padding_free else self._padded(good))
+        pixels = [it["pixel_values"] for it in good if it["pixel_values"] is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch
+
+    def _padded(self, good: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(it["input_ids"]) for it in good)
         input_ids = torch.full((len(good), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(good), longest), IGNORE_INDEX, dtype=torch.long)
@@ -121,11 +138,7 @@ class Collator:
             input_ids[row, :n] = it["input_ids"]
             labels[row, :n] = it["labels"]
             attention_mask[row, :n] = 1
-        batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        pixels = [it["pixel_values"] for it in good if it["pixel_values"] is not None]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels)
-        return batch
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class ResumableSampler(Sampler[int]):

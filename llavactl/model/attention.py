@@ -6,6 +6,9 @@ torch's kernel computes and lets each key/value head of grouped-query attention 
 heads share 3) serve its group without a copy: 20.0 against 17.2 ms a layer, forward and backward,
 in local_lite's shapes (704 tokens, head dimension 64, 2 cores; 30 layers a step).
 
+Records packed in one row (``data.padding_free``) run in the same kernel record by record, told
+their lengths by the row's position ids, so that no pair across records is computed.
+
 A padded batch's masked attention goes to SDPA, given the key/value heads repeated: transformers
 would ask the kernel to handle the groups (`enable_gqa`), and on a CPU that kernel's backward is
 slower, 26.4 against 23.5 ms per layer in the same shapes. Repeating costs a copy of the keys and
@@ -45,14 +48,18 @@ def sdpa_repeating_groups(
     groups = getattr(module, "num_key_value_groups", 1)
     if query.device.type != "cpu" or not torch.is_grad_enabled():
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if _plain_causal(module, query, key, value, attention_mask, kwargs):
+    lengths = _packed_lengths(kwargs.get("position_ids"), query.shape[0])
+    # A packed row's mask is the records' causal blocks, which transformers built from the same
+    # position ids: the record lengths say it all.
+    mask = None if lengths else attention_mask
+    if _plain_causal(module, query, key, value, mask, kwargs):
         from llavactl.model.causal_attention import causal_attention
 
         if torch.is_autocast_enabled("cpu"):  # what autocast would have SDPA run in
             dtype = torch.get_autocast_dtype("cpu")
             query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         scale = kwargs.get("scaling")
-        out, _ = causal_attention(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
+        out, _ = causal_attention(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale, lengths)
         return out.transpose(1, 2).contiguous(), None  # (batch, tokens, heads, head_dim), already laid out so
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -101,3 +108,62 @@ def _plain_causal(
         and {query.dtype, key.dtype, value.dtype} <= {torch.float32, torch.bfloat16, torch.float16}
         and (autocast or query.dtype == key.dtype == value.dtype)
     )
+
+
+def _packed_lengths(position_ids: torch.Tensor | None, rows: int) -> list[int]:
+    """The lengths of the records packed in a one-row batch (``data.padding_free``); empty unless
+    there are several."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    from llavactl.data.packing import record_lengths
+
+    if position_ids is None or rows != 1 or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        return []
+    if is_fake(position_ids):  # the planner's trace: no values to read (it traces records as rows)
+        return []
+    lengths = record_lengths(position_ids)
+    return lengths if len(lengths) > 1 else []
+
+
+def check_records_stay_apart(language_model: nn.Module) -> None:
+    """Refuse ``data.padding_free`` for an LLM whose attention lets packed records see each other.
+
+    Two short records of random embeddings go through ``language_model`` packed in one row, and
+    the second alone; where attention keeps to each record (transformers' packed-sequence masks,
+    flash-attention's varlen path, llavactl's CPU kernel) the second's outputs agree. Run as
+    training runs it (gradients on), in eval mode so that dropout draws nothing; milliseconds.
+    """
+    import torch
+
+    from llavactl.errors import ConfigError
+
+    embedding = language_model.get_input_embeddings()
+    weight = embedding.weight
+    first, second = 5, 4
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, first + second, embedding.embedding_dim, generator=generator).to(weight.device)
+    embeds = embeds.to(weight.dtype if weight.is_floating_point() else torch.float32)
+    positions = torch.cat([torch.arange(first), torch.arange(second)]).unsqueeze(0).to(weight.device)
+    was_training = language_model.training
+    language_model.eval()
+    try:
+        with torch.enable_grad():
+            packed = language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False)[0]
+            alone = language_model(inputs_embeds=embeds[:, first:], position_ids=positions[:, first:], use_cache=False)[
+                0
+            ]
+    finally:
+        language_model.train(was_training)
+    packed, alone = packed[:, first:].detach().float(), alone.detach().float()
+    # Within rounding of the model's precision; a record that sees another is off by its own size.
+    error = float((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-6))
+    if not error < 1e-2:
+        implementation = getattr(language_model.config, "_attn_implementation", "?")
+        raise ConfigError(
+            f"data.padding_free: the LLM ({type(language_model).__name__}, attention `{implementation}`) does not "
+            "keep packed records apart: a record's outputs changed by "
+            f"{error:.0%} when another record came before it in the row, so each record would attend to the "
+            "records packed before it",
+            fix="set `data.padding_free=false` (records padded, one per row), or use an LLM whose transformers "
+            "model builds its masks from position ids (Llama, Mistral, Qwen2, Gemma and most others do)",
+        )

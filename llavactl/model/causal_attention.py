@@ -17,6 +17,10 @@ runs on 2 cores, 9 heads of 64 (local_lite's LLM), milliseconds:
 
 Past 1024 tokens the kernel's own blocking wins or ties, and the whole sequence is one call.
 
+Records packed end to end in one row (``data.padding_free``) are separate sequences: given their
+lengths, each record's queries see only that record's keys, in the same chunks, so no pair across
+records is computed at all (a masked SDPA call would compute every pair of the row).
+
 The two passes are custom ops (``llavactl::causal_attention`` and its backward) so that torch's
 FLOP counter sees one causal attention, credited with the causal pairs (:mod:`llavactl.model.flops`),
 not the chunks' masked calls, and so that fake tensors trace them.
@@ -50,6 +54,19 @@ def _causal_mask(length: int, dtype: torch.dtype) -> torch.Tensor:
     return mask
 
 
+def segments(length: int, lengths: list[int]) -> list[tuple[int, int]]:
+    """The ``(offset, length)`` of each sequence of a row of ``length`` tokens: the packed records of
+    ``lengths``, or the whole row when ``lengths`` is empty."""
+    if not lengths:
+        return [(0, length)]
+    if sum(lengths) != length or min(lengths) < 1:
+        raise ValueError(f"record lengths {lengths} do not add up to the row's {length} tokens")
+    offsets = [0]
+    for n in lengths[:-1]:
+        offsets.append(offsets[-1] + n)
+    return list(zip(offsets, lengths, strict=True))
+
+
 def _chunk_mask(start: int, end: int, length: int, dtype: torch.dtype) -> torch.Tensor | None:
     # The first chunk starts at the diagonal's top: the kernel's own (top-left) causal mask fits it.
     return None if start == 0 else _causal_mask(length, dtype)[start:end, :end]
@@ -78,12 +95,14 @@ def _shared(tensor: torch.Tensor, group: int) -> torch.Tensor:
 
 @torch.library.custom_op("llavactl::causal_attention", mutates_args=(), device_types="cpu")
 def causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, lengths: list[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over ``(batch, heads, tokens, head_dim)`` tensors of one dtype; key and value
-    may have fewer heads, each shared by a group of query heads (grouped-query attention). Returns the
-    output (laid out as the kernel lays it, tokens before heads) and the log-sum-exp of each query's
-    scores (float32, or float64 for float64 inputs), which the backward needs."""
+    may have fewer heads, each shared by a group of query heads (grouped-query attention). ``lengths``:
+    the records packed in each row, end to end, each attending only to itself (none or empty: the row
+    is one sequence). Returns the output (laid out as the kernel lays it, tokens before heads) and the
+    log-sum-exp of each query's scores (float32, or float64 for float64 inputs), which the backward
+    needs."""
     query, key, value = _unit_stride(query, key, value)
     batch, heads, length, _ = query.shape
     kv_heads = key.shape[1]
@@ -92,23 +111,27 @@ def causal_attention(
     for b in range(batch):
         q, o, m = _grouped(query[b], kv_heads), _grouped(out[b], kv_heads), _grouped(lse[b], kv_heads)
         k, v = _shared(key[b], q.shape[1]), _shared(value[b], q.shape[1])
-        for start, end in chunks(length, FORWARD_CHUNK):
-            chunk_out, chunk_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q[:, :, start:end],
-                k[:, :, :end],
-                v[:, :, :end],
-                0.0,
-                start == 0,
-                attn_mask=_chunk_mask(start, end, length, query.dtype),
-                scale=scale,
-            )
-            o[:, :, start:end] = chunk_out
-            m[:, :, start:end] = chunk_lse
+        for offset, n in segments(length, lengths or []):
+            for start, end in chunks(n, FORWARD_CHUNK):
+                rows, keys = slice(offset + start, offset + end), slice(offset, offset + end)
+                chunk_out, chunk_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q[:, :, rows],
+                    k[:, :, keys],
+                    v[:, :, keys],
+                    0.0,
+                    start == 0,
+                    attn_mask=_chunk_mask(start, end, n, query.dtype),
+                    scale=scale,
+                )
+                o[:, :, rows] = chunk_out
+                m[:, :, rows] = chunk_lse
     return out, lse
 
 
 @causal_attention.register_fake
-def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, lengths: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, length, _ = query.shape
     out = query.new_empty(batch, length, heads, value.shape[-1]).transpose(1, 2)
     return out, query.new_empty(batch, heads, length, dtype=_lse_dtype(query.dtype))
@@ -123,6 +146,7 @@ def causal_attention_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
+    lengths: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`causal_attention` for its query, key and value."""
     query, key, value, out = _unit_stride(query, key, value, out)
@@ -137,22 +161,26 @@ def causal_attention_backward(
         q, o, m = _grouped(query[b], kv_heads), _grouped(out[b], kv_heads), _grouped(lse[b], kv_heads)
         k, v = _shared(key[b], group), _shared(value[b], group)
         grad_o, grad_q = _grouped(grad_out[b], kv_heads), _grouped(grad_query[b], kv_heads)
-        for start, end in chunks(length, BACKWARD_CHUNK):
-            chunk_query, chunk_key, chunk_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_o[:, :, start:end],
-                q[:, :, start:end],
-                k[:, :, :end],
-                v[:, :, :end],
-                o[:, :, start:end],
-                m[:, :, start:end],
-                0.0,
-                start == 0,
-                attn_mask=_chunk_mask(start, end, length, query.dtype),
-                scale=scale,
-            )
-            grad_q[:, :, start:end] = chunk_query
-            grad_key[b, :, :, :end] += chunk_key
-            grad_value[b, :, :, :end] += chunk_value
+        for offset, n in segments(length, lengths or []):
+            for start, end in chunks(n, BACKWARD_CHUNK):
+                rows, keys = slice(offset + start, offset + end), slice(offset, offset + end)
+                chunk_query, chunk_key, chunk_value = (
+                    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                        grad_o[:, :, rows],
+                        q[:, :, rows],
+                        k[:, :, keys],
+                        v[:, :, keys],
+                        o[:, :, rows],
+                        m[:, :, rows],
+                        0.0,
+                        start == 0,
+                        attn_mask=_chunk_mask(start, end, n, query.dtype),
+                        scale=scale,
+                    )
+                )
+                grad_q[:, :, rows] = chunk_query
+                grad_key[b, :, :, keys] += chunk_key
+                grad_value[b, :, :, keys] += chunk_value
     if group == 1:
         return grad_query, grad_key.squeeze(2), grad_value.squeeze(2)
     return grad_query, grad_key.sum(2), grad_value.sum(2)
@@ -167,19 +195,20 @@ def _(
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    query, key, value, scale = inputs
+    query, key, value, scale, lengths = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse)
     ctx.mark_non_differentiable(lse)  # an output for the backward, not a result to differentiate
     ctx.scale = scale
+    ctx.lengths = lengths
 
 
 def _backward(
     ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
     query, key, value, out, lse = ctx.saved_tensors
-    grads = causal_attention_backward(grad_out, query, key, value, out, lse, ctx.scale)
-    return *grads, None
+    grads = causal_attention_backward(grad_out, query, key, value, out, lse, ctx.scale, ctx.lengths)
+    return *grads, None, None
 
 
 causal_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -7,7 +7,8 @@ local_lite's attention (the tower's 24 layers of 577 tokens, the LLM's 30 of 704
 scores and outputs, five in the backward), except that a causal kernel is credited only with the
 query-key pairs it computes (about half), where torch counts every pair. llavactl's own chunked
 causal attention (:mod:`llavactl.model.causal_attention`) is credited with the causal pairs too,
-not with the chunks' masked calls (which compute about a tenth more).
+not with the chunks' masked calls (which compute about a tenth more), and for packed records with
+each record's own causal pairs.
 """
 
 from __future__ import annotations
@@ -72,11 +73,30 @@ def flop_counter(*, masked_attention_is_causal: bool = False) -> FlopCounterMode
 
     Shape = tuple[int, ...]
 
-    def chunked_forward(query: Shape, key: Shape, value: Shape, *args: Any, **kwargs: Any) -> int:
-        return forward(query, key, value, is_causal=True)
+    def per_record(query: Shape, key: Shape, value: Shape, lengths: list[int] | None, work: Any) -> int:
+        # Packed records attend each to itself: credited as one causal attention per record.
+        return sum(
+            work((*query[:2], n, query[3]), (*key[:2], n, key[3]), (*value[:2], n, value[3]))
+            for n in lengths or [query[2]]
+        )
 
-    def chunked_backward(grad_out: Shape, query: Shape, key: Shape, value: Shape, *args: Any, **kwargs: Any) -> int:
-        return backward(grad_out, query, key, value, (), (), is_causal=True)
+    def chunked_forward(
+        query: Shape, key: Shape, value: Shape, scale: float = 1.0, lengths: list[int] | None = None, **kwargs: Any
+    ) -> int:
+        return per_record(query, key, value, lengths, lambda q, k, v: forward(q, k, v, is_causal=True))
+
+    def chunked_backward(
+        grad_out: Shape,
+        query: Shape,
+        key: Shape,
+        value: Shape,
+        out: Shape = (),
+        lse: Shape = (),
+        scale: float = 1.0,
+        lengths: list[int] | None = None,
+        **kwargs: Any,
+    ) -> int:
+        return per_record(query, key, value, lengths, lambda q, k, v: backward(q, q, k, v, (), (), is_causal=True))
 
     import llavactl.model.causal_attention  # noqa: F401  (registers its ops)
 

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from llavactl.data.templates import IGNORE_INDEX
+
 if TYPE_CHECKING:
     import torch
 
-IGNORE_INDEX = -100
 LossFn = Callable[[nn.Module, Mapping[str, "torch.Tensor"]], "torch.Tensor"]
 
 
@@ -34,7 +35,8 @@ def supervised_token_count(batch: Mapping[str, torch.Tensor]) -> int:
 
 
 def _hidden_states(llava: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+    # position_ids only in a packed batch (data.padding_free), where they separate the records.
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in batch}
     return llava.model(**inputs, use_cache=False)[0]
 
 

@@ -296,6 +296,11 @@ class TrainRecipe:
             device=str(self._device),
             random_weights=self._random_weights,
         )
+        if self._profile.data.padding_free:
+            from llavactl.model.attention import check_records_stay_apart
+            from llavactl.train.loss import llava_of
+
+            check_records_stay_apart(llava_of(assembled.model).model.language_model)
         trainable = sum(p.numel() for group in assembled.parameter_groups().values() for _, p in group)
         total = sum(p.numel() for p in assembled.model.parameters())
         self._progress.milestone(
@@ -336,7 +341,7 @@ class TrainRecipe:
             dataset,
             batch_size=t.per_device_train_batch_size,
             sampler=self._sampler,
-            collate_fn=Collator(assembled.tokenizer.pad_token_id),
+            collate_fn=Collator(assembled.tokenizer.pad_token_id, padding_free=data.padding_free),
             num_workers=t.dataloader_num_workers,
             pin_memory=self._device.type == "cuda",
             # Its own generator: creating an iterator must not draw from the global RNG, which
@@ -514,6 +519,7 @@ class TrainRecipe:
         """The batches of ``epoch`` from the sampler's position on, skipped records counted; None
         for a batch whose records were all skipped."""
         from llavactl.data.dataset import take_skipped
+        from llavactl.data.packing import records_in
 
         self._sampler.set_epoch(epoch)
         for batch in self._loader:
@@ -521,7 +527,7 @@ class TrainRecipe:
             self._skipped_records += len(skipped)
             self._skipped_by_code.update(s.code for s in skipped)
             # The sampler cannot see what the DataLoader has prefetched, so it is told what was used.
-            self._sampler.advance(len(skipped) + len(batch.get("input_ids", ())))
+            self._sampler.advance(len(skipped) + (records_in(batch) if "input_ids" in batch else 0))
             if skipped:
                 ids = ", ".join(str(s.id) for s in skipped)
                 self._progress.milestone(f"Skipped bad record(s) {ids} (data.on_error: skip)")

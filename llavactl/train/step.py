@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from llavactl.data.packing import records_in, tokens_in
 from llavactl.errors import DataError
 from llavactl.resolve.run import Precision, World
 from llavactl.train import distributed
@@ -81,8 +82,8 @@ class TrainingStep:
         world, device = self.world, self.device
         local = [
             sum(supervised_token_count(b) for b in micro_batches),
-            sum(len(b["input_ids"]) for b in micro_batches),
-            sum(int(b["attention_mask"].sum()) for b in micro_batches),
+            sum(records_in(b) for b in micro_batches),
+            sum(tokens_in(b) for b in micro_batches),
         ]
         supervised, samples, tokens = (int(x) for x in distributed.sum_across(world, local, device))
         if not samples:

@@ -3,8 +3,9 @@
 The FLOPs of the first optimizer step a process runs are counted exactly (:func:`op_flop_counter`:
 forward, backward, recomputation, attention as the kernels compute it). Later steps are credited
 by their shapes: the non-attention work scales with the tokens computed (padding included, as
-the device computes it), the attention work with the sum of squared row lengths. The peak is the
-datasheet's dense rate for known GPUs in the run's precision, else this device's measured matmul
+the device computes it), the attention work with the sum of squared sequence lengths (rows, or
+packed records). The peak is the datasheet's dense rate for known GPUs in the run's precision,
+else this device's measured matmul
 rate (:func:`llavactl.model.flops.measure_matmul_flops`), which on a CPU is the practical peak.
 Counting only watches the ops, so the counted step computes exactly what an uncounted one does
 (exact resume holds whichever step a process counts).
@@ -62,12 +63,14 @@ def device_peak(resolved: ResolvedRun) -> DevicePeak:
 
 
 def _shape_work(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """(tokens computed, sum of squared row lengths) of a step's micro-batches."""
+    """(tokens computed, sum of squared sequence lengths) of a step's micro-batches."""
+    from llavactl.data.packing import sequence_lengths
+
     tokens = squares = 0.0
     for batch in batches:
-        rows, length = batch["input_ids"].shape
-        tokens += rows * length
-        squares += rows * length * length
+        lengths = sequence_lengths(batch)
+        tokens += sum(lengths)
+        squares += sum(n * n for n in lengths)
     return tokens, squares
 
 

@@ -1,0 +1,280 @@
+"""Padding-free batches (`data.padding_free`): the same records and loss as padded batches, each
+record's attention kept to itself, on a CPU exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import interrupt_at, profile, record, train_recipe
+
+from llavactl.data.dataset import Collator, build_dataset
+from llavactl.data.packing import records_in, sequence_lengths, tokens_in
+from llavactl.data.templates import IGNORE_INDEX
+from llavactl.errors import ConfigError
+from llavactl.model.assembly import build_llava
+from llavactl.model.causal_attention import causal_attention
+from llavactl.model.flops import attention_pairs, flop_counter
+from llavactl.train.loss import TokenLoss, llava_of
+
+
+@pytest.fixture(scope="module")
+def mixed(shapes_data: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 records of mixed lengths: shapes records with one image, text-only records of 10 to 150
+    tokens, and records with two images; images are the shapes set's."""
+    shapes = shapes_data(16)
+    records: list[dict[str, Any]] = json.loads(shapes.read_text())
+    images = [r["image"] for r in records]
+    for k in range(5):
+        records.append(
+            record(("human", "Tell me a story. " * (k + 1)), ("gpt", "Once upon a time. " * (3 * k + 1)), rid=f"t{k}")
+        )
+    for k in range(3):
+        records.append(
+            record(
+                ("human", "<image>\n<image>\nWhich picture is brighter?"),
+                ("gpt", "The first one is brighter." * (k + 1)),
+                image=[images[k], images[k + 3]],
+                rid=f"two{k}",
+            )
+        )
+    random.Random(0).shuffle(records)
+    path = tmp_path_factory.mktemp("mixed") / "mixed.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _image_folder(mixed: Path, shapes_data: Callable[..., Path]) -> str:
+    return f"data.image_folder={shapes_data(16).parent}"
+
+
+@pytest.fixture(scope="module")
+def items(mixed: Path, shapes_data: Callable[..., Path]) -> tuple[Any, list[dict[str, Any]]]:
+    """The tiny model's tokenizer and image spec, and the first 6 items of the mixed data set."""
+    loaded = profile("tiny", f"data.data_path={mixed}", _image_folder(mixed, shapes_data))
+    prof = loaded.profile
+    assembled = build_llava(prof.model, prof.stage, image_size=prof.data.image_size, seed=prof.seed)
+    dataset = build_dataset(prof.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
+    return assembled, [dataset[i] for i in range(6)]
+
+
+def test_the_collator_lays_records_end_to_end_with_positions_restarting(items: tuple[Any, list]) -> None:
+    assembled, good = items
+    padded = Collator(assembled.tokenizer.pad_token_id)(good)
+    packed = Collator(assembled.tokenizer.pad_token_id, padding_free=True)(good)
+    lengths = [len(it["input_ids"]) for it in good]
+    assert len(set(lengths)) > 2  # the records differ in length: padding had work to do
+    assert set(packed) == {"input_ids", "labels", "position_ids", "pixel_values"}  # no attention mask, no pads
+    assert packed["input_ids"].shape == (1, sum(lengths))
+    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert torch.equal(packed["pixel_values"], padded["pixel_values"])  # images in record order
+    assert sequence_lengths(packed) == lengths and sequence_lengths(padded) == [max(lengths)] * len(good)
+    assert records_in(packed) == records_in(padded) == len(good)
+    assert tokens_in(packed) == tokens_in(padded) == sum(lengths)
+    start = 0
+    for row, it in enumerate(good):
+        n = len(it["input_ids"])
+        assert torch.equal(packed["input_ids"][0, start : start + n], padded["input_ids"][row, :n])
+        # The same targets: a record's first label is never one (no token of it comes before it).
+        assert packed["labels"][0, start] == IGNORE_INDEX
+        assert torch.equal(packed["labels"][0, start + 1 : start + n], padded["labels"][row, 1:n])
+        start += n
+
+
+def _loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = TokenLoss(model)(batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["stage=lora", "model.lora_dropout=0"],  # dropout masks depend on the layout
+        ["stage=projector"],
+        ["model.freeze_vision_tower=true", "training.gradient_checkpointing=true"],
+    ],
+    ids=["full", "lora", "projector", "frozen-tower-checkpointed"],
+)
+def test_one_packed_row_gives_the_padded_batch_s_loss_and_gradients(
+    mixed: Path, shapes_data: Callable[..., Path], overrides: list[str]
+) -> None:
+    prof = profile("tiny", f"data.data_path={mixed}", _image_folder(mixed, shapes_data), *overrides).profile
+    assembled = build_llava(
+        prof.model,
+        prof.stage,
+        image_size=prof.data.image_size,
+        seed=prof.seed,
+        gradient_checkpointing=prof.training.gradient_checkpointing,
+    )
+    dataset = build_dataset(prof.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
+    # Text-only, one-image and two-image records in one batch.
+    good = [dataset[i] for i in range(8)]
+    assert {0, 1, 2} <= {len(it["pixel_values"]) if it["pixel_values"] is not None else 0 for it in good}
+    pad = assembled.tokenizer.pad_token_id
+    padded_loss, padded = _loss_and_grads(assembled.model, Collator(pad)(good))
+    packed_loss, packed = _loss_and_grads(assembled.model, Collator(pad, padding_free=True)(good))
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert packed.keys() == padded.keys() and padded
+    # Within 1e-5 of the gradients' scale (a tower's key bias has none in exact arithmetic, only
+    # float noise of ~1e-7 that differs between the two layouts).
+    scale = max(g.abs().max().item() for g in padded.values())
+    for name, grad in padded.items():
+        torch.testing.assert_close(packed[name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def test_changing_one_packed_record_leaves_the_others_outputs_exactly_unchanged(items: tuple[Any, list]) -> None:
+    assembled, good = items
+    llava = llava_of(assembled.model)
+    collate = Collator(assembled.tokenizer.pad_token_id, padding_free=True)
+    batch = collate(good[:3])
+    changed = [dict(it) for it in good[:3]]
+    ids = changed[1]["input_ids"].clone()
+    text = ids != assembled.image_token_id
+    ids[text] = (ids[text] + 7) % assembled.tokenizer.vocab_size
+    changed[1]["input_ids"] = ids
+    other = collate(changed)
+    lengths = sequence_lengths(batch)
+    keep = torch.ones(sum(lengths), dtype=torch.bool)
+    keep[lengths[0] : lengths[0] + lengths[1]] = False
+
+    def hidden(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Gradients on, as in training: the CPU attention kernel runs then.
+        inputs = {k: b[k] for k in ("input_ids", "position_ids", "pixel_values") if k in b}
+        return llava.model(**inputs, use_cache=False)[0][0].detach()
+
+    before, after = hidden(batch), hidden(other)
+    assert not torch.equal(before[~keep], after[~keep])  # the changed record did change
+    assert torch.equal(before[keep], after[keep])
+
+
+@pytest.mark.parametrize("lengths", [[5, 130, 70], [1, 64, 1, 200], [300]])
+def test_the_cpu_kernel_runs_each_packed_record_as_its_own_causal_attention(lengths: list[int]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    total = sum(lengths)
+    query, key, value = (torch.randn(1, h, total, 16, generator=generator, requires_grad=True) for h in (6, 2, 2))
+    out, _ = causal_attention(query, key, value, 0.3, lengths)
+    grad = torch.randn(out.shape, generator=generator)
+    out.backward(grad)
+    start = 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        q, k, v = (t.detach()[:, :, rows].clone().requires_grad_() for t in (query, key, value))
+        alone, _ = causal_attention(q, k, v, 0.3)
+        alone.backward(grad[:, :, rows])
+        assert torch.equal(out[:, :, rows], alone)
+        # Each record's gradients: its own keys and values get nothing from another record's queries.
+        for packed, single in ((query, q), (key, k), (value, v)):
+            torch.testing.assert_close(packed.grad[:, :, rows], single.grad, rtol=1e-6, atol=1e-6)
+        start += n
+    torch.library.opcheck(causal_attention, (query.detach(), key.detach(), value.detach(), 0.3, lengths))
+
+
+def test_packed_attention_is_credited_with_each_record_s_causal_pairs() -> None:
+    lengths = [100, 40, 60]
+    query, key, value = (torch.randn(1, h, sum(lengths), 16) for h in (4, 2, 2))
+    with flop_counter() as counter:
+        causal_attention(query, key, value, 0.25, lengths)
+    pairs = sum(attention_pairs(n, n, True) for n in lengths)
+    assert counter.get_total_flops() == 2 * 4 * pairs * (16 + 16)
+
+
+def test_the_llm_s_attention_in_training_calls_the_kernel_with_the_record_lengths(
+    items: tuple[Any, list], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llavactl.model.causal_attention as module
+
+    assembled, good = items
+    seen: list[list[int] | None] = []
+    op = module.causal_attention
+
+    def recorded(query, key, value, scale, lengths=None):  # type: ignore[no-untyped-def]
+        seen.append(lengths)
+        return op(query, key, value, scale, lengths)
+
+    monkeypatch.setattr(module, "causal_attention", recorded)
+    batch = Collator(assembled.tokenizer.pad_token_id, padding_free=True)(good[:4])
+    TokenLoss(assembled.model)(batch).backward()
+    assert seen and all(lengths == sequence_lengths(batch) for lengths in seen)
+
+
+def test_an_llm_whose_attention_mixes_packed_records_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import LlamaConfig, LlamaModel
+
+    from llavactl.model.attention import check_records_stay_apart
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaModel(config)
+    check_records_stay_apart(model)  # transformers' packed mask keeps them apart
+    # A model that ignores the position ids' record boundaries, as one building its own mask would.
+    monkeypatch.setattr("transformers.masking_utils.find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ConfigError, match="does not keep packed records apart") as info:
+        check_records_stay_apart(model)
+    assert "data.padding_free=false" in (info.value.fix or "")
+
+
+def _train(mixed: Path, shapes_data: Callable[..., Path], out: Path, *extra: str, resume: str | None = None) -> Any:
+    result, _ = train_recipe(
+        [
+            f"data.data_path={mixed}",
+            _image_folder(mixed, shapes_data),
+            f"training.output_dir={out}",
+            "training.per_device_train_batch_size=4",
+            "training.gradient_accumulation_steps=2",
+            "training.learning_rate=1e-3",
+            "training.max_steps=20",
+            "training.warmup_ratio=null",
+            "training.warmup_steps=2",
+            "training.logging_steps=1",
+            "training.save_steps=100",
+            *extra,
+        ],
+        resume=resume,
+    )
+    return result
+
+
+@pytest.mark.slow
+def test_twenty_steps_of_tiny_train_as_the_padded_run_does(
+    mixed: Path, shapes_data: Callable[..., Path], tmp_path: Path
+) -> None:
+    padded = _train(mixed, shapes_data, tmp_path / "padded")
+    packed = _train(mixed, shapes_data, tmp_path / "packed", "data.padding_free=true")
+    assert packed.status == padded.status == "completed"
+    assert packed.losses[0] == pytest.approx(padded.losses[0], rel=1e-5)
+    assert packed.losses == pytest.approx(padded.losses, rel=1e-4)
+    assert packed.losses[-1] < packed.losses[0]
+    metrics = [json.loads(x) for x in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
+    padded_metrics = [json.loads(x) for x in (tmp_path / "padded" / "metrics.jsonl").read_text().splitlines()]
+
+    # The same records and tokens each step (tokens per record, from the logged rates): pads not counted.
+    def tokens_per_record(rows: list[dict[str, float]]) -> list[float]:
+        return [m["tokens_per_s"] / m["samples_per_s"] for m in rows]
+
+    assert tokens_per_record(metrics) == pytest.approx(tokens_per_record(padded_metrics), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_a_padding_free_run_resumes_exactly(
+    mixed: Path, shapes_data: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    whole = _train(mixed, shapes_data, tmp_path / "whole", "data.padding_free=true", "training.max_steps=8")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 4, signal.SIGINT)
+        first = _train(mixed, shapes_data, tmp_path / "split", "data.padding_free=true", "training.max_steps=8")
+    assert (first.status, first.step) == ("interrupted", 4)
+    second = _train(
+        mixed, shapes_data, tmp_path / "split", "data.padding_free=true", "training.max_steps=8", resume="auto"
+    )
+    assert first.losses + second.losses == whole.losses
