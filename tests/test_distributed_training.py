@@ -249,3 +249,12 @@ def test_a_failing_process_ends_the_run_with_its_code_and_the_others_say_why(sha
     err = " ".join(done.stderr.split())
     assert "record 7: made up for the test" in err
     assert "Process 0 stopped: another process of this 2-process run ended" in err and "Internal error" not in err
+
+
+def test_padding_free_ddp_and_fsdp_processes_train_what_one_process_trains(shapes: Path, tmp_path: Path) -> None:
+    packed = ("data.padding_free=true",)
+    _train_here(_overrides(shapes, tmp_path / "one", *packed, "training.gradient_accumulation_steps=2"))
+    _train_on_two_processes(_overrides(shapes, tmp_path / "ddp", *packed))
+    _train_on_two_processes(_overrides(shapes, tmp_path / "fsdp", *packed, "training.distributed=fsdp"))
+    _assert_same_training(tmp_path / "one", tmp_path / "ddp")
+    _assert_same_training(tmp_path / "one", tmp_path / "fsdp")

@@ -278,3 +278,85 @@ def test_a_padding_free_run_resumes_exactly(
         mixed, shapes_data, tmp_path / "split", "data.padding_free=true", "training.max_steps=8", resume="auto"
     )
     assert first.losses + second.losses == whole.losses
+
+
+# ------------------------------------------------------------------ token-budget micro-batches
+
+
+def test_first_fit_decreasing_fills_bins_up_to_the_budget() -> None:
+    from llavactl.data.packing import first_fit_decreasing
+
+    lengths = [700, 300, 650, 120, 90, 400, 1024, 60, 333, 512]
+    bins = first_fit_decreasing(range(len(lengths)), lengths, 1024)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
+    # Longest first into the first bin with room: 1024 alone; 700+300; 650+333; 512+400+90; 120+60.
+    assert [sorted(b) for b in bins] == [[6], [0, 1], [2, 8], [4, 5, 9], [3, 7]]
+    assert first_fit_decreasing([0, 1], [2000, 10], 1024) == [[0], [1]]  # too long: a bin of its own
+
+
+def test_token_budget_batches_are_seeded_shared_out_and_resume_where_they_stopped() -> None:
+    from llavactl.data.dataset import TokenBudgetBatches
+
+    lengths = [random.Random(k).randint(20, 900) for k in range(1200)]
+    one = TokenBudgetBatches(lengths, 2048, seed=3)
+    assert one.batches(0) == TokenBudgetBatches(lengths, 2048, seed=3).batches(0)
+    assert one.batches(0) != one.batches(1) and one.batches(0) != TokenBudgetBatches(lengths, 2048, seed=4).batches(0)
+    assert sorted(i for b in one.batches(0) for i in b) == list(range(1200))
+    assert all(sum(lengths[i] for i in b) <= 2048 for b in one.batches(0))
+    # Tightly filled: at most a few bins of each 512-record megabatch are not nearly full.
+    filled = sum(lengths) / (len(one.batches(0)) * 2048)
+    assert filled > 0.95, filled
+    # Two processes: alternate batches of one order, as many each, the odd one left out.
+    ranks = [TokenBudgetBatches(lengths, 2048, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    whole = one.batches(0)
+    half = len(whole) // 2
+    assert ranks[0].order(0) == whole[0 : half * 2 : 2] and ranks[1].order(0) == whole[1 : half * 2 : 2]
+    assert len(ranks[0]) == len(ranks[1]) == len(whole) // 2
+    assert ranks[0].dropped_per_epoch == sum(len(b) for b in whole[len(whole) // 2 * 2 :])
+    # Resume: the records used so far, saved and loaded into a fresh sampler, continue the order.
+    sampler = TokenBudgetBatches(lengths, 2048, seed=3)
+    sampler.set_epoch(1)
+    seen = []
+    for batch in sampler:
+        seen.append(batch)
+        sampler.advance(len(batch))
+        if len(seen) == 5:
+            break
+    resumed = TokenBudgetBatches(lengths, 2048, seed=3)
+    resumed.load_state_dict(sampler.state_dict())
+    assert seen + list(resumed) == one.batches(1)
+    assert len(resumed) == len(one.batches(1)) - 5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.max_tokens_per_batch=4096"], "needs padding-free batches"),
+        (["data.padding_free=true", "data.max_tokens_per_batch=256"], "cannot hold a record of data.max_seq_len=384"),
+    ],
+)
+def test_a_token_budget_needs_packing_and_room_for_the_longest_record(overrides: list[str], message: str) -> None:
+    from llavactl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        profile("tiny", *overrides)
+
+
+@pytest.mark.slow
+def test_token_budget_training_varies_records_per_step_and_resumes_exactly(
+    mixed: Path, shapes_data: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    budget = ("data.padding_free=true", "data.max_tokens_per_batch=1000", "training.max_steps=6")
+    whole = _train(mixed, shapes_data, tmp_path / "whole", *budget)
+    metrics = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert whole.status == "completed" and len(whole.losses) == 6
+    # Records per step vary with their lengths (tokens per record, from the logged rates).
+    assert len({round(m["tokens_per_s"] / m["samples_per_s"]) for m in metrics}) > 1
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3, signal.SIGINT)
+        first = _train(mixed, shapes_data, tmp_path / "split", *budget)
+    second = _train(mixed, shapes_data, tmp_path / "split", *budget, resume="auto")
+    assert first.losses + second.losses == whole.losses

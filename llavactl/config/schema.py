@@ -263,6 +263,36 @@ class DataConfig(_Section):
         "same records with the same loss; saves the work spent on padding when records differ in "
         "length and `per_device_train_batch_size` > 1.",
     )
+    max_tokens_per_batch: int | None = Field(
+        default=None,
+        ge=16,
+        description="With `padding_free`: micro-batches of as many records as fit this many tokens "
+        "(image tokens included), instead of `per_device_train_batch_size` records; binned "
+        "first-fit decreasing within megabatches of 512 records, seeded. At least `max_seq_len`. "
+        "Needs every record's exact length: the records are tokenized once before training.",
+    )
+
+    def _rule_token_budget(self) -> list[RuleViolation]:
+        if self.max_tokens_per_batch is None:
+            return []
+        if not self.padding_free:
+            return [
+                RuleViolation(
+                    ("data.max_tokens_per_batch", "data.padding_free"),
+                    "A token budget per micro-batch packs records into one row, which needs padding-free batches.",
+                    "add `data.padding_free=true`, or remove `data.max_tokens_per_batch`",
+                )
+            ]
+        if self.max_tokens_per_batch < self.max_seq_len:
+            return [
+                RuleViolation(
+                    ("data.max_tokens_per_batch", "data.max_seq_len"),
+                    f"A micro-batch of {self.max_tokens_per_batch} tokens cannot hold a record of "
+                    f"data.max_seq_len={self.max_seq_len} tokens.",
+                    f"set `data.max_tokens_per_batch` to at least {self.max_seq_len}, or lower `data.max_seq_len`",
+                )
+            ]
+        return []
 
 
 class TrainingConfig(_Section):

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 
 from llavactl.config.schema import DataConfig
 from llavactl.data.images import ImageFileError, ImageLimits, ImageSpec, load_image
-from llavactl.data.packing import pack
+from llavactl.data.packing import first_fit_decreasing, pack
 from llavactl.data.records import Problem, Record, RecordProblem, load_records
 from llavactl.data.sources import resolve_data_source
 from llavactl.data.templates import IGNORE_INDEX, encoder_for, prepare
@@ -29,6 +29,9 @@ from llavactl.errors import DataError
 # Megabatches of this many batches are sorted by length before being cut into batches
 # (transformers' LengthGroupedSampler uses the same factor).
 MEGABATCH_BATCHES = 50
+# Records are binned for a token budget within megabatches of this many, drawn in the epoch's random
+# order: enough to fill bins tightly, few enough that a bin's records come from all over the data.
+BUDGET_MEGABATCH_RECORDS = 512
 # LLaVA's length estimate for grouping counts words, and this many tokens per image.
 ESTIMATED_IMAGE_TOKENS = 128
 
@@ -86,6 +89,21 @@ class LlavaDataset(Dataset):
             "index": record.index,
         }
 
+    def token_lengths(self) -> list[int]:
+        """Each record's exact length in tokens as the trainer builds it (image tokens included, cut
+        at ``data.max_seq_len``), from its text alone: no image is opened. A record that cannot be
+        built counts as ``data.max_seq_len`` (it is skipped or stopped on when its turn comes)."""
+        lengths = []
+        max_len = self.data.max_seq_len
+        for record in self.records:
+            try:
+                prepared = prepare(record, self.data.conversation_template, self.encoder, max_len)
+            except RecordProblem:
+                lengths.append(max_len)
+                continue
+            lengths.append(len(prepared.encoded.input_ids))
+        return lengths
+
     def modality_lengths(self) -> list[int]:
         """LLaVA's cheap length estimate, positive for records with images, negative for text-only."""
         lengths = []
@@ -141,7 +159,36 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class ResumableSampler(Sampler[int]):
+class _Position:
+    """Where an epoch's order has got to: the epoch, and the records this process has used of it.
+    The trainer calls :meth:`advance` with the records it used (a DataLoader prefetches, so a
+    sampler cannot know), saves :meth:`state_dict` in its checkpoint, and after
+    :meth:`load_state_dict` the next iteration continues at the saved position."""
+
+    seed: int
+    epoch = 0
+    position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def advance(self, num_samples: int) -> None:
+        self.position += num_samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed:
+            raise DataError(
+                f"the checkpoint's data order used seed {state['seed']}, this run uses {self.seed}",
+                fix=f"resume with the same seed (`seed={state['seed']}`)",
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+class ResumableSampler(_Position, Sampler[int]):
     """A seeded order of record indices per epoch that can be saved and resumed exactly.
 
     The order of epoch ``e`` depends only on ``(seed, e)``. The trainer calls :meth:`advance`
@@ -175,8 +222,6 @@ class ResumableSampler(Sampler[int]):
         self.group = group_by_modality_length
         self.rank = rank
         self.world_size = world_size
-        self.epoch = 0
-        self.position = 0
         if world_size > 1 and self.batches_per_process == 0:
             raise DataError(
                 f"{len(self.lengths)} records make {self._batch_count} batches of {batch_size}, fewer than the "
@@ -207,24 +252,6 @@ class ResumableSampler(Sampler[int]):
         short = self._batch_count * self.batch_size - len(self.lengths) if last == self._batch_count - 1 else 0
         mine = self.batches_per_process * self.batch_size - (short if last % self.world_size == self.rank else 0)
         return max(mine - self.position, 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
-
-    def advance(self, num_samples: int) -> None:
-        self.position += num_samples
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["seed"] != self.seed:
-            raise DataError(
-                f"the checkpoint's data order used seed {state['seed']}, this run uses {self.seed}",
-                fix=f"resume with the same seed (`seed={state['seed']}`)",
-            )
-        self.epoch, self.position = state["epoch"], state["position"]
 
     def __iter__(self) -> Iterator[int]:
         yield from self.order(self.epoch)[self.position :]
@@ -266,6 +293,78 @@ class ResumableSampler(Sampler[int]):
         cut = len(ordered) - len(ordered) % self.batch_size
         batches = [ordered[k : k + self.batch_size] for k in range(0, cut, self.batch_size)]
         return batches, ordered[cut:]
+
+
+class TokenBudgetBatches(_Position, Sampler[list[int]]):
+    """Micro-batches of record indices filling ``budget`` tokens each, seeded, resumable, shared out.
+
+    Epoch ``e``'s batches depend only on ``(seed, e)``: the records in a random order, cut into
+    megabatches of :data:`BUDGET_MEGABATCH_RECORDS`, each binned by :func:`first_fit_decreasing`, the bins
+    then shuffled. With ``world_size`` > 1 every process takes every ``world_size``-th batch from
+    batch ``rank`` on, and every process gets as many (the last few batches of an epoch's order
+    are left out). Resumed as :class:`ResumableSampler` is: ``position`` counts this process's records
+    of the epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], budget: int, seed: int, *, rank: int = 0, world_size: int = 1) -> None:
+        """``lengths``: each record's exact length in tokens (image tokens included)."""
+        self.lengths = list(lengths)
+        self.budget = budget
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self._cache: tuple[int, list[list[int]]] | None = None
+        if world_size > 1 and self.batches_per_process == 0:
+            raise DataError(
+                f"{len(self.lengths)} records fill {len(self.batches(0))} micro-batches of "
+                f"data.max_tokens_per_batch={budget} tokens, fewer than the {world_size} training processes",
+                fix="use more records, fewer processes, or a smaller `data.max_tokens_per_batch`",
+            )
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch``, in order, before they are shared out."""
+        if self._cache is None or self._cache[0] != epoch:
+            rng = random.Random(f"{self.seed}:{epoch}")
+            order = list(range(len(self.lengths)))
+            rng.shuffle(order)
+            bins: list[list[int]] = []
+            for start in range(0, len(order), BUDGET_MEGABATCH_RECORDS):
+                chunk = order[start : start + BUDGET_MEGABATCH_RECORDS]
+                bins += first_fit_decreasing(chunk, self.lengths, self.budget)
+            rng.shuffle(bins)
+            self._cache = (epoch, bins)
+        return self._cache[1]
+
+    @property
+    def batches_per_process(self) -> int:
+        return len(self.batches(self.epoch)) // self.world_size
+
+    def order(self, epoch: int) -> list[list[int]]:
+        """This process's batches of ``epoch``, in order."""
+        whole = self.batches(epoch)
+        used = len(whole) // self.world_size * self.world_size
+        return whole[self.rank : used : self.world_size]
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Records of the current epoch that no process gets, so that all get as many batches."""
+        whole = self.batches(self.epoch)
+        used = len(whole) // self.world_size * self.world_size
+        return sum(len(b) for b in whole[used:])
+
+    def _remaining(self) -> list[list[int]]:
+        done, left = 0, []
+        for batch in self.order(self.epoch):
+            if done >= self.position:
+                left.append(batch)
+            done += len(batch)
+        return left
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._remaining()
+
+    def __len__(self) -> int:
+        return len(self._remaining())
 
 
 def take_skipped(batch: dict[str, Any], on_error: str) -> list[Skipped]:

@@ -1,4 +1,5 @@
-"""Padding-free batches: records laid end to end in one row, and how a batch says where they are.
+"""Padding-free batches: records laid end to end in one row, how a batch says where they are, and
+micro-batches that fill a token budget.
 
 A packed row carries ``position_ids`` that restart at 0 with each record; that is the whole
 contract. transformers reads record boundaries from them (a position that does not follow the one
@@ -66,3 +67,22 @@ def tokens_in(batch: Mapping[str, torch.Tensor]) -> int:
     """The records' own tokens in a collated ``batch``, pads left out."""
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def first_fit_decreasing(indices: Sequence[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """``indices`` in bins of at most ``budget`` tokens: longest first, each into the first bin with
+    room (ties broken by index, so the bins depend only on the input). A record longer than the
+    budget gets a bin of its own."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        need = lengths[i]
+        for k, left in enumerate(room):
+            if need <= left:
+                bins[k].append(i)
+                room[k] -= need
+                break
+        else:
+            bins.append([i])
+            room.append(budget - need)
+    return bins

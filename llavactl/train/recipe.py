@@ -196,7 +196,7 @@ class TrainRecipe:
             TokenLoss(self._assembled.model),
             self._world,
             self._device,
-            find_unused=any(n <= 0 for n in self._sampler.lengths),
+            find_unused=self._has_text_only,
             bf16=resolved.precision.autocast == "bf16",
         )
         self._steps_per_epoch = math.ceil(len(self._loader) / self._training.gradient_accumulation_steps)
@@ -312,7 +312,7 @@ class TrainRecipe:
         import torch
         from torch.utils.data import DataLoader
 
-        from llavactl.data.dataset import Collator, ResumableSampler, build_dataset
+        from llavactl.data.dataset import Collator, ResumableSampler, TokenBudgetBatches, build_dataset
 
         data, t, assembled = self._profile.data, self._training, self._assembled
         if assembled.tokenizer is None:
@@ -329,18 +329,32 @@ class TrainRecipe:
             data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, self._profile.seed
         )
         world = self._world
-        self._sampler = ResumableSampler(
-            dataset.modality_lengths(),
-            t.per_device_train_batch_size,
-            self._profile.seed,
-            data.group_by_modality_length,
-            rank=world.rank,
-            world_size=world.size,
-        )
+        modality = dataset.modality_lengths()
+        self._has_text_only = any(n <= 0 for n in modality)
+        batching: dict[str, Any]
+        if data.max_tokens_per_batch:
+            self._progress.milestone(f"Measuring {len(dataset):,} records in tokens for data.max_tokens_per_batch")
+            self._sampler = TokenBudgetBatches(
+                dataset.token_lengths(),
+                data.max_tokens_per_batch,
+                self._profile.seed,
+                rank=world.rank,
+                world_size=world.size,
+            )
+            batching = {"batch_sampler": self._sampler}
+        else:
+            self._sampler = ResumableSampler(
+                modality,
+                t.per_device_train_batch_size,
+                self._profile.seed,
+                data.group_by_modality_length,
+                rank=world.rank,
+                world_size=world.size,
+            )
+            batching = {"batch_size": t.per_device_train_batch_size, "sampler": self._sampler}
         self._loader = DataLoader(
             dataset,
-            batch_size=t.per_device_train_batch_size,
-            sampler=self._sampler,
+            **batching,
             collate_fn=Collator(assembled.tokenizer.pad_token_id, padding_free=data.padding_free),
             num_workers=t.dataloader_num_workers,
             pin_memory=self._device.type == "cuda",
@@ -359,11 +373,25 @@ class TrainRecipe:
         dropped = self._sampler.dropped_per_epoch
         left_out = f" ({dropped} records of each epoch left out so that all get as many)" if dropped else ""
         processes = f"{world.size} process{'es' if world.distributed else ''}"
+        if isinstance(self._sampler, TokenBudgetBatches):
+            micro = self._sampler.order(0)
+            records = sum(len(b) for b in micro) / max(len(micro), 1)
+            tokens = sum(self._sampler.lengths[i] for b in micro for i in b) / max(len(micro), 1)
+            per_step = t.gradient_accumulation_steps * world.size
+            batches = (
+                f"micro-batches of up to {data.max_tokens_per_batch:,} tokens per epoch{per} ({records:.1f} records "
+                f"and {tokens:,.0f} tokens each on average){left_out}; global batch {records * per_step:.1f} "
+                f"records, {tokens * per_step:,.0f} tokens = 1 micro-batch per device x "
+                f"{t.gradient_accumulation_steps} accumulation x {processes}"
+            )
+        else:
+            batches = (
+                f"batches of {t.per_device_train_batch_size} per epoch{per}{left_out}; global batch "
+                f"{self._profile.global_batch_size * world.size} = {t.per_device_train_batch_size} per device x "
+                f"{t.gradient_accumulation_steps} accumulation x {processes}"
+            )
         self._progress.milestone(
-            f"Data set processed: {len(dataset):,} records from {data.data_path}, {len(self._loader):,} "
-            f"batches of {t.per_device_train_batch_size} per epoch{per}{left_out}; global batch "
-            f"{self._profile.global_batch_size * world.size} = {t.per_device_train_batch_size} per device x "
-            f"{t.gradient_accumulation_steps} accumulation x {processes}"
+            f"Data set processed: {len(dataset):,} records from {data.data_path}, {len(self._loader):,} {batches}"
         )
 
     def _load_checkpoint(self, folder: Path) -> None:
