@@ -4,6 +4,7 @@ record's attention kept to itself, on a CPU exactly."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -360,3 +361,76 @@ def test_token_budget_training_varies_records_per_step_and_resumes_exactly(
         first = _train(mixed, shapes_data, tmp_path / "split", *budget)
     second = _train(mixed, shapes_data, tmp_path / "split", *budget, resume="auto")
     assert first.losses + second.losses == whole.losses
+
+
+# ------------------------------------------------------------------ seen before the run
+
+
+def test_the_pad_fraction_and_average_micro_batch_of_a_batching() -> None:
+    from llavactl.data.dataset import Batching, micro_batch_work, padding_summary
+
+    lengths, text_only = [10, 20, 30, 40], [False] * 4
+    grouped = Batching(2, seed=0, group_by_modality_length=True)
+    # Grouped by length: (40, 30) and (20, 10), padded to 2 x 40 + 2 x 20 = 120 tokens for 100.
+    summary = padding_summary(lengths, text_only, grouped)
+    assert (summary["tokens"], summary["padded_tokens"]) == (100, 120)
+    assert summary["pad_fraction"] == pytest.approx(1 / 6)
+    padded = micro_batch_work(lengths, text_only, grouped)
+    assert (padded.records, padded.tokens, padded.pairs) == (2, 60, (2 * 40 * 40 + 2 * 20 * 20) / 2)
+    packed = micro_batch_work(lengths, text_only, Batching(2, seed=0, padding_free=True))
+    assert (packed.records, packed.tokens) == (2, 50)
+    assert packed.pairs == sum(n * (n + 1) // 2 for n in lengths) / 2  # each record's causal pairs
+    budget = micro_batch_work(lengths, text_only, Batching(2, 0, padding_free=True, max_tokens_per_batch=50))
+    assert (budget.records, budget.tokens) == (2, 50)  # 40+10 and 30+20
+
+
+def test_data_check_reports_the_profile_s_pad_fraction(mixed: Path, shapes_data: Callable[..., Path]) -> None:
+    from helpers import run_cli
+
+    args = ["data", "check", "--profile", "tiny", f"data.data_path={mixed}", _image_folder(mixed, shapes_data)]
+    code, out, _ = run_cli([*args, "--json", "training.per_device_train_batch_size=4"])
+    assert code == 0, out
+    padding = json.loads(out)["stats"]["padding"]
+    assert padding["batch_size"] == 4 and padding["padding_free"] is False
+    assert 0.1 < padding["pad_fraction"] < 0.9  # text-only records of 20-150 tokens beside ~300-token ones
+    # The records' own tokens as training cuts them (at data.max_seq_len), fewer than those padded batches compute.
+    length = json.loads(out)["stats"]["length"]
+    assert padding["padded_tokens"] > padding["tokens"] >= 24 * length["min"]
+    assert padding["tokens"] <= 24 * min(length["mean"], 384)
+    code, out, _ = run_cli([*args, "data.padding_free=true"])
+    assert code == 0 and "are pad tokens" in out and "data.padding_free is on" in out
+
+
+def test_dry_run_times_the_average_micro_batch_and_plans_memory_for_the_largest(
+    mixed: Path, shapes_data: Callable[..., Path]
+) -> None:
+    from helpers import CPU, ONE
+
+    from llavactl.plan import build as P
+    from llavactl.resolve import resolve
+
+    def plan(*overrides: str) -> Any:
+        loaded = profile("tiny", f"data.data_path={mixed}", _image_folder(mixed, shapes_data), *overrides)
+        return P.build_plan(resolve(loaded, CPU, ONE), runtime_bytes=0)
+
+    padded, packed = plan(), plan("data.padding_free=true")
+    assert padded.tokens.pad_fraction == packed.tokens.pad_fraction > 0.1
+    assert packed.tokens.micro_batch.tokens < padded.tokens.micro_batch.tokens
+    assert packed.flops_per_step < padded.flops_per_step
+    assert packed.memory.total == padded.memory.total  # four of the longest records can meet in one row
+    budget = plan("data.padding_free=true", "data.max_tokens_per_batch=2000")
+    assert budget.global_batch == pytest.approx(budget.tokens.micro_batch.records) and budget.global_batch > 4
+    assert budget.steps_per_epoch == math.ceil(24 / budget.tokens.micro_batch.records)
+
+
+def test_preview_shows_a_packed_row_with_its_record_boundaries(mixed: Path, shapes_data: Callable[..., Path]) -> None:
+    from helpers import run_cli
+
+    args = ["data", "preview", "--profile", "tiny", f"data.data_path={mixed}", _image_folder(mixed, shapes_data)]
+    code, out, _ = run_cli([*args, "-n", "3", "--packed", "--json"])
+    assert code == 0, out
+    rows = json.loads(out)
+    assert [r["packed"]["start"] for r in rows] == [0, rows[0]["packed"]["end"], rows[1]["packed"]["end"]]
+    code, out, _ = run_cli([*args, "-n", "3", "--packed"])
+    assert f"One padding-free row of 3 records, {rows[2]['packed']['end']:,} tokens" in out
+    assert out.count("── tokens ") == 3

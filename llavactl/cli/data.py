@@ -52,6 +52,7 @@ def check(
     """
     from llavactl.data.check import check_dataset, dump_json
     from llavactl.data.check import write_clean as write_clean_file
+    from llavactl.data.dataset import Batching
     from llavactl.data.images import ImageLimits
     from llavactl.data.sources import resolve_data_source
     from llavactl.model.sources import data_token_context
@@ -73,6 +74,7 @@ def check(
         decode=decode,
         limits=ImageLimits.of(data),
         skipped_checks=skipped,
+        batching=Batching.of(prof),
     )
     # With --json the report is stdout's one JSON document; the rest goes to stderr.
     out = err_console if as_json else console
@@ -168,6 +170,15 @@ def _print_lengths(s: dict) -> None:
     for b in s["histogram"]:
         bar = "#" * round(30 * b["count"] / peak) if peak else ""
         console.print(f"  {b['from']:>7}-{b['to']:<7} {b['count']:>7} {bar}")
+    padding = s.get("padding")
+    if padding:
+        order = "length-grouped" if padding["group_by_modality_length"] else "random-order"
+        now = "on" if padding["padding_free"] else "off"
+        console.print(
+            f"padding: {padding['pad_fraction']:.1%} of the tokens of {order} batches of {padding['batch_size']} "
+            f"are pad tokens ({padding['padded_tokens']:,} computed for {padding['tokens']:,}); padding-free "
+            f"batches compute none (data.padding_free is {now})"
+        )
 
 
 @app.command("preview")
@@ -180,9 +191,12 @@ def preview(
         int | None, typer.Option("--index", min=0, help="Show this record only.", show_default=False)
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {index, id, prompt, supervised} per record.")] = False,
+    packed: Annotated[
+        bool, typer.Option("--packed", help="Show the records as one padding-free row, with its record boundaries.")
+    ] = False,
 ) -> None:
     """Show what records train on: masked text dimmed, supervised text highlighted, images collapsed."""
-    from llavactl.data.preview import PreviewProblem, preview_records
+    from llavactl.data.preview import PreviewProblem, packed_spans, preview_records
     from llavactl.data.sources import resolve_data_source
     from llavactl.model.sources import data_token_context
 
@@ -193,10 +207,31 @@ def preview(
     if tokens is None:
         raise ModelSourceError(f"preview needs the tokenizer and the tower's image spec: {why}")
     out = preview_records(records_path, data, tokens, n=n, index=index)
+    spans = packed_spans(out) if packed else []
     if as_json:
-        print(json.dumps([o.as_json() for o in out], indent=1, ensure_ascii=False))
+        where = {id(item): (start, end) for item, start, end in spans}
+        rows = []
+        for o in out:
+            row = o.as_json()
+            if id(o) in where:
+                row["packed"] = dict(zip(("start", "end"), where[id(o)], strict=True))
+            rows.append(row)
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
         return
     styles = {"masked": "dim", "supervised": "bold green", "image": "cyan"}
+    if packed:
+        total = spans[-1][2] if spans else 0
+        console.print(
+            f"[bold]One padding-free row of {len(spans)} records, {total:,} tokens[/] (position ids restart at each "
+            "record; no record attends to another):"
+        )
+        for item, start, end in spans:
+            console.print(f"[magenta]── tokens {start:,}-{end - 1:,}: record {item.index} (id {escape(repr(item.id))})")
+            text = Text()
+            for run in item.runs:
+                text.append(run.text, style=styles[run.kind])
+            console.print(text)
+        return
     for o in out:
         if isinstance(o, PreviewProblem):
             console.print(f"[bold]record {o.index}[/] (id {escape(repr(o.id))}): [red]{escape(o.problem)}[/]")

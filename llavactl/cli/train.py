@@ -244,9 +244,19 @@ def _print_plan(plan: Plan) -> None:
         f"{images}; from {escape(t.source)}",
         soft_wrap=True,
     )
+    if t.pad_fraction is not None and t.micro_batch is not None:
+        now = "on" if plan.padding_free else "off"
+        console.print(
+            f"Padding: {t.pad_fraction:.1%} of the tokens of padded batches of {plan.batch_size} records are pad "
+            f"tokens; padding-free batches compute none (data.padding_free {now}); a micro-batch computes "
+            f"{t.micro_batch.tokens:,.0f} tokens on average",
+            soft_wrap=True,
+        )
     if plan.total_steps is not None:
         per_epoch = f"{plan.steps_per_epoch:,} per epoch, " if plan.steps_per_epoch else ""
-        console.print(f"Steps: {per_epoch}{plan.total_steps:,} in all; {plan.global_batch} samples per step")
+        exact = plan.global_batch == int(plan.global_batch)
+        samples = f"{int(plan.global_batch)}" if exact else f"{plan.global_batch:.1f} (on average)"
+        console.print(f"Steps: {per_epoch}{plan.total_steps:,} in all; {samples} samples per step")
     m, other = plan.memory, plan.memory_other_checkpointing
     console.print(
         f"Peak memory per device (estimate): total [bold]{_gib(m.total)}[/] = runtime {_gib(m.runtime)} + "

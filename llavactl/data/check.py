@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llavactl.data.dataset import Batching, padding_summary
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, open_rgb, probe
 from llavactl.data.records import (
     Problem,
@@ -81,8 +82,10 @@ def check_dataset(
     decode: bool = False,
     limits: ImageLimits = DEFAULT_LIMITS,
     skipped_checks: tuple[str, ...] = (),
+    batching: Batching | None = None,
 ) -> tuple[CheckReport, list[RawRecord]]:
-    """Check the records of ``records_path``; return the report and the raw records read."""
+    """Check the records of ``records_path``; return the report and the raw records read. With
+    ``batching`` and token lengths, the stats say how much of the profile's padded batches is padding."""
     raws, problems = read_raw_records(records_path)
     if limit is not None:
         raws = raws[:limit]
@@ -96,6 +99,7 @@ def check_dataset(
     problems += _duplicate_ids(records)
     problems += _image_problems(records, image_folder, workers, decode, limits)
     lengths: list[int] = []
+    text_only: list[bool] = []
     supervised = 0
     if tokens is None:
         problems += _render_problems(records, template)
@@ -110,6 +114,7 @@ def check_dataset(
                 problems.append(_problem(record, e.code, e.message, "error"))
                 continue
             lengths.append(prepared.full_length)
+            text_only.append(not record.images)
             supervised += prepared.encoded.num_supervised
             if prepared.supervised_cut:
                 problems.append(
@@ -125,6 +130,8 @@ def check_dataset(
         problems.append(Problem("no_records", f"{records_path} holds no records (an empty list, or only blank lines)"))
     problems.sort(key=lambda p: (-1 if p.index is None else p.index, p.code))
     stats = _stats(records, n_records, problems, lengths, supervised, max_seq_len)
+    if batching is not None and lengths:
+        stats["padding"] = padding_summary([min(n, max_seq_len) for n in lengths], text_only, batching)
     return CheckReport(n_records, problems, stats, list(skipped_checks), records_path), raws
 
 

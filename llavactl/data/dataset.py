@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from llavactl.config.schema import DataConfig
+from llavactl.config.schema import DataConfig, Profile
 from llavactl.data.images import ImageFileError, ImageLimits, ImageSpec, load_image
 from llavactl.data.packing import first_fit_decreasing, pack
 from llavactl.data.records import Problem, Record, RecordProblem, load_records
@@ -365,6 +365,87 @@ class TokenBudgetBatches(_Position, Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._remaining())
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a profile cuts records into micro-batches: what the padding estimates need of it."""
+
+    batch_size: int
+    seed: int
+    group_by_modality_length: bool = False
+    padding_free: bool = False
+    max_tokens_per_batch: int | None = None
+
+    @classmethod
+    def of(cls, profile: Profile) -> Batching:
+        data = profile.data
+        return cls(
+            profile.training.per_device_train_batch_size,
+            profile.seed,
+            data.group_by_modality_length,
+            data.padding_free,
+            data.max_tokens_per_batch,
+        )
+
+
+@dataclass(frozen=True)
+class MicroBatchWork:
+    """What the model computes per micro-batch on average over an epoch: records, tokens (pads
+    included) and the query-key pairs of its attention."""
+
+    records: float
+    tokens: float
+    pairs: float
+
+
+def _epoch_batches(lengths: Sequence[int], text_only: Sequence[bool], batching: Batching) -> list[list[int]]:
+    """An epoch's micro-batches of the records of ``lengths``, as the trainer's sampler cuts them."""
+    if batching.max_tokens_per_batch:
+        return TokenBudgetBatches(lengths, batching.max_tokens_per_batch, batching.seed).batches(0)
+    signed = [-n if text else n for n, text in zip(lengths, text_only, strict=True)]
+    size = batching.batch_size
+    order = ResumableSampler(signed, size, batching.seed, batching.group_by_modality_length).order(0)
+    return [order[k : k + size] for k in range(0, len(order), size)]
+
+
+def micro_batch_work(lengths: Sequence[int], text_only: Sequence[bool], batching: Batching) -> MicroBatchWork:
+    """The average micro-batch of ``batching`` over records of ``lengths`` (tokens as the trainer
+    cuts them): padded rows compute their pads, packed records only themselves."""
+    from llavactl.model.flops import attention_pairs
+
+    batches = _epoch_batches(lengths, text_only, batching)
+    tokens = pairs = 0
+    for b in batches:
+        if batching.padding_free:  # each record its own causal attention
+            tokens += sum(lengths[i] for i in b)
+            pairs += sum(attention_pairs(lengths[i], lengths[i], is_causal=True) for i in b)
+        else:  # rows padded to the longest; several rows run masked attention over every pair
+            longest = max(lengths[i] for i in b)
+            tokens += len(b) * longest
+            pairs += len(b) * attention_pairs(longest, longest, is_causal=len(b) == 1)
+    n = max(len(batches), 1)
+    return MicroBatchWork(sum(len(b) for b in batches) / n, tokens / n, pairs / n)
+
+
+def padding_summary(lengths: Sequence[int], text_only: Sequence[bool], batching: Batching) -> dict[str, Any]:
+    """Tokens computed by an epoch of padded batches of ``batching.batch_size`` records (in the
+    sampler's order for the profile's seed and grouping) against the records' own tokens; a
+    padding-free micro-batch computes only the latter. ``lengths``: each record's tokens, as the
+    trainer cuts them."""
+    size = batching.batch_size
+    padded_batching = Batching(size, batching.seed, batching.group_by_modality_length)
+    batches = _epoch_batches(lengths, text_only, padded_batching)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    tokens = sum(lengths)
+    return {
+        "batch_size": size,
+        "group_by_modality_length": batching.group_by_modality_length,
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "pad_fraction": 1 - tokens / padded if padded else 0.0,
+        "padding_free": batching.padding_free,
+    }
 
 
 def take_skipped(batch: dict[str, Any], on_error: str) -> list[Skipped]:

@@ -42,6 +42,10 @@ class PreviewItem:
     def supervised(self) -> list[str]:
         return [r.text for r in self.runs if r.kind == "supervised"]
 
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.runs)
+
     def as_json(self) -> dict[str, Any]:
         return {"index": self.index, "id": self.id, "prompt": self.prompt, "supervised": self.supervised}
 
@@ -116,3 +120,15 @@ def preview_records(
             PreviewItem(raw.index, parsed.id, runs_of(prepared.encoded, tokens.tokenizer, tokens.image_token_id))
         )
     return out
+
+
+def packed_spans(items: list[PreviewItem | PreviewProblem]) -> list[tuple[PreviewItem, int, int]]:
+    """Where each previewable record lies in one padding-free row of them, in order: ``(item, start,
+    end)`` token positions (its position ids restart at 0 at ``start``). Records that cannot be
+    built are left out, as training leaves them out of its rows."""
+    spans, start = [], 0
+    for item in items:
+        if isinstance(item, PreviewItem):
+            spans.append((item, start, start + item.tokens))
+            start += item.tokens
+    return spans

@@ -30,6 +30,19 @@ def attention_pairs(queries: int, keys: int, is_causal: bool) -> int:
     return diagonal * (diagonal + 1) // 2 + (queries - diagonal) * keys
 
 
+def scaled_flops(linear: float, attention: float, measured: tuple[float, float], target: tuple[float, float]) -> float:
+    """FLOPs of a step of other shapes, from one measured step's: the non-attention work scales with
+    the tokens computed, the attention work with the sum of squared sequence lengths. ``measured``
+    and ``target``: (tokens, sum of squared lengths)."""
+    tokens, squares = measured
+    return (linear * target[0] / tokens if tokens else 0.0) + (attention * target[1] / squares if squares else 0.0)
+
+
+def attention_share(counts: dict[Any, int]) -> int:
+    """The attention kernels' part of a FLOP count by op (forward, backward, llavactl's own)."""
+    return sum(n for op, n in counts.items() if "attention" in str(op))
+
+
 def flop_counter(*, masked_attention_is_causal: bool = False) -> FlopCounterMode:
     """A FlopCounterMode that also counts CPU attention; use it as a context manager.
 

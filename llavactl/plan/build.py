@@ -17,8 +17,9 @@ from llavactl.errors import ConfigError, DataError, ModelSourceError
 
 if TYPE_CHECKING:
     from llavactl.config.schema import Profile
+    from llavactl.data.dataset import MicroBatchWork
     from llavactl.model.assembly import AssembledModel
-    from llavactl.plan.memory import ComponentParams, MemoryEstimate
+    from llavactl.plan.memory import ComponentParams, MemoryEstimate, StepTrace
     from llavactl.resolve.run import ResolvedRun
 
 # Tokens per sample are measured on at most this many records, spread over the file.
@@ -46,6 +47,10 @@ class TokenPlan:
     p95: int
     longest: int  # what a batch is padded to at worst, capped at data.max_seq_len
     supervised: int  # supervised tokens of the longest sample (what the LM head runs on)
+    # From the tokenized records, for the profile's batching: the average micro-batch, and the
+    # share of pad tokens in padded batches of the profile's size (None without token lengths).
+    micro_batch: MicroBatchWork | None = None
+    pad_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class Plan:
     device: str
     components: list[ComponentParams]
     tokens: TokenPlan
-    global_batch: int
+    global_batch: float  # records per optimizer step (on average, under a token budget)
     steps_per_epoch: int | None
     total_steps: int | None
     memory: MemoryEstimate
@@ -75,6 +80,8 @@ class Plan:
     seconds_per_step: float | None
     suggestions: list[Suggestion] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    batch_size: int = 1  # records per padded micro-batch (training.per_device_train_batch_size)
+    padding_free: bool = False
 
     @property
     def fits(self) -> bool | None:
@@ -104,6 +111,7 @@ def build_meta(profile: Profile, *, gradient_checkpointing: bool) -> AssembledMo
 
 def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     """Tokens per sample from the data (a spread sample of records) or from data.max_seq_len."""
+    from llavactl.data.dataset import Batching, micro_batch_work, padding_summary
     from llavactl.data.records import Problem, RecordProblem, iter_records, read_raw_records
     from llavactl.data.sources import resolve_data_source
     from llavactl.data.templates import encoder_for, prepare
@@ -134,6 +142,7 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     most_images = max((len(r.images) for r in records if len(r.images) * per_image < data.max_seq_len), default=0)
     lengths: list[int] = []
     supervised: list[int] = []
+    text_only: list[bool] = []
     if assembled.tokenizer is not None:
         encoder = encoder_for(assembled.tokenizer, assembled.image_token_id, per_image, data.conversation_template)
         stride = max(1, len(records) // TOKEN_SAMPLE)
@@ -144,6 +153,7 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
                 continue
             lengths.append(min(prepared.full_length, data.max_seq_len))
             supervised.append(prepared.encoded.num_supervised)
+            text_only.append(not record.images)
     if not lengths:
         why = "no tokenizer at hand" if assembled.tokenizer is None else "no record tokenizes"
         return replace(
@@ -154,6 +164,7 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
             images_per_sample=max(most_images, 1),
         )
     ordered = sorted(lengths)
+    batching = Batching.of(profile)
     return TokenPlan(
         f"{len(lengths):,} of {len(records):,} records tokenized",
         len(records),
@@ -164,13 +175,24 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
         ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)],
         ordered[-1],
         max(supervised),
+        micro_batch_work(lengths, text_only, batching),
+        padding_summary(lengths, text_only, batching)["pad_fraction"],
     )
 
 
 def estimate(
     profile: Profile, tokens: TokenPlan, *, runtime_bytes: int, device: str = "cpu"
 ) -> tuple[MemoryEstimate, int]:
-    """Peak memory and FLOPs of one micro-batch step of ``profile`` (built afresh on meta)."""
+    """Peak memory and FLOPs of the largest micro-batch step of ``profile`` (built afresh on meta)."""
+    memory, trace, _ = _estimate(profile, tokens, runtime_bytes=runtime_bytes, device=device)
+    return memory, trace.flops
+
+
+def _estimate(
+    profile: Profile, tokens: TokenPlan, *, runtime_bytes: int, device: str
+) -> tuple[MemoryEstimate, StepTrace, tuple[int, int]]:
+    """:func:`estimate`, with the whole trace and the shapes traced: (tokens, attention pairs)."""
+    from llavactl.model.flops import attention_pairs
     from llavactl.plan.memory import estimate_memory, trace_step
 
     training = profile.training
@@ -186,9 +208,12 @@ def estimate(
             f"tokens of {tokens.images_per_sample} image(s) of {assembled.image_spec.size} px",
             fix=f"raise it, e.g. `data.max_seq_len={image_tokens + 256}`, or lower `data.image_size`",
         )
+    # The largest micro-batch: the profile's records, or as many of the longest as fill a token budget.
+    budget = profile.data.max_tokens_per_batch
+    rows = max(1, budget // seq_len) if budget else training.per_device_train_batch_size
     trace = trace_step(
         assembled,
-        batch_size=training.per_device_train_batch_size,
+        batch_size=rows,
         seq_len=seq_len,
         images_per_sample=tokens.images_per_sample,
         supervised=min(tokens.supervised, seq_len - 1),
@@ -197,7 +222,9 @@ def estimate(
     )
     quantized = 4 if profile.model.load_in_4bit else 8 if profile.model.load_in_8bit else None
     memory = estimate_memory(assembled, trace, runtime_bytes=runtime_bytes, quantized_bits=quantized)
-    return memory, trace.flops
+    # Several padded rows run masked attention over every pair; a lone row, the causal pairs.
+    pairs = rows * attention_pairs(seq_len, seq_len, is_causal=rows == 1)
+    return memory, trace, (rows * seq_len, pairs)
 
 
 def _knobs(profile: Profile, tokens: TokenPlan) -> list[tuple[dict[str, Any], str]]:
@@ -316,16 +343,25 @@ def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int 
     tokens = token_plan(profile, assembled)
     t = profile.training
     runtime = runtime_bytes + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
-    memory, flops = estimate(profile, tokens, runtime_bytes=runtime, device=device)
+    memory, trace, traced = _estimate(profile, tokens, runtime_bytes=runtime, device=device)
     other = _with(profile, {"training.gradient_checkpointing": not t.gradient_checkpointing})
     memory_other, _ = estimate(other, tokens, runtime_bytes=runtime, device=device)
     steps_per_epoch = total_steps = None
+    micro = tokens.micro_batch
     if tokens.records:
-        batches = math.ceil(tokens.records / t.per_device_train_batch_size)
+        batches = math.ceil(tokens.records / (micro.records if micro else t.per_device_train_batch_size))
         steps_per_epoch = math.ceil(batches / t.gradient_accumulation_steps)
         total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_train_epochs
     elif t.max_steps > 0:
         total_steps = t.max_steps
+    # Memory is planned for the largest micro-batch; time for the average one of the profile's
+    # batching (padded rows, or packed records), scaled from the trace by its shapes.
+    flops = trace.flops
+    if micro is not None:
+        from llavactl.model.flops import scaled_flops
+
+        linear = trace.flops - trace.attention_flops
+        flops = round(scaled_flops(linear, trace.attention_flops, traced, (micro.tokens, micro.pairs)))
     flops_per_step = flops * t.gradient_accumulation_steps
     matmul = seconds = None
     if measure_speed:
@@ -345,7 +381,7 @@ def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int 
         device=device,
         components=components,
         tokens=tokens,
-        global_batch=profile.global_batch_size,
+        global_batch=micro.records * t.gradient_accumulation_steps if micro else profile.global_batch_size,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         memory=memory,
@@ -356,6 +392,8 @@ def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int 
         seconds_per_step=seconds,
         suggestions=suggestions,
         notes=notes,
+        batch_size=t.per_device_train_batch_size,
+        padding_free=profile.data.padding_free,
     )
 
 

@@ -71,6 +71,7 @@ class StepTrace:
 
     peak_bytes: int  # peak of tensors allocated during forward and backward (gradients included)
     flops: int  # forward + backward (+ recomputation under gradient checkpointing)
+    attention_flops: int  # of which the attention kernels'
 
 
 def component_params(assembled: AssembledModel) -> list[ComponentParams]:
@@ -189,7 +190,7 @@ def trace_step(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from llavactl.model.flops import flop_counter
+    from llavactl.model.flops import attention_share, flop_counter
     from llavactl.resolve.run import Precision
     from llavactl.train.loss import TokenLoss, last_positions_loss
     from llavactl.train.step import TrainingStep
@@ -239,7 +240,11 @@ def trace_step(
                 step.accumulate([inputs], denominator=1.0)
         finally:
             gc.unfreeze()
-    return StepTrace(peak_bytes=counter.peak, flops=flops.get_total_flops())
+    return StepTrace(
+        peak_bytes=counter.peak,
+        flops=flops.get_total_flops(),
+        attention_flops=attention_share(flops.get_flop_counts()["Global"]),
+    )
 
 
 def estimate_memory(

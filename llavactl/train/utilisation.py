@@ -93,11 +93,11 @@ class StepFlops:
         if self._counted or not batches:
             yield
             return
-        from llavactl.model.flops import op_flop_counter
+        from llavactl.model.flops import attention_share, op_flop_counter
 
         with op_flop_counter() as counter:
             yield
-        attention = float(sum(n for op, n in counter.by_op.items() if "attention" in op))
+        attention = float(attention_share(counter.by_op))
         self._attention = attention
         self._linear = float(counter.total) - attention
         self._tokens, self._squares = _shape_work(batches)
@@ -107,7 +107,6 @@ class StepFlops:
         """This process's FLOPs for a step of ``batches`` (None before the first counted step)."""
         if not self._counted:
             return None
-        tokens, squares = _shape_work(batches)
-        linear = self._linear * tokens / self._tokens if self._tokens else 0.0
-        attention = self._attention * squares / self._squares if self._squares else 0.0
-        return linear + attention
+        from llavactl.model.flops import scaled_flops
+
+        return scaled_flops(self._linear, self._attention, (self._tokens, self._squares), _shape_work(batches))
