@@ -480,3 +480,36 @@ def test_cuda_trained_run_exports_and_reloads_with_the_same_logits(shapes: Path,
         expected = trained.model.eval()(**inputs).logits
         reloaded = exported.eval()(**inputs).logits
     assert (reloaded - expected).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------- padding-free rows
+
+
+def test_padding_free_rows_on_cuda_give_the_padded_loss_and_keep_records_apart(shapes: Path) -> None:
+    from helpers import profile
+
+    from llavactl.data.dataset import Collator, build_dataset
+    from llavactl.model.assembly import build_llava
+    from llavactl.model.attention import check_records_stay_apart, use_varlen_kernel
+    from llavactl.train.loss import TokenLoss, llava_of
+
+    prof = profile("tiny", f"data.data_path={shapes}").profile
+    assembled = build_llava(prof.model, prof.stage, image_size=prof.data.image_size, seed=0, device="cuda")
+    language_model = llava_of(assembled.model).model.language_model
+    use_varlen_kernel(language_model, "cuda")  # flash-attention 2 where installed, else SDPA's packed mask
+    check_records_stay_apart(language_model)
+    dataset = build_dataset(prof.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
+    items = [dataset[i] for i in range(6)]
+    losses = []
+    for padding_free in (False, True):
+        batch = Collator(assembled.tokenizer.pad_token_id, padding_free=padding_free)(items)
+        with torch.no_grad():
+            losses.append(TokenLoss(assembled.model)({k: v.cuda() for k, v in batch.items()}).item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_tiny_trains_padding_free_on_cuda(shapes: Path, tmp_path: Path) -> None:
+    result = _train(
+        _overrides(shapes, tmp_path, "training.max_steps=16", "data.padding_free=true", "training.bf16=true")
+    )
+    assert result.status == "completed" and _falls(result.losses)  # type: ignore[attr-defined]

@@ -434,3 +434,26 @@ def test_preview_shows_a_packed_row_with_its_record_boundaries(mixed: Path, shap
     code, out, _ = run_cli([*args, "-n", "3", "--packed"])
     assert f"One padding-free row of 3 records, {rows[2]['packed']['end']:,} tokens" in out
     assert out.count("── tokens ") == 3
+
+
+def test_on_cuda_packed_rows_take_flash_attention_s_varlen_kernel_when_it_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from llavactl.model.attention import use_varlen_kernel
+
+    switched: list[str] = []
+
+    class Model:
+        config = type("Config", (), {"_attn_implementation": "sdpa"})()
+
+        def set_attn_implementation(self, name: str) -> None:
+            switched.append(name)
+
+    assert not use_varlen_kernel(Model(), "cpu")  # the CPU has llavactl's own kernel
+    installed = importlib.util.find_spec("flash_attn") is not None
+    assert use_varlen_kernel(Model(), "cuda") is installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert use_varlen_kernel(Model(), "cuda")
+    assert switched[-1] == "flash_attention_2"

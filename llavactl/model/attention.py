@@ -167,3 +167,19 @@ def check_records_stay_apart(language_model: nn.Module) -> None:
             fix="set `data.padding_free=false` (records padded, one per row), or use an LLM whose transformers "
             "model builds its masks from position ids (Llama, Mistral, Qwen2, Gemma and most others do)",
         )
+
+
+def use_varlen_kernel(language_model: nn.Module, device_type: str) -> bool:
+    """For padding-free rows on CUDA: switch ``language_model`` to flash-attention 2 when the
+    ``flash_attn`` package is installed, whose varlen kernel computes only each record's own pairs
+    (transformers reads the record boundaries from the position ids). Without it the rows run
+    transformers' SDPA under the packed-sequence mask, which keeps records apart but computes every
+    pair of the row. Returns whether it switched."""
+    import importlib.util
+
+    if device_type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        return False
+    if getattr(language_model.config, "_attn_implementation", None) == "flash_attention_2":
+        return False
+    language_model.set_attn_implementation("flash_attention_2")
+    return True

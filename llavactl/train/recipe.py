@@ -297,10 +297,13 @@ class TrainRecipe:
             random_weights=self._random_weights,
         )
         if self._profile.data.padding_free:
-            from llavactl.model.attention import check_records_stay_apart
+            from llavactl.model.attention import check_records_stay_apart, use_varlen_kernel
             from llavactl.train.loss import llava_of
 
-            check_records_stay_apart(llava_of(assembled.model).model.language_model)
+            language_model = llava_of(assembled.model).model.language_model
+            if use_varlen_kernel(language_model, self._device.type):
+                self._progress.milestone("Padding-free rows: the LLM runs flash-attention 2's varlen kernel")
+            check_records_stay_apart(language_model)
         trainable = sum(p.numel() for group in assembled.parameter_groups().values() for _, p in group)
         total = sum(p.numel() for p in assembled.model.parameters())
         self._progress.milestone(
