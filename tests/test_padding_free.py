@@ -131,7 +131,7 @@ def test_one_packed_row_gives_the_padded_batch_s_loss_and_gradients(
         torch.testing.assert_close(packed[name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
-def test_changing_one_packed_record_leaves_the_others_outputs_exactly_unchanged(items: tuple[Any, list]) -> None:
+def test_changing_one_packed_record_leaves_the_others_logits_exactly_unchanged(items: tuple[Any, list]) -> None:
     assembled, good = items
     llava = llava_of(assembled.model)
     collate = Collator(assembled.tokenizer.pad_token_id, padding_free=True)
@@ -146,12 +146,12 @@ def test_changing_one_packed_record_leaves_the_others_outputs_exactly_unchanged(
     keep = torch.ones(sum(lengths), dtype=torch.bool)
     keep[lengths[0] : lengths[0] + lengths[1]] = False
 
-    def hidden(b: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(b: dict[str, torch.Tensor]) -> torch.Tensor:
         # Gradients on, as in training: the CPU attention kernel runs then.
         inputs = {k: b[k] for k in ("input_ids", "position_ids", "pixel_values") if k in b}
-        return llava.model(**inputs, use_cache=False)[0][0].detach()
+        return llava(**inputs, use_cache=False).logits[0].detach()
 
-    before, after = hidden(batch), hidden(other)
+    before, after = logits(batch), logits(other)
     assert not torch.equal(before[~keep], after[~keep])  # the changed record did change
     assert torch.equal(before[keep], after[keep])
 
