@@ -224,7 +224,13 @@ def test_an_llm_whose_attention_mixes_packed_records_is_refused(monkeypatch: pyt
 
 
 def _train(mixed: Path, shapes_data: Callable[..., Path], out: Path, *extra: str, resume: str | None = None) -> Any:
-    result, _ = train_recipe(
+    return _train_and_say(mixed, shapes_data, out, *extra, resume=resume)[0]
+
+
+def _train_and_say(
+    mixed: Path, shapes_data: Callable[..., Path], out: Path, *extra: str, resume: str | None = None
+) -> tuple[Any, str]:
+    return train_recipe(
         [
             f"data.data_path={mixed}",
             _image_folder(mixed, shapes_data),
@@ -241,7 +247,6 @@ def _train(mixed: Path, shapes_data: Callable[..., Path], out: Path, *extra: str
         ],
         resume=resume,
     )
-    return result
 
 
 @pytest.mark.slow
@@ -351,7 +356,10 @@ def test_token_budget_training_varies_records_per_step_and_resumes_exactly(
     import signal
 
     budget = ("data.padding_free=true", "data.max_tokens_per_batch=1000", "training.max_steps=6")
-    whole = _train(mixed, shapes_data, tmp_path / "whole", *budget)
+    whole, said = _train_and_say(mixed, shapes_data, tmp_path / "whole", *budget)
+    # The global batch in records and tokens, on average: records per micro-batch vary.
+    assert "micro-batches of up to 1,000 tokens per epoch" in said and "tokens each on average" in said
+    assert "records, " in said.split("global batch ")[1] and "x 2 accumulation" in said
     metrics = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert whole.status == "completed" and len(whole.losses) == 6
     # Records per step vary with their lengths (tokens per record, from the logged rates).
