@@ -16,16 +16,8 @@ from typing import Any
 
 from llavactl.data.dataset import Batching, padding_summary
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, open_rgb, probe
-from llavactl.data.records import (
-    Problem,
-    RawRecord,
-    Record,
-    RecordProblem,
-    Severity,
-    check_image_markers,
-    iter_records,
-    read_raw_records,
-)
+from llavactl.data.records import Problem, Record, RecordProblem, Severity, check_image_markers
+from llavactl.data.store import RecordStore, open_records
 from llavactl.data.templates import encoder_for, prepare, render
 from llavactl.errors import DataError
 
@@ -83,19 +75,23 @@ def check_dataset(
     limits: ImageLimits = DEFAULT_LIMITS,
     skipped_checks: tuple[str, ...] = (),
     batching: Batching | None = None,
-) -> tuple[CheckReport, list[RawRecord]]:
-    """Check the records of ``records_path``; return the report and the raw records read. With
-    ``batching`` and token lengths, the stats say how much of the profile's padded batches is padding."""
-    raws, problems = read_raw_records(records_path)
-    if limit is not None:
-        raws = raws[:limit]
-        problems = [p for p in problems if p.index is None or p.index < limit]
+) -> tuple[CheckReport, RecordStore]:
+    """Check the records of ``records_path``; return the report and the store they were read from.
+    With ``batching`` and token lengths, the stats say how much of the profile's padded batches is
+    padding."""
+    store = open_records(records_path)
+    problems = list(store.problems)
     records: list[Record] = []
-    for _, parsed in iter_records(raws):
-        if isinstance(parsed, Problem):
-            problems.append(parsed)
-        else:
+    count = len(store) if limit is None else min(limit, len(store))
+    for parsed in store.parsed(range(count)):
+        if isinstance(parsed, Record):
             records.append(parsed)
+        elif parsed.code == "bad_json" and store.kind == "list":
+            # A list with an element that is not JSON is not JSON: one problem, of the file.
+            problems, records, count = [store.file_problem()], [], 0
+            break
+        else:
+            problems.append(parsed)
     problems += _duplicate_ids(records)
     problems += _image_problems(records, image_folder, workers, decode, limits)
     lengths: list[int] = []
@@ -125,14 +121,14 @@ def check_dataset(
                         f"{prepared.supervised_cut} supervised tokens would be cut",
                     )
                 )
-    n_records = len(raws) + sum(1 for p in problems if p.code == "bad_json" and p.index is not None)
+    n_records = count
     if n_records == 0 and not problems:
         problems.append(Problem("no_records", f"{records_path} holds no records (an empty list, or only blank lines)"))
     problems.sort(key=lambda p: (-1 if p.index is None else p.index, p.code))
     stats = _stats(records, n_records, problems, lengths, supervised, max_seq_len)
     if batching is not None and lengths:
         stats["padding"] = padding_summary([min(n, max_seq_len) for n in lengths], text_only, batching)
-    return CheckReport(n_records, problems, stats, list(skipped_checks), records_path), raws
+    return CheckReport(n_records, problems, stats, list(skipped_checks), records_path), store
 
 
 def _problem(record: Record, code: str, message: str, severity: Severity | None = None) -> Problem:
@@ -252,16 +248,16 @@ def _histogram(ordered: list[int]) -> list[dict[str, int]]:
     ]
 
 
-def write_clean(raws: list[RawRecord], report: CheckReport, out: Path) -> int:
-    """Write the records without error-level problems to ``out`` (JSONL for ``.jsonl``, else a
-    JSON list); return how many were written. Never over the records file it was checked from."""
+def write_clean(store: RecordStore, report: CheckReport, out: Path) -> int:
+    """Write the records checked without error-level problems to ``out`` (JSONL for ``.jsonl``, else
+    a JSON list); return how many were written. Never over the records file it was checked from."""
     if report.source is not None and _same_file(out, report.source):
         raise DataError(
             f"--write-clean {out} is the data file being checked; writing there would replace the data",
             fix="write the clean records to another file, and point `data.data_path` at it",
         )
     bad = report.bad_indices()
-    keep = [r.value for r in raws if r.index not in bad]
+    keep = [store.raw(i).value for i in range(report.records) if i not in bad]
     jsonl = out.suffix == ".jsonl"
     text = "".join(dump_json(v) + "\n" for v in keep) if jsonl else dump_json(keep, indent=1) + "\n"
     try:

@@ -40,9 +40,9 @@ class TokenPlan:
 
     source: str
     records: int | None
-    records_with_image: int | None
+    records_with_image: int | None  # records with an `image` key (counted in their bytes, not decoded)
     image_tokens_per_image: int
-    images_per_sample: int  # the most images one record has (0: text-only data)
+    images_per_sample: int  # the most images one sampled record has (0: text-only data)
     mean: float
     p95: int
     longest: int  # what a batch is padded to at worst, capped at data.max_seq_len
@@ -112,8 +112,9 @@ def build_meta(profile: Profile, *, gradient_checkpointing: bool) -> AssembledMo
 def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     """Tokens per sample from the data (a spread sample of records) or from data.max_seq_len."""
     from llavactl.data.dataset import Batching, micro_batch_work, padding_summary
-    from llavactl.data.records import Problem, RecordProblem, iter_records, read_raw_records
+    from llavactl.data.records import Record, RecordProblem
     from llavactl.data.sources import resolve_data_source
+    from llavactl.data.store import open_records
     from llavactl.data.templates import encoder_for, prepare
 
     data = profile.data
@@ -132,11 +133,14 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     )
     try:
         path, _ = resolve_data_source(data.data_path, data.image_folder, profile.seed)
-        raws, _ = read_raw_records(path)
+        store = open_records(path)
     except DataError as exc:
         return replace(fallback, source=f"{fallback.source} ({exc.message})")
-    records = [parsed for _, parsed in iter_records(raws) if not isinstance(parsed, Problem)]
-    with_image = sum(1 for r in records if r.images)
+    # A spread sample of the records, decoded; the file's other records are never built.
+    count = len(store)
+    stride = max(1, count // TOKEN_SAMPLE)
+    records = [r for r in store.parsed(range(0, count, stride)[:TOKEN_SAMPLE]) if isinstance(r, Record)]
+    with_image = int(store.has_image().sum())
     # A record whose image tokens alone fill data.max_seq_len cannot train (`too_long`): it is
     # stopped on or skipped, so it does not size the step.
     most_images = max((len(r.images) for r in records if len(r.images) * per_image < data.max_seq_len), default=0)
@@ -145,8 +149,7 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     text_only: list[bool] = []
     if assembled.tokenizer is not None:
         encoder = encoder_for(assembled.tokenizer, assembled.image_token_id, per_image, data.conversation_template)
-        stride = max(1, len(records) // TOKEN_SAMPLE)
-        for record in records[::stride][:TOKEN_SAMPLE]:
+        for record in records:
             try:
                 prepared = prepare(record, data.conversation_template, encoder, data.max_seq_len)
             except RecordProblem:
@@ -159,15 +162,15 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
         return replace(
             fallback,
             source=f"{fallback.source} ({why})",
-            records=len(records),
+            records=count,
             records_with_image=with_image,
             images_per_sample=max(most_images, 1),
         )
     ordered = sorted(lengths)
     batching = Batching.of(profile)
     return TokenPlan(
-        f"{len(lengths):,} of {len(records):,} records tokenized",
-        len(records),
+        f"{len(lengths):,} of {count:,} records tokenized",
+        count,
         with_image,
         per_image,
         most_images,
