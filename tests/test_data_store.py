@@ -25,14 +25,6 @@ SPEC = ImageSpec(32, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 TRICKY = ['a "quoted" [list], {obj}', "back\\slash\\", 'ends in \\"', "\\\\", '"image": x', "日本 é", ""]
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A cache of its own, where even a tiny file's index is written."""
-    monkeypatch.setenv("LLAVACTL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(store_module, "CACHE_MIN_BYTES", 0)
-    return tmp_path / "cache" / "records"
-
-
 def start_lines(text: str) -> list[int]:
     """Where each element of a JSON list starts, found by decoding it (what the scan must match)."""
     decoder, pos, lines = json.JSONDecoder(), text.index("[") + 1, []

@@ -16,9 +16,10 @@ from typing import Any
 
 from llavactl.data.dataset import Batching, padding_summary
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, open_rgb, probe
+from llavactl.data.lengths import count_records, token_counts
 from llavactl.data.records import Problem, Record, RecordProblem, Severity, check_image_markers
 from llavactl.data.store import RecordStore, open_records
-from llavactl.data.templates import encoder_for, prepare, render
+from llavactl.data.templates import render
 from llavactl.errors import DataError
 
 # Codes whose problems keep a record out of training; the others are warnings.
@@ -100,25 +101,30 @@ def check_dataset(
     if tokens is None:
         problems += _render_problems(records, template)
     else:
-        encoder = encoder_for(tokens.tokenizer, tokens.image_token_id, tokens.spec.num_tokens, template)
+        # Every record's counts, over --workers processes, kept for the next check, dry-run and train.
+        counts = (
+            token_counts(store, tokens, template, max_seq_len, workers=workers)
+            if count == len(store)
+            else count_records(store, tokens, template, max_seq_len, range(count), workers=workers)
+        )
         for record in records:
-            try:
-                prepared = prepare(record, template, encoder, max_seq_len)
-            except RecordProblem as e:
+            i = record.index
+            if i in counts.problems:
                 # A record the trainer cannot build is an error whatever its code: `too_long` is
                 # a warning when the cut only loses text, an error when it falls in image tokens.
-                problems.append(_problem(record, e.code, e.message, "error"))
+                problems.append(_problem(record, *counts.problems[i], "error"))
                 continue
-            lengths.append(prepared.full_length)
+            full, cut = int(counts.full[i]), int(counts.cut[i])
+            lengths.append(full)
             text_only.append(not record.images)
-            supervised += prepared.encoded.num_supervised
-            if prepared.supervised_cut:
+            supervised += int(counts.supervised[i])
+            if cut:
                 problems.append(
                     _problem(
                         record,
                         "too_long",
-                        f"{prepared.full_length} tokens with image tokens, over data.max_seq_len={max_seq_len}: "
-                        f"{prepared.supervised_cut} supervised tokens would be cut",
+                        f"{full} tokens with image tokens, over data.max_seq_len={max_seq_len}: "
+                        f"{cut} supervised tokens would be cut",
                     )
                 )
     n_records = count

@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from llavactl.data.sources import resolve_data_source
 from llavactl.data.store import RecordStore, open_records
 from llavactl.data.templates import IGNORE_INDEX, encoder_for, prepare
 from llavactl.errors import DataError
+
+if TYPE_CHECKING:
+    from llavactl.data.check import TokenContext
 
 # Megabatches of this many batches are sorted by length before being cut into batches
 # (transformers' LengthGroupedSampler uses the same factor).
@@ -99,30 +102,39 @@ class LlavaDataset(Dataset):
     def token_lengths(self) -> list[int]:
         """Each record's exact length in tokens as the trainer builds it (image tokens included, cut
         at ``data.max_seq_len``), from its text alone: no image is opened. A record that cannot be
-        built counts as ``data.max_seq_len`` (it is skipped or stopped on when its turn comes)."""
-        lengths = []
+        built counts as ``data.max_seq_len`` (it is skipped or stopped on when its turn comes). The
+        counts that `data check` kept are read back; else they are counted here, and kept."""
+        from llavactl.data.lengths import token_counts
+
         max_len = self.data.max_seq_len
-        for record in self.store.parsed():
-            try:
-                if not isinstance(record, Record):
-                    raise RecordProblem(record.code, record.message)
-                prepared = prepare(record, self.data.conversation_template, self.encoder, max_len)
-            except RecordProblem:
-                lengths.append(max_len)
-                continue
-            lengths.append(len(prepared.encoded.input_ids))
-        return lengths
+        counts = token_counts(self.store, self._token_context(), self.data.conversation_template, max_len)
+        return np.where(counts.built(), np.minimum(counts.full, max_len), max_len).tolist()
+
+    def _token_context(self) -> TokenContext:
+        from llavactl.data.check import TokenContext
+
+        return TokenContext(self.encoder.tokenizer, self.encoder.image_token_id, self.spec)
 
     def records(self) -> Iterator[Record]:
         """The records that parse, in order (each file element decoded once more)."""
         return (r for r in self.store.parsed() if isinstance(r, Record))
 
     def modality_lengths(self) -> list[int]:
-        """A length estimate for grouping, positive for records with images, negative for text-only:
-        the record's size in bytes (no record is decoded for it; only their order within each
-        modality matters)."""
-        sizes = self.store.sizes()
-        return np.where(self.store.has_image(), sizes, -sizes).tolist()
+        """Lengths for grouping, positive for records with images, negative for text-only: the exact
+        token counts where `data check` kept them for this tokenizer, template, image size and
+        max_seq_len, else each record's size in bytes (no record is decoded for it; only the order
+        within each modality matters)."""
+        from llavactl.data.lengths import cached_counts
+
+        counts = cached_counts(
+            self.store, self._token_context(), self.data.conversation_template, self.data.max_seq_len
+        )
+        if counts is None:
+            sizes = self.store.sizes()
+            return np.where(self.store.has_image(), sizes, -sizes).tolist()
+        # A record that does not build is skipped wherever it falls: 1 (or -1) keeps its modality.
+        length = np.where(counts.built(), counts.full, 1)
+        return np.where(counts.images > 0, length, -length).tolist()
 
 
 class Collator:

@@ -60,11 +60,16 @@ class RecordStore:
     """The elements of a LLaVA data file (JSON list or JSONL), decoded when read.
 
     ``problems`` holds the file's own problem (a JSON list whose structure is broken), in which
-    case it has no records.
+    case it has no records. ``key`` names the file's path and fingerprint (what is cached of it is
+    filed under it; None for a small file, of which nothing is kept, or one scanned but not opened
+    by :func:`open_records`).
     """
 
-    def __init__(self, path: Path, kind: Kind, index: np.ndarray, problems: list[Problem]) -> None:
+    def __init__(
+        self, path: Path, kind: Kind, index: np.ndarray, problems: list[Problem], key: str | None = None
+    ) -> None:
         self.path = path
+        self.key = key
         self.kind = kind
         self.problems = problems
         self._index = index
@@ -165,7 +170,7 @@ def _open(path: Path, fingerprint: tuple[int, ...]) -> RecordStore:
         try:
             index = np.load(cached, mmap_mode="r")
             if index[0, 0] == INDEX_VERSION:
-                return RecordStore(path, "list" if index[0, 1] == 0 else "jsonl", index[1:], [])
+                return RecordStore(path, "list" if index[0, 1] == 0 else "jsonl", index[1:], [], cached.stem)
         except (OSError, ValueError, IndexError):
             pass  # unreadable: scanned again and written anew below
     try:
@@ -174,11 +179,13 @@ def _open(path: Path, fingerprint: tuple[int, ...]) -> RecordStore:
         raise DataError(f"data file {path} is not UTF-8 text ({e})", fix="re-encode the file as UTF-8") from None
     except OSError as e:
         raise DataError(f"data file {path} cannot be read ({e.strerror or e})", fix="check its permissions") from None
+    if fingerprint[0] < CACHE_MIN_BYTES:
+        return RecordStore(path, kind, index, problems)  # nothing of a small file is kept
     # Not when the file changed while it was scanned: the index would be of neither version.
-    if not problems and fingerprint[0] >= CACHE_MIN_BYTES and _fingerprint(path.stat()) == fingerprint:
+    if not problems and _fingerprint(path.stat()) == fingerprint:
         header = np.array([[INDEX_VERSION, 0 if kind == "list" else 1, 0, 0]], dtype=np.int64)
         _write_index(cached, np.concatenate([header, index]))
-    return RecordStore(path, kind, index, problems)
+    return RecordStore(path, kind, index, problems, cached.stem)
 
 
 def index_path(path: Path, fingerprint: tuple[int, ...]) -> Path:
@@ -202,8 +209,14 @@ def _write_index(target: Path, index: np.ndarray) -> None:
     except OSError:
         Path(tmp).unlink(missing_ok=True)
         return
-    for old in target.parent.glob(f"{target.name.split('-')[0]}-*.npy"):
-        if old != target:
+    drop_older(target)
+
+
+def drop_older(target: Path) -> None:
+    """Remove the files beside ``target`` kept for older versions of its data file (same path hash)."""
+    named, version = target.name.split("-")[:2]
+    for old in target.parent.glob(f"{named}-*"):
+        if old.name.split("-")[1] != version:
             old.unlink(missing_ok=True)
 
 

@@ -111,6 +111,8 @@ def build_meta(profile: Profile, *, gradient_checkpointing: bool) -> AssembledMo
 
 def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     """Tokens per sample from the data (a spread sample of records) or from data.max_seq_len."""
+    import numpy as np
+
     from llavactl.data.dataset import Batching, micro_batch_work, padding_summary
     from llavactl.data.records import Record, RecordProblem
     from llavactl.data.sources import resolve_data_source
@@ -136,27 +138,47 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
         store = open_records(path)
     except DataError as exc:
         return replace(fallback, source=f"{fallback.source} ({exc.message})")
-    # A spread sample of the records, decoded; the file's other records are never built.
     count = len(store)
-    stride = max(1, count // TOKEN_SAMPLE)
-    records = [r for r in store.parsed(range(0, count, stride)[:TOKEN_SAMPLE]) if isinstance(r, Record)]
-    with_image = int(store.has_image().sum())
-    # A record whose image tokens alone fill data.max_seq_len cannot train (`too_long`): it is
-    # stopped on or skipped, so it does not size the step.
-    most_images = max((len(r.images) for r in records if len(r.images) * per_image < data.max_seq_len), default=0)
+    counts = None
+    if assembled.tokenizer is not None:
+        from llavactl.data.check import TokenContext
+        from llavactl.data.lengths import cached_counts
+
+        context = TokenContext(assembled.tokenizer, assembled.image_token_id, assembled.image_spec)
+        counts = cached_counts(store, context, data.conversation_template, data.max_seq_len)
     lengths: list[int] = []
     supervised: list[int] = []
     text_only: list[bool] = []
-    if assembled.tokenizer is not None:
-        encoder = encoder_for(assembled.tokenizer, assembled.image_token_id, per_image, data.conversation_template)
-        for record in records:
-            try:
-                prepared = prepare(record, data.conversation_template, encoder, data.max_seq_len)
-            except RecordProblem:
-                continue
-            lengths.append(min(prepared.full_length, data.max_seq_len))
-            supervised.append(prepared.encoded.num_supervised)
-            text_only.append(not record.images)
+    if counts is not None:
+        # `data check` counted every record for this tokenizer, template, image size and max_seq_len.
+        built = counts.built()
+        images = counts.images[counts.images >= 0]
+        with_image = int((images > 0).sum())
+        fitting = images[images * per_image < data.max_seq_len]
+        most_images = int(fitting.max()) if len(fitting) else 0
+        lengths = np.minimum(counts.full[built], data.max_seq_len).tolist()
+        supervised = counts.supervised[built].tolist()
+        text_only = (counts.images[built] == 0).tolist()
+        source = f"all {len(lengths):,} of {count:,} records (token counts kept by `data check`)"
+    else:
+        # A spread sample of the records, decoded; the file's other records are never built.
+        stride = max(1, count // TOKEN_SAMPLE)
+        records = [r for r in store.parsed(range(0, count, stride)[:TOKEN_SAMPLE]) if isinstance(r, Record)]
+        with_image = int(store.has_image().sum())
+        # A record whose image tokens alone fill data.max_seq_len cannot train (`too_long`): it is
+        # stopped on or skipped, so it does not size the step.
+        most_images = max((len(r.images) for r in records if len(r.images) * per_image < data.max_seq_len), default=0)
+        if assembled.tokenizer is not None:
+            encoder = encoder_for(assembled.tokenizer, assembled.image_token_id, per_image, data.conversation_template)
+            for record in records:
+                try:
+                    prepared = prepare(record, data.conversation_template, encoder, data.max_seq_len)
+                except RecordProblem:
+                    continue
+                lengths.append(min(prepared.full_length, data.max_seq_len))
+                supervised.append(prepared.encoded.num_supervised)
+                text_only.append(not record.images)
+        source = f"{len(lengths):,} of {count:,} records tokenized"
     if not lengths:
         why = "no tokenizer at hand" if assembled.tokenizer is None else "no record tokenizes"
         return replace(
@@ -169,7 +191,7 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     ordered = sorted(lengths)
     batching = Batching.of(profile)
     return TokenPlan(
-        f"{len(lengths):,} of {count:,} records tokenized",
+        source,
         count,
         with_image,
         per_image,
