@@ -1,5 +1,6 @@
 """Exact token counts: `data check` counts every record once (over --workers processes), keeps the
-counts for exactly its inputs, and the next check, the planner and length grouping read them back."""
+counts (and its report) for exactly its inputs, and the next check, the planner and length grouping
+read them back; a change to any input, an image included, is checked afresh."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from helpers import byte_tokenizer, image_id, record
+from PIL import Image
 
 from llavactl.config.loader import load_profile
 from llavactl.config.schema import DataConfig
@@ -99,3 +101,14 @@ def test_grouping_and_the_planner_use_the_exact_counts(cache: Path, shapes: Path
     data = DataConfig(data_path=str(shapes), max_seq_len=profile.data.max_seq_len)
     dataset = build_dataset(data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
     assert dataset.modality_lengths() == counts.full.tolist()
+
+
+def test_a_kept_report_is_not_read_once_an_image_changes(cache: Path, tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record(("human", "<image>\nq"), ("gpt", "a"), image="a.png")) + "\n")
+    assert check(path)["problems"] == []
+    (tmp_path / "a.png").unlink()
+    assert [p["code"] for p in check(path)["problems"]] == ["missing_image"]
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    assert check(path)["problems"] == []

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 
 from llavactl.data.records import Record, RecordProblem
 from llavactl.data.sources import cache_root
-from llavactl.data.store import RecordStore, drop_older
+from llavactl.data.store import RecordStore, keep
 from llavactl.data.templates import encoder_for, prepare
 
 if TYPE_CHECKING:
@@ -158,25 +156,12 @@ def _count_range(indices: range) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 
 
 def _save(path: Path, counts: TokenCounts) -> None:
-    """Atomically (tmp + rename); a cache that cannot be written only costs the next run a count."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
-    except OSError:
-        return
     problems = json.dumps({str(k): v for k, v in counts.problems.items()})
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                full=counts.full,
-                supervised=counts.supervised,
-                cut=counts.cut,
-                images=counts.images,
-                problems=np.array(problems),
-            )
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
-        return
-    drop_older(path)
+    keep(
+        path,
+        full=counts.full,
+        supervised=counts.supervised,
+        cut=counts.cut,
+        images=counts.images,
+        problems=np.array(problems),
+    )

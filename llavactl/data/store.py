@@ -184,7 +184,7 @@ def _open(path: Path, fingerprint: tuple[int, ...]) -> RecordStore:
     # Not when the file changed while it was scanned: the index would be of neither version.
     if not problems and _fingerprint(path.stat()) == fingerprint:
         header = np.array([[INDEX_VERSION, 0 if kind == "list" else 1, 0, 0]], dtype=np.int64)
-        _write_index(cached, np.concatenate([header, index]))
+        keep(cached, index=np.concatenate([header, index]))
     return RecordStore(path, kind, index, problems, cached.stem)
 
 
@@ -195,16 +195,22 @@ def index_path(path: Path, fingerprint: tuple[int, ...]) -> Path:
     return cache_root() / "records" / f"{named}-{version}.npy"
 
 
-def _write_index(target: Path, index: np.ndarray) -> None:
-    """Write atomically (ranks may race: each rename is a whole file); drop the file's older indexes."""
+def keep(target: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to ``target`` in the cache (``.npy`` for one called ``index``, else ``.npz``)
+    atomically, by a rename: processes that race each write a whole file. Then drop the files kept
+    for older versions of the same data file. A cache that cannot be written costs the next command
+    the work again, nothing else."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".npy", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix, dir=target.parent)
     except OSError:
-        return  # a cache that cannot be written costs a scan per command, nothing else
+        return
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, index)
+            if target.suffix == ".npy":
+                np.save(f, arrays["index"])
+            else:
+                np.savez(f, **arrays)
         os.replace(tmp, target)
     except OSError:
         Path(tmp).unlink(missing_ok=True)
