@@ -15,7 +15,7 @@ from llavactl.config.loader import load_profile
 from llavactl.config.schema import DataConfig
 from llavactl.data import lengths
 from llavactl.data.check import TokenContext, check_dataset
-from llavactl.data.dataset import build_dataset
+from llavactl.data.dataset import LlavaDataset, Skipped, build_dataset
 from llavactl.data.images import ImageSpec
 from llavactl.data.store import open_records
 from llavactl.plan import build as P
@@ -112,3 +112,23 @@ def test_a_kept_report_is_not_read_once_an_image_changes(cache: Path, tmp_path: 
     assert [p["code"] for p in check(path)["problems"]] == ["missing_image"]
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     assert check(path)["problems"] == []
+
+
+def test_token_lengths_are_counted_once_then_read_back(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = data_file(tmp_path, n=6, words=12)
+    tok = byte_tokenizer()
+
+    def dataset(max_seq_len: int) -> LlavaDataset:
+        return build_dataset(DataConfig(data_path=str(path), max_seq_len=max_seq_len), tok, image_id(tok), SPEC, 0)
+
+    whole = dataset(4096).token_lengths()
+    cut_at = sorted(whole)[2]
+    first = dataset(cut_at).token_lengths()
+    assert first == [min(n, cut_at) for n in whole] and min(first) < cut_at
+    # As the trainer builds them: cut at max_seq_len, a record that cannot be built counted at it.
+    built = [dataset(cut_at)[i] for i in range(6)]
+    assert first == [cut_at if isinstance(b, Skipped) else len(b["input_ids"]) for b in built]
+    no_counting(monkeypatch)
+    assert dataset(cut_at).token_lengths() == first
