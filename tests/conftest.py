@@ -43,3 +43,14 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
 def shapes(shapes_data: Callable[..., Path]) -> Path:
     """Eight shapes records: what most tests train, export and evaluate on."""
     return shapes_data(8)
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A llavactl cache of the test's own (``$LLAVACTL_CACHE``) where even a tiny data file's index and
+    token counts are kept; the path of its record indexes."""
+    from llavactl.data import store
+
+    monkeypatch.setenv("LLAVACTL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(store, "CACHE_MIN_BYTES", 0)
+    return tmp_path / "cache" / "records"

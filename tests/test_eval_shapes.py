@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,11 @@ class ScriptedPredictor:
 
 class FakeDataset:
     def __init__(self, records: list[Record]) -> None:
-        self.records = records
+        self._records = records
         self.image_folder = Path("/data")
+
+    def records(self) -> Iterator[Record]:
+        return iter(self._records)
 
 
 def test_shares_count_right_answers_among_records_whose_truth_is_known() -> None:

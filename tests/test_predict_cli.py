@@ -55,7 +55,7 @@ def test_prompt_is_the_training_records_ids_up_to_the_reply(shapes: Path) -> Non
         assembled.model, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, profile.data
     )
     dataset = build_dataset(profile.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
-    record = dataset.records[0]
+    record = next(dataset.records())
     question = record.turns[0].text.removeprefix("<image>\n")
     labels = dataset[0]["labels"].tolist()
     first_reply = next(k for k, label in enumerate(labels) if label != -100)

@@ -1,5 +1,6 @@
 """`data.on_error: skip` skips every kind of bad record (a bad JSONL line, a record of the wrong
-structure, images, cuts), counts them by code, and a data set with no usable record still stops."""
+structure, images, cuts) when it is read, counts them by code, and a data set with no usable record
+still stops; `data.on_error: raise` stops on the first, naming it and its line."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from helpers import byte_tokenizer, image_id, run_cli, train_recipe
 
 from llavactl.config.schema import DataConfig
-from llavactl.data.dataset import build_dataset
+from llavactl.data.dataset import Collator, Skipped, build_dataset, take_skipped
 from llavactl.data.images import ImageSpec
 from llavactl.errors import DataError
 
@@ -31,25 +32,28 @@ def _mixed(folder: Path, shapes: Path, *, good: int = 6) -> Path:
     return path
 
 
-def test_the_dataset_leaves_out_unparsable_lines_and_records_under_skip(shapes: Path, tmp_path: Path) -> None:
+def test_the_dataset_finds_bad_records_when_it_reads_them(shapes: Path, tmp_path: Path) -> None:
     path = _mixed(tmp_path, shapes)
     tok = byte_tokenizer()
     dataset = build_dataset(DataConfig(data_path=str(path), on_error="skip"), tok, image_id(tok), SPEC, 0)
-    assert len(dataset) == 7  # six good records and the one whose image is gone (found when built)
-    assert sorted((s.code, s.id) for s in dataset.skipped_at_load) == [
-        ("bad_json", None),
-        ("missing_field", "no-turns"),
-    ]
-    with pytest.raises(DataError, match="invalid JSON"):
-        build_dataset(DataConfig(data_path=str(path)), tok, image_id(tok), SPEC, 0)
+    assert len(dataset) == 9  # every line: the bad ones are found when read
+    items = [dataset[i] for i in range(len(dataset))]
+    skipped = [(s.index, s.code, s.id) for s in items if isinstance(s, Skipped)]
+    assert skipped == [(1, "bad_json", None), (3, "missing_field", "no-turns"), (8, "missing_image", "gone")]
+    assert items[1].message.startswith("line 2, column")
+    assert items[3].message == "line 4: no `conversations` list"
+    batch = Collator(tok.pad_token_id)([items[0], items[3]])
+    with pytest.raises(DataError, match=r"record 3 \(id 'no-turns'\): missing_field: line 4: no `conversations`"):
+        take_skipped(batch, "raise")
 
 
 def test_training_skips_every_kind_and_counts_them_by_code(shapes: Path, tmp_path: Path) -> None:
     path = _mixed(tmp_path, shapes)
     settings = [f"data.data_path={path}", "data.on_error=skip", f"training.output_dir={tmp_path / 'run'}"]
-    result, text = train_recipe([*settings, "training.max_steps=3", "training.per_device_train_batch_size=2"])
+    # Five batches of two: one epoch, every record read once.
+    result, text = train_recipe([*settings, "training.max_steps=5", "training.per_device_train_batch_size=2"])
     assert result.status == "completed"
-    assert "Left out 2 bad record(s) while reading" in text and "bad_json 1, missing_field 1" in text
+    assert "Skipped bad record(s) no-turns (data.on_error: skip)" in text
     final = json.loads((tmp_path / "run" / "run.json").read_text())["final_metrics"]
     assert final["skipped_by_code"] == {"bad_json": 1, "missing_field": 1, "missing_image": 1}
     assert final["skipped_records"] == 3
@@ -73,7 +77,7 @@ def test_a_data_set_with_no_usable_record_stops_training_and_eval(
         ],
         capsys,
     )
-    assert code == 2 and "holds no usable records: every record is bad (bad_json 1, missing_field 1)" in err
+    assert code == 2 and "epoch 1 produced no usable record: every record was skipped as bad" in err
     gone = tmp_path / "gone.jsonl"
     records = json.loads(shapes.read_text())[:2]
     gone.write_text("".join(json.dumps({**r, "image": "nowhere.png"}) + "\n" for r in records), encoding="utf-8")

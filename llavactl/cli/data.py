@@ -36,7 +36,10 @@ def check(
     ] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Check only the first N records.")] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", min=1, help="Processes that check images [default: all cores].")
+        int | None,
+        typer.Option(
+            "--workers", min=1, help="Processes that tokenize records and check images [default: the cores available]."
+        ),
     ] = None,
     decode: Annotated[
         bool, typer.Option("--decode", help="Decode every image fully (finds truncated files); slower.")
@@ -70,7 +73,7 @@ def check(
         data.max_seq_len,
         tokens,
         limit=limit,
-        workers=workers or os.cpu_count() or 1,
+        workers=workers or _cores(),
         decode=decode,
         limits=ImageLimits.of(data),
         skipped_checks=skipped,
@@ -95,6 +98,11 @@ def check(
             fix="fix or drop those records (the table above names each), or write the good ones with "
             "`--write-clean FILE`",
         )
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container's or taskset's limit, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _refuse_old_json_file_form(as_json: bool, overrides: list[str] | None) -> None:

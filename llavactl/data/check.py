@@ -7,28 +7,28 @@ lengths and masks the trainer would use. Every problem has a stable code (see do
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llavactl.data.dataset import Batching, padding_summary
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, open_rgb, probe
-from llavactl.data.records import (
-    Problem,
-    RawRecord,
-    Record,
-    RecordProblem,
-    Severity,
-    check_image_markers,
-    iter_records,
-    read_raw_records,
-)
-from llavactl.data.templates import encoder_for, prepare, render
+from llavactl.data.lengths import count_records, counts_path, token_counts
+from llavactl.data.records import Problem, Record, RecordProblem, Severity, check_image_markers
+from llavactl.data.sources import cache_root
+from llavactl.data.store import RecordStore, keep, open_records
+from llavactl.data.templates import render
 from llavactl.errors import DataError
 
+# Bump when a check's findings change for the same inputs: reports kept before are then never read.
+CHECK_VERSION = 1
 # Codes whose problems keep a record out of training; the others are warnings.
 WARNING_CODES = frozenset({"too_long", "duplicate_id"})
 PERCENTILES = (50, 90, 95, 99)
@@ -83,56 +83,139 @@ def check_dataset(
     limits: ImageLimits = DEFAULT_LIMITS,
     skipped_checks: tuple[str, ...] = (),
     batching: Batching | None = None,
-) -> tuple[CheckReport, list[RawRecord]]:
-    """Check the records of ``records_path``; return the report and the raw records read. With
-    ``batching`` and token lengths, the stats say how much of the profile's padded batches is padding."""
-    raws, problems = read_raw_records(records_path)
-    if limit is not None:
-        raws = raws[:limit]
-        problems = [p for p in problems if p.index is None or p.index < limit]
+) -> tuple[CheckReport, RecordStore]:
+    """Check the records of ``records_path``; return the report and the store they were read from.
+    With ``batching`` and token lengths, the stats say how much of the profile's padded batches is
+    padding. A report kept for the same inputs (the data file, the tokenizer, template, sizes and
+    options, and every image the records name, each unchanged) is read back instead of checking
+    again."""
+    store = open_records(records_path)
+    kept = _kept_path(store, image_folder, template, max_seq_len, tokens, (limit, decode, limits, batching))
+    if kept is not None and (report := _read_kept(kept, records_path, skipped_checks)) is not None:
+        return report, store
+    report, images = _check(
+        store, image_folder, template, max_seq_len, tokens, limit, workers, decode, limits, skipped_checks, batching
+    )
+    if kept is not None:
+        report_json = json.dumps(report.as_json())
+        keep(kept, report=np.array(report_json), images=np.array(json.dumps(images)), stats=_image_stats(images))
+    return report, store
+
+
+def _check(
+    store: RecordStore,
+    image_folder: Path,
+    template: str,
+    max_seq_len: int,
+    tokens: TokenContext | None,
+    limit: int | None,
+    workers: int,
+    decode: bool,
+    limits: ImageLimits,
+    skipped_checks: tuple[str, ...],
+    batching: Batching | None,
+) -> tuple[CheckReport, list[str]]:
+    """The report, and the image paths it checked."""
+    records_path = store.path
+    problems = list(store.problems)
     records: list[Record] = []
-    for _, parsed in iter_records(raws):
-        if isinstance(parsed, Problem):
-            problems.append(parsed)
-        else:
+    count = len(store) if limit is None else min(limit, len(store))
+    for parsed in store.parsed(range(count)):
+        if isinstance(parsed, Record):
             records.append(parsed)
+        elif parsed.code == "bad_json" and store.kind == "list":
+            # A list with an element that is not JSON is not JSON: one problem, of the file.
+            problems, records, count = [store.file_problem()], [], 0
+            break
+        else:
+            problems.append(parsed)
     problems += _duplicate_ids(records)
-    problems += _image_problems(records, image_folder, workers, decode, limits)
+    images = sorted({str(image_folder / p) for r in records for p in r.images})
+    problems += _image_problems(records, images, image_folder, workers, decode, limits)
     lengths: list[int] = []
     text_only: list[bool] = []
     supervised = 0
     if tokens is None:
         problems += _render_problems(records, template)
     else:
-        encoder = encoder_for(tokens.tokenizer, tokens.image_token_id, tokens.spec.num_tokens, template)
+        # Every record's counts, over --workers processes, kept for the next check, dry-run and train.
+        counts = (
+            token_counts(store, tokens, template, max_seq_len, workers=workers)
+            if count == len(store)
+            else count_records(store, tokens, template, max_seq_len, range(count), workers=workers)
+        )
         for record in records:
-            try:
-                prepared = prepare(record, template, encoder, max_seq_len)
-            except RecordProblem as e:
+            i = record.index
+            if i in counts.problems:
                 # A record the trainer cannot build is an error whatever its code: `too_long` is
                 # a warning when the cut only loses text, an error when it falls in image tokens.
-                problems.append(_problem(record, e.code, e.message, "error"))
+                problems.append(_problem(record, *counts.problems[i], "error"))
                 continue
-            lengths.append(prepared.full_length)
+            full, cut = int(counts.full[i]), int(counts.cut[i])
+            lengths.append(full)
             text_only.append(not record.images)
-            supervised += prepared.encoded.num_supervised
-            if prepared.supervised_cut:
+            supervised += int(counts.supervised[i])
+            if cut:
                 problems.append(
                     _problem(
                         record,
                         "too_long",
-                        f"{prepared.full_length} tokens with image tokens, over data.max_seq_len={max_seq_len}: "
-                        f"{prepared.supervised_cut} supervised tokens would be cut",
+                        f"{full} tokens with image tokens, over data.max_seq_len={max_seq_len}: "
+                        f"{cut} supervised tokens would be cut",
                     )
                 )
-    n_records = len(raws) + sum(1 for p in problems if p.code == "bad_json" and p.index is not None)
+    n_records = count
     if n_records == 0 and not problems:
         problems.append(Problem("no_records", f"{records_path} holds no records (an empty list, or only blank lines)"))
     problems.sort(key=lambda p: (-1 if p.index is None else p.index, p.code))
     stats = _stats(records, n_records, problems, lengths, supervised, max_seq_len)
     if batching is not None and lengths:
         stats["padding"] = padding_summary([min(n, max_seq_len) for n in lengths], text_only, batching)
-    return CheckReport(n_records, problems, stats, list(skipped_checks), records_path), raws
+    return CheckReport(n_records, problems, stats, list(skipped_checks), records_path), images
+
+
+def _kept_path(
+    store: RecordStore,
+    image_folder: Path,
+    template: str,
+    max_seq_len: int,
+    tokens: TokenContext | None,
+    options: tuple[Any, ...],
+) -> Path | None:
+    """Where the report of these inputs is kept (None: nothing is kept of this data file)."""
+    if store.key is None:
+        return None
+    # The token counts' file name stands for the tokenizer, template, image size and max_seq_len.
+    counted = None if tokens is None else counts_path(store, tokens, template, max_seq_len)
+    key = repr((CHECK_VERSION, str(image_folder.resolve()), template, max_seq_len, counted, options))
+    return cache_root() / "checks" / f"{store.key}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+def _read_kept(path: Path, records_path: Path, skipped_checks: tuple[str, ...]) -> CheckReport | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as f:
+            found, images, stats = json.loads(str(f["report"])), json.loads(str(f["images"])), f["stats"]
+    except (OSError, ValueError, KeyError):
+        return None
+    # An image changed, appeared or went since: its verdict is stale, so the whole check runs.
+    if not np.array_equal(_image_stats(images), stats):
+        return None
+    problems = [Problem(p["code"], p["message"], p["index"], p["id"], p["severity"]) for p in found["problems"]]
+    return CheckReport(found["records"], problems, found["stats"], list(skipped_checks), records_path)
+
+
+def _image_stats(paths: list[str]) -> np.ndarray:
+    """Each image file's size, times and inode (-1s for one that cannot be read): what changes when it does."""
+    out = np.full((len(paths), 4), -1, dtype=np.int64)
+    for k, p in enumerate(paths):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out[k] = st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+    return out
 
 
 def _problem(record: Record, code: str, message: str, severity: Severity | None = None) -> Problem:
@@ -167,9 +250,8 @@ def _check_image(job: tuple[str, bool, ImageLimits]) -> tuple[str, str] | None:
 
 
 def _image_problems(
-    records: list[Record], image_folder: Path, workers: int, decode: bool, limits: ImageLimits
+    records: list[Record], paths: list[str], image_folder: Path, workers: int, decode: bool, limits: ImageLimits
 ) -> list[Problem]:
-    paths = sorted({str(image_folder / p) for r in records for p in r.images})
     jobs = [(p, decode, limits) for p in paths]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -252,16 +334,16 @@ def _histogram(ordered: list[int]) -> list[dict[str, int]]:
     ]
 
 
-def write_clean(raws: list[RawRecord], report: CheckReport, out: Path) -> int:
-    """Write the records without error-level problems to ``out`` (JSONL for ``.jsonl``, else a
-    JSON list); return how many were written. Never over the records file it was checked from."""
+def write_clean(store: RecordStore, report: CheckReport, out: Path) -> int:
+    """Write the records checked without error-level problems to ``out`` (JSONL for ``.jsonl``, else
+    a JSON list); return how many were written. Never over the records file it was checked from."""
     if report.source is not None and _same_file(out, report.source):
         raise DataError(
             f"--write-clean {out} is the data file being checked; writing there would replace the data",
             fix="write the clean records to another file, and point `data.data_path` at it",
         )
     bad = report.bad_indices()
-    keep = [r.value for r in raws if r.index not in bad]
+    keep = [store.raw(i).value for i in range(report.records) if i not in bad]
     jsonl = out.suffix == ".jsonl"
     text = "".join(dump_json(v) + "\n" for v in keep) if jsonl else dump_json(keep, indent=1) + "\n"
     try:

@@ -1,7 +1,8 @@
 """What the trainer iterates: the dataset, its collator and a resumable, seeded sampler.
 
-Records are parsed up front (cheap); images are decoded and text tokenized lazily, one item at a
-time, so DataLoader workers share the work. The batch layout is the one transformers'
+Records are read from the file's :class:`~llavactl.data.store.RecordStore` one at a time, as are
+their images decoded and their text tokenized, so DataLoader workers share the work and no process
+holds the parsed records. The batch layout is the one transformers'
 ``LlavaForConditionalGeneration`` consumes: every ``<image>`` is ``num_image_tokens`` copies of the
 image token id, labels are -100 wherever nothing is learned.
 """
@@ -9,22 +10,26 @@ image token id, labels are -100 wherever nothing is learned.
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from llavactl.config.schema import DataConfig, Profile
 from llavactl.data.images import ImageFileError, ImageLimits, ImageSpec, load_image
 from llavactl.data.packing import first_fit_decreasing, pack
-from llavactl.data.records import Problem, Record, RecordProblem, load_records
+from llavactl.data.records import Problem, Record, RecordProblem, parse_raw
 from llavactl.data.sources import resolve_data_source
+from llavactl.data.store import RecordStore, open_records
 from llavactl.data.templates import IGNORE_INDEX, encoder_for, prepare
 from llavactl.errors import DataError
+
+if TYPE_CHECKING:
+    from llavactl.data.check import TokenContext
 
 # Megabatches of this many batches are sorted by length before being cut into batches
 # (transformers' LengthGroupedSampler uses the same factor).
@@ -32,8 +37,6 @@ MEGABATCH_BATCHES = 50
 # Records are binned for a token budget within megabatches of this many, drawn in the epoch's random
 # order: enough to fill bins tightly, few enough that a bin's records come from all over the data.
 BUDGET_MEGABATCH_RECORDS = 512
-# LLaVA's length estimate for grouping counts words, and this many tokens per image.
-ESTIMATED_IMAGE_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -47,31 +50,38 @@ class Skipped:
 
 
 class LlavaDataset(Dataset):
-    """Records as ``{"input_ids", "labels", "pixel_values", "index"}`` items, decoded on access."""
+    """Records as ``{"input_ids", "labels", "pixel_values", "index"}`` items, decoded on access.
+
+    A record that cannot be built (not JSON, the wrong structure, an image, a cut) is returned as
+    :class:`Skipped`; ``data.on_error`` decides what then happens (:func:`take_skipped`)."""
 
     def __init__(
         self,
-        records: list[Record],
+        store: RecordStore,
         image_folder: Path,
         data: DataConfig,
         tokenizer: Any,
         image_token_id: int,
         spec: ImageSpec,
     ) -> None:
-        self.records = records
+        self.store = store
         self.image_folder = image_folder
         self.data = data
         self.spec = spec
         self.limits = ImageLimits.of(data)
         self.encoder = encoder_for(tokenizer, image_token_id, spec.num_tokens, data.conversation_template)
-        # Records left out when the file was read (`data.on_error: skip`): unparsable lines, bad structure.
-        self.skipped_at_load: list[Skipped] = []
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.store)
 
     def __getitem__(self, i: int) -> dict[str, Any] | Skipped:
-        record = self.records[i]
+        try:
+            raw = self.store.raw(i)
+        except RecordProblem as e:  # not JSON: the message gives the line
+            return Skipped(i, None, e.code, e.message)
+        record = parse_raw(raw)
+        if isinstance(record, Problem):
+            return Skipped(i, record.id, record.code, f"line {raw.line}: {record.message}")
         try:
             prepared = prepare(record, self.data.conversation_template, self.encoder, self.data.max_seq_len)
             pixels = [
@@ -92,25 +102,39 @@ class LlavaDataset(Dataset):
     def token_lengths(self) -> list[int]:
         """Each record's exact length in tokens as the trainer builds it (image tokens included, cut
         at ``data.max_seq_len``), from its text alone: no image is opened. A record that cannot be
-        built counts as ``data.max_seq_len`` (it is skipped or stopped on when its turn comes)."""
-        lengths = []
+        built counts as ``data.max_seq_len`` (it is skipped or stopped on when its turn comes). The
+        counts that `data check` kept are read back; else they are counted here, and kept."""
+        from llavactl.data.lengths import token_counts
+
         max_len = self.data.max_seq_len
-        for record in self.records:
-            try:
-                prepared = prepare(record, self.data.conversation_template, self.encoder, max_len)
-            except RecordProblem:
-                lengths.append(max_len)
-                continue
-            lengths.append(len(prepared.encoded.input_ids))
-        return lengths
+        counts = token_counts(self.store, self._token_context(), self.data.conversation_template, max_len)
+        return np.where(counts.built(), np.minimum(counts.full, max_len), max_len).tolist()
+
+    def _token_context(self) -> TokenContext:
+        from llavactl.data.check import TokenContext
+
+        return TokenContext(self.encoder.tokenizer, self.encoder.image_token_id, self.spec)
+
+    def records(self) -> Iterator[Record]:
+        """The records that parse, in order (each file element decoded once more)."""
+        return (r for r in self.store.parsed() if isinstance(r, Record))
 
     def modality_lengths(self) -> list[int]:
-        """LLaVA's cheap length estimate, positive for records with images, negative for text-only."""
-        lengths = []
-        for r in self.records:
-            words = sum(len(t.text.split()) for t in r.turns)
-            lengths.append(words + ESTIMATED_IMAGE_TOKENS * len(r.images) if r.images else -words)
-        return lengths
+        """Lengths for grouping, positive for records with images, negative for text-only: the exact
+        token counts where `data check` kept them for this tokenizer, template, image size and
+        max_seq_len, else each record's size in bytes (no record is decoded for it; only the order
+        within each modality matters)."""
+        from llavactl.data.lengths import cached_counts
+
+        counts = cached_counts(
+            self.store, self._token_context(), self.data.conversation_template, self.data.max_seq_len
+        )
+        if counts is None:
+            sizes = self.store.sizes()
+            return np.where(self.store.has_image(), sizes, -sizes).tolist()
+        # A record that does not build is skipped wherever it falls: 1 (or -1) keeps its modality.
+        length = np.where(counts.built(), counts.full, 1)
+        return np.where(counts.images > 0, length, -length).tolist()
 
 
 class Collator:
@@ -464,15 +488,15 @@ def take_skipped(batch: dict[str, Any], on_error: str) -> list[Skipped]:
 def build_dataset(data: DataConfig, tokenizer: Any, image_token_id: int, spec: ImageSpec, seed: int) -> LlavaDataset:
     """The training dataset of a profile's ``data`` section (``seed`` picks builtin data)."""
     records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, seed)
-    skipped: list[Problem] | None = [] if data.on_error == "skip" else None
-    records = load_records(records_path, skipped)
-    if not records:
-        counts = ", ".join(f"{code} {n}" for code, n in Counter(p.code for p in skipped or []).items())
-        bad = f": every record is bad ({counts})" if counts else ""
+    store = open_records(records_path)
+    if store.problems:
         raise DataError(
-            f"{records_path} holds no usable records{bad}",
+            f"{records_path}: invalid JSON: {store.problems[0].message}",
+            fix=f"run `llavactl data check` on {records_path}",
+        )
+    if not len(store):
+        raise DataError(
+            f"{records_path} holds no records",
             fix=f"run `llavactl data check` on {records_path}, or point `data.data_path` at a non-empty data set",
         )
-    dataset = LlavaDataset(records, image_folder, data, tokenizer, image_token_id, spec)
-    dataset.skipped_at_load = [Skipped(p.index or 0, p.id, p.code, p.message) for p in skipped or []]
-    return dataset
+    return LlavaDataset(store, image_folder, data, tokenizer, image_token_id, spec)

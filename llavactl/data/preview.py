@@ -94,30 +94,31 @@ def preview_records(
     records_path: Path, data: DataConfig, tokens: TokenContext, *, n: int, index: int | None = None
 ) -> list[PreviewItem | PreviewProblem]:
     """The first ``n`` records of ``records_path`` (or record ``index`` alone) as training prepares them."""
-    from llavactl.data.records import Problem, RecordProblem, iter_records, read_raw_records
+    from llavactl.data.records import Problem, RecordProblem
+    from llavactl.data.store import open_records
     from llavactl.data.templates import encoder_for, prepare
 
-    raws, _ = read_raw_records(records_path)
-    chosen = [r for r in raws if r.index == index] if index is not None else raws[:n]
-    if index is not None and not chosen:
+    store = open_records(records_path)
+    if index is not None and not 0 <= index < len(store):
         raise DataError(
-            f"{records_path} has no record {index} ({len(raws)} records read)",
-            fix=f"pick an index below {len(raws)}",
+            f"{records_path} has no record {index} ({len(store)} records read)",
+            fix=f"pick an index below {len(store)}",
         )
+    chosen = [index] if index is not None else range(min(n, len(store)))
     template = data.conversation_template
     encoder = encoder_for(tokens.tokenizer, tokens.image_token_id, tokens.spec.num_tokens, template)
     out: list[PreviewItem | PreviewProblem] = []
-    for raw, parsed in iter_records(chosen):
+    for parsed in store.parsed(chosen):
         if isinstance(parsed, Problem):
-            out.append(PreviewProblem(raw.index, parsed.id, f"{parsed.code}: {parsed.message}"))
+            out.append(PreviewProblem(parsed.index or 0, parsed.id, f"{parsed.code}: {parsed.message}"))
             continue
         try:
             prepared = prepare(parsed, template, encoder, data.max_seq_len)
         except RecordProblem as e:
-            out.append(PreviewProblem(raw.index, parsed.id, f"{e.code}: {e.message}"))
+            out.append(PreviewProblem(parsed.index, parsed.id, f"{e.code}: {e.message}"))
             continue
         out.append(
-            PreviewItem(raw.index, parsed.id, runs_of(prepared.encoded, tokens.tokenizer, tokens.image_token_id))
+            PreviewItem(parsed.index, parsed.id, runs_of(prepared.encoded, tokens.tokenizer, tokens.image_token_id))
         )
     return out
 

@@ -9,7 +9,7 @@ all of them and the dataset can name the record it stops on.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -89,82 +89,39 @@ class RawRecord:
 
 
 def read_raw_records(path: Path) -> tuple[list[RawRecord], list[Problem]]:
-    """Decode ``path`` as a JSON list (first character ``[``) or as JSONL (one object a line).
+    """Every element of ``path`` (a JSON list, or JSONL) decoded; see :mod:`llavactl.data.store`.
 
     A JSON list that does not parse gives one ``bad_json`` problem and no records; in JSONL each
     bad line gives its own problem and the other lines still load.
     """
-    try:
-        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the JSON.
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(
-            f"data file {path} does not exist", fix="set `data.data_path` to an existing JSON or JSONL file"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file {path} is not UTF-8 text ({e})", fix="re-encode the file as UTF-8") from None
-    except OSError as e:
-        raise DataError(f"data file {path} cannot be read ({e.strerror or e})", fix="check its permissions") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        return _read_json_list(text)
-    return _read_jsonl(text)
+    from llavactl.data.store import open_records
+
+    store = open_records(path)
+    records: list[RawRecord] = []
+    problems = list(store.problems)
+    for i in range(len(store)):
+        try:
+            records.append(store.raw(i))
+        except RecordProblem as p:
+            if store.kind == "list":
+                return [], [store.file_problem()]
+            problems.append(Problem(p.code, p.message, i))
+    return records, problems
 
 
-def _decode(text: str, line_offset: int = 0) -> Any:
-    """``json.loads``, with every way it fails as a ValueError whose message gives the line."""
+def decode_json(text: str, line_offset: int = 0, column_offset: int = 0) -> Any:
+    """``json.loads``, with every way it fails as a ValueError whose message gives the line (and
+    the column: ``column_offset`` is added on the text's first line)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"line {e.lineno + line_offset}, column {e.colno}: {e.msg}") from None
+        column = e.colno + (column_offset if e.lineno == 1 else 0)
+        raise ValueError(f"line {e.lineno + line_offset}, column {column}: {e.msg}") from None
     except RecursionError:
         raise ValueError(f"line {line_offset + 1}: values nested too deeply to read (thousands of levels)") from None
     except ValueError:
         # Python converts no integer of over 4,300 digits (a denial-of-service guard).
         raise ValueError(f"line {line_offset + 1}: a number of over 4,300 digits") from None
-
-
-def _read_json_list(text: str) -> tuple[list[RawRecord], list[Problem]]:
-    try:
-        values = _decode(text)
-    except ValueError as e:
-        return [], [Problem("bad_json", str(e))]
-    # Record start lines let messages point into the file; json gives no positions, so find
-    # them with a raw decoder over the list's elements.
-    lines = _element_lines(text, len(values))
-    return [RawRecord(i, lines[i], v) for i, v in enumerate(values)], []
-
-
-def _element_lines(text: str, count: int) -> list[int]:
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    starts: list[int] = []
-    line, scanned = 1, 0
-    for _ in range(count):
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        line += text.count("\n", scanned, pos)
-        scanned = pos
-        starts.append(line)
-        _, pos = decoder.raw_decode(text, pos)
-    return starts
-
-
-def _read_jsonl(text: str) -> tuple[list[RawRecord], list[Problem]]:
-    records: list[RawRecord] = []
-    problems: list[Problem] = []
-    index = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = _decode(line, lineno - 1)
-        except ValueError as e:
-            problems.append(Problem("bad_json", str(e), index=index))
-        else:
-            records.append(RawRecord(index, lineno, value))
-        index += 1
-    return records, problems
 
 
 def parse_record(raw: RawRecord) -> Record:
@@ -261,14 +218,19 @@ def check_image_markers(record: Record) -> None:
         )
 
 
-def iter_records(raws: list[RawRecord]) -> Iterator[tuple[RawRecord, Record | Problem]]:
+def parse_raw(raw: RawRecord) -> Record | Problem:
+    """The record, or the structural problem that stops it."""
+    try:
+        return parse_record(raw)
+    except RecordProblem as p:
+        rid = raw.value.get("id") if isinstance(raw.value, dict) else None
+        return Problem(p.code, p.message, raw.index, _reportable_id(rid))
+
+
+def iter_records(raws: Iterable[RawRecord]) -> Iterator[tuple[RawRecord, Record | Problem]]:
     """Parse each raw record, yielding the record or the structural problem that stops it."""
     for raw in raws:
-        rid = raw.value.get("id") if isinstance(raw.value, dict) else None
-        try:
-            yield raw, parse_record(raw)
-        except RecordProblem as p:
-            yield raw, Problem(p.code, p.message, raw.index, _reportable_id(rid))
+        yield raw, parse_raw(raw)
 
 
 def _reportable_id(rid: Any) -> str | int | None:
@@ -280,26 +242,16 @@ def _reportable_id(rid: Any) -> str | int | None:
     return rid if isinstance(rid, int) else None
 
 
-def load_records(path: Path, problems_out: list[Problem] | None = None) -> list[Record]:
-    """Read and validate every record; raise :class:`DataError` naming the first bad one.
-
-    With ``problems_out`` (``data.on_error: skip``), records that cannot be parsed (a bad JSONL
-    line, a record of the wrong structure) are left out and their problems appended there instead;
-    a file that is not JSON at all (a broken JSON list) still raises."""
+def load_records(path: Path) -> list[Record]:
+    """Read and validate every record of a (small) file; raise :class:`DataError` naming the first bad one."""
     raws, problems = read_raw_records(path)
-    fatal = [p for p in problems if p.index is None or problems_out is None]
-    if fatal or (problems and problems_out is None):
-        p = (fatal or problems)[0]
+    if problems:
+        p = problems[0]
         where = f" (record {p.index})" if p.index is not None else ""
         raise DataError(f"{path}: invalid JSON{where}: {p.message}", fix=f"run `llavactl data check` on {path}")
-    if problems_out is not None:
-        problems_out.extend(problems)
     records = []
     for raw, parsed in iter_records(raws):
         if isinstance(parsed, Problem):
-            if problems_out is not None:
-                problems_out.append(parsed)
-                continue
             raise DataError(
                 f"{path}: record {raw.index} (id {parsed.id!r}, line {raw.line}): {parsed.code}: {parsed.message}",
                 fix="fix or drop the record; `llavactl data check --write-clean FILE` writes the data without "

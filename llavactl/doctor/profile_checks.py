@@ -57,26 +57,28 @@ def quantization_check(resolved: ResolvedRun) -> CheckResult:
 
 
 def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
-    from llavactl.data.records import Problem, iter_records, read_raw_records
+    from llavactl.data.records import Problem
     from llavactl.data.sources import resolve_data_source
+    from llavactl.data.store import open_records
 
     if data.data_path.startswith("builtin:"):
         return [passed("data", f"{data.data_path}: built-in synthetic data, made on first use")]
     try:
         path, folder = resolve_data_source(data.data_path, data.image_folder, seed)
-        raws, file_problems = read_raw_records(path)
+        store = open_records(path)
     except DataError as exc:
         return [failed("data", exc.message, exc.fix or "fix the data file")]
-    if not raws and not file_problems:
+    file_problems = store.problems
+    if not len(store) and not file_problems:
         return [failed("data records", f"{path} holds no records", "point `data.data_path` at a non-empty data set")]
     if file_problems:
         first = file_problems[0]
         return [failed("data records", first.message, f"`llavactl data check` on {path} lists every problem")]
     problems, missing, checked, images = [], [], 0, 0
-    for raw, parsed in iter_records(raws[:_FIRST_RECORDS]):
+    for parsed in store.parsed(range(min(_FIRST_RECORDS, len(store)))):
         checked += 1
         if isinstance(parsed, Problem):
-            problems.append(f"record {raw.index}: {parsed.code}")
+            problems.append(f"record {parsed.index}: {parsed.code}")
             continue
         for image in parsed.images:
             images += 1
@@ -99,7 +101,7 @@ def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
             return [warned("data images", f"{finding}; data.on_error: skip will skip their records", fix)]
         return [failed("data images", finding, fix)]
     return [
-        passed("data records", f"{len(raws)} records in {path.name}; the first {checked} parse, their images exist")
+        passed("data records", f"{len(store)} records in {path.name}; the first {checked} parse, their images exist")
     ]
 
 

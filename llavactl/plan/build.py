@@ -40,9 +40,9 @@ class TokenPlan:
 
     source: str
     records: int | None
-    records_with_image: int | None
+    records_with_image: int | None  # records with an `image` key (counted in their bytes, not decoded)
     image_tokens_per_image: int
-    images_per_sample: int  # the most images one record has (0: text-only data)
+    images_per_sample: int  # the most images one sampled record has (0: text-only data)
     mean: float
     p95: int
     longest: int  # what a batch is padded to at worst, capped at data.max_seq_len
@@ -111,9 +111,12 @@ def build_meta(profile: Profile, *, gradient_checkpointing: bool) -> AssembledMo
 
 def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     """Tokens per sample from the data (a spread sample of records) or from data.max_seq_len."""
+    import numpy as np
+
     from llavactl.data.dataset import Batching, micro_batch_work, padding_summary
-    from llavactl.data.records import Problem, RecordProblem, iter_records, read_raw_records
+    from llavactl.data.records import Record, RecordProblem
     from llavactl.data.sources import resolve_data_source
+    from llavactl.data.store import open_records
     from llavactl.data.templates import encoder_for, prepare
 
     data = profile.data
@@ -132,42 +135,64 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     )
     try:
         path, _ = resolve_data_source(data.data_path, data.image_folder, profile.seed)
-        raws, _ = read_raw_records(path)
+        store = open_records(path)
     except DataError as exc:
         return replace(fallback, source=f"{fallback.source} ({exc.message})")
-    records = [parsed for _, parsed in iter_records(raws) if not isinstance(parsed, Problem)]
-    with_image = sum(1 for r in records if r.images)
-    # A record whose image tokens alone fill data.max_seq_len cannot train (`too_long`): it is
-    # stopped on or skipped, so it does not size the step.
-    most_images = max((len(r.images) for r in records if len(r.images) * per_image < data.max_seq_len), default=0)
+    count = len(store)
+    counts = None
+    if assembled.tokenizer is not None:
+        from llavactl.data.check import TokenContext
+        from llavactl.data.lengths import cached_counts
+
+        context = TokenContext(assembled.tokenizer, assembled.image_token_id, assembled.image_spec)
+        counts = cached_counts(store, context, data.conversation_template, data.max_seq_len)
     lengths: list[int] = []
     supervised: list[int] = []
     text_only: list[bool] = []
-    if assembled.tokenizer is not None:
-        encoder = encoder_for(assembled.tokenizer, assembled.image_token_id, per_image, data.conversation_template)
-        stride = max(1, len(records) // TOKEN_SAMPLE)
-        for record in records[::stride][:TOKEN_SAMPLE]:
-            try:
-                prepared = prepare(record, data.conversation_template, encoder, data.max_seq_len)
-            except RecordProblem:
-                continue
-            lengths.append(min(prepared.full_length, data.max_seq_len))
-            supervised.append(prepared.encoded.num_supervised)
-            text_only.append(not record.images)
+    if counts is not None:
+        # `data check` counted every record for this tokenizer, template, image size and max_seq_len.
+        built = counts.built()
+        images = counts.images[counts.images >= 0]
+        with_image = int((images > 0).sum())
+        fitting = images[images * per_image < data.max_seq_len]
+        most_images = int(fitting.max()) if len(fitting) else 0
+        lengths = np.minimum(counts.full[built], data.max_seq_len).tolist()
+        supervised = counts.supervised[built].tolist()
+        text_only = (counts.images[built] == 0).tolist()
+        source = f"all {len(lengths):,} of {count:,} records (token counts kept by `data check`)"
+    else:
+        # A spread sample of the records, decoded; the file's other records are never built.
+        stride = max(1, count // TOKEN_SAMPLE)
+        records = [r for r in store.parsed(range(0, count, stride)[:TOKEN_SAMPLE]) if isinstance(r, Record)]
+        with_image = int(store.has_image().sum())
+        # A record whose image tokens alone fill data.max_seq_len cannot train (`too_long`): it is
+        # stopped on or skipped, so it does not size the step.
+        most_images = max((len(r.images) for r in records if len(r.images) * per_image < data.max_seq_len), default=0)
+        if assembled.tokenizer is not None:
+            encoder = encoder_for(assembled.tokenizer, assembled.image_token_id, per_image, data.conversation_template)
+            for record in records:
+                try:
+                    prepared = prepare(record, data.conversation_template, encoder, data.max_seq_len)
+                except RecordProblem:
+                    continue
+                lengths.append(min(prepared.full_length, data.max_seq_len))
+                supervised.append(prepared.encoded.num_supervised)
+                text_only.append(not record.images)
+        source = f"{len(lengths):,} of {count:,} records tokenized"
     if not lengths:
         why = "no tokenizer at hand" if assembled.tokenizer is None else "no record tokenizes"
         return replace(
             fallback,
             source=f"{fallback.source} ({why})",
-            records=len(records),
+            records=count,
             records_with_image=with_image,
             images_per_sample=max(most_images, 1),
         )
     ordered = sorted(lengths)
     batching = Batching.of(profile)
     return TokenPlan(
-        f"{len(lengths):,} of {len(records):,} records tokenized",
-        len(records),
+        source,
+        count,
         with_image,
         per_image,
         most_images,

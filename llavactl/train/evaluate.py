@@ -131,7 +131,7 @@ def first_named(pattern: re.Pattern[str], answer: str) -> str | None:
 def shapes_scores(predictor: Predictor, dataset: LlavaDataset, max_new_tokens: int = 12) -> tuple[Score, Score] | None:
     """Ask every shapes record with a known colour (shape) for it; count answers whose first colour
     (shape) word is the right one. None when no record is a shapes record."""
-    truths = [(record, shapes_truth(record)) for record in dataset.records if record.images]
+    truths = [(record, shapes_truth(record)) for record in dataset.records() if record.images]
     scores = []
     for k, (question, pattern) in enumerate(((COLOUR_QUESTION, _COLOUR_WORD), (SHAPE_QUESTION, _SHAPE_WORD))):
         known = [(dataset.image_folder / record.images[0], truth[k]) for record, truth in truths if truth[k]]

@@ -365,13 +365,9 @@ class TrainRecipe:
             # dropout uses, or a resumed run would see different dropout masks.
             generator=torch.Generator().manual_seed(self._profile.seed),
         )
-        self._skipped_records = len(dataset.skipped_at_load)
-        self._skipped_by_code: Counter[str] = Counter(s.code for s in dataset.skipped_at_load)
-        if dataset.skipped_at_load:
-            self._progress.milestone(
-                f"Left out {len(dataset.skipped_at_load):,} bad record(s) while reading "
-                f"{data.data_path} (data.on_error: skip): {self._by_code()}"
-            )
+        # Bad records are found when read (the store decodes one at a time), and counted then.
+        self._skipped_records = 0
+        self._skipped_by_code: Counter[str] = Counter()
         per = f" on each of {world.size} processes" if world.distributed else ""
         dropped = self._sampler.dropped_per_epoch
         left_out = f" ({dropped} records of each epoch left out so that all get as many)" if dropped else ""

@@ -1,0 +1,376 @@
+"""The records of a data file, indexed once and read one at a time.
+
+A JSON list of 665K records parses into ~3.5 GiB of Python objects per process; held that way, every
+rank of a run keeps its own copy. Instead the file is scanned once for where each element starts
+and ends (vectorised over the bytes with numpy, faster than ``json.load``, which it does not replace:
+an element is decoded when it is read), and the offsets are kept in a small index file in the
+llavactl cache (``$LLAVACTL_CACHE/records``), named by the data file's path and fingerprint (size,
+mtime, ctime, inode, device) so that a changed file never meets a stale index. The index is
+memory-mapped and a record is read with ``pread``: what a process holds is the index (32 bytes a
+record), and the file's pages live once in the OS page cache for every rank.
+
+One :class:`RecordStore` per file and process (:func:`open_records` memoises it), so that doctor's
+checks, the planner and the dataset of one command read the file once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from llavactl.data.records import Problem, RawRecord, Record, RecordProblem, decode_json, parse_raw
+from llavactl.data.sources import cache_root
+from llavactl.errors import DataError
+
+Kind = Literal["list", "jsonl"]
+# Bump when the index layout or the scan changes: old index files are then never read.
+INDEX_VERSION = 1
+# Files smaller than this are scanned in a blink: their index is not written to the cache.
+CACHE_MIN_BYTES = 4 << 20
+CHUNK_BYTES = 8 << 20
+# Read past a chunk's end so that an `"image":` key cut by the chunk's end is still seen.
+OVERLAP_BYTES = 64
+BOM = codecs.BOM_UTF8
+WHITESPACE = b" \t\r\n"
+# The key of a record's images, as an estimate of which records have one (see `has_image`).
+_IMAGE_KEY = b'"image"'
+_IMAGE_KEY_LINE = re.compile(rb'"image"[ \t\r\n]*:')
+# Columns of the index: where an element's bytes start and end, the 1-based line of the byte
+# before its start (its separator), and whether it has an `"image"` key.
+START, END, LINE, IMAGE = range(4)
+_QUOTE, _BACKSLASH, _COMMA, _NEWLINE = 34, 92, 44, 10
+# `[` and `{` are 0x5B and 0x7B, `]` and `}` 0x5D and 0x7D: with bit 0x20 set, one test each.
+_OPEN, _CLOSE = 0x7B, 0x7D
+
+
+class _BadList(Exception):
+    """The JSON list's structure does not hold (unbalanced, unterminated, an empty element)."""
+
+
+class RecordStore:
+    """The elements of a LLaVA data file (JSON list or JSONL), decoded when read.
+
+    ``problems`` holds the file's own problem (a JSON list whose structure is broken), in which
+    case it has no records. ``key`` names the file's path and fingerprint (what is cached of it is
+    filed under it; None for a small file, of which nothing is kept, or one scanned but not opened
+    by :func:`open_records`).
+    """
+
+    def __init__(
+        self, path: Path, kind: Kind, index: np.ndarray, problems: list[Problem], key: str | None = None
+    ) -> None:
+        self.path = path
+        self.key = key
+        self.kind = kind
+        self.problems = problems
+        self._index = index
+        self._file: Any = None
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started by spawn get a copy: an open file does not travel, the index does.
+        return {**self.__dict__, "_file": None, "_index": np.asarray(self._index)}
+
+    def _read(self, start: int, end: int) -> bytes:
+        if self._file is None:
+            self._file = self.path.open("rb", buffering=0)
+        # pread moves no shared file position: forked DataLoader workers may share the descriptor.
+        return os.pread(self._file.fileno(), end - start, start)
+
+    def raw(self, i: int) -> RawRecord:
+        """Element ``i`` decoded; :class:`RecordProblem` ``bad_json`` when it is not JSON."""
+        start, end, line = (int(x) for x in self._index[i, :IMAGE])
+        data = self._read(start, end)
+        body = data.lstrip(WHITESPACE)
+        lead = data[: len(data) - len(body)]
+        body = body.rstrip(WHITESPACE)
+        line += lead.count(b"\n")
+        # Exact after a newline and on a JSONL line; in a list written on one line the columns of
+        # an element's first line count from its separator.
+        column = len(lead) - lead.rfind(b"\n") - 1
+        try:
+            value = decode_json(body.decode("utf-8"), line - 1, column)
+        except ValueError as e:
+            raise RecordProblem("bad_json", str(e)) from None
+        return RawRecord(i, line, value)
+
+    def parsed(self, indices: Iterable[int] | None = None) -> Iterator[Record | Problem]:
+        """Each element (all, or ``indices``) as a valid record or the problem that stops it."""
+        for i in range(len(self)) if indices is None else indices:
+            try:
+                raw = self.raw(i)
+            except RecordProblem as p:
+                yield Problem(p.code, p.message, i)
+                continue
+            yield parse_raw(raw)
+
+    def __iter__(self) -> Iterator[RawRecord]:
+        """Every element decoded; stops with :class:`RecordProblem` at one that is not JSON."""
+        return (self.raw(i) for i in range(len(self)))
+
+    def has_image(self) -> np.ndarray:
+        """Whether each element has an ``"image"`` key, from its bytes: an estimate (a null image,
+        or the key inside a turn, counts too) for what must not decode every record."""
+        return np.asarray(self._index[:, IMAGE], dtype=bool)
+
+    def sizes(self) -> np.ndarray:
+        """Each element's size in bytes."""
+        return np.asarray(self._index[:, END] - self._index[:, START])
+
+    def file_problem(self) -> Problem:
+        """A JSON list with an element that is not JSON is not JSON: the file's problem as
+        ``json`` words it, with the line and column in the file (decodes the whole file)."""
+        return _list_problem(self.path)
+
+
+def _list_problem(path: Path) -> Problem:
+    try:
+        decode_json(path.read_text(encoding="utf-8-sig"))
+    except ValueError as e:
+        return Problem("bad_json", str(e))
+    return Problem("bad_json", "the file is JSON, but not a list of records")
+
+
+def open_records(path: Path) -> RecordStore:
+    """The store of ``path``, shared by every caller in this process while the file is unchanged.
+
+    Raises :class:`DataError` when the file is missing, unreadable or not UTF-8 text.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError(
+            f"data file {path} does not exist", fix="set `data.data_path` to an existing JSON or JSONL file"
+        ) from None
+    except OSError as e:
+        raise DataError(f"data file {path} cannot be read ({e.strerror or e})", fix="check its permissions") from None
+    return _open(path.resolve(), _fingerprint(st))
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
+    # ctime too: a tool that writes in place and restores the mtime (rsync --inplace -t) cannot set it.
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+@functools.lru_cache(maxsize=4)
+def _open(path: Path, fingerprint: tuple[int, ...]) -> RecordStore:
+    cached = index_path(path, fingerprint)
+    if cached.is_file():
+        try:
+            index = np.load(cached, mmap_mode="r")
+            if index[0, 0] == INDEX_VERSION:
+                return RecordStore(path, "list" if index[0, 1] == 0 else "jsonl", index[1:], [], cached.stem)
+        except (OSError, ValueError, IndexError):
+            pass  # unreadable: scanned again and written anew below
+    try:
+        kind, index, problems = scan(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text ({e})", fix="re-encode the file as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"data file {path} cannot be read ({e.strerror or e})", fix="check its permissions") from None
+    if fingerprint[0] < CACHE_MIN_BYTES:
+        return RecordStore(path, kind, index, problems)  # nothing of a small file is kept
+    # Not when the file changed while it was scanned: the index would be of neither version.
+    if not problems and _fingerprint(path.stat()) == fingerprint:
+        header = np.array([[INDEX_VERSION, 0 if kind == "list" else 1, 0, 0]], dtype=np.int64)
+        keep(cached, index=np.concatenate([header, index]))
+    return RecordStore(path, kind, index, problems, cached.stem)
+
+
+def index_path(path: Path, fingerprint: tuple[int, ...]) -> Path:
+    """Where the index of ``path`` with this fingerprint lives: ``<path hash>-<fingerprint hash>.npy``."""
+    named = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    version = hashlib.sha256(repr((INDEX_VERSION, fingerprint)).encode()).hexdigest()[:16]
+    return cache_root() / "records" / f"{named}-{version}.npy"
+
+
+def keep(target: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to ``target`` in the cache (``.npy`` for one called ``index``, else ``.npz``)
+    atomically, by a rename: processes that race each write a whole file. Then drop the files kept
+    for older versions of the same data file. A cache that cannot be written costs the next command
+    the work again, nothing else."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix, dir=target.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if target.suffix == ".npy":
+                np.save(f, arrays["index"])
+            else:
+                np.savez(f, **arrays)
+        os.replace(tmp, target)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+        return
+    drop_older(target)
+
+
+def drop_older(target: Path) -> None:
+    """Remove the files beside ``target`` kept for older versions of its data file (same path hash)."""
+    named, version = target.name.split("-")[:2]
+    for old in target.parent.glob(f"{named}-*"):
+        if old.name.split("-")[1] != version:
+            old.unlink(missing_ok=True)
+
+
+def scan(path: Path) -> tuple[Kind, np.ndarray, list[Problem]]:
+    """Find every element of ``path``: a JSON list when its first character is ``[``, else JSONL.
+
+    Raises UnicodeDecodeError when the file is not UTF-8."""
+    with path.open("rb") as f:
+        skip = len(BOM) if f.read(len(BOM)) == BOM else 0
+        f.seek(skip)
+        while (chunk := f.read(1 << 16)) and not chunk.lstrip(WHITESPACE):
+            pass
+        if not chunk.lstrip(WHITESPACE).startswith(b"["):
+            f.seek(skip)
+            return "jsonl", _scan_jsonl(f), []
+    try:
+        return "list", _scan_list(path, skip), []
+    except _BadList:
+        return "list", np.zeros((0, 4), np.int64), [_list_problem(path)]
+
+
+def _scan_jsonl(f: Any) -> np.ndarray:
+    """One element a line that is not blank; a line's bytes go to no JSON decoder here."""
+    rows = []
+    position = f.tell()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for lineno, line in enumerate(f, start=1):
+        decoder.decode(line)
+        if line.strip(WHITESPACE):
+            end = position + len(line.rstrip(b"\r\n"))
+            rows.append((position, end, lineno, _IMAGE_KEY_LINE.search(line) is not None))
+        position += len(line)
+    decoder.decode(b"", final=True)
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def _scan_list(path: Path, skip: int) -> np.ndarray:
+    """The elements of a JSON list, from its bytes: a comma at depth 1, outside strings, ends one.
+
+    Per chunk: the quotes that are not escaped (a quote after an odd run of backslashes is), whose
+    running count says whether a position is inside a string; the brackets and commas outside
+    strings; the depth at each comma from the counts of brackets before it. Raises :class:`_BadList`
+    where that structure does not hold; what it does not see (a bad value inside an element) is
+    found when the element is decoded."""
+    size = path.stat().st_size
+    buf = bytearray(CHUNK_BYTES + OVERLAP_BYTES)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    seps: list[np.ndarray] = []  # the list's `[`, then the commas between its elements
+    seps_line: list[np.ndarray] = []
+    images: list[np.ndarray] = []
+    offset, depth, quotes, newlines, backslashes = skip, 0, 0, 0, 0
+    end, opening = None, True
+    with path.open("rb", buffering=0) as f:
+        fd = f.fileno()
+        while offset < size and end is None:
+            got = os.preadv(fd, [buf], offset)
+            n = min(got, CHUNK_BYTES)
+            decoder.decode(memoryview(buf)[:n])
+            c = np.frombuffer(buf, np.uint8, n)
+            # One pass over the bytes for the quotes, brackets and commas; the rest works on those.
+            high = c | 0x20
+            mask = c == _QUOTE
+            mask |= high == _OPEN
+            mask |= high == _CLOSE
+            mask |= c == _COMMA
+            at = np.flatnonzero(mask)
+            v = c[at]
+            quote = v == _QUOTE
+            escaped = _escaped_quotes(buf, at[quote], backslashes)
+            if escaped:
+                quote[np.searchsorted(at, escaped)] = False
+            backslashes = _backslashes_before(buf, n, backslashes)
+            quotes_at = at[quote]
+            # Outside strings after an even number of quotes; a quote is no bracket or comma.
+            outside = np.flatnonzero((np.cumsum(quote, dtype=np.int64) + quotes) % 2 == 0)
+            structural, sv = at[outside], v[outside] | 0x20
+            step = (sv == _OPEN).astype(np.int8) - (sv == _CLOSE)
+            level = np.cumsum(step, dtype=np.int64) + depth  # the depth after each, the list's `[` counted
+            sep = (sv == _COMMA | 0x20) & (level == 1)
+            if opening and len(sep):
+                sep[0], opening = True, False  # the list's `[` opens the first element
+            closing = np.flatnonzero((step == -1) & (level == 0))
+            if len(closing):
+                last = int(closing[0])
+                if c[structural[last]] != ord("]"):
+                    raise _BadList  # `[1}`
+                sep[last:] = False
+                end = int(structural[last])
+            mine = structural[sep]
+            seps.append(mine + offset)
+            lines = np.flatnonzero(c == _NEWLINE)
+            seps_line.append(np.searchsorted(lines, mine) + newlines + 1)
+            keys = _image_keys(buf, n, got)
+            keys = keys[(np.searchsorted(quotes_at, keys) + quotes) % 2 == 0]  # a key's quote opens a string
+            images.append((keys if end is None else keys[keys < end]) + offset)
+            depth = int(level[-1]) if len(level) else depth
+            quotes += len(quotes_at)
+            newlines += len(lines)
+            if end is not None:
+                end += offset
+            offset += n
+        if end is None:
+            raise _BadList  # unterminated
+        decoder.decode(b"", final=True)
+        if os.pread(fd, size - end - 1, end + 1).strip(WHITESPACE):
+            raise _BadList  # something after the list
+        bounds = np.concatenate(seps)
+        starts, ends = bounds + 1, np.append(bounds[1:], end)
+        blank = [
+            k
+            for k in np.flatnonzero(ends - starts < 32).tolist()
+            if not os.pread(fd, int(ends[k] - starts[k]), int(starts[k])).strip(WHITESPACE)
+        ]
+    if blank == [0] and len(bounds) == 1:
+        return np.zeros((0, 4), dtype=np.int64)  # `[]`
+    if blank:
+        raise _BadList  # `[1,,2]`, `[1,]`, `[,1]`
+    index = np.zeros((len(starts), 4), dtype=np.int64)
+    index[:, START], index[:, END], index[:, LINE] = starts, ends, np.concatenate(seps_line)
+    index[np.searchsorted(bounds, np.concatenate(images), "right") - 1, IMAGE] = 1
+    return index
+
+
+def _image_keys(buf: bytearray, n: int, got: int) -> np.ndarray:
+    """Where `"image"` starts in the chunk's first ``n`` bytes, followed by a colon (or white space)."""
+    found = []
+    k = buf.find(_IMAGE_KEY, 0, got)
+    while 0 <= k < n:
+        found.append(k)
+        k = buf.find(_IMAGE_KEY, k + len(_IMAGE_KEY), got)
+    keys = np.array(found, dtype=np.int64)
+    after = np.frombuffer(buf, np.uint8)[np.minimum(keys + len(_IMAGE_KEY), got - 1)]
+    return keys[np.isin(after, np.frombuffer(b": \t\r\n", np.uint8))]
+
+
+def _escaped_quotes(buf: bytearray, quotes: np.ndarray, carried: int) -> list[int]:
+    """The ``quotes`` of the chunk in ``buf`` that a backslash escapes (``carried``: the backslashes
+    that end the chunk before)."""
+    inner = quotes[quotes > 0]
+    maybe = inner[np.frombuffer(buf, np.uint8)[inner - 1] == _BACKSLASH].tolist()
+    if len(quotes) and quotes[0] == 0 and carried:
+        maybe.insert(0, 0)
+    return [p for p in maybe if _backslashes_before(buf, p, carried) % 2]
+
+
+def _backslashes_before(buf: bytearray, p: int, carried: int) -> int:
+    """The run of backslashes that ends just before position ``p`` of the chunk."""
+    k = p - 1
+    while k >= 0 and buf[k] == _BACKSLASH:
+        k -= 1
+    return p - 1 - k + (carried if k < 0 else 0)
