@@ -4,7 +4,8 @@ Records shaped like LLaVA-1.5's mix (made by `make_llava_mix.py`: 576 image toke
 turns, long descriptions, text-only ShareGPT chats), tokenized by a real 32k Llama SentencePiece
 model (mistral-common's) with the vicuna_v1 template and `data.max_seq_len` 2048, through
 llavactl's own dataset. The model: an LLM of SmolLM-135M's shapes with random weights (LoRA r16 on
-q/k/v/o, gradient checkpointing, as local_lite trains it) and the builtin tiny CLIP tower at 192 px, 576 image tokens, fp32.
+q/k/v/o, gradient checkpointing, as local_lite trains it) and the builtin tiny CLIP tower at 192
+px, 576 image tokens, fp32.
 One pool of records (``--batches`` batches of ``--batch-size``, drawn at random) is trained three
 ways, each on every record of the pool, by llavactl's own step (:class:`TrainingStep`):
 
