@@ -496,7 +496,9 @@ def test_padding_free_rows_on_cuda_give_the_padded_loss_and_keep_records_apart(s
     prof = profile("tiny", f"data.data_path={shapes}").profile
     assembled = build_llava(prof.model, prof.stage, image_size=prof.data.image_size, seed=0, device="cuda")
     language_model = llava_of(assembled.model).model.language_model
-    use_varlen_kernel(language_model, "cuda")  # flash-attention 2 where installed, else SDPA's packed mask
+    # fp32 here, so SDPA's packed mask whether or not flash-attn is installed (it takes bf16/fp16 only).
+    use_varlen_kernel(language_model, "cuda", half_precision=False)
+    assert language_model.config._attn_implementation != "flash_attention_2"
     check_records_stay_apart(language_model)
     dataset = build_dataset(prof.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
     items = [dataset[i] for i in range(6)]

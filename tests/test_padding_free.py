@@ -335,6 +335,24 @@ def test_token_budget_batches_are_seeded_shared_out_and_resume_where_they_stoppe
     assert len(resumed) == len(one.batches(1)) - 5
 
 
+def test_every_planned_epoch_of_a_token_budget_has_as_many_batches_and_every_record() -> None:
+    from llavactl.data.dataset import TokenBudgetBatches
+
+    lengths = [random.Random(k).randint(20, 900) for k in range(1200)]
+    sampler = TokenBudgetBatches(lengths, 2048, seed=4)
+    raw = [len(sampler._binned(e)) for e in range(4)]
+    assert len(set(raw)) > 1  # binning another order takes another number of bins ...
+    sampler.plan_epochs(4)
+    assert sampler.per_epoch == max(raw)
+    for epoch in range(4):  # ... but every epoch of the run is as long, and loses no record
+        batches = sampler.batches(epoch)
+        assert len(batches) == max(raw)
+        assert sorted(i for b in batches for i in b) == list(range(1200))
+        assert all(sum(lengths[i] for i in b) <= 2048 for b in batches)
+        sampler.set_epoch(epoch)
+        assert sampler.dropped_per_epoch == 0
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -355,17 +373,19 @@ def test_token_budget_training_varies_records_per_step_and_resumes_exactly(
 ) -> None:
     import signal
 
-    budget = ("data.padding_free=true", "data.max_tokens_per_batch=1000", "training.max_steps=6")
+    # 24 records of ~300 tokens, ~3 a micro-batch of 1,000 tokens, 2 a step: 4 steps an epoch; 10
+    # steps cross two epochs, whose binning may differ.
+    budget = ("data.padding_free=true", "data.max_tokens_per_batch=1000", "training.max_steps=10")
     whole, said = _train_and_say(mixed, shapes_data, tmp_path / "whole", *budget)
     # The global batch in records and tokens, on average: records per micro-batch vary.
     assert "micro-batches of up to 1,000 tokens per epoch" in said and "tokens each on average" in said
     assert "records, " in said.split("global batch ")[1] and "x 2 accumulation" in said
     metrics = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    assert whole.status == "completed" and len(whole.losses) == 6
+    assert whole.status == "completed" and len(whole.losses) == 10
     # Records per step vary with their lengths (tokens per record, from the logged rates).
     assert len({round(m["tokens_per_s"] / m["samples_per_s"]) for m in metrics}) > 1
     with monkeypatch.context() as m:
-        interrupt_at(m, 3, signal.SIGINT)
+        interrupt_at(m, 5, signal.SIGINT)
         first = _train(mixed, shapes_data, tmp_path / "split", *budget)
     second = _train(mixed, shapes_data, tmp_path / "split", *budget, resume="auto")
     assert first.losses + second.losses == whole.losses
@@ -422,6 +442,9 @@ def test_dry_run_times_the_average_micro_batch_and_plans_memory_for_the_largest(
         return P.build_plan(resolve(loaded, CPU, ONE), runtime_bytes=0)
 
     padded, packed = plan(), plan("data.padding_free=true")
+    # Without a budget, whole batches of the profile's size: 24 records in batches of 5 are 5 steps of 5.
+    odd = plan("training.per_device_train_batch_size=5")
+    assert (odd.steps_per_epoch, odd.global_batch) == (5, 5)
     assert padded.tokens.pad_fraction == packed.tokens.pad_fraction > 0.1
     assert packed.tokens.micro_batch.tokens < padded.tokens.micro_batch.tokens
     assert packed.flops_per_step < padded.flops_per_step
@@ -444,7 +467,7 @@ def test_preview_shows_a_packed_row_with_its_record_boundaries(mixed: Path, shap
     assert out.count("── tokens ") == 3
 
 
-def test_on_cuda_packed_rows_take_flash_attention_s_varlen_kernel_when_it_is_installed(
+def test_on_cuda_packed_rows_take_flash_attention_s_varlen_kernel_when_it_can(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import importlib.util
@@ -457,11 +480,19 @@ def test_on_cuda_packed_rows_take_flash_attention_s_varlen_kernel_when_it_is_ins
         config = type("Config", (), {"_attn_implementation": "sdpa"})()
 
         def set_attn_implementation(self, name: str) -> None:
+            if name == "broken":
+                raise ImportError("flash_attn: undefined symbol")
             switched.append(name)
 
-    assert not use_varlen_kernel(Model(), "cpu")  # the CPU has llavactl's own kernel
-    installed = importlib.util.find_spec("flash_attn") is not None
-    assert use_varlen_kernel(Model(), "cuda") is installed
+    assert use_varlen_kernel(Model(), "cpu", half_precision=True) is None  # the CPU has llavactl's own kernel
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
-    assert use_varlen_kernel(Model(), "cuda")
-    assert switched[-1] == "flash_attention_2"
+    # The kernel takes bf16/fp16 only: an fp32 run keeps SDPA's packed mask.
+    assert "keeps SDPA's packed mask" in (use_varlen_kernel(Model(), "cuda", half_precision=False) or "")
+    assert not switched
+    assert use_varlen_kernel(Model(), "cuda", half_precision=True) == "the LLM runs flash-attention 2's varlen kernel"
+    assert switched == ["flash_attention_2"]
+    broken = Model()
+    broken.set_attn_implementation = lambda name: Model.set_attn_implementation(broken, "broken")  # type: ignore[method-assign]
+    assert "could not be used (flash_attn: undefined symbol)" in (
+        use_varlen_kernel(broken, "cuda", half_precision=True) or ""
+    )

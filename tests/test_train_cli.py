@@ -135,3 +135,19 @@ def test_a_signal_during_set_up_exits_with_a_message(
             signal.signal(s, handler)
     assert got == code and "Loading model" not in out
     assert f"Interrupted ({name}): stopped before a checkpoint could be saved" in err
+
+
+def test_out_of_memory_under_a_token_budget_suggests_a_smaller_budget(
+    shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(model, batch):  # type: ignore[no-untyped-def]
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(loss, "summed_token_loss", out_of_memory)
+    budget = ["data.padding_free=true", "data.max_tokens_per_batch=2048"]
+    code, _, err = run_cli(
+        ["train", "--profile", "tiny", f"data.data_path={shapes}", *budget, "--output-dir", str(tmp_path)], capsys
+    )
+    assert code == 1
+    assert err.startswith("Error: Step 1: the machine ran out of RAM with micro-batches of up to 2,048 tokens")
+    assert "data.max_tokens_per_batch=1024 training.gradient_accumulation_steps=2" in err

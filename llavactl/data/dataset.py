@@ -323,31 +323,49 @@ class TokenBudgetBatches(_Position, Sampler[list[int]]):
     """Micro-batches of record indices filling ``budget`` tokens each, seeded, resumable, shared out.
 
     Epoch ``e``'s batches depend only on ``(seed, e)``: the records in a random order, cut into
-    megabatches of :data:`BUDGET_MEGABATCH_RECORDS`, each binned by :func:`first_fit_decreasing`, the bins
-    then shuffled. With ``world_size`` > 1 every process takes every ``world_size``-th batch from
-    batch ``rank`` on, and every process gets as many (the last few batches of an epoch's order
-    are left out). Resumed as :class:`ResumableSampler` is: ``position`` counts this process's records
-    of the epoch.
+    megabatches of :data:`BUDGET_MEGABATCH_RECORDS`, each binned by :func:`first_fit_decreasing`,
+    the bins then shuffled. Binning another order can take a bin or two more or fewer, but the
+    trainer counts steps per epoch once: every epoch of the run (``epochs``, see :meth:`plan_epochs`)
+    gets as many batches as the one that needs the most, an epoch that needs fewer splitting its
+    fullest batches in two. (An epoch past the planned ones that would need more leaves its last
+    batches out; :attr:`dropped_per_epoch` counts them.) With ``world_size`` > 1 every process takes
+    every ``world_size``-th batch from batch ``rank`` on, and every process gets as many (the last
+    few batches of an epoch's order are left out). Resumed as :class:`ResumableSampler` is:
+    ``position`` counts this process's records of the epoch.
     """
 
-    def __init__(self, lengths: Sequence[int], budget: int, seed: int, *, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        budget: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        epochs: int = 1,
+    ) -> None:
         """``lengths``: each record's exact length in tokens (image tokens included)."""
         self.lengths = list(lengths)
         self.budget = budget
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._binned_cache: tuple[int, list[list[int]]] | None = None
+        self.per_epoch = 0
+        self.plan_epochs(epochs)
         if world_size > 1 and self.batches_per_process == 0:
             raise DataError(
-                f"{len(self.lengths)} records fill {len(self.batches(0))} micro-batches of "
+                f"{len(self.lengths)} records fill {self.per_epoch} micro-batches of "
                 f"data.max_tokens_per_batch={budget} tokens, fewer than the {world_size} training processes",
                 fix="use more records, fewer processes, or a smaller `data.max_tokens_per_batch`",
             )
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        """Every batch of ``epoch``, in order, before they are shared out."""
-        if self._cache is None or self._cache[0] != epoch:
+    def plan_epochs(self, epochs: int) -> None:
+        """Make epochs ``0 .. epochs - 1`` all as long (in batches) as the longest of them."""
+        self.per_epoch = max(len(self._binned(e)) for e in range(max(1, epochs)))
+
+    def _binned(self, epoch: int) -> list[list[int]]:
+        if self._binned_cache is None or self._binned_cache[0] != epoch:
             rng = random.Random(f"{self.seed}:{epoch}")
             order = list(range(len(self.lengths)))
             rng.shuffle(order)
@@ -356,8 +374,19 @@ class TokenBudgetBatches(_Position, Sampler[list[int]]):
                 chunk = order[start : start + BUDGET_MEGABATCH_RECORDS]
                 bins += first_fit_decreasing(chunk, self.lengths, self.budget)
             rng.shuffle(bins)
-            self._cache = (epoch, bins)
-        return self._cache[1]
+            self._binned_cache = (epoch, bins)
+        return self._binned_cache[1]
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch``, :attr:`per_epoch` of them, in order, before they are shared out."""
+        bins = [list(b) for b in self._binned(epoch)]
+        while len(bins) < self.per_epoch:
+            fullest = max(range(len(bins)), key=lambda k: (len(bins[k]), -k))
+            batch = bins[fullest]
+            if len(batch) < 2:
+                break
+            bins[fullest : fullest + 1] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+        return bins[: self.per_epoch]
 
     @property
     def batches_per_process(self) -> int:
@@ -374,7 +403,7 @@ class TokenBudgetBatches(_Position, Sampler[list[int]]):
         """Records of the current epoch that no process gets, so that all get as many batches."""
         whole = self.batches(self.epoch)
         used = len(whole) // self.world_size * self.world_size
-        return sum(len(b) for b in whole[used:])
+        return len(self.lengths) - sum(len(b) for b in whole[:used])
 
     def _remaining(self) -> list[list[int]]:
         done, left = 0, []
@@ -421,6 +450,7 @@ class MicroBatchWork:
     records: float
     tokens: float
     pairs: float
+    most_image_records: int = 0  # records with an image in the micro-batch that has the most
 
 
 def _epoch_batches(lengths: Sequence[int], text_only: Sequence[bool], batching: Batching) -> list[list[int]]:
@@ -449,7 +479,8 @@ def micro_batch_work(lengths: Sequence[int], text_only: Sequence[bool], batching
             tokens += len(b) * longest
             pairs += len(b) * attention_pairs(longest, longest, is_causal=len(b) == 1)
     n = max(len(batches), 1)
-    return MicroBatchWork(sum(len(b) for b in batches) / n, tokens / n, pairs / n)
+    most_images = max((sum(1 for i in b if not text_only[i]) for b in batches), default=0)
+    return MicroBatchWork(sum(len(b) for b in batches) / n, tokens / n, pairs / n, most_images)
 
 
 def padding_summary(lengths: Sequence[int], text_only: Sequence[bool], batching: Batching) -> dict[str, Any]:

@@ -125,14 +125,17 @@ def _packed_lengths(position_ids: torch.Tensor | None, rows: int) -> list[int]:
     return lengths if len(lengths) > 1 else []
 
 
-def check_records_stay_apart(language_model: nn.Module) -> None:
+def check_records_stay_apart(language_model: nn.Module, autocast: Any = None) -> None:
     """Refuse ``data.padding_free`` for an LLM whose attention lets packed records see each other.
 
     Two short records of random embeddings go through ``language_model`` packed in one row, and
     the second alone; where attention keeps to each record (transformers' packed-sequence masks,
     flash-attention's varlen path, llavactl's CPU kernel) the second's outputs agree. Run as
-    training runs it (gradients on), in eval mode so that dropout draws nothing; milliseconds.
+    training runs it (gradients on, under ``autocast``: the run's autocast context), in eval mode so
+    that dropout draws nothing; milliseconds.
     """
+    import contextlib
+
     import torch
 
     from llavactl.errors import ConfigError
@@ -147,7 +150,7 @@ def check_records_stay_apart(language_model: nn.Module) -> None:
     was_training = language_model.training
     language_model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast if autocast is not None else contextlib.nullcontext():
             packed = language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False)[0]
             alone = language_model(inputs_embeds=embeds[:, first:], position_ids=positions[:, first:], use_cache=False)[
                 0
@@ -169,17 +172,23 @@ def check_records_stay_apart(language_model: nn.Module) -> None:
         )
 
 
-def use_varlen_kernel(language_model: nn.Module, device_type: str) -> bool:
-    """For padding-free rows on CUDA: switch ``language_model`` to flash-attention 2 when the
-    ``flash_attn`` package is installed, whose varlen kernel computes only each record's own pairs
-    (transformers reads the record boundaries from the position ids). Without it the rows run
-    transformers' SDPA under the packed-sequence mask, which keeps records apart but computes every
-    pair of the row. Returns whether it switched."""
+def use_varlen_kernel(language_model: nn.Module, device_type: str, *, half_precision: bool) -> str | None:
+    """For padding-free rows on CUDA: switch ``language_model`` to flash-attention 2, whose varlen
+    kernel computes only each record's own pairs (transformers reads the record boundaries from the
+    position ids), when the ``flash_attn`` package is installed and the run computes in bf16 or fp16
+    (the only dtypes the kernel takes). Otherwise the rows run transformers' SDPA under the
+    packed-sequence mask, which keeps records apart but computes every pair of the row. Returns what
+    happened, in words, or None when nothing was tried."""
     import importlib.util
 
     if device_type != "cuda" or importlib.util.find_spec("flash_attn") is None:
-        return False
+        return None
+    if not half_precision:
+        return "flash-attention 2 is installed but takes only bf16/fp16: the fp32 run keeps SDPA's packed mask"
     if getattr(language_model.config, "_attn_implementation", None) == "flash_attention_2":
-        return False
-    language_model.set_attn_implementation("flash_attention_2")
-    return True
+        return None
+    try:
+        language_model.set_attn_implementation("flash_attention_2")
+    except (ImportError, ValueError) as exc:  # a broken install, or a model without flash-attention 2
+        return f"flash-attention 2 could not be used ({exc}); SDPA's packed mask keeps the records apart"
+    return "the LLM runs flash-attention 2's varlen kernel"

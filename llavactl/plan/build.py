@@ -233,14 +233,20 @@ def _estimate(
             f"tokens of {tokens.images_per_sample} image(s) of {assembled.image_spec.size} px",
             fix=f"raise it, e.g. `data.max_seq_len={image_tokens + 256}`, or lower `data.image_size`",
         )
-    # The largest micro-batch: the profile's records, or as many of the longest as fill a token budget.
+    # The largest micro-batch: the profile's records; under a token budget, rows of the longest
+    # records covering the whole budget, with as many images as the fullest micro-batch of image
+    # records holds (short image records pack many images into one budget).
     budget = profile.data.max_tokens_per_batch
-    rows = max(1, budget // seq_len) if budget else training.per_device_train_batch_size
+    rows = math.ceil(budget / seq_len) if budget else training.per_device_train_batch_size
+    images_per_row = tokens.images_per_sample
+    if budget and tokens.micro_batch is not None and tokens.images_per_sample:
+        images_per_row = max(images_per_row, math.ceil(tokens.micro_batch.most_image_records / rows))
+        images_per_row = min(images_per_row, (seq_len - 8) // assembled.image_spec.num_tokens)
     trace = trace_step(
         assembled,
         batch_size=rows,
         seq_len=seq_len,
-        images_per_sample=tokens.images_per_sample,
+        images_per_sample=images_per_row,
         supervised=min(tokens.supervised, seq_len - 1),
         autocast="bf16" if half else None,
         device=device,
@@ -374,7 +380,8 @@ def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int 
     steps_per_epoch = total_steps = None
     micro = tokens.micro_batch
     if tokens.records:
-        batches = math.ceil(tokens.records / (micro.records if micro else t.per_device_train_batch_size))
+        budget = micro is not None and profile.data.max_tokens_per_batch is not None
+        batches = math.ceil(tokens.records / (micro.records if budget else t.per_device_train_batch_size))
         steps_per_epoch = math.ceil(batches / t.gradient_accumulation_steps)
         total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_train_epochs
     elif t.max_steps > 0:
@@ -406,7 +413,11 @@ def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int 
         device=device,
         components=components,
         tokens=tokens,
-        global_batch=micro.records * t.gradient_accumulation_steps if micro else profile.global_batch_size,
+        global_batch=(
+            micro.records * t.gradient_accumulation_steps
+            if micro is not None and profile.data.max_tokens_per_batch
+            else profile.global_batch_size
+        ),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         memory=memory,

@@ -301,9 +301,12 @@ class TrainRecipe:
             from llavactl.train.loss import llava_of
 
             language_model = llava_of(assembled.model).model.language_model
-            if use_varlen_kernel(language_model, self._device.type):
-                self._progress.milestone("Padding-free rows: the LLM runs flash-attention 2's varlen kernel")
-            check_records_stay_apart(language_model)
+            precision = self._resolved.precision
+            half = precision.autocast is not None or self._profile.stage == "qlora"
+            said = use_varlen_kernel(language_model, self._device.type, half_precision=half)
+            if said:
+                self._progress.milestone(f"Padding-free rows: {said}")
+            check_records_stay_apart(language_model, precision.autocast_context(self._device.type))
         trainable = sum(p.numel() for group in assembled.parameter_groups().values() for _, p in group)
         total = sum(p.numel() for p in assembled.model.parameters())
         self._progress.milestone(
@@ -344,6 +347,10 @@ class TrainRecipe:
                 rank=world.rank,
                 world_size=world.size,
             )
+            # Every epoch of the run as long as its longest (binning another order can take a bin more).
+            steps = math.ceil(self._sampler.batches_per_process / t.gradient_accumulation_steps)
+            epochs = math.ceil(t.max_steps / steps) if t.max_steps > 0 else t.num_train_epochs
+            self._sampler.plan_epochs(epochs)
             batching = {"batch_sampler": self._sampler}
         else:
             self._sampler = ResumableSampler(
@@ -578,9 +585,15 @@ class TrainRecipe:
             raise self._out_of_memory("the machine ran out of RAM") from exc
 
     def _out_of_memory(self, what: str) -> TrainingError:
-        t = self._training
+        t, data = self._training, self._profile.data
         fixes = []
-        if t.per_device_train_batch_size > 1:
+        if data.max_tokens_per_batch:
+            half_budget = max(data.max_tokens_per_batch // 2, data.max_seq_len)
+            fixes.append(
+                f"`data.max_tokens_per_batch={half_budget} training.gradient_accumulation_steps="
+                f"{t.gradient_accumulation_steps * 2}` (about the same step size)"
+            )
+        elif t.per_device_train_batch_size > 1:
             half = t.per_device_train_batch_size // 2
             fixes.append(
                 f"`training.per_device_train_batch_size={half} "
@@ -589,10 +602,13 @@ class TrainRecipe:
         if not t.gradient_checkpointing:
             fixes.append("`training.gradient_checkpointing=true`")
         fixes.append(f"a shorter `data.max_seq_len` (now {self._profile.data.max_seq_len})")
+        micro = (
+            f"micro-batches of up to {data.max_tokens_per_batch:,} tokens"
+            if data.max_tokens_per_batch
+            else f"micro-batches of {t.per_device_train_batch_size} records of up to {data.max_seq_len} tokens"
+        )
         return TrainingError(
-            f"Step {self._step + 1}: {what} with micro-batches of {t.per_device_train_batch_size} "
-            f"records of up to {self._profile.data.max_seq_len} tokens. Checkpoints already in "
-            f"{self._output_dir} are kept.",
+            f"Step {self._step + 1}: {what} with {micro}. Checkpoints already in {self._output_dir} are kept.",
             fix="use less memory per step: " + ", or ".join(fixes),
         )
 
