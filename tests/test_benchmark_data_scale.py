@@ -11,13 +11,13 @@ import pytest
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "data_scale.py"
 MEASURED = ["json_load", "bare_tokenizer", "check_cold", "check_warm", "dry_run", "train_cold", "train_warm"]
-GOALS = {
-    "first_step_over_json_load": 1.5,
-    "records_memory_over_json_load": 0.25,
-    "pss_2proc_over_1proc": 1.3,
-    "check_cold_over_bare_tokenizer": 1.3,
-    "check_warm_over_cold": 0.10,
-}
+RATIOS = [
+    "first_step_over_json_load",
+    "records_memory_over_json_load",
+    "pss_2proc_over_1proc",
+    "check_cold_over_bare_tokenizer",
+    "check_warm_over_cold",
+]
 
 
 @pytest.mark.slow
@@ -33,6 +33,7 @@ def test_quick_run_ends_with_one_json_line_of_figures_and_goal_ratios() -> None:
     for name in ("train_cold", "train_warm", "train_builtin", "train_2proc"):
         assert summary[name]["pss_mib"] > 0, name
     assert "train_2proc_builtin" not in summary and summary["records_pss_2proc_over_1proc"] is None
-    assert {k: g["goal"] for k, g in summary["goals"].items()} == GOALS
+    assert sorted(summary["goals"]) == sorted(RATIOS)
+    assert summary["goals"]["check_warm_over_cold"]["goal"] == 0.10  # issue #18: a warm check costs at most 10%
     assert all(isinstance(g["ratio"], float) and isinstance(g["met"], bool) for g in summary["goals"].values())
     assert summary["goal_met"] is None  # a slice shows the set-up works; the goals are judged on the full set
