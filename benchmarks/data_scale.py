@@ -16,7 +16,7 @@ from its start to its exit (wall seconds) with its peak RSS (`wait4`'s maxrss):
 
 The tokenizer is a real 32k one (the Llama SentencePiece model that mistral-common ships, as
 `tests/helpers.py` uses), given to every command as `model.tokenizer_name_or_path` and to the bare
-pass through llavactl's own loader; tiny's own is a byte-level builtin that makes 3-4 times as many
+pass through llavactl's own loader; tiny's own is a byte-level builtin that makes 4.4 times as many
 tokens of the same text. Every command runs with `data.eval_data_path=null`, every train with
 `OMP_NUM_THREADS=1` (two processes on this 2-core machine need it; one process runs the same way
 so that the figures compare). The PSS of a train run is the largest sum, over samples every
@@ -50,6 +50,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -115,18 +116,23 @@ def measure(
     """Run ``argv`` to its exit: wall seconds, peak RSS, and the workers' peak PSS when ``pss`` is
     "process" (the process is the worker) or "launcher" (its children are)."""
     log = logs / f"{name}.log"
-    peak_pss = 0
+    peak_pss, done = [0], threading.Event()
+
+    def sample(pid: int) -> None:
+        while not done.wait(0.2):
+            peak_pss[0] = max(peak_pss[0], _workers_pss_kib(pid, pss == "launcher"))
+
     with log.open("wb") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if pss:
-                peak_pss = max(peak_pss, _workers_pss_kib(proc.pid, pss == "launcher"))
-            time.sleep(0.2)
+        sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True) if pss else None
+        if sampler:
+            sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)  # Popen's wait would not give the child's own rusage
         seconds = time.perf_counter() - start
+        done.set()
+        if sampler:
+            sampler.join()
     code = os.waitstatus_to_exitcode(status)
     proc.returncode = code  # reaped by wait4: Popen must not wait for it again
     if code not in ok:
@@ -134,7 +140,7 @@ def measure(
         raise SystemExit(f"{name} exited {code}:\n{' '.join(argv)}\n{tail}")
     figures: dict[str, Any] = {"s": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / MIB, 1)}
     if pss:
-        figures["pss_mib"] = round(peak_pss / MIB, 1)
+        figures["pss_mib"] = round(peak_pss[0] / MIB, 1)
     print(f"{name:20s} {seconds:8.2f} s  peak RSS {figures['peak_rss_mib']:8.1f} MiB", end="")
     print(f"  PSS {figures['pss_mib']:8.1f} MiB" if pss else "", flush=True)
     return figures
@@ -199,8 +205,8 @@ def main() -> None:
         on_builtin = ["data.data_path=builtin:shapes", *common]
 
         def train(data: list[str], run: str) -> list[str]:
-            return [*cli, "train", "-p", "tiny", *data, "training.max_steps=1", "data.on_error=skip",
-                    f"training.output_dir={work / run}"]  # fmt: skip
+            once = ["training.max_steps=1", "data.on_error=skip", f"training.output_dir={work / run}"]
+            return [*cli, "train", "-p", "tiny", *data, *once]
 
         one_thread = {"OMP_NUM_THREADS": "1"}
         figures: dict[str, dict[str, Any]] = {}
@@ -210,8 +216,12 @@ def main() -> None:
             base_env,
             logs,
         )
-        bare = measure("bare_tokenizer", [sys.executable, __file__, "--child", str(data_path), str(tokenizer_folder)],
-                       base_env, logs)  # fmt: skip
+        bare = measure(
+            "bare_tokenizer",
+            [sys.executable, __file__, "--child", str(data_path), str(tokenizer_folder)],
+            base_env,
+            logs,
+        )
         counted = json.loads((logs / "bare_tokenizer.log").read_text().strip().splitlines()[-1])
         figures["bare_tokenizer"] = {**bare, "tokenize_s": round(counted["tokenize_s"], 2)}
         print(f"{'':20s} {counted['tokenize_s']:8.2f} s tokenizing {counted['texts']:,} texts", flush=True)
