@@ -254,7 +254,8 @@ def test_twenty_steps_of_tiny_train_as_the_padded_run_does(
     mixed: Path, shapes_data: Callable[..., Path], tmp_path: Path
 ) -> None:
     padded = _train(mixed, shapes_data, tmp_path / "padded")
-    packed = _train(mixed, shapes_data, tmp_path / "packed", "data.padding_free=true")
+    packed, said = _train_and_say(mixed, shapes_data, tmp_path / "packed", "data.padding_free=true")
+    assert "batches of 4 per epoch, each packed into one row (data.padding_free)" in said
     assert packed.status == padded.status == "completed"
     assert packed.losses[0] == pytest.approx(padded.losses[0], rel=1e-5)
     assert packed.losses == pytest.approx(padded.losses, rel=1e-4)

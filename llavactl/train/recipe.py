@@ -391,8 +391,9 @@ class TrainRecipe:
                 f"{t.gradient_accumulation_steps} accumulation x {processes}"
             )
         else:
+            packed = ", each packed into one row (data.padding_free)" if data.padding_free else ""
             batches = (
-                f"batches of {t.per_device_train_batch_size} per epoch{per}{left_out}; global batch "
+                f"batches of {t.per_device_train_batch_size} per epoch{per}{packed}{left_out}; global batch "
                 f"{self._profile.global_batch_size * world.size} = {t.per_device_train_batch_size} per device x "
                 f"{t.gradient_accumulation_steps} accumulation x {processes}"
             )
