@@ -12,7 +12,7 @@ import json
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,11 +167,20 @@ def _check(
     n_records = count
     if n_records == 0 and not problems:
         problems.append(Problem("no_records", f"{records_path} holds no records (an empty list, or only blank lines)"))
+    problems = [_located(store, p) for p in problems]
     problems.sort(key=lambda p: (-1 if p.index is None else p.index, p.code))
     stats = _stats(records, n_records, problems, lengths, supervised, max_seq_len)
     if batching is not None and lengths:
         stats["padding"] = padding_summary([min(n, max_seq_len) for n in lengths], text_only, batching)
     return CheckReport(n_records, problems, stats, list(skipped_checks), records_path), images
+
+
+def _located(store: RecordStore, problem: Problem) -> Problem:
+    """The problem, its message naming the shard and row of a Parquet/Arrow record."""
+    where = None if problem.index is None else store.where(problem.index)
+    if where is None or where in problem.message:
+        return problem
+    return replace(problem, message=f"{where}: {problem.message}")
 
 
 def _kept_path(

@@ -81,7 +81,8 @@ class LlavaDataset(Dataset):
             return Skipped(i, None, e.code, e.message)
         record = parse_raw(raw)
         if isinstance(record, Problem):
-            return Skipped(i, record.id, record.code, f"line {raw.line}: {record.message}")
+            where = self.store.where(i) or f"line {raw.line}"
+            return Skipped(i, record.id, record.code, f"{where}: {record.message}")
         try:
             prepared = prepare(record, self.data.conversation_template, self.encoder, self.data.max_seq_len)
             pixels = [

@@ -10,6 +10,7 @@ subtract per channel.
 from __future__ import annotations
 
 import functools
+import io
 import re
 import warnings
 from dataclasses import dataclass
@@ -79,19 +80,19 @@ class ImageLimits:
     def check(self, path: Path, width: int, height: int) -> None:
         """Raise ``image_too_large`` or ``image_aspect_ratio`` for a size over the limits."""
         if width < 1 or height < 1:
-            raise ImageFileError("corrupt_image", f"image file {path} is {width}x{height} pixels")
+            raise ImageFileError("corrupt_image", f"{describe(path)} is {width}x{height} pixels")
         pixels = width * height
         if pixels > self.max_pixels:
             raise ImageFileError(
                 "image_too_large",
-                f"image file {path} declares {width}x{height} = {pixels:,} pixels ({_gib(3 * pixels)} decoded), "
+                f"{describe(path)} declares {width}x{height} = {pixels:,} pixels ({_gib(3 * pixels)} decoded), "
                 f"over data.max_image_pixels={self.max_pixels:,}; raise it to accept such images",
             )
         ratio = max(width, height) / min(width, height)
         if ratio > self.max_aspect_ratio:
             raise ImageFileError(
                 "image_aspect_ratio",
-                f"image file {path} is {width}x{height}, an aspect ratio of {ratio:.4g}, over "
+                f"{describe(path)} is {width}x{height}, an aspect ratio of {ratio:.4g}, over "
                 f"data.max_image_aspect_ratio={self.max_aspect_ratio:g}; crop or split it, or raise the limit",
             )
 
@@ -101,6 +102,14 @@ DEFAULT_LIMITS = ImageLimits()
 
 def _gib(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def describe(path: Path) -> str:
+    """How messages name an image: ``image file PATH``, or where in a shard it is embedded."""
+    from llavactl.data.parquet import describe_ref, parse_ref
+
+    ref = parse_ref(path)
+    return f"image file {path}" if ref is None else describe_ref(*ref)
 
 
 def _open_header(path: Path, limits: ImageLimits) -> Image.Image:
@@ -113,12 +122,16 @@ def _open_header(path: Path, limits: ImageLimits) -> Image.Image:
     """
     from PIL import Image
 
+    from llavactl.data.parquet import embedded_bytes, parse_ref
+
     if Image.MAX_IMAGE_PIXELS is not None and limits.max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = limits.max_pixels
     with warnings.catch_warnings():
         # Above PIL's limit but within twice it: our limit, checked next, decides; no stray warning.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(path)
+        ref = parse_ref(path)
+        # An image embedded in a Parquet/Arrow shard is read from there; FileNotFoundError when gone.
+        return Image.open(path if ref is None else io.BytesIO(embedded_bytes(*ref)))
 
 
 def _bomb_error(path: Path, exc: Exception, limits: ImageLimits) -> ImageFileError:
@@ -126,13 +139,14 @@ def _bomb_error(path: Path, exc: Exception, limits: ImageLimits) -> ImageFileErr
     declared = f"{int(found.group(1)):,} pixels" if found else "more pixels than PIL decodes"
     return ImageFileError(
         "image_too_large",
-        f"image file {path} declares {declared}, over data.max_image_pixels={limits.max_pixels:,} "
+        f"{describe(path)} declares {declared}, over data.max_image_pixels={limits.max_pixels:,} "
         "(a possible decompression bomb)",
     )
 
 
 def open_rgb(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Decode ``path`` fully as an upright 8-bit RGB image, once its header is within ``limits``.
+    """Decode ``path`` (a file, or an image embedded in a shard: :mod:`llavactl.data.parquet`) fully
+    as an upright 8-bit RGB image, once its header is within ``limits``.
 
     EXIF orientation is applied; palette, grey and CMYK images are converted; transparency is
     composited over white (as transformers' ``convert_to_rgb`` does, so transparent pixels do
@@ -149,11 +163,11 @@ def open_rgb(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
             ImageOps.exif_transpose(img, in_place=True)
             upright = img
     except FileNotFoundError:
-        raise ImageFileError("missing_image", f"image file {path} does not exist") from None
+        raise ImageFileError("missing_image", f"{describe(path)} does not exist") from None
     except Image.DecompressionBombError as e:
         raise _bomb_error(path, e, limits) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageFileError("corrupt_image", f"image file {path} cannot be decoded: {e}") from None
+        raise ImageFileError("corrupt_image", f"{describe(path)} cannot be decoded: {e}") from None
     return _to_rgb(upright)
 
 
@@ -188,11 +202,11 @@ def probe(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[int, int]:
         with _open_header(path, limits) as img:
             width, height = img.size
     except FileNotFoundError:
-        raise ImageFileError("missing_image", f"image file {path} does not exist") from None
+        raise ImageFileError("missing_image", f"{describe(path)} does not exist") from None
     except Image.DecompressionBombError as e:
         raise _bomb_error(path, e, limits) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageFileError("corrupt_image", f"image file {path} has no readable image header: {e}") from None
+        raise ImageFileError("corrupt_image", f"{describe(path)} has no readable image header: {e}") from None
     limits.check(path, width, height)
     return width, height
 

@@ -29,9 +29,10 @@ def cache_root() -> Path:
 
 
 def resolve_data_source(data_path: str, image_folder: str | None, seed: int) -> tuple[Path, Path]:
-    """The records file and the folder that its image paths are relative to.
+    """The records (a file, or Parquet/Arrow shards: see :mod:`llavactl.data.parquet`) and the
+    folder that their image paths are relative to.
 
-    For a file, ``image_folder`` defaults to the file's own folder.
+    ``image_folder`` defaults to the file's own folder (a folder of shards: that folder).
     """
     if data_path.startswith(BUILTIN_PREFIX):
         name = data_path[len(BUILTIN_PREFIX) :]
@@ -45,18 +46,34 @@ def resolve_data_source(data_path: str, image_folder: str | None, seed: int) -> 
         else:
             records = shapes_dataset(seed)
         return records, records.parent
+    from llavactl.data.parquet import hub_snapshot, is_shards, shard_files
+
     path = Path(data_path).expanduser()
-    if not path.is_file():
+    if not path.exists() and (snapshot := hub_snapshot(data_path)) is not None:
+        path = snapshot
+    if is_shards(path):
+        shard_files(path)  # raises when it names none
+    elif not path.is_file():
         raise DataError(
             f"data.data_path: {path} is not a file",
-            fix="set `data.data_path` to a LLaVA JSON or JSONL file, or `builtin:shapes`",
+            fix="set `data.data_path` to a LLaVA JSON or JSONL file, Parquet shards (a folder or a glob), "
+            "a Hub data set in the HF cache (`ORG/NAME`), or `builtin:shapes`",
         )
-    folder = Path(image_folder).expanduser() if image_folder else path.parent
+    folder = Path(image_folder).expanduser() if image_folder else (path if path.is_dir() else _first_dir(path))
     if not folder.is_dir():
         raise DataError(
             f"data.image_folder: {folder} is not a folder", fix="set `data.image_folder` to the images' root folder"
         )
     return path, folder
+
+
+def _first_dir(path: Path) -> Path:
+    """The folder of a file, or of a glob's fixed part (``data/*/train-*.parquet``: ``data``)."""
+    import glob
+
+    parts = path.parts
+    fixed = next((k for k, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+    return Path(*parts[:fixed]) if fixed else Path(".")
 
 
 def shapes_dataset(seed: int, n: int = synth.DEFAULT_COUNT, image_size: int = synth.DEFAULT_IMAGE_SIZE) -> Path:

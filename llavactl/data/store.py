@@ -23,13 +23,16 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from llavactl.data.records import Problem, RawRecord, Record, RecordProblem, decode_json, parse_raw
 from llavactl.data.sources import cache_root
 from llavactl.errors import DataError
+
+if TYPE_CHECKING:
+    from llavactl.data.parquet import ParquetStore
 
 Kind = Literal["list", "jsonl"]
 # Bump when the index layout or the scan changes: old index files are then never read.
@@ -128,6 +131,11 @@ class RecordStore:
         """Each element's size in bytes."""
         return np.asarray(self._index[:, END] - self._index[:, START])
 
+    def where(self, i: int) -> None:
+        """How messages name element ``i`` beyond its index: nothing (a shard's row is named; see
+        :class:`~llavactl.data.parquet.ParquetStore`)."""
+        return None
+
     def file_problem(self) -> Problem:
         """A JSON list with an element that is not JSON is not JSON: the file's problem as
         ``json`` words it, with the line and column in the file (decodes the whole file)."""
@@ -142,11 +150,16 @@ def _list_problem(path: Path) -> Problem:
     return Problem("bad_json", "the file is JSON, but not a list of records")
 
 
-def open_records(path: Path) -> RecordStore:
-    """The store of ``path``, shared by every caller in this process while the file is unchanged.
+def open_records(path: Path) -> RecordStore | ParquetStore:
+    """The store of ``path``, shared by every caller in this process while the file is unchanged:
+    Parquet/Arrow shards (a shard, a folder or a glob of them) or a JSON/JSONL file.
 
     Raises :class:`DataError` when the file is missing, unreadable or not UTF-8 text.
     """
+    from llavactl.data.parquet import is_shards, open_shards
+
+    if is_shards(path):
+        return open_shards(path)
     try:
         st = path.stat()
     except FileNotFoundError:

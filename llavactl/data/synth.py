@@ -112,7 +112,7 @@ def write_shapes(
     ``out_dir`` must be new or empty unless ``overwrite``: its ``shapes.json`` and ``images/NNNNNN.png``
     would replace files of the same names, and other files would sit among the data set's.
     """
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)
     rng = random.Random(seed)
     try:
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def write_shapes(
     return path
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(
             f"{out_dir} is a file, not a folder", fix="give a new or empty folder to write the data set into"

@@ -1,0 +1,300 @@
+"""The records of Parquet (or Arrow IPC) shards, as the Hub's vision-language data sets ship them.
+
+A folder, a glob or one shard file is read as one data set: the shards are sorted by name, memory-
+mapped (their pages live once in the OS page cache for every rank), and a record is read by
+decoding only the row group that holds it. Each row becomes a LLaVA-layout value
+(``{"id", "image", "conversations"}``), from either LLaVA's ``conversations`` layout or the
+``messages`` layout (``role`` user/assistant/system, ``content`` a string or a list of
+``{"type": "text", "text"}`` and ``{"type": "image"}`` parts).
+
+Images are path strings relative to ``data.image_folder``, or embedded as ``datasets``' ``Image``
+feature writes them (a struct ``{"bytes", "path"}``, or a list of them, under ``image`` or
+``images``). An embedded image stays in its shard: the record names it with a reference
+(:func:`embedded_ref`, an absolute path no file has) that :mod:`llavactl.data.images` reads through
+:func:`embedded_bytes`.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llavactl.data.records import Problem, RawRecord, Record, RecordProblem, parse_raw
+from llavactl.errors import DataError
+
+SHARD_SUFFIXES = (".parquet", ".arrow")
+IMAGE_COLUMNS = ("image", "images")
+ROLES = {"user": "human", "assistant": "gpt", "system": "system", "human": "human", "gpt": "gpt"}
+# `<shard>#row=R&image=K`: absolute (so `image_folder / ref` is the ref) and no file's name.
+_REF = re.compile(r"^(?P<shard>/.+)#row=(?P<row>\d+)&image=(?P<k>\d+)$")
+
+
+def is_shards(path: Path) -> bool:
+    """Whether ``data.data_path`` names Parquet/Arrow shards: a shard, a folder or a glob of them."""
+    return path.suffix in SHARD_SUFFIXES or path.is_dir() or glob.has_magic(str(path))
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The shard files of ``path`` (one file, every shard under a folder, or a glob), sorted."""
+    if path.is_dir():
+        found = [p for p in sorted(path.rglob("*")) if p.suffix in SHARD_SUFFIXES and p.is_file()]
+    elif glob.has_magic(str(path)):
+        found = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).suffix in SHARD_SUFFIXES]
+    else:
+        found = [path] if path.is_file() else []
+    if not found:
+        raise DataError(
+            f"data.data_path: {path} names no Parquet (.parquet) or Arrow (.arrow) shard",
+            fix="point `data.data_path` at a shard, a folder of shards or a glob such as `data/train-*.parquet`",
+        )
+    return [p.resolve() for p in found]
+
+
+def embedded_ref(shard: Path, row: int, k: int) -> str:
+    """How a record names image ``k`` embedded in ``row`` of ``shard``."""
+    return f"{shard}#row={row}&image={k}"
+
+
+def parse_ref(path: str | Path) -> tuple[Path, int, int] | None:
+    """(shard, row, k) of an embedded image's reference; None for a path of a file."""
+    found = _REF.match(str(path))
+    return None if found is None else (Path(found["shard"]), int(found["row"]), int(found["k"]))
+
+
+def describe_ref(shard: Path, row: int, k: int) -> str:
+    return f"image {k} embedded in {shard.name} row {row}"
+
+
+def embedded_bytes(shard: Path, row: int, k: int) -> bytes:
+    """The bytes of image ``k`` of ``row``; FileNotFoundError when the shard or the image is gone."""
+    return _embedded(shard, row, k)["bytes"]
+
+
+def stored_path(shard: Path, row: int, k: int) -> str | None:
+    """The file name stored beside an embedded image's bytes (``datasets`` keeps the original's)."""
+    return _embedded(shard, row, k).get("path")
+
+
+def _embedded(shard: Path, row: int, k: int) -> dict[str, Any]:
+    try:
+        found = _shard(shard, _stamp(shard))
+    except OSError as e:
+        raise FileNotFoundError(str(shard)) from e
+    images = _images_of(found.row(row, found.image_columns()))
+    if k >= len(images) or not isinstance(images[k], dict) or images[k].get("bytes") is None:
+        raise FileNotFoundError(embedded_ref(shard, row, k))
+    return images[k]
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+
+@dataclass
+class _Shard:
+    """One shard memory-mapped; the row group last read is kept (records are read in runs)."""
+
+    path: Path
+    columns: list[str]
+    starts: np.ndarray  # the first row of each row group (Arrow: one group), then the row count
+    _file: Any = None
+    _table: Any = None
+    _held: tuple[int, tuple[str, ...]] | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: Path) -> _Shard:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if path.suffix == ".parquet":
+            f = pq.ParquetFile(pa.memory_map(str(path)))
+            counts = [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)]
+            return cls(path, f.schema_arrow.names, np.cumsum([0, *counts]), _file=f)
+        table = _arrow_table(path)
+        return cls(path, table.column_names, np.array([0, table.num_rows]), _table=table)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def image_columns(self) -> tuple[str, ...]:
+        return tuple(c for c in IMAGE_COLUMNS if c in self.columns)
+
+    def row(self, row: int, columns: Iterable[str]) -> dict[str, Any]:
+        columns = tuple(columns)
+        if self._file is None:  # Arrow: the whole table is mapped, zero-copy
+            return self._table.select(list(columns)).slice(row, 1).to_pylist()[0]
+        group = int(np.searchsorted(self.starts, row, side="right")) - 1
+        if self._held != (group, columns):
+            self._table, self._held = self._file.read_row_group(group, columns=list(columns)), (group, columns)
+        return self._table.slice(row - int(self.starts[group]), 1).to_pylist()[0]
+
+
+def _arrow_table(path: Path) -> Any:
+    import pyarrow as pa
+
+    source = pa.memory_map(str(path))
+    try:
+        return pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_stream(source).read_all()  # what `datasets` writes in its cache
+
+
+@functools.lru_cache(maxsize=64)
+def _shard(path: Path, stamp: tuple[int, ...]) -> _Shard:
+    del stamp  # part of the cache key only: a rewritten shard is opened anew
+    return _Shard.open(path)
+
+
+def _images_of(row: dict[str, Any]) -> list[Any]:
+    for column in IMAGE_COLUMNS:
+        value = row.get(column)
+        if value is not None:
+            return list(value) if isinstance(value, list) else [value]
+    return []
+
+
+class ParquetStore:
+    """The rows of Parquet/Arrow shards with :class:`~llavactl.data.store.RecordStore`'s interface.
+
+    ``key`` is None: nothing derived from shards is cached on disk yet.
+    """
+
+    kind = "shards"
+
+    def __init__(self, path: Path, shards: list[Path]) -> None:
+        self.path = path
+        self.key: str | None = None
+        self.problems: list[Problem] = []
+        self.shards = shards
+        counts = [len(_shard(s, _stamp(s))) for s in shards]
+        self._starts = np.cumsum([0, *counts])
+        self._summary: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, i: int) -> tuple[Path, int]:
+        """The shard and the row in it of record ``i``."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self.shards[k], i - int(self._starts[k])
+
+    def where(self, i: int) -> str:
+        """How messages name record ``i``: ``train-00001-of-00004.parquet row 17``."""
+        shard, row = self.locate(i)
+        return f"{shard.name} row {row}"
+
+    def raw(self, i: int) -> RawRecord:
+        """Row ``i`` as a LLaVA-layout value (``line`` is its row in its shard)."""
+        shard_path, row = self.locate(i)
+        shard = _shard(shard_path, _stamp(shard_path))
+        value = shard.row(row, shard.columns)
+        images = [_image_name(img, shard_path, row, k) for k, img in enumerate(_images_of(value))]
+        out: dict[str, Any] = {k: v for k, v in value.items() if k not in IMAGE_COLUMNS and k != "messages"}
+        if images:
+            out["image"] = images[0] if len(images) == 1 and "image" in value else images
+        if "conversations" not in value and "messages" in value:
+            out["conversations"] = _from_messages(value["messages"])
+        return RawRecord(i, row, out)
+
+    def parsed(self, indices: Iterable[int] | None = None) -> Iterator[Record | Problem]:
+        for i in range(len(self)) if indices is None else indices:
+            try:
+                raw = self.raw(i)
+            except RecordProblem as p:
+                yield Problem(p.code, f"{self.where(i)}: {p.message}", i)
+                continue
+            yield parse_raw(raw)
+
+    def __iter__(self) -> Iterator[RawRecord]:
+        return (self.raw(i) for i in range(len(self)))
+
+    def _summarise(self) -> tuple[np.ndarray, np.ndarray]:
+        # Reads every row (images as references, their bytes untouched): for grouping estimates only.
+        if self._summary is None:
+            has, sizes = np.zeros(len(self), bool), np.zeros(len(self), np.int64)
+            for i in range(len(self)):
+                value = self.raw(i).value
+                has[i] = bool(value.get("image"))
+                turns = value.get("conversations")
+                texts = [t.get("value") for t in turns if isinstance(t, dict)] if isinstance(turns, list) else []
+                sizes[i] = sum(len(t) for t in texts if isinstance(t, str))
+            self._summary = has, sizes
+        return self._summary
+
+    def has_image(self) -> np.ndarray:
+        """Whether each row has an image."""
+        return self._summarise()[0]
+
+    def sizes(self) -> np.ndarray:
+        """Each row's text size in characters."""
+        return self._summarise()[1]
+
+
+def _image_name(image: Any, shard: Path, row: int, k: int) -> Any:
+    """An image as the record names it: its reference when embedded, its path when only that is
+    given; anything else is left for :func:`parse_record` to refuse."""
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            return embedded_ref(shard, row, k)
+        return image.get("path")
+    return image
+
+
+def _from_messages(messages: Any) -> Any:
+    """The ``messages`` layout as LLaVA turns; what does not fit is passed on for the checks to name."""
+    if not isinstance(messages, list):
+        return messages
+    turns = []
+    for m in messages:
+        if not isinstance(m, dict):
+            turns.append(m)
+            continue
+        role, content = m.get("role"), m.get("content")
+        if isinstance(content, list):
+            parts = [p for p in content if isinstance(p, dict)]
+            content = "\n".join("<image>" if p.get("type") == "image" else p.get("text") or "" for p in parts)
+        turns.append({"from": ROLES.get(role, role), "value": content})
+    return turns
+
+
+@functools.lru_cache(maxsize=4)
+def _open(path: Path, stamps: tuple[tuple[int, ...], ...]) -> ParquetStore:
+    del stamps
+    return ParquetStore(path, shard_files(path))
+
+
+def open_shards(path: Path) -> ParquetStore:
+    """The store of the shards ``path`` names, shared in this process while they are unchanged."""
+    shards = shard_files(path)
+    try:
+        return _open(path, tuple(_stamp(s) for s in shards))
+    except OSError as e:
+        raise DataError(f"shards of {path} cannot be read ({e})", fix="check the files and their permissions") from None
+    except Exception as e:  # pyarrow's own errors: not Parquet, truncated, ...
+        if type(e).__module__.startswith("pyarrow"):
+            raise DataError(f"{path}: not readable Parquet/Arrow ({e})", fix="rewrite or drop the shard") from None
+        raise
+
+
+def hub_snapshot(name: str) -> Path | None:
+    """The newest cached snapshot of the Hub data set ``ORG/NAME`` (``$HF_HUB_CACHE`` or
+    ``$HF_HOME/hub``); None when it is not cached. Nothing is downloaded."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return None
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or home / "hub"
+    snapshots = Path(hub) / f"datasets--{name.replace('/', '--')}" / "snapshots"
+    found = sorted(snapshots.glob("*"), key=lambda p: p.stat().st_mtime) if snapshots.is_dir() else []
+    return found[-1] if found else None
