@@ -1,11 +1,11 @@
-"""`llavactl data check | preview | synth`: inspect the training data before any GPU hour is spent."""
+"""`llavactl data check | preview | synth | convert`: inspect the training data before any GPU hour is spent."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.markup import escape
@@ -13,13 +13,14 @@ from rich.table import Table
 from rich.text import Text
 
 from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load
+from llavactl.data.convert import DEFAULT_SHARD_RECORDS
 from llavactl.data.synth import DEFAULT_COUNT, DEFAULT_IMAGE_SIZE
 from llavactl.errors import CheckFailed, ConfigError, ModelSourceError
 
 if TYPE_CHECKING:
     from llavactl.data.check import CheckReport
 
-app = typer.Typer(help="Check, preview and generate LLaVA-format training data.", no_args_is_help=True)
+app = typer.Typer(help="Check, preview, generate and convert LLaVA-format training data.", no_args_is_help=True)
 
 SHOWN_PER_CODE = 3
 
@@ -271,3 +272,35 @@ def synth(
     path = write_shapes(out_dir, n=n, seed=seed, image_size=image_size, overwrite=force)
     console.print(f"{n} records written to {escape(str(path))}")
     console.print(f"train on them with `data.data_path={escape(str(path))} data.image_folder={escape(str(out_dir))}`")
+
+
+@app.command("convert")
+def convert(
+    profile: ProfileOpt,
+    overrides: OverridesArg = None,
+    *,
+    to: Annotated[
+        Literal["parquet", "jsonl"],
+        typer.Option(
+            "--to", help="parquet: shards with the images embedded; jsonl: records.jsonl beside the image files."
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write into (new or empty).", show_default=False)],
+    shard_records: Annotated[
+        int, typer.Option("--shard-records", min=1, help="Records per Parquet shard.")
+    ] = DEFAULT_SHARD_RECORDS,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into a folder that is not empty, over files of the same names.")
+    ] = False,
+) -> None:
+    """Write the profile's data (`data.data_path`, `data.image_folder`) as Parquet shards or JSONL."""
+    from llavactl.data.convert import convert as convert_records
+    from llavactl.data.sources import resolve_data_source
+
+    loaded = load(profile, overrides)
+    data = loaded.profile.data
+    records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, loaded.profile.seed)
+    written = convert_records(records_path, image_folder, to, out_dir, shard_records=shard_records, force=force)
+    console.print(f"{len(written)} file(s) written to {escape(str(out_dir))}")
+    hint = f"data.data_path={out_dir}" if to == "parquet" else f"data.data_path={written[0]} data.image_folder={out_dir}"
+    console.print(f"train on them with `{escape(hint)}`")

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llavactl.data.images import describe
-from llavactl.data.parquet import parse_ref
 from llavactl.data.records import Problem, Record
-from llavactl.data.store import open_records
 from llavactl.data.synth import check_out_dir
 from llavactl.errors import DataError
 
@@ -51,6 +49,8 @@ def convert(
 
 
 def _valid(records: Path) -> Iterator[Record]:
+    from llavactl.data.store import open_records
+
     store = open_records(records)
     if store.problems:
         raise DataError(f"{records}: {store.problems[0].message}", fix=f"run `llavactl data check` on {records}")
@@ -66,12 +66,12 @@ def _valid(records: Path) -> Iterator[Record]:
 
 
 def _image_bytes(image_folder: Path, name: str) -> bytes:
+    from llavactl.data.parquet import embedded_bytes, parse_ref
+
     path = image_folder / name
     ref = parse_ref(path)
     try:
         if ref is not None:
-            from llavactl.data.parquet import embedded_bytes
-
             return embedded_bytes(*ref)
         return path.read_bytes()
     except OSError as e:
@@ -82,6 +82,8 @@ def _image_bytes(image_folder: Path, name: str) -> bytes:
 
 
 def _row_image(image_folder: Path, name: str) -> dict[str, Any]:
+    from llavactl.data.parquet import parse_ref
+
     stored = name if parse_ref(image_folder / name) is None else None
     return {"bytes": _image_bytes(image_folder, name), "path": stored}
 
@@ -123,6 +125,8 @@ def _to_parquet(records: list[Record], image_folder: Path, out_dir: Path, shard_
 
 def _to_jsonl(records: list[Record], image_folder: Path, out_dir: Path) -> Path:
     """Records beside their images; an embedded image without a usable path gets a name of its own."""
+    from llavactl.data.parquet import parse_ref
+
     taken: set[str] = set()
     lines = []
     for r in records:
