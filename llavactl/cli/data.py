@@ -302,5 +302,7 @@ def convert(
     records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, loaded.profile.seed)
     written = convert_records(records_path, image_folder, to, out_dir, shard_records=shard_records, force=force)
     console.print(f"{len(written)} file(s) written to {escape(str(out_dir))}")
-    hint = f"data.data_path={out_dir}" if to == "parquet" else f"data.data_path={written[0]} data.image_folder={out_dir}"
+    hint = f"data.data_path={out_dir}"
+    if to == "jsonl":
+        hint = f"data.data_path={written[0]} data.image_folder={out_dir}"
     console.print(f"train on them with `{escape(hint)}`")
