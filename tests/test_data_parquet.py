@@ -20,6 +20,7 @@ from llavactl.data.check import TokenContext, check_dataset
 from llavactl.data.convert import convert
 from llavactl.data.dataset import Collator, build_dataset
 from llavactl.data.images import ImageSpec, open_rgb
+from llavactl.data.sources import resolve_data_source
 from llavactl.data.store import open_records
 
 SPEC = ImageSpec(32, 8, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -183,3 +184,32 @@ def test_tiny_trains_on_a_folder_of_shards(shapes: Path, tmp_path: Path) -> None
         [f"data.data_path={tmp_path / 'pq'}", "training.max_steps=2", f"training.output_dir={tmp_path / 'run'}"]
     )
     assert result.status == "completed" and result.step == 2
+
+
+def test_a_hub_data_set_in_the_hf_cache_is_found_by_its_name(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = tmp_path / "hub" / "datasets--org--shapes" / "snapshots" / "0123abc" / "data"
+    convert(shapes, shapes.parent, "parquet", snapshot)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    path, folder = resolve_data_source("org/shapes", None, seed=0)
+    assert path == folder == snapshot.parent and len(open_records(path)) == 8
+
+
+def test_arrow_stream_shards_as_datasets_caches_them_are_read(shapes: Path, tmp_path: Path) -> None:
+    [shard] = convert(shapes, shapes.parent, "parquet", tmp_path / "pq")
+    table = pq.read_table(shard)
+    with pa.OSFile(str(tmp_path / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    store = open_records(tmp_path / "data-00000-of-00001.arrow")
+    assert [store.raw(i).value["id"] for i in range(len(store))] == [f"shapes-{i:06d}" for i in range(8)]
+    assert open_rgb(Path(store.raw(3).value["image"])).size == (32, 32)
+
+
+def test_doctor_finds_the_embedded_images_of_shards(shapes: Path, tmp_path: Path) -> None:
+    from llavactl.doctor.profile_checks import data_checks
+
+    convert(shapes, shapes.parent, "parquet", tmp_path / "pq")
+    [check] = data_checks(DataConfig(data_path=str(tmp_path / "pq")), seed=0)
+    assert check.status == "pass", check

@@ -112,6 +112,15 @@ def describe(path: Path) -> str:
     return f"image file {path}" if ref is None else describe_ref(*ref)
 
 
+def exists(path: Path) -> bool:
+    """Whether the image is there to read: a file, or an image embedded in a shard (a record names
+    only the embedded images its row holds)."""
+    from llavactl.data.parquet import parse_ref
+
+    ref = parse_ref(path)
+    return path.is_file() if ref is None else ref[0].is_file()
+
+
 def _open_header(path: Path, limits: ImageLimits) -> Image.Image:
     """``Image.open`` (it reads the header only), with PIL's decompression-bomb guard in our terms.
 

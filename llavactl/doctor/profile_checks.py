@@ -57,6 +57,7 @@ def quantization_check(resolved: ResolvedRun) -> CheckResult:
 
 
 def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
+    from llavactl.data.images import exists
     from llavactl.data.records import Problem
     from llavactl.data.sources import resolve_data_source
     from llavactl.data.store import open_records
@@ -83,7 +84,7 @@ def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
         for image in parsed.images:
             images += 1
             image_path = folder / image
-            if not image_path.is_file():
+            if not exists(image_path):
                 missing.append(str(image_path))
     # With `data.on_error: skip` the user has chosen to train past bad records: a few are a
     # warning. When none of the first records is usable, the cause is more likely a wrong path.
