@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from llavactl.data.records import Problem, RawRecord, Record, RecordProblem, parse_raw
+from llavactl.data.records import Problem, RawRecord, Record
 from llavactl.errors import DataError
 
 SHARD_SUFFIXES = (".parquet", ".arrow")
@@ -209,13 +209,10 @@ class ParquetStore:
         return RawRecord(i, row, out)
 
     def parsed(self, indices: Iterable[int] | None = None) -> Iterator[Record | Problem]:
-        for i in range(len(self)) if indices is None else indices:
-            try:
-                raw = self.raw(i)
-            except RecordProblem as p:
-                yield Problem(p.code, f"{self.where(i)}: {p.message}", i)
-                continue
-            yield parse_raw(raw)
+        """Each row (all, or ``indices``) as a valid record or the problem that stops it."""
+        from llavactl.data.store import parse_each
+
+        return parse_each(self, indices)
 
     def __iter__(self) -> Iterator[RawRecord]:
         return (self.raw(i) for i in range(len(self)))

@@ -110,13 +110,7 @@ class RecordStore:
 
     def parsed(self, indices: Iterable[int] | None = None) -> Iterator[Record | Problem]:
         """Each element (all, or ``indices``) as a valid record or the problem that stops it."""
-        for i in range(len(self)) if indices is None else indices:
-            try:
-                raw = self.raw(i)
-            except RecordProblem as p:
-                yield Problem(p.code, p.message, i)
-                continue
-            yield parse_raw(raw)
+        return parse_each(self, indices)
 
     def __iter__(self) -> Iterator[RawRecord]:
         """Every element decoded; stops with :class:`RecordProblem` at one that is not JSON."""
@@ -140,6 +134,17 @@ class RecordStore:
         """A JSON list with an element that is not JSON is not JSON: the file's problem as
         ``json`` words it, with the line and column in the file (decodes the whole file)."""
         return _list_problem(self.path)
+
+
+def parse_each(store: RecordStore | ParquetStore, indices: Iterable[int] | None) -> Iterator[Record | Problem]:
+    """Each record of ``store`` (all, or ``indices``) as a valid record or the problem that stops it."""
+    for i in range(len(store)) if indices is None else indices:
+        try:
+            raw = store.raw(i)
+        except RecordProblem as p:
+            yield Problem(p.code, p.message, i)
+            continue
+        yield parse_raw(raw)
 
 
 def _list_problem(path: Path) -> Problem:
