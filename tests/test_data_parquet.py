@@ -213,3 +213,27 @@ def test_doctor_finds_the_embedded_images_of_shards(shapes: Path, tmp_path: Path
     convert(shapes, shapes.parent, "parquet", tmp_path / "pq")
     [check] = data_checks(DataConfig(data_path=str(tmp_path / "pq")), seed=0)
     assert check.status == "pass", check
+
+
+def test_a_second_check_of_shards_reads_the_counts_back_until_a_shard_changes(
+    cache: Path, shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llavactl.data import lengths
+
+    tok = byte_tokenizer()
+    tokens = TokenContext(tok, image_id(tok), SPEC)
+    [shard] = convert(shapes, shapes.parent, "parquet", tmp_path / "pq")
+    first, _ = check_dataset(tmp_path / "pq", tmp_path, "vicuna_v1", 256, tokens)
+    counted = lengths.count_records
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(lengths, "count_records", refuse)
+    again, _ = check_dataset(tmp_path / "pq", tmp_path, "vicuna_v1", 256, tokens)
+    assert again.as_json() == first.as_json() and first.stats["length"] is not None
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, 7), shard)  # one record fewer: counted anew
+    monkeypatch.setattr(lengths, "count_records", counted)
+    changed, _ = check_dataset(tmp_path / "pq", tmp_path, "vicuna_v1", 256, tokens)
+    assert changed.records == 7

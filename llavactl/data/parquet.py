@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,8 @@ from llavactl.data.records import Problem, RawRecord, Record
 from llavactl.errors import DataError
 
 SHARD_SUFFIXES = (".parquet", ".arrow")
+# Bump when how a row becomes a record changes: what was cached of shards is then never read.
+KEY_VERSION = 1
 IMAGE_COLUMNS = ("image", "images")
 ROLES = {"user": "human", "assistant": "gpt", "system": "system", "human": "human", "gpt": "gpt"}
 # `<shard>#row=R&image=K`: absolute (so `image_folder / ref` is the ref) and no file's name.
@@ -166,14 +169,14 @@ def _images_of(row: dict[str, Any]) -> list[Any]:
 class ParquetStore:
     """The rows of Parquet/Arrow shards with :class:`~llavactl.data.store.RecordStore`'s interface.
 
-    ``key`` is None: nothing derived from shards is cached on disk yet.
+    ``key`` names the shards and their fingerprints (what is cached of them is filed under it).
     """
 
     kind = "shards"
 
-    def __init__(self, path: Path, shards: list[Path]) -> None:
+    def __init__(self, path: Path, shards: list[Path], key: str | None = None) -> None:
         self.path = path
-        self.key: str | None = None
+        self.key = key
         self.problems: list[Problem] = []
         self.shards = shards
         counts = [len(_shard(s, _stamp(s))) for s in shards]
@@ -267,16 +270,23 @@ def _from_messages(messages: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=4)
-def _open(path: Path, stamps: tuple[tuple[int, ...], ...]) -> ParquetStore:
-    del stamps
-    return ParquetStore(path, shard_files(path))
+def _open(path: Path, shards: tuple[Path, ...], stamps: tuple[tuple[int, ...], ...]) -> ParquetStore:
+    # The key names the data set and every shard's fingerprint: what is cached of the rows (token
+    # counts, `data check` reports) is filed under it, and a changed shard never meets a stale entry.
+    from llavactl.data import store
+
+    if sum(stamp[0] for stamp in stamps) < store.CACHE_MIN_BYTES:
+        return ParquetStore(path, list(shards))  # as for a small JSON file, nothing is kept
+    named = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    version = hashlib.sha256(repr((KEY_VERSION, [str(s) for s in shards], stamps)).encode()).hexdigest()[:16]
+    return ParquetStore(path, list(shards), f"{named}-{version}")
 
 
 def open_shards(path: Path) -> ParquetStore:
     """The store of the shards ``path`` names, shared in this process while they are unchanged."""
     shards = shard_files(path)
     try:
-        return _open(path, tuple(_stamp(s) for s in shards))
+        return _open(path, tuple(shards), tuple(_stamp(s) for s in shards))
     except OSError as e:
         raise DataError(f"shards of {path} cannot be read ({e})", fix="check the files and their permissions") from None
     except Exception as e:  # pyarrow's own errors: not Parquet, truncated, ...
