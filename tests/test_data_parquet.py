@@ -237,3 +237,13 @@ def test_a_second_check_of_shards_reads_the_counts_back_until_a_shard_changes(
     monkeypatch.setattr(lengths, "count_records", counted)
     changed, _ = check_dataset(tmp_path / "pq", tmp_path, "vicuna_v1", 256, tokens)
     assert changed.records == 7
+
+
+def test_a_damaged_page_is_a_bad_row_not_a_crash(shapes: Path, tmp_path: Path) -> None:
+    [shard] = convert(shapes, shapes.parent, "parquet", tmp_path / "pq")
+    damaged = bytearray(shard.read_bytes())
+    damaged[200:1200] = b"\xff" * 1000  # inside the first column chunk, far from the footer
+    shard.write_bytes(bytes(damaged))
+    report, _ = check_dataset(tmp_path / "pq", tmp_path, "vicuna_v1", 256, None)
+    assert {p.code for p in report.problems} == {"bad_json"} and report.bad_indices() == set(range(8))
+    assert report.problems[0].message.startswith("train-00000-of-00001.parquet row 0: the row cannot be decoded")

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from llavactl.data.records import Problem, RawRecord, Record
+from llavactl.data.records import Problem, RawRecord, Record, RecordProblem
 from llavactl.errors import DataError
 
 SHARD_SUFFIXES = (".parquet", ".arrow")
@@ -199,10 +199,15 @@ class ParquetStore:
         return f"{shard.name} row {row}"
 
     def raw(self, i: int) -> RawRecord:
-        """Row ``i`` as a LLaVA-layout value (``line`` is its row in its shard)."""
+        """Row ``i`` as a LLaVA-layout value (``line`` is its row in its shard); :class:`RecordProblem`
+        ``bad_json`` when the row cannot be decoded."""
         shard_path, row = self.locate(i)
-        shard = _shard(shard_path, _stamp(shard_path))
-        value = shard.row(row, shard.columns)
+        try:
+            shard = _shard(shard_path, _stamp(shard_path))
+            value = shard.row(row, shard.columns)
+        except (OSError, ValueError) as e:  # pyarrow's errors are these: a damaged page, a bad value
+            # A row that cannot be decoded is what an element that is not JSON is to a JSON file.
+            raise RecordProblem("bad_json", f"{self.where(i)}: the row cannot be decoded ({e})") from None
         images = [_image_name(img, shard_path, row, k) for k, img in enumerate(_images_of(value))]
         out: dict[str, Any] = {k: v for k, v in value.items() if k not in IMAGE_COLUMNS and k != "messages"}
         if images:
@@ -225,7 +230,10 @@ class ParquetStore:
         if self._summary is None:
             has, sizes = np.zeros(len(self), bool), np.zeros(len(self), np.int64)
             for i in range(len(self)):
-                value = self.raw(i).value
+                try:
+                    value = self.raw(i).value
+                except RecordProblem:
+                    continue  # skipped or stopped on when its turn comes
                 has[i] = bool(value.get("image"))
                 turns = value.get("conversations")
                 texts = [t.get("value") for t in turns if isinstance(t, dict)] if isinstance(turns, list) else []
