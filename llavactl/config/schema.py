@@ -201,8 +201,9 @@ class DataConfig(_Section):
     """Which records to train on and how they become token ids and pixels."""
 
     data_path: str = Field(
-        description="LLaVA-format records: a JSON list or JSONL file, or `builtin:shapes` (the "
-        "synthetic data set of the `tiny` profile, made on first use)."
+        description="LLaVA-format records: a JSON list or JSONL file; Parquet/Arrow shards (a shard, a "
+        "folder or a glob of them, or `ORG/NAME` of a Hub data set in the HF cache; see docs/data.md); or "
+        "`builtin:shapes` (the synthetic data set of the `tiny` profile, made on first use)."
     )
     image_folder: str | None = Field(
         default=None, description="Folder that the records' `image` paths are relative to."
