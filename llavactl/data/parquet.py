@@ -22,7 +22,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,23 +78,25 @@ def describe_ref(shard: Path, row: int, k: int) -> str:
 
 def embedded_bytes(shard: Path, row: int, k: int) -> bytes:
     """The bytes of image ``k`` of ``row``; FileNotFoundError when the shard or the image is gone."""
-    return _embedded(shard, row, k)["bytes"]
+    data = _embedded_field(shard, row, k, "bytes")
+    if data is None:
+        raise FileNotFoundError(embedded_ref(shard, row, k))
+    return data
 
 
 def stored_path(shard: Path, row: int, k: int) -> str | None:
     """The file name stored beside an embedded image's bytes (``datasets`` keeps the original's)."""
-    return _embedded(shard, row, k).get("path")
+    return _embedded_field(shard, row, k, "path")
 
 
-def _embedded(shard: Path, row: int, k: int) -> dict[str, Any]:
+def _embedded_field(shard: Path, row: int, k: int, name: str) -> Any:
     try:
-        found = _shard(shard, _stamp(shard))
+        structs = _image_structs(_shard(shard, _stamp(shard)).row(row))
     except OSError as e:
         raise FileNotFoundError(str(shard)) from e
-    images = _images_of(found.row(row, found.image_columns()))
-    if k >= len(images) or not isinstance(images[k], dict) or images[k].get("bytes") is None:
+    if structs is None or k >= len(structs) or name not in structs.type.names:
         raise FileNotFoundError(embedded_ref(shard, row, k))
-    return images[k]
+    return structs.field(name)[k].as_py()
 
 
 def _stamp(path: Path) -> tuple[int, ...]:
@@ -102,43 +104,44 @@ def _stamp(path: Path) -> tuple[int, ...]:
     return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)  # hashed by identity: one per shard and stamp (see `_shard`)
 class _Shard:
-    """One shard memory-mapped; the row group last read is kept (records are read in runs)."""
+    """One shard memory-mapped: a Parquet file read a row group at a time, or a mapped Arrow table."""
 
     path: Path
+    stamp: tuple[int, ...]
     columns: list[str]
     starts: np.ndarray  # the first row of each row group (Arrow: one group), then the row count
-    _file: Any = None
-    _table: Any = None
-    _held: tuple[int, tuple[str, ...]] | None = field(default=None, repr=False)
+    file: Any  # pyarrow's ParquetFile, or the whole Arrow table (zero-copy over the mapping)
 
     @classmethod
-    def open(cls, path: Path) -> _Shard:
+    def open(cls, path: Path, stamp: tuple[int, ...]) -> _Shard:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if path.suffix == ".parquet":
             f = pq.ParquetFile(pa.memory_map(str(path)))
             counts = [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)]
-            return cls(path, f.schema_arrow.names, np.cumsum([0, *counts]), _file=f)
+            return cls(path, stamp, f.schema_arrow.names, np.cumsum([0, *counts]), f)
         table = _arrow_table(path)
-        return cls(path, table.column_names, np.array([0, table.num_rows]), _table=table)
+        return cls(path, stamp, table.column_names, np.array([0, table.num_rows]), table)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def image_columns(self) -> tuple[str, ...]:
-        return tuple(c for c in IMAGE_COLUMNS if c in self.columns)
-
-    def row(self, row: int, columns: Iterable[str]) -> dict[str, Any]:
-        columns = tuple(columns)
-        if self._file is None:  # Arrow: the whole table is mapped, zero-copy
-            return self._table.select(list(columns)).slice(row, 1).to_pylist()[0]
+    def row(self, row: int) -> Any:
+        """Row ``row`` as a one-row Arrow table."""
+        if not hasattr(self.file, "read_row_group"):  # Arrow
+            return self.file.slice(row, 1)
         group = int(np.searchsorted(self.starts, row, side="right")) - 1
-        if self._held != (group, columns):
-            self._table, self._held = self._file.read_row_group(group, columns=list(columns)), (group, columns)
-        return self._table.slice(row - int(self.starts[group]), 1).to_pylist()[0]
+        return _group(self, group).slice(row - int(self.starts[group]), 1)
+
+
+@functools.lru_cache(maxsize=2)
+def _group(shard: _Shard, group: int) -> Any:
+    # The group last read, process-wide: a record's text and then its images come from the same one,
+    # and records are read in runs; no more is held, however many shards there are.
+    return shard.file.read_row_group(group)
 
 
 def _arrow_table(path: Path) -> Any:
@@ -154,16 +157,47 @@ def _arrow_table(path: Path) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _shard(path: Path, stamp: tuple[int, ...]) -> _Shard:
-    del stamp  # part of the cache key only: a rewritten shard is opened anew
-    return _Shard.open(path)
+    return _Shard.open(path, stamp)  # the stamp keys the cache: a rewritten shard is opened anew
 
 
-def _images_of(row: dict[str, Any]) -> list[Any]:
+def _image_column(row: Any) -> str | None:
+    """The column that holds the row's images: the first of ``image``, ``images`` that is not null."""
     for column in IMAGE_COLUMNS:
-        value = row.get(column)
-        if value is not None:
-            return list(value) if isinstance(value, list) else [value]
-    return []
+        if column in row.column_names and row.column(column).null_count == 0:
+            return column
+    return None
+
+
+def _image_structs(row: Any) -> Any:
+    """The row's images as an Arrow array of ``{bytes, path}`` structs; None when they are not."""
+    import pyarrow as pa
+
+    column = _image_column(row)
+    if column is None:
+        return None
+    values = row.column(column).combine_chunks()
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        values = values.flatten()
+    return values if pa.types.is_struct(values.type) else None
+
+
+def _images_of(row: Any, shard: Path, index: int) -> tuple[str | None, list[Any]]:
+    """The row's image column and its images as the record names them: a reference for an embedded
+    image (its bytes stay in the shard: only their presence is read), the path of one given by path;
+    anything else is left for :func:`parse_record` to refuse."""
+    column = _image_column(row)
+    if column is None:
+        return None, []
+    structs = _image_structs(row)
+    if structs is None or "bytes" not in structs.type.names:
+        value = row.column(column).to_pylist()[0]
+        return column, value if isinstance(value, list) else [value]
+    embedded = structs.field("bytes").is_valid().to_pylist()
+    paths = structs.field("path").to_pylist() if "path" in structs.type.names else [None] * len(structs)
+    return column, [
+        None if not structs[k].is_valid else embedded_ref(shard, index, k) if embedded[k] else paths[k]
+        for k in range(len(structs))
+    ]
 
 
 class ParquetStore:
@@ -203,15 +237,15 @@ class ParquetStore:
         ``bad_json`` when the row cannot be decoded."""
         shard_path, row = self.locate(i)
         try:
-            shard = _shard(shard_path, _stamp(shard_path))
-            value = shard.row(row, shard.columns)
+            table = _shard(shard_path, _stamp(shard_path)).row(row)
+            column, images = _images_of(table, shard_path, row)
+            value = table.drop_columns([c for c in IMAGE_COLUMNS if c in table.column_names]).to_pylist()[0]
         except (OSError, ValueError) as e:  # pyarrow's errors are these: a damaged page, a bad value
             # A row that cannot be decoded is what an element that is not JSON is to a JSON file.
             raise RecordProblem("bad_json", f"{self.where(i)}: the row cannot be decoded ({e})") from None
-        images = [_image_name(img, shard_path, row, k) for k, img in enumerate(_images_of(value))]
-        out: dict[str, Any] = {k: v for k, v in value.items() if k not in IMAGE_COLUMNS and k != "messages"}
+        out: dict[str, Any] = {k: v for k, v in value.items() if k != "messages"}
         if images:
-            out["image"] = images[0] if len(images) == 1 and "image" in value else images
+            out["image"] = images[0] if column == "image" and len(images) == 1 else images
         if "conversations" not in value and "messages" in value:
             out["conversations"] = _from_messages(value["messages"])
         return RawRecord(i, row, out)
@@ -248,16 +282,6 @@ class ParquetStore:
     def sizes(self) -> np.ndarray:
         """Each row's text size in characters."""
         return self._summarise()[1]
-
-
-def _image_name(image: Any, shard: Path, row: int, k: int) -> Any:
-    """An image as the record names it: its reference when embedded, its path when only that is
-    given; anything else is left for :func:`parse_record` to refuse."""
-    if isinstance(image, dict):
-        if image.get("bytes") is not None:
-            return embedded_ref(shard, row, k)
-        return image.get("path")
-    return image
 
 
 def _from_messages(messages: Any) -> Any:
