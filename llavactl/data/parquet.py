@@ -42,6 +42,8 @@ _REF = re.compile(r"^(?P<shard>/.+)#row=(?P<row>\d+)&image=(?P<k>\d+)$")
 
 def is_shards(path: Path) -> bool:
     """Whether ``data.data_path`` names Parquet/Arrow shards: a shard, a folder or a glob of them."""
+    if path.is_file():  # a JSON file named `data[1].json` is no glob
+        return path.suffix in SHARD_SUFFIXES
     return path.suffix in SHARD_SUFFIXES or path.is_dir() or glob.has_magic(str(path))
 
 
