@@ -138,6 +138,11 @@ def _write_report(json_file: Path, report: CheckReport, records_path: Path) -> N
 def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None:
     s = report.stats
     console.print(f"[bold]{escape(str(records_path))}[/]: {report.records} records")
+    for source in s.get("sources") or []:
+        console.print(
+            f"  from {escape(source['path'])}: {source['records']:,} of its {source['of']:,} records "
+            f"({escape(source['sampling'])})"
+        )
     counts = Table(show_edge=False, pad_edge=False, show_header=False)
     for key in ("with_image", "text_only", "multi_image", "images"):
         counts.add_row(key.replace("_", " "), str(s[key]))

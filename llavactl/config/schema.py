@@ -202,8 +202,9 @@ class DataConfig(_Section):
 
     data_path: str = Field(
         description="LLaVA-format records: a JSON list or JSONL file; Parquet/Arrow shards (a shard, a "
-        "folder or a glob of them, or `ORG/NAME` of a Hub data set in the HF cache; see docs/data.md); or "
-        "`builtin:shapes` (the synthetic data set of the `tiny` profile, made on first use)."
+        "folder or a glob of them, or `ORG/NAME` of a Hub data set in the HF cache; see docs/data.md); a "
+        "mixture YAML listing several of them with LLaVA-NeXT's sampling forms (`first:10%`, `end:5000`, "
+        "`random:50%`); or `builtin:shapes` (the synthetic data set of the `tiny` profile, made on first use)."
     )
     image_folder: str | None = Field(
         default=None, description="Folder that the records' `image` paths are relative to."

@@ -21,6 +21,7 @@ import numpy as np
 from llavactl.data.dataset import Batching, padding_summary
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, open_rgb, probe
 from llavactl.data.lengths import count_records, counts_path, token_counts
+from llavactl.data.mixture import MixtureStore
 from llavactl.data.records import Problem, Record, RecordProblem, Severity, check_image_markers
 from llavactl.data.sources import cache_root
 from llavactl.data.store import RecordStore, keep, open_records
@@ -172,6 +173,8 @@ def _check(
     stats = _stats(records, n_records, problems, lengths, supervised, max_seq_len)
     if batching is not None and lengths:
         stats["padding"] = padding_summary([min(n, max_seq_len) for n in lengths], text_only, batching)
+    if isinstance(store, MixtureStore):
+        stats["sources"] = store.counts()
     return CheckReport(n_records, problems, stats, list(skipped_checks), records_path), images
 
 

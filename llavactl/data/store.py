@@ -32,6 +32,7 @@ from llavactl.data.sources import cache_root
 from llavactl.errors import DataError
 
 if TYPE_CHECKING:
+    from llavactl.data.mixture import MixtureStore
     from llavactl.data.parquet import ParquetStore
 
 Kind = Literal["list", "jsonl"]
@@ -155,14 +156,18 @@ def _list_problem(path: Path) -> Problem:
     return Problem("bad_json", "the file is JSON, but not a list of records")
 
 
-def open_records(path: Path) -> RecordStore | ParquetStore:
+def open_records(path: Path) -> RecordStore | ParquetStore | MixtureStore:
     """The store of ``path``, shared by every caller in this process while the file is unchanged:
-    Parquet/Arrow shards (a shard, a folder or a glob of them) or a JSON/JSONL file.
+    a mixture YAML of several sources (:mod:`llavactl.data.mixture`), Parquet/Arrow shards (a
+    shard, a folder or a glob of them) or a JSON/JSONL file.
 
     Raises :class:`DataError` when the file is missing, unreadable or not UTF-8 text.
     """
+    from llavactl.data.mixture import is_mixture, open_mixture
     from llavactl.data.parquet import is_shards, open_shards
 
+    if is_mixture(path):
+        return open_mixture(path)
     if is_shards(path):
         return open_shards(path)
     try:

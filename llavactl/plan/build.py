@@ -114,6 +114,7 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     import numpy as np
 
     from llavactl.data.dataset import Batching, micro_batch_work, padding_summary
+    from llavactl.data.mixture import sources_of
     from llavactl.data.records import Record, RecordProblem
     from llavactl.data.sources import resolve_data_source
     from llavactl.data.store import open_records
@@ -190,8 +191,9 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
         )
     ordered = sorted(lengths)
     batching = Batching.of(profile)
+    mixed = sources_of(store)
     return TokenPlan(
-        source,
+        f"{source}; sources: {mixed}" if mixed else source,
         count,
         with_image,
         per_image,

@@ -319,6 +319,7 @@ class TrainRecipe:
         from torch.utils.data import DataLoader
 
         from llavactl.data.dataset import Collator, ResumableSampler, TokenBudgetBatches, build_dataset
+        from llavactl.data.mixture import sources_of
 
         data, t, assembled = self._profile.data, self._training, self._assembled
         if assembled.tokenizer is None:
@@ -397,8 +398,11 @@ class TrainRecipe:
                 f"{self._profile.global_batch_size * world.size} = {t.per_device_train_batch_size} per device x "
                 f"{t.gradient_accumulation_steps} accumulation x {processes}"
             )
+        mixed = sources_of(dataset.store)
         self._progress.milestone(
-            f"Data set processed: {len(dataset):,} records from {data.data_path}, {len(self._loader):,} {batches}"
+            f"Data set processed: {len(dataset):,} records from {data.data_path}"
+            + (f" ({mixed})" if mixed else "")
+            + f", {len(self._loader):,} {batches}"
         )
 
     def _load_checkpoint(self, folder: Path) -> None:
