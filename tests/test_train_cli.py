@@ -80,13 +80,14 @@ def test_qlora_on_a_cpu_gives_the_overrides_that_turn_it_off(
     assert "Traceback" not in err
 
 
+def _out_of_memory(model: object, batch: object) -> None:
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+
 def test_out_of_memory_names_the_settings_that_use_less(
     shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def out_of_memory(model, batch):  # type: ignore[no-untyped-def]
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
-
-    monkeypatch.setattr(loss, "summed_token_loss", out_of_memory)
+    monkeypatch.setattr(loss, "summed_token_loss", _out_of_memory)
     code, _, err = run_cli(
         ["train", "--profile", "tiny", f"data.data_path={shapes}", "--output-dir", str(tmp_path)], capsys
     )
@@ -140,10 +141,7 @@ def test_a_signal_during_set_up_exits_with_a_message(
 def test_out_of_memory_under_a_token_budget_suggests_a_smaller_budget(
     shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def out_of_memory(model, batch):  # type: ignore[no-untyped-def]
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
-
-    monkeypatch.setattr(loss, "summed_token_loss", out_of_memory)
+    monkeypatch.setattr(loss, "summed_token_loss", _out_of_memory)
     budget = ["data.padding_free=true", "data.max_tokens_per_batch=2048"]
     code, _, err = run_cli(
         ["train", "--profile", "tiny", f"data.data_path={shapes}", *budget, "--output-dir", str(tmp_path)], capsys
