@@ -247,3 +247,19 @@ def test_a_damaged_page_is_a_bad_row_not_a_crash(shapes: Path, tmp_path: Path) -
     report, _ = check_dataset(tmp_path / "pq", tmp_path, "vicuna_v1", 256, None)
     assert {p.code for p in report.problems} == {"bad_json"} and report.bad_indices() == set(range(8))
     assert report.problems[0].message.startswith("train-00000-of-00001.parquet row 0: the row cannot be decoded")
+
+
+def test_a_damaged_shard_among_good_ones_is_named(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llavactl.data.store import open_records
+    from llavactl.errors import DataError
+
+    table = pa.table(
+        {"id": ["a"], "conversations": [[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]]}
+    )
+    pq.write_table(table, tmp_path / "train-0.parquet")
+    (tmp_path / "train-1.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"train-1\.parquet: not readable Parquet/Arrow"):
+        open_records(tmp_path / "train-*.parquet")

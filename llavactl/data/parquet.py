@@ -325,8 +325,19 @@ def open_shards(path: Path) -> ParquetStore:
         raise DataError(f"shards of {path} cannot be read ({e})", fix="check the files and their permissions") from None
     except Exception as e:  # pyarrow's own errors: not Parquet, truncated, ...
         if type(e).__module__.startswith("pyarrow"):
-            raise DataError(f"{path}: not readable Parquet/Arrow ({e})", fix="rewrite or drop the shard") from None
+            bad = _first_unreadable(shards) or path
+            raise DataError(f"{bad}: not readable Parquet/Arrow ({e})", fix="rewrite or drop the shard") from None
         raise
+
+
+def _first_unreadable(shards: list[Path]) -> Path | None:
+    """The first of ``shards`` that does not open, to name it rather than the glob or folder."""
+    for shard in shards:
+        try:
+            _shard(shard, _stamp(shard))
+        except Exception:  # any failure names this shard
+            return shard
+    return None
 
 
 def hub_snapshot(name: str) -> Path | None:
