@@ -91,3 +91,6 @@ def test_a_broken_mixture_is_one_paragraph(tmp_path: Path) -> None:
     path.write_text("datasets:\n  - json_path: missing.json\n")
     code, _, err = run_cli(["data", "check", "--profile", "tiny", f"data.data_path={path}"])
     assert code == 2 and "missing.json does not exist" in err
+    path.write_text("datasets:\n  - json_path: missing.json\n    image_folder: [a, b]\n")
+    code, _, err = run_cli(["data", "check", "--profile", "tiny", f"data.data_path={path}"])
+    assert code == 2 and "image_folder must be a path" in err

@@ -178,6 +178,8 @@ def open_mixture(path: Path) -> MixtureStore:
         if is_mixture(file):
             raise DataError(f"{where}: {file} is itself a mixture", fix="list its sources here instead")
         folder = entry.get("image_folder")
+        if folder is not None and not (isinstance(folder, str) and folder):
+            raise DataError(f"{where}: image_folder must be a path, got {folder!r}", fix="write it as a folder path")
         image_folder = (path.parent / folder).expanduser() if isinstance(folder, str) and folder else None
         if image_folder is not None and not image_folder.is_dir():
             raise DataError(f"{where}: image_folder {image_folder} is not a folder", fix="fix the path")

@@ -303,7 +303,9 @@ def _from_messages(messages: Any) -> Any:
     return turns
 
 
-@functools.lru_cache(maxsize=4)
+# One entry per data file in use: a mixture opens each of its sources, and each command opens its
+# whole mixture again (doctor, planner, dataset); an evicted entry would be read again.
+@functools.lru_cache(maxsize=32)
 def _open(path: Path, shards: tuple[Path, ...], stamps: tuple[tuple[int, ...], ...]) -> ParquetStore:
     # The key names the data set and every shard's fingerprint: what is cached of the rows (token
     # counts, `data check` reports) is filed under it, and a changed shard never meets a stale entry.

@@ -186,7 +186,9 @@ def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
 
-@functools.lru_cache(maxsize=4)
+# One entry per data file in use: a mixture opens each of its sources, and each command opens its
+# whole mixture again (doctor, planner, dataset); an evicted entry would be read again.
+@functools.lru_cache(maxsize=32)
 def _open(path: Path, fingerprint: tuple[int, ...]) -> RecordStore:
     cached = index_path(path, fingerprint)
     if cached.is_file():
