@@ -100,12 +100,16 @@ def test_sampler_resumes_exactly_from_a_saved_position() -> None:
     full = list(first)
     first.advance(12)
     state = first.state_dict()
-    assert state == {"epoch": 2, "position": 12, "seed": 1}
+    assert state == {"epoch": 2, "position": 12, "seed": 1, "order": 2}
     resumed = ResumableSampler([1] * 30, 4, seed=1)
     resumed.load_state_dict(state)
     assert list(resumed) == full[12:] and len(resumed) == 18
     with pytest.raises(DataError, match="seed 1"):
         ResumableSampler([1] * 30, 4, seed=2).load_state_dict(state)
+    # A checkpoint of an earlier llavactl, whose order was drawn another way, is not resumed.
+    with pytest.raises(DataError, match="another llavactl version") as e:
+        resumed.load_state_dict({"epoch": 2, "position": 12, "seed": 1})
+    assert "start the run anew" in (e.value.fix or "")
 
 
 def test_modality_grouping_keeps_image_and_text_batches_apart() -> None:

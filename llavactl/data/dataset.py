@@ -9,7 +9,6 @@ image token id, labels are -100 wherever nothing is learned.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,9 @@ MEGABATCH_BATCHES = 50
 # Records are binned for a token budget within megabatches of this many, drawn in the epoch's random
 # order: enough to fill bins tightly, few enough that a bin's records come from all over the data.
 BUDGET_MEGABATCH_RECORDS = 512
+# Which way the samplers draw an epoch's order from the seed, kept in a checkpoint's sampler state:
+# a checkpoint of another way is not resumed (its records would be seen twice, or never). 2: numpy.
+ORDER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class LlavaDataset(Dataset):
             "index": record.index,
         }
 
-    def token_lengths(self) -> list[int]:
+    def token_lengths(self) -> np.ndarray:
         """Each record's exact length in tokens as the trainer builds it (image tokens included, cut
         at ``data.max_seq_len``), from its text alone: no image is opened. A record that cannot be
         built counts as ``data.max_seq_len`` (it is skipped or stopped on when its turn comes). The
@@ -109,7 +111,7 @@ class LlavaDataset(Dataset):
 
         max_len = self.data.max_seq_len
         counts = token_counts(self.store, self._token_context(), self.data.conversation_template, max_len)
-        return np.where(counts.built(), np.minimum(counts.full, max_len), max_len).tolist()
+        return np.where(counts.built(), np.minimum(counts.full, max_len), max_len)
 
     def _token_context(self) -> TokenContext:
         from llavactl.data.check import TokenContext
@@ -120,7 +122,7 @@ class LlavaDataset(Dataset):
         """The records that parse, in order (each file element decoded once more)."""
         return (r for r in self.store.parsed() if isinstance(r, Record))
 
-    def modality_lengths(self) -> list[int]:
+    def modality_lengths(self) -> np.ndarray:
         """Lengths for grouping, positive for records with images, negative for text-only: the exact
         token counts where `data check` kept them for this tokenizer, template, image size and
         max_seq_len, else each record's size in bytes (no record is decoded for it; only the order
@@ -132,10 +134,10 @@ class LlavaDataset(Dataset):
         )
         if counts is None:
             sizes = self.store.sizes()
-            return np.where(self.store.has_image(), sizes, -sizes).tolist()
+            return np.where(self.store.has_image(), sizes, -sizes)
         # A record that does not build is skipped wherever it falls: 1 (or -1) keeps its modality.
         length = np.where(counts.built(), counts.full, 1)
-        return np.where(counts.images > 0, length, -length).tolist()
+        return np.where(counts.images > 0, length, -length)
 
 
 class Collator:
@@ -202,7 +204,7 @@ class _Position:
         self.position += num_samples
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "order": ORDER_VERSION}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["seed"] != self.seed:
@@ -210,7 +212,17 @@ class _Position:
                 f"the checkpoint's data order used seed {state['seed']}, this run uses {self.seed}",
                 fix=f"resume with the same seed (`seed={state['seed']}`)",
             )
+        if state.get("order", 1) != ORDER_VERSION:
+            raise DataError(
+                f"the checkpoint's data order was drawn by another llavactl version (order {state.get('order', 1)}, "
+                f"this one draws order {ORDER_VERSION}): resumed here, the run would see some records twice and "
+                "others never",
+                fix="resume with the llavactl version that wrote the checkpoint, or start the run anew",
+            )
         self.epoch, self.position = state["epoch"], state["position"]
+
+    def _rng(self, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch])
 
 
 class ResumableSampler(_Position, Sampler[int]):
@@ -233,7 +245,7 @@ class ResumableSampler(_Position, Sampler[int]):
 
     def __init__(
         self,
-        lengths: Sequence[int],
+        lengths: Sequence[int] | np.ndarray,
         batch_size: int,
         seed: int,
         group_by_modality_length: bool = False,
@@ -241,7 +253,7 @@ class ResumableSampler(_Position, Sampler[int]):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.lengths = list(lengths)
+        self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
         self.batch_size = batch_size
         self.seed = seed
         self.group = group_by_modality_length
@@ -279,45 +291,46 @@ class ResumableSampler(_Position, Sampler[int]):
         return max(mine - self.position, 0)
 
     def __iter__(self) -> Iterator[int]:
-        yield from self.order(self.epoch)[self.position :]
+        # One index at a time from the array: a list of 665K Python ints would cost each process ~24 MB.
+        for i in self._order(self.epoch)[self.position :]:
+            yield int(i)
 
     def order(self, epoch: int) -> list[int]:
         """This process's indices for ``epoch``, in order."""
+        return self._order(epoch).tolist()
+
+    def _order(self, epoch: int) -> np.ndarray:
         whole = self._global_order(epoch)
         if self.world_size == 1:
             return whole
-        size = self.batch_size
-        batches = [whole[k : k + size] for k in range(0, len(whole), size)]
-        used = self.batches_per_process * self.world_size
-        return [i for batch in batches[self.rank : used : self.world_size] for i in batch]
+        # Batch k of the epoch goes to process k % world_size; the last few batches are left out.
+        size, used = self.batch_size, self.batches_per_process * self.world_size
+        starts = np.arange(self.rank, used, self.world_size) * size
+        return np.concatenate([whole[k : k + size] for k in starts.tolist()] or [whole[:0]])
 
-    def _global_order(self, epoch: int) -> list[int]:
-        rng = random.Random(f"{self.seed}:{epoch}")
+    def _global_order(self, epoch: int) -> np.ndarray:
+        rng = self._rng(epoch)
         if not self.group:
-            order = list(range(len(self.lengths)))
-            rng.shuffle(order)
-            return order
-        image = [i for i, n in enumerate(self.lengths) if n > 0]
-        text = [i for i, n in enumerate(self.lengths) if n <= 0]
-        batches: list[list[int]] = []
-        leftovers: list[int] = []
-        for group in (image, text):
+            return rng.permutation(len(self.lengths))
+        batches, leftovers = [], []
+        for group in (np.flatnonzero(self.lengths > 0), np.flatnonzero(self.lengths <= 0)):
             full, rest = self._length_grouped_batches(group, rng)
-            batches += full
-            leftovers += rest
-        rng.shuffle(batches)
-        return [i for b in batches for i in b] + leftovers
+            batches.append(full)
+            leftovers.append(rest)
+        rows = np.concatenate(batches)
+        return np.concatenate([rows[rng.permutation(len(rows))].reshape(-1), *leftovers])
 
-    def _length_grouped_batches(self, indices: list[int], rng: random.Random) -> tuple[list[list[int]], list[int]]:
-        rng.shuffle(indices)
-        mega = self.batch_size * MEGABATCH_BATCHES
-        ordered: list[int] = []
-        for start in range(0, len(indices), mega):
-            chunk = indices[start : start + mega]
-            ordered += sorted(chunk, key=lambda i: abs(self.lengths[i]), reverse=True)
+    def _length_grouped_batches(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``indices`` shuffled, sorted longest first within each megabatch, cut into rows of
+        ``batch_size`` (Int[B, batch_size]) and the leftovers of the last, short batch."""
+        indices = indices[rng.permutation(len(indices))]
+        size = np.abs(self.lengths[indices])
+        chunk = np.arange(len(indices)) // (self.batch_size * MEGABATCH_BATCHES)
+        longest = int(size.max(initial=0))
+        # By megabatch, then longest first; the stable sort keeps the shuffled order of ties.
+        ordered = indices[np.argsort(chunk * (longest + 1) + (longest - size), kind="stable")]
         cut = len(ordered) - len(ordered) % self.batch_size
-        batches = [ordered[k : k + self.batch_size] for k in range(0, cut, self.batch_size)]
-        return batches, ordered[cut:]
+        return ordered[:cut].reshape(-1, self.batch_size), ordered[cut:]
 
 
 class TokenBudgetBatches(_Position, Sampler[list[int]]):
@@ -346,7 +359,7 @@ class TokenBudgetBatches(_Position, Sampler[list[int]]):
         epochs: int = 1,
     ) -> None:
         """``lengths``: each record's exact length in tokens (image tokens included)."""
-        self.lengths = list(lengths)
+        self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
         self.budget = budget
         self.seed = seed
         self.rank = rank
@@ -367,15 +380,14 @@ class TokenBudgetBatches(_Position, Sampler[list[int]]):
 
     def _binned(self, epoch: int) -> list[list[int]]:
         if self._binned_cache is None or self._binned_cache[0] != epoch:
-            rng = random.Random(f"{self.seed}:{epoch}")
-            order = list(range(len(self.lengths)))
-            rng.shuffle(order)
+            rng = self._rng(epoch)
+            order = rng.permutation(len(self.lengths))
             bins: list[list[int]] = []
             for start in range(0, len(order), BUDGET_MEGABATCH_RECORDS):
-                chunk = order[start : start + BUDGET_MEGABATCH_RECORDS]
-                bins += first_fit_decreasing(chunk, self.lengths, self.budget)
-            rng.shuffle(bins)
-            self._binned_cache = (epoch, bins)
+                chunk = order[start : start + BUDGET_MEGABATCH_RECORDS].tolist()
+                lengths = dict(zip(chunk, self.lengths[chunk].tolist(), strict=True))
+                bins += first_fit_decreasing(chunk, lengths, self.budget)
+            self._binned_cache = (epoch, [bins[k] for k in rng.permutation(len(bins)).tolist()])
         return self._binned_cache[1]
 
     def batches(self, epoch: int) -> list[list[int]]:
@@ -520,7 +532,7 @@ def take_skipped(batch: dict[str, Any], on_error: str) -> list[Skipped]:
 def build_dataset(data: DataConfig, tokenizer: Any, image_token_id: int, spec: ImageSpec, seed: int) -> LlavaDataset:
     """The training dataset of a profile's ``data`` section (``seed`` picks builtin data)."""
     records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, seed)
-    store = open_records(records_path)
+    store = open_records(records_path, seed)
     if store.problems:
         raise DataError(
             f"{records_path}: invalid JSON: {store.problems[0].message}",

@@ -69,7 +69,9 @@ def tokens_in(batch: Mapping[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def first_fit_decreasing(indices: Sequence[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+def first_fit_decreasing(
+    indices: Sequence[int], lengths: Sequence[int] | Mapping[int, int], budget: int
+) -> list[list[int]]:
     """``indices`` in bins of at most ``budget`` tokens: longest first, each into the first bin with
     room (ties broken by index, so the bins depend only on the input). A record longer than the
     budget gets a bin of its own."""

@@ -337,7 +337,7 @@ class TrainRecipe:
         )
         world = self._world
         modality = dataset.modality_lengths()
-        self._has_text_only = any(n <= 0 for n in modality)
+        self._has_text_only = bool((modality <= 0).any())
         batching: dict[str, Any]
         if data.max_tokens_per_batch:
             self._progress.milestone(f"Measuring {len(dataset):,} records in tokens for data.max_tokens_per_batch")
