@@ -164,3 +164,36 @@ def test_a_store_travels_to_a_worker_process(shapes: Path) -> None:
     s.raw(0)  # the descriptor is open here; a copy opens its own
     copy = pickle.loads(pickle.dumps(s))
     assert copy.raw(3) == s.raw(3)
+
+
+_SCAN_ONCE = """
+import sys, time
+from pathlib import Path
+from llavactl.data import store
+store.CACHE_MIN_BYTES = 0
+scan = store.scan
+def slow_scan(path):
+    with open(sys.argv[2], "a") as log:
+        log.write("scan\\n")
+    time.sleep(1.0)  # long enough that the other process asks for the index meanwhile
+    return scan(path)
+store.scan = slow_scan
+print(len(store.open_records(Path(sys.argv[1]))))
+"""
+
+
+def test_processes_that_start_together_scan_a_file_once(cache: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([record(("human", f"q{i}"), ("gpt", "a")) for i in range(50)], indent=2))
+    log = tmp_path / "scans.log"
+    env = {**os.environ, "LLAVACTL_CACHE": str(cache.parent)}
+    argv = [sys.executable, "-c", _SCAN_ONCE, str(path), str(log)]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs == ["50", "50"]
+    # One scanned and kept the index; the other waited for it and read it back.
+    assert log.read_text() == "scan\n"
+    assert len(list(cache.glob("*.npy"))) == 1

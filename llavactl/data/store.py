@@ -16,6 +16,7 @@ checks, the planner and the dataset of one command read the file once.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import hashlib
 import os
@@ -54,6 +55,9 @@ START, END, LINE, IMAGE = range(4)
 _QUOTE, _BACKSLASH, _COMMA, _NEWLINE = 34, 92, 44, 10
 # `[` and `{` are 0x5B and 0x7B, `]` and `}` 0x5D and 0x7D: with bit 0x20 set, one test each.
 _OPEN, _CLOSE = 0x7B, 0x7D
+# The bytes the list's scan looks at (1, all others 0), picked out by one `bytes.translate`.
+_LOOKED_AT = bytes(int(b in b'"[]{},\n') for b in range(256))
+_AFTER_KEY = np.frombuffer(b": \t\r\n", np.uint8)
 
 
 class _BadList(Exception):
@@ -156,10 +160,11 @@ def _list_problem(path: Path) -> Problem:
     return Problem("bad_json", "the file is JSON, but not a list of records")
 
 
-def open_records(path: Path) -> RecordStore | ParquetStore | MixtureStore:
+def open_records(path: Path, seed: int = 0) -> RecordStore | ParquetStore | MixtureStore:
     """The store of ``path``, shared by every caller in this process while the file is unchanged:
-    a mixture YAML of several sources (:mod:`llavactl.data.mixture`), Parquet/Arrow shards (a
-    shard, a folder or a glob of them) or a JSON/JSONL file.
+    a mixture YAML of several sources (:mod:`llavactl.data.mixture`; its random picks draw with
+    the file's own ``seed``, else ``seed``, the profile's), Parquet/Arrow shards (a shard, a folder
+    or a glob of them) or a JSON/JSONL file.
 
     Raises :class:`DataError` when the file is missing, unreadable or not UTF-8 text.
     """
@@ -167,7 +172,7 @@ def open_records(path: Path) -> RecordStore | ParquetStore | MixtureStore:
     from llavactl.data.parquet import is_shards, open_shards
 
     if is_mixture(path):
-        return open_mixture(path)
+        return open_mixture(path, seed)
     if is_shards(path):
         return open_shards(path)
     try:
@@ -191,13 +196,51 @@ def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
 @functools.lru_cache(maxsize=32)
 def _open(path: Path, fingerprint: tuple[int, ...]) -> RecordStore:
     cached = index_path(path, fingerprint)
+    if (kept := _kept_index(path, cached)) is not None:
+        return kept
+    if fingerprint[0] < CACHE_MIN_BYTES:
+        return _scanned(path, fingerprint, cached)
+    # The ranks of a run start together: one scans while the others wait, then read its index.
+    with _scan_lock(cached):
+        if (kept := _kept_index(path, cached)) is not None:
+            return kept
+        return _scanned(path, fingerprint, cached)
+
+
+def _kept_index(path: Path, cached: Path) -> RecordStore | None:
     if cached.is_file():
         try:
             index = np.load(cached, mmap_mode="r")
             if index[0, 0] == INDEX_VERSION:
                 return RecordStore(path, "list" if index[0, 1] == 0 else "jsonl", index[1:], [], cached.stem)
         except (OSError, ValueError, IndexError):
-            pass  # unreadable: scanned again and written anew below
+            pass  # unreadable: scanned again and written anew
+    return None
+
+
+@contextlib.contextmanager
+def _scan_lock(cached: Path) -> Iterator[None]:
+    """Hold an exclusive lock on scanning the file of ``cached`` (a lock file in the cache's
+    ``locks`` folder, never removed; the OS lets go of it when its process dies). Without a
+    writable cache every process scans for itself."""
+    import fcntl
+
+    try:
+        locks = cached.parent.parent / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        # One per data file (named by its path's hash): a changed file is scanned under the same lock.
+        fd = os.open(locks / f"{cached.name.split('-')[0]}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _scanned(path: Path, fingerprint: tuple[int, ...], cached: Path) -> RecordStore:
     try:
         kind, index, problems = scan(path)
     except UnicodeDecodeError as e:
@@ -306,15 +349,12 @@ def _scan_list(path: Path, skip: int) -> np.ndarray:
             got = os.preadv(fd, [buf], offset)
             n = min(got, CHUNK_BYTES)
             decoder.decode(memoryview(buf)[:n])
-            c = np.frombuffer(buf, np.uint8, n)
-            # One pass over the bytes for the quotes, brackets and commas; the rest works on those.
-            high = c | 0x20
-            mask = c == _QUOTE
-            mask |= high == _OPEN
-            mask |= high == _CLOSE
-            mask |= c == _COMMA
-            at = np.flatnonzero(mask)
+            c = np.frombuffer(buf, np.uint8, got)
+            # One pass over the bytes (a table lookup) for the quotes, brackets, commas and newlines.
+            at = np.flatnonzero(np.frombuffer(buf.translate(_LOOKED_AT), bool, n))
             v = c[at]
+            newline = v == _NEWLINE
+            lines, at, v = at[newline], at[~newline], v[~newline]
             quote = v == _QUOTE
             escaped = _escaped_quotes(buf, at[quote], backslashes)
             if escaped:
@@ -322,7 +362,7 @@ def _scan_list(path: Path, skip: int) -> np.ndarray:
             backslashes = _backslashes_before(buf, n, backslashes)
             quotes_at = at[quote]
             # Outside strings after an even number of quotes; a quote is no bracket or comma.
-            outside = np.flatnonzero((np.cumsum(quote, dtype=np.int64) + quotes) % 2 == 0)
+            outside = np.flatnonzero(((np.cumsum(quote, dtype=np.int64) + quotes) & 1) == 0)
             structural, sv = at[outside], v[outside] | 0x20
             step = (sv == _OPEN).astype(np.int8) - (sv == _CLOSE)
             level = np.cumsum(step, dtype=np.int64) + depth  # the depth after each, the list's `[` counted
@@ -338,10 +378,8 @@ def _scan_list(path: Path, skip: int) -> np.ndarray:
                 end = int(structural[last])
             mine = structural[sep]
             seps.append(mine + offset)
-            lines = np.flatnonzero(c == _NEWLINE)
             seps_line.append(np.searchsorted(lines, mine) + newlines + 1)
-            keys = _image_keys(buf, n, got)
-            keys = keys[(np.searchsorted(quotes_at, keys) + quotes) % 2 == 0]  # a key's quote opens a string
+            keys = _image_keys(c, quotes_at, quotes)
             images.append((keys if end is None else keys[keys < end]) + offset)
             depth = int(level[-1]) if len(level) else depth
             quotes += len(quotes_at)
@@ -371,16 +409,15 @@ def _scan_list(path: Path, skip: int) -> np.ndarray:
     return index
 
 
-def _image_keys(buf: bytearray, n: int, got: int) -> np.ndarray:
-    """Where `"image"` starts in the chunk's first ``n`` bytes, followed by a colon (or white space)."""
-    found = []
-    k = buf.find(_IMAGE_KEY, 0, got)
-    while 0 <= k < n:
-        found.append(k)
-        k = buf.find(_IMAGE_KEY, k + len(_IMAGE_KEY), got)
-    keys = np.array(found, dtype=np.int64)
-    after = np.frombuffer(buf, np.uint8)[np.minimum(keys + len(_IMAGE_KEY), got - 1)]
-    return keys[np.isin(after, np.frombuffer(b": \t\r\n", np.uint8))]
+def _image_keys(c: np.ndarray, quotes_at: np.ndarray, carried: int) -> np.ndarray:
+    """Where an `"image"` key starts among the chunk's unescaped quotes ``quotes_at`` (``carried``
+    quotes before the chunk): a quote that opens a string, ``image"`` after it, then a colon or
+    white space. ``c`` holds the chunk's bytes and the overlap after it."""
+    opening = quotes_at[((np.arange(len(quotes_at)) + carried) & 1) == 0]
+    keys = opening[opening + len(_IMAGE_KEY) < len(c)]
+    for k, byte in enumerate(_IMAGE_KEY[1:], start=1):
+        keys = keys[c[keys + k] == byte]
+    return keys[np.isin(c[keys + len(_IMAGE_KEY)], _AFTER_KEY)]
 
 
 def _escaped_quotes(buf: bytearray, quotes: np.ndarray, carried: int) -> list[int]:
