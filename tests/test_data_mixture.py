@@ -94,3 +94,28 @@ def test_a_broken_mixture_is_one_paragraph(tmp_path: Path) -> None:
     path.write_text("datasets:\n  - json_path: missing.json\n    image_folder: [a, b]\n")
     code, _, err = run_cli(["data", "check", "--profile", "tiny", f"data.data_path={path}"])
     assert code == 2 and "image_folder must be a path" in err
+
+
+def test_random_picks_draw_with_the_file_s_seed_else_the_profile_s(mixture: Path, tmp_path: Path) -> None:
+    from helpers import byte_tokenizer, image_id
+
+    from llavactl.config.schema import DataConfig
+    from llavactl.data.dataset import build_dataset
+    from llavactl.data.images import ImageSpec
+
+    def picked(path: Path, seed: int) -> list[str]:
+        store = open_records(path, seed)
+        return [store.raw(i).value["id"] for i in range(8, len(store))]  # the `random:4` source
+
+    # The file's own `seed: 3` wins over any profile's.
+    assert picked(mixture, 1) == picked(mixture, 2) == picked(mixture, 3)
+    unseeded = tmp_path / "unseeded.yaml"
+    unseeded.write_text(mixture.read_text().replace("seed: 3\n", ""))
+    by_seed = {seed: picked(unseeded, seed) for seed in (1, 2, 3)}
+    assert by_seed[3] == picked(mixture, 0) and by_seed[1] != by_seed[2]
+    assert picked(unseeded, 1) == by_seed[1]  # the same profile seed, the same picks
+    # The dataset a run trains on draws with the run's seed.
+    tok = byte_tokenizer()
+    spec = ImageSpec(32, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    dataset = build_dataset(DataConfig(data_path=str(unseeded)), tok, image_id(tok), spec, 2)
+    assert [dataset.store.raw(i).value["id"] for i in range(8, 12)] == by_seed[2]

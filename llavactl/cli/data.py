@@ -78,6 +78,7 @@ def check(
         decode=decode,
         limits=ImageLimits.of(data),
         skipped_checks=skipped,
+        seed=prof.seed,
         batching=Batching.of(prof),
     )
     # With --json the report is stdout's one JSON document; the rest goes to stderr.
@@ -220,7 +221,7 @@ def preview(
     tokens, why = data_token_context(prof.model, data.image_size)
     if tokens is None:
         raise ModelSourceError(f"preview needs the tokenizer and the tower's image spec: {why}")
-    out = preview_records(records_path, data, tokens, n=n, index=index)
+    out = preview_records(records_path, data, tokens, n=n, index=index, seed=prof.seed)
     spans = packed_spans(out) if packed else []
     if as_json:
         where = {id(item): (start, end) for item, start, end in spans}
@@ -305,7 +306,9 @@ def convert(
     loaded = load(profile, overrides)
     data = loaded.profile.data
     records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, loaded.profile.seed)
-    written = convert_records(records_path, image_folder, to, out_dir, shard_records=shard_records, force=force)
+    written = convert_records(
+        records_path, image_folder, to, out_dir, shard_records=shard_records, force=force, seed=loaded.profile.seed
+    )
     console.print(f"{len(written)} file(s) written to {escape(str(out_dir))}")
     hint = f"data.data_path={out_dir}"
     if to == "jsonl":

@@ -84,13 +84,15 @@ def check_dataset(
     limits: ImageLimits = DEFAULT_LIMITS,
     skipped_checks: tuple[str, ...] = (),
     batching: Batching | None = None,
+    seed: int = 0,
 ) -> tuple[CheckReport, RecordStore]:
-    """Check the records of ``records_path``; return the report and the store they were read from.
+    """Check the records of ``records_path`` (``seed``: the profile's, for a mixture's random picks);
+    return the report and the store they were read from.
     With ``batching`` and token lengths, the stats say how much of the profile's padded batches is
     padding. A report kept for the same inputs (the data file, the tokenizer, template, sizes and
     options, and every image the records name, each unchanged) is read back instead of checking
     again."""
-    store = open_records(records_path)
+    store = open_records(records_path, seed)
     kept = _kept_path(store, image_folder, template, max_seq_len, tokens, (limit, decode, limits, batching))
     if kept is not None and (report := _read_kept(kept, records_path, skipped_checks)) is not None:
         return report, store

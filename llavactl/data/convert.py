@@ -36,22 +36,24 @@ def convert(
     *,
     shard_records: int = DEFAULT_SHARD_RECORDS,
     force: bool = False,
+    seed: int = 0,
 ) -> list[Path]:
-    """Write the records of ``records`` (any source :func:`open_records` reads) to ``out_dir`` as
-    Parquet shards or JSONL; return the files written. Every record must be valid (a bad one is
-    named: `data check --write-clean` drops them first)."""
+    """Write the records of ``records`` (any source :func:`open_records` reads; ``seed``, the
+    profile's, for a mixture's random picks) to ``out_dir`` as Parquet shards or JSONL; return the
+    files written. Every record must be valid (a bad one is named: `data check --write-clean` drops
+    them first)."""
     check_out_dir(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
-    valid = list(_valid(records))
+    valid = list(_valid(records, seed))
     if to == "parquet":
         return _to_parquet(valid, image_folder, out_dir, shard_records)
     return [_to_jsonl(valid, image_folder, out_dir)]
 
 
-def _valid(records: Path) -> Iterator[Record]:
+def _valid(records: Path, seed: int) -> Iterator[Record]:
     from llavactl.data.store import open_records
 
-    store = open_records(records)
+    store = open_records(records, seed)
     if store.problems:
         raise DataError(f"{records}: {store.problems[0].message}", fix=f"run `llavactl data check` on {records}")
     for parsed in store.parsed():

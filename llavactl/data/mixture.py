@@ -2,7 +2,7 @@
 
 ``data.data_path`` may name a YAML file (``.yaml``/``.yml``) that lists the sources::
 
-    seed: 0                             # random sampling draws with this seed (default 0)
+    seed: 0                             # random sampling draws with this seed (default: the profile's)
     datasets:
       - json_path: llava_v1_5_mix665k.json    # or `path`/`data_path`: JSON, JSONL or Parquet shards
         sampling_strategy: "all"              # all | first:N | first:P% | end:N | end:P% | random:N | random:P%
@@ -12,10 +12,11 @@
 
 Paths are relative to the YAML file's folder. A source without its own ``image_folder`` takes
 ``data.image_folder`` (as LLaVA-NeXT's one ``--image_folder``); one with it has its records' image
-paths made absolute under it. The selection is fixed by the file and its seed, so every command and
-every rank sees the same records; each source keeps its order (random picks are kept in file
-order), and the sources follow each other as listed. :class:`MixtureStore` offers the record store's
-interface, so everything that reads data reads a mixture, and counts what it took from each source.
+paths made absolute under it. The selection is fixed by the file and the seed (its own, else the
+profile's ``seed``), so every command and every rank sees the same records; each source keeps its
+order (random picks are kept in file order), and the sources follow each other as listed.
+:class:`MixtureStore` offers the record store's interface, so everything that reads data reads a
+mixture, and counts what it took from each source.
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def _under(folder: Path, image: Any) -> Any:
     return str(folder / image) if isinstance(image, str) and image else image
 
 
-def open_mixture(path: Path) -> MixtureStore:
-    """The mixture that the YAML file ``path`` describes."""
+def open_mixture(path: Path, seed: int = 0) -> MixtureStore:
+    """The mixture that the YAML file ``path`` describes; random picks draw with its ``seed``, else
+    with ``seed`` (the profile's)."""
     import yaml
 
     from llavactl.data.store import open_records
@@ -164,7 +166,7 @@ def open_mixture(path: Path) -> MixtureStore:
             f"mixture file {path} lists no sources",
             fix="give it a `datasets:` list of entries with `json_path` (and `sampling_strategy`)",
         )
-    seed = spec.get("seed", 0)
+    seed = spec.get("seed", seed)
     if not isinstance(seed, int):
         raise DataError(f"mixture file {path}: `seed` must be an integer, got {seed!r}", fix="e.g. `seed: 0`")
     stores, sources, keys = [], [], []

@@ -91,14 +91,14 @@ class PreviewProblem:
 
 
 def preview_records(
-    records_path: Path, data: DataConfig, tokens: TokenContext, *, n: int, index: int | None = None
+    records_path: Path, data: DataConfig, tokens: TokenContext, *, n: int, index: int | None = None, seed: int = 0
 ) -> list[PreviewItem | PreviewProblem]:
     """The first ``n`` records of ``records_path`` (or record ``index`` alone) as training prepares them."""
     from llavactl.data.records import Problem, RecordProblem
     from llavactl.data.store import open_records
     from llavactl.data.templates import encoder_for, prepare
 
-    store = open_records(records_path)
+    store = open_records(records_path, seed)
     if index is not None and not 0 <= index < len(store):
         raise DataError(
             f"{records_path} has no record {index} ({len(store)} records read)",

@@ -66,7 +66,7 @@ def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
         return [passed("data", f"{data.data_path}: built-in synthetic data, made on first use")]
     try:
         path, folder = resolve_data_source(data.data_path, data.image_folder, seed)
-        store = open_records(path)
+        store = open_records(path, seed)
     except DataError as exc:
         return [failed("data", exc.message, exc.fix or "fix the data file")]
     file_problems = store.problems

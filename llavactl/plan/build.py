@@ -136,7 +136,7 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     )
     try:
         path, _ = resolve_data_source(data.data_path, data.image_folder, profile.seed)
-        store = open_records(path)
+        store = open_records(path, profile.seed)
     except DataError as exc:
         return replace(fallback, source=f"{fallback.source} ({exc.message})")
     count = len(store)
@@ -208,22 +208,29 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
 
 
 def estimate(
-    profile: Profile, tokens: TokenPlan, *, runtime_bytes: int, device: str = "cpu"
+    profile: Profile,
+    tokens: TokenPlan,
+    *,
+    runtime_bytes: int,
+    device: str = "cpu",
+    assembled: AssembledModel | None = None,
 ) -> tuple[MemoryEstimate, int]:
-    """Peak memory and FLOPs of the largest micro-batch step of ``profile`` (built afresh on meta)."""
-    memory, trace, _ = _estimate(profile, tokens, runtime_bytes=runtime_bytes, device=device)
+    """Peak memory and FLOPs of the largest micro-batch step of ``profile`` (built afresh on meta
+    unless ``assembled``, the profile's :func:`build_meta`, is given)."""
+    memory, trace, _ = _estimate(profile, tokens, runtime_bytes=runtime_bytes, device=device, assembled=assembled)
     return memory, trace.flops
 
 
 def _estimate(
-    profile: Profile, tokens: TokenPlan, *, runtime_bytes: int, device: str
+    profile: Profile, tokens: TokenPlan, *, runtime_bytes: int, device: str, assembled: AssembledModel | None = None
 ) -> tuple[MemoryEstimate, StepTrace, tuple[int, int]]:
     """:func:`estimate`, with the whole trace and the shapes traced: (tokens, attention pairs)."""
     from llavactl.model.flops import attention_pairs
     from llavactl.plan.memory import estimate_memory, trace_step
 
     training = profile.training
-    assembled = build_meta(profile, gradient_checkpointing=training.gradient_checkpointing)
+    if assembled is None:
+        assembled = build_meta(profile, gradient_checkpointing=training.gradient_checkpointing)
     half = training.bf16 or training.fp16
     seq_len = min(
         max(tokens.longest, assembled.image_spec.num_tokens * tokens.images_per_sample + 8), profile.data.max_seq_len
@@ -376,7 +383,7 @@ def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int 
     tokens = token_plan(profile, assembled)
     t = profile.training
     runtime = runtime_bytes + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
-    memory, trace, traced = _estimate(profile, tokens, runtime_bytes=runtime, device=device)
+    memory, trace, traced = _estimate(profile, tokens, runtime_bytes=runtime, device=device, assembled=assembled)
     other = _with(profile, {"training.gradient_checkpointing": not t.gradient_checkpointing})
     memory_other, _ = estimate(other, tokens, runtime_bytes=runtime, device=device)
     steps_per_epoch = total_steps = None
@@ -444,8 +451,9 @@ def plan_memory(resolved: ResolvedRun) -> tuple[int, str | None]:
     free_bytes = resolved.free_memory_bytes or 0
 
     runtime = runtime_rss_bytes() + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
-    tokens = token_plan(profile, build_meta(profile, gradient_checkpointing=profile.training.gradient_checkpointing))
-    memory, _ = estimate(profile, tokens, runtime_bytes=runtime, device=device)
+    assembled = build_meta(profile, gradient_checkpointing=profile.training.gradient_checkpointing)
+    tokens = token_plan(profile, assembled)
+    memory, _ = estimate(profile, tokens, runtime_bytes=runtime, device=device, assembled=assembled)
     if memory.total <= free_bytes:
         return memory.total, None
     fitting = [
