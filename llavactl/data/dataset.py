@@ -305,8 +305,8 @@ class ResumableSampler(_Position, Sampler[int]):
             return whole
         # Batch k of the epoch goes to process k % world_size; the last few batches are left out.
         size, used = self.batch_size, self.batches_per_process * self.world_size
-        starts = np.arange(self.rank, used, self.world_size) * size
-        return np.concatenate([whole[k : k + size] for k in starts.tolist()] or [whole[:0]])
+        at = (np.arange(self.rank, used, self.world_size)[:, None] * size + np.arange(size)).reshape(-1)
+        return whole[at[at < len(whole)]]
 
     def _global_order(self, epoch: int) -> np.ndarray:
         rng = self._rng(epoch)
