@@ -87,6 +87,41 @@ def test_workers_count_the_same_as_one_process(cache: Path, tmp_path: Path) -> N
     assert one.problems == two.problems and one.cut.any()
 
 
+def test_a_check_with_workers_counts_while_it_parses_and_reports_as_one_process(cache: Path, tmp_path: Path) -> None:
+    path = data_file(tmp_path, n=20, words=30)
+    two = check(path, max_seq_len=250, workers=2)
+    (kept,) = (cache.parent / "lengths").iterdir()
+    kept.unlink()
+    for folder in ("checks",):
+        for f in (cache.parent / folder).iterdir():
+            f.unlink()
+    assert check(path, max_seq_len=250, workers=1) == two
+    assert [p["code"] for p in two["problems"]].count("too_long") > 0
+
+
+def test_counting_left_before_its_counts_are_asked_for_keeps_nothing(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = data_file(tmp_path, n=40)
+    store = open_records(path)
+    prepare = lengths.prepare
+
+    def slow(*args: object, **kwargs: object) -> object:  # the workers are forked: they run this too
+        import time
+
+        time.sleep(0.05)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(lengths, "prepare", slow)
+    with lengths.counting(store, tokens(), "vicuna_v1", 256, len(store), workers=2):
+        pass  # e.g. `data check` found the file's own problem: the counts are not needed
+    # The ranges not started were dropped: partial counts are never kept as the file's.
+    assert not (cache.parent / "lengths").exists() or not list((cache.parent / "lengths").iterdir())
+    with lengths.counting(store, tokens(), "vicuna_v1", 256, len(store), workers=2) as counts_of:
+        counts = counts_of()
+    assert len(counts.full) == 40 and len(list((cache.parent / "lengths").iterdir())) == 1
+
+
 def test_grouping_and_the_planner_use_the_exact_counts(cache: Path, shapes: Path) -> None:
     profile = load_profile("tiny", [f"data.data_path={shapes}"]).profile
     assembled = P.build_meta(profile, gradient_checkpointing=False)

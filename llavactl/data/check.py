@@ -7,6 +7,7 @@ lengths and masks the trainer would use. Every problem has a stable code (see do
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import numpy as np
 
 from llavactl.data.dataset import Batching, padding_summary
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, open_rgb, probe
-from llavactl.data.lengths import count_records, counts_path, token_counts
+from llavactl.data.lengths import counting, counts_path
 from llavactl.data.mixture import MixtureStore
 from llavactl.data.records import Problem, Record, RecordProblem, Severity, check_image_markers
 from llavactl.data.sources import cache_root
@@ -123,50 +124,53 @@ def _check(
     problems = list(store.problems)
     records: list[Record] = []
     count = len(store) if limit is None else min(limit, len(store))
-    for parsed in store.parsed(range(count)):
-        if isinstance(parsed, Record):
-            records.append(parsed)
-        elif parsed.code == "bad_json" and store.kind == "list":
-            # A list with an element that is not JSON is not JSON: one problem, of the file.
-            problems, records, count = [store.file_problem()], [], 0
-            break
-        else:
-            problems.append(parsed)
-    problems += _duplicate_ids(records)
-    images = sorted({str(image_folder / p) for r in records for p in r.images})
-    problems += _image_problems(records, images, image_folder, workers, decode, limits)
     lengths: list[int] = []
     text_only: list[bool] = []
     supervised = 0
-    if tokens is None:
-        problems += _render_problems(records, template)
-    else:
-        # Every record's counts, over --workers processes, kept for the next check, dry-run and train.
-        counts = (
-            token_counts(store, tokens, template, max_seq_len, workers=workers)
-            if count == len(store)
-            else count_records(store, tokens, template, max_seq_len, range(count), workers=workers)
-        )
-        for record in records:
-            i = record.index
-            if i in counts.problems:
-                # A record the trainer cannot build is an error whatever its code: `too_long` is
-                # a warning when the cut only loses text, an error when it falls in image tokens.
-                problems.append(_problem(record, *counts.problems[i], "error"))
-                continue
-            full, cut = int(counts.full[i]), int(counts.cut[i])
-            lengths.append(full)
-            text_only.append(not record.images)
-            supervised += int(counts.supervised[i])
-            if cut:
-                problems.append(
-                    _problem(
-                        record,
-                        "too_long",
-                        f"{full} tokens with image tokens, over data.max_seq_len={max_seq_len}: "
-                        f"{cut} supervised tokens would be cut",
+    # Every record's token counts, over --workers processes, kept for the next check, dry-run and
+    # train; counted while this process parses the records and checks their images.
+    background = (
+        counting(store, tokens, template, max_seq_len, count, workers=workers)
+        if tokens is not None
+        else contextlib.nullcontext(None)
+    )
+    with background as counts_of:
+        for parsed in store.parsed(range(count)):
+            if isinstance(parsed, Record):
+                records.append(parsed)
+            elif parsed.code == "bad_json" and store.kind == "list":
+                # A list with an element that is not JSON is not JSON: one problem, of the file.
+                problems, records, count = [store.file_problem()], [], 0
+                break
+            else:
+                problems.append(parsed)
+        problems += _duplicate_ids(records)
+        images = sorted({str(image_folder / p) for r in records for p in r.images})
+        problems += _image_problems(records, images, image_folder, workers, decode, limits)
+        if counts_of is None:
+            problems += _render_problems(records, template)
+        elif count:
+            counts = counts_of()
+            for record in records:
+                i = record.index
+                if i in counts.problems:
+                    # A record the trainer cannot build is an error whatever its code: `too_long` is
+                    # a warning when the cut only loses text, an error when it falls in image tokens.
+                    problems.append(_problem(record, *counts.problems[i], "error"))
+                    continue
+                full, cut = int(counts.full[i]), int(counts.cut[i])
+                lengths.append(full)
+                text_only.append(not record.images)
+                supervised += int(counts.supervised[i])
+                if cut:
+                    problems.append(
+                        _problem(
+                            record,
+                            "too_long",
+                            f"{full} tokens with image tokens, over data.max_seq_len={max_seq_len}: "
+                            f"{cut} supervised tokens would be cut",
+                        )
                     )
-                )
     n_records = count
     if n_records == 0 and not problems:
         problems.append(Problem("no_records", f"{records_path} holds no records (an empty list, or only blank lines)"))

@@ -10,8 +10,10 @@ read them back. Any change to one of the inputs names another file, so nothing s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +98,47 @@ def token_counts(
     if cached is not None:
         return cached
     counts = count_records(store, tokens, template, max_seq_len, range(len(store)), workers=workers)
-    path = counts_path(store, tokens, template, max_seq_len)
+    return _kept(store, tokens, template, max_seq_len, counts, True)
+
+
+@contextlib.contextmanager
+def counting(
+    store: RecordStore, tokens: TokenContext, template: str, max_seq_len: int, count: int, *, workers: int
+) -> Iterator[Callable[[], TokenCounts]]:
+    """Count the first ``count`` records while the caller does other work (``data check`` parses
+    the records and checks their images meanwhile); yield the function that waits for the counts.
+    The counts of all records are read back when kept, and kept when counted.
+
+    With ``workers`` > 1 the ranges go to the worker processes at once (forked here, from the
+    calling thread); leaving the block before the counts are asked for drops the ranges not yet
+    started, and keeps nothing."""
+    whole = count == len(store)
+    if whole and (cached := cached_counts(store, tokens, template, max_seq_len)) is not None:
+        yield lambda: cached
+        return
+    job, ranges = _ranges(store, tokens, template, max_seq_len, range(count), workers)
+    if workers <= 1 or len(ranges) <= 1:
+        yield lambda: _kept(
+            store,
+            tokens,
+            template,
+            max_seq_len,
+            count_records(store, tokens, template, max_seq_len, range(count), workers=1),
+            whole,
+        )
+        return
+    with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=job) as pool:
+        futures = [pool.submit(_count_range, r) for r in ranges]
+        try:
+            yield lambda: _kept(store, tokens, template, max_seq_len, _merged([f.result() for f in futures]), whole)
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
+def _kept(
+    store: RecordStore, tokens: TokenContext, template: str, max_seq_len: int, counts: TokenCounts, whole: bool
+) -> TokenCounts:
+    path = counts_path(store, tokens, template, max_seq_len) if whole else None
     if path is not None:
         _save(path, counts)
     return counts
@@ -106,16 +148,27 @@ def count_records(
     store: RecordStore, tokens: TokenContext, template: str, max_seq_len: int, indices: range, *, workers: int = 1
 ) -> TokenCounts:
     """The counts of the records ``indices``, each decoded, rendered and tokenized as training does."""
-    job = (store, tokens.tokenizer, tokens.image_token_id, tokens.spec.num_tokens, template, max_seq_len)
-    # A few ranges a worker, so that one slow range does not hold the rest back.
-    size = max(1, -(-len(indices) // (4 * workers)))
-    ranges = [indices[k : k + size] for k in range(0, len(indices), size)]
+    job, ranges = _ranges(store, tokens, template, max_seq_len, indices, workers)
     if workers > 1 and len(ranges) > 1:
         with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=job) as pool:
-            parts = list(pool.map(_count_range, ranges))
-    else:
-        _start_worker(*job)
-        parts = [_count_range(r) for r in ranges]
+            return _merged(list(pool.map(_count_range, ranges)))
+    _start_worker(*job)
+    return _merged([_count_range(r) for r in ranges])
+
+
+def _ranges(
+    store: RecordStore, tokens: TokenContext, template: str, max_seq_len: int, indices: range, workers: int
+) -> tuple[tuple[Any, ...], list[range]]:
+    """What a worker starts with, and ``indices`` cut into a few ranges a worker (so that one slow
+    range does not hold the rest back)."""
+    job = (store, tokens.tokenizer, tokens.image_token_id, tokens.spec.num_tokens, template, max_seq_len)
+    size = max(1, -(-len(indices) // (4 * workers)))
+    return job, [indices[k : k + size] for k in range(0, len(indices), size)]
+
+
+def _merged(
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, tuple[str, str]]]],
+) -> TokenCounts:
     problems: dict[int, tuple[str, str]] = {}
     for part in parts:
         problems.update(part[4])
