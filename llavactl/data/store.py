@@ -234,7 +234,10 @@ def _scan_lock(cached: Path) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: every process scans for itself, as without a cache
         yield
     finally:
         os.close(fd)
