@@ -179,3 +179,33 @@ def test_synth_writes_a_dataset_that_checks_clean(tmp_path: Path) -> None:
     records = tmp_path / "s" / "shapes.json"
     assert len(json.loads(records.read_text())) == 12
     assert run_cli(["data", "check", "-p", str(profile_file(tmp_path, records))])[0] == 0
+
+
+@pytest.mark.parametrize("with_tokenizer", [True, False])
+def test_the_check_holds_no_parsed_record_while_it_checks_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_tokenizer: bool
+) -> None:
+    # A parsed record holds its whole JSON value: 665K of them would cost several GiB.
+    import gc
+
+    from llavactl.data import check as check_module
+    from llavactl.data.records import Record
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [record(("human", f"<image>\nq{i}"), ("gpt", "a"), image="a.png", rid=i) for i in range(30)]
+    rows[3]["id"] = 0  # a duplicate, found from what the check keeps
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    live: list[int] = []
+    image_problems = check_module._image_problems
+
+    def counting_records(*args: object, **kwargs: object) -> object:
+        gc.collect()
+        live.append(sum(isinstance(o, Record) for o in gc.get_objects()))
+        return image_problems(*args, **kwargs)
+
+    monkeypatch.setattr(check_module, "_image_problems", counting_records)
+    tokens = tokens_of(byte_tokenizer()) if with_tokenizer else None
+    report, _ = check_dataset(path, tmp_path, "vicuna_v1", MAX_LEN, tokens)
+    assert live and live[0] <= 1  # at most the loop's last one
+    assert [p.code for p in report.problems] == ["duplicate_id"] and report.stats["images"] == 30

@@ -15,7 +15,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -122,7 +122,9 @@ def _check(
     """The report, and the image paths it checked."""
     records_path = store.path
     problems = list(store.problems)
-    records: list[Record] = []
+    # What the report needs of each valid record, not the record: a 665K-record file's parsed
+    # records would hold several GiB, as `json.load` does.
+    records: list[_Held] = []
     count = len(store) if limit is None else min(limit, len(store))
     lengths: list[int] = []
     text_only: list[bool] = []
@@ -137,7 +139,9 @@ def _check(
     with background as counts_of:
         for parsed in store.parsed(range(count)):
             if isinstance(parsed, Record):
-                records.append(parsed)
+                records.append(_Held(parsed.index, parsed.id, parsed.images))
+                if counts_of is None and (rendered := _render_problem(parsed, template)) is not None:
+                    problems.append(rendered)
             elif parsed.code == "bad_json" and store.kind == "list":
                 # A list with an element that is not JSON is not JSON: one problem, of the file.
                 problems, records, count = [store.file_problem()], [], 0
@@ -147,9 +151,7 @@ def _check(
         problems += _duplicate_ids(records)
         images = sorted({str(image_folder / p) for r in records for p in r.images})
         problems += _image_problems(records, images, image_folder, workers, decode, limits)
-        if counts_of is None:
-            problems += _render_problems(records, template)
-        elif count:
+        if counts_of is not None and count:
             counts = counts_of()
             for record in records:
                 i = record.index
@@ -236,13 +238,21 @@ def _image_stats(paths: list[str]) -> np.ndarray:
     return out
 
 
-def _problem(record: Record, code: str, message: str, severity: Severity | None = None) -> Problem:
+class _Held(NamedTuple):
+    """A valid record as the report names it."""
+
+    index: int
+    id: str | int | None
+    images: tuple[str, ...]
+
+
+def _problem(record: Record | _Held, code: str, message: str, severity: Severity | None = None) -> Problem:
     if severity is None:
         severity = "warning" if code in WARNING_CODES else "error"
     return Problem(code, message, record.index, record.id, severity)
 
 
-def _duplicate_ids(records: list[Record]) -> list[Problem]:
+def _duplicate_ids(records: list[_Held]) -> list[Problem]:
     first: dict[str | int, int] = {}
     out = []
     for r in records:
@@ -268,7 +278,7 @@ def _check_image(job: tuple[str, bool, ImageLimits]) -> tuple[str, str] | None:
 
 
 def _image_problems(
-    records: list[Record], paths: list[str], image_folder: Path, workers: int, decode: bool, limits: ImageLimits
+    records: list[_Held], paths: list[str], image_folder: Path, workers: int, decode: bool, limits: ImageLimits
 ) -> list[Problem]:
     jobs = [(p, decode, limits) for p in paths]
     if workers > 1 and len(jobs) > 1:
@@ -286,21 +296,19 @@ def _image_problems(
     return out
 
 
-def _render_problems(records: list[Record], template: str) -> list[Problem]:
+def _render_problem(record: Record, template: str) -> Problem | None:
     """Without a tokenizer: image markers, and whether the template can render the turns."""
-    out = []
-    for r in records:
-        try:
-            check_image_markers(r)
-            if template != "tokenizer":
-                render(r, template)
-        except RecordProblem as e:
-            out.append(_problem(r, e.code, e.message))
-    return out
+    try:
+        check_image_markers(record)
+        if template != "tokenizer":
+            render(record, template)
+    except RecordProblem as e:
+        return _problem(record, e.code, e.message)
+    return None
 
 
 def _stats(
-    records: list[Record],
+    records: list[_Held],
     n_records: int,
     problems: list[Problem],
     lengths: list[int],
