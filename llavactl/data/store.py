@@ -234,10 +234,9 @@ def _scan_lock(cached: Path) -> Iterator[None]:
         yield
         return
     try:
-        try:
+        # A file system without locks: every process scans for itself, as without a cache.
+        with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass  # a file system without locks: every process scans for itself, as without a cache
         yield
     finally:
         os.close(fd)
