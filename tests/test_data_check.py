@@ -192,8 +192,8 @@ def test_the_check_holds_no_parsed_record_while_it_checks_images(
     from llavactl.data.records import Record
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    rows = [record(("human", f"<image>\nq{i}"), ("gpt", "a"), image="a.png", rid=i) for i in range(30)]
-    rows[3]["id"] = 0  # a duplicate, found from what the check keeps
+    rows = [record(("human", f"<image>\nq{i}"), ("gpt", "a"), image="a.png", rid=f"held-{i}") for i in range(30)]
+    rows[3]["id"] = "held-0"  # a duplicate, found from what the check keeps
     path = tmp_path / "d.json"
     path.write_text(json.dumps(rows), encoding="utf-8")
     live: list[int] = []
@@ -201,7 +201,8 @@ def test_the_check_holds_no_parsed_record_while_it_checks_images(
 
     def counting_records(*args: object, **kwargs: object) -> object:
         gc.collect()
-        live.append(sum(isinstance(o, Record) for o in gc.get_objects()))
+        # This file's records only: other tests may leave records of their own alive.
+        live.append(sum(isinstance(o, Record) and str(o.id).startswith("held-") for o in gc.get_objects()))
         return image_problems(*args, **kwargs)
 
     monkeypatch.setattr(check_module, "_image_problems", counting_records)
