@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from llavactl.data.parts import Parts
 from llavactl.data.records import Problem, RawRecord, Record
 from llavactl.errors import DataError
 
@@ -90,16 +91,14 @@ class MixtureStore:
         self.problems: list[Problem] = []
         self.stores = stores
         self.sources = sources
-        self._starts = np.cumsum([0, *(len(s.indices) for s in sources)])
+        self._parts = Parts(len(s.indices) for s in sources)
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return len(self._parts)
 
     def _locate(self, i: int) -> tuple[int, int]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        k = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return k, int(self.sources[k].indices[i - int(self._starts[k])])
+        k, j = self._parts.locate(i)
+        return k, int(self.sources[k].indices[j])
 
     def where(self, i: int) -> str:
         """How messages name record ``i``: its source and its place there."""

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from llavactl.data.parts import Parts
 from llavactl.data.records import Problem, RawRecord, Record, RecordProblem
 from llavactl.errors import DataError
 
@@ -216,18 +217,16 @@ class ParquetStore:
         self.problems: list[Problem] = []
         self.shards = shards
         counts = [len(_shard(s, _stamp(s))) for s in shards]
-        self._starts = np.cumsum([0, *counts])
+        self._parts = Parts(counts)
         self._summary: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return len(self._parts)
 
     def locate(self, i: int) -> tuple[Path, int]:
         """The shard and the row in it of record ``i``."""
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        k = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return self.shards[k], i - int(self._starts[k])
+        k, row = self._parts.locate(i)
+        return self.shards[k], row
 
     def where(self, i: int) -> str:
         """How messages name record ``i``: ``train-00001-of-00004.parquet row 17``."""
