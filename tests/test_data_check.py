@@ -210,3 +210,21 @@ def test_the_check_holds_no_parsed_record_while_it_checks_images(
     report, _ = check_dataset(path, tmp_path, "vicuna_v1", MAX_LEN, tokens)
     assert live and live[0] <= 1  # at most the loop's last one
     assert [p.code for p in report.problems] == ["duplicate_id"] and report.stats["images"] == 30
+
+
+def test_a_file_that_is_not_records_fails_naming_its_place_not_a_count_of_records(tmp_path: Path) -> None:
+    """A list with one element that is not JSON is not JSON: the check names the line and column
+    and says to correct the file (no record was read, so "0 of 0 records" would say nothing)."""
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n {"id": "a", "conversations": []},\n {"id": "b", oops}\n]\n', encoding="utf-8")
+    code, out, err = run_cli(["data", "check", "-p", str(profile_file(tmp_path, bad))])
+    assert code == 1, out + err
+    assert "1 error of the file itself, 0 warnings" in out
+    assert f"Error: {bad} cannot be read as records: line 3, column 14:" in err
+    assert "[bad_json]" in err and "correct the JSON at that line and column" in err
+    assert "records have errors" not in err and "--write-clean" not in err
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]", encoding="utf-8")
+    code, out, err = run_cli(["data", "check", "-p", str(profile_file(tmp_path, empty))])
+    assert code == 1, out + err
+    assert f"Error: {empty} holds no records" in err and "[no_records]" in err

@@ -93,13 +93,9 @@ def check(
     if write_clean is not None:
         kept = write_clean_file(raws, report, write_clean)
         out.print(f"{kept} records without errors written to {escape(str(write_clean))}")
-    if report.errors:
-        raise CheckFailed(
-            f"{report.stats['records_with_errors']} of {report.records} records have errors "
-            f"({report.stats['errors']} errors in all).",
-            fix="fix or drop those records (the table above names each), or write the good ones with "
-            "`--write-clean FILE`",
-        )
+    if (failure := report.failure()) is not None:
+        finding, fix = failure
+        raise CheckFailed(finding, fix=fix)
 
 
 def _cores() -> int:
@@ -171,7 +167,17 @@ def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None
         )
         table.add_row(code, level, str(len(items)), first)
     console.print(table)
-    console.print(f"{s['errors']} errors in {s['records_with_errors']} records, {s['warnings']} warnings")
+    of_file = sum(1 for p in report.errors if p.index is None)
+    in_records = s["errors"] - of_file
+    said = [f"{_count(in_records, 'error')} in {_count(s['records_with_errors'], 'record')}"] * bool(
+        in_records or not of_file
+    )
+    said += [f"{_count(of_file, 'error')} of the file itself"] * bool(of_file)
+    console.print(f"{', '.join(said)}, {_count(s['warnings'], 'warning')}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _print_lengths(s: dict) -> None:

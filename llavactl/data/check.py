@@ -33,6 +33,12 @@ from llavactl.errors import DataError
 CHECK_VERSION = 1
 # Codes whose problems keep a record out of training; the others are warnings.
 WARNING_CODES = frozenset({"too_long", "duplicate_id"})
+# The fix of a problem of the whole file, by its code (a record's problems are fixed record by record).
+FILE_FIXES = {
+    "bad_json": "correct the JSON at that line and column (a LLaVA data file is one JSON list of records, "
+    "or JSONL: one record a line), then check it again",
+    "no_records": "point data.data_path at the file that holds the records",
+}
 PERCENTILES = (50, 90, 95, 99)
 HISTOGRAM_BINS = 10
 
@@ -53,6 +59,28 @@ class CheckReport:
 
     def bad_indices(self) -> set[int]:
         return {p.index for p in self.errors if p.index is not None}
+
+    def failure(self) -> tuple[str, str] | None:
+        """What a failed check ends with: the finding and its fix; None when no error was found.
+
+        A problem of the file itself (not JSON, not a list, no records) is named with its place in
+        the file: no record of it was read, so counting records with errors says nothing."""
+        errors = self.errors
+        if not errors:
+            return None
+        whole = [p for p in errors if p.index is None]
+        if whole:
+            first, source = whole[0], str(self.source or "the data file")
+            more = f" ({len(whole) - 1} more problems of the file in the table above)" if len(whole) > 1 else ""
+            said = first.message if source in first.message else f"{source} cannot be read as records: {first.message}"
+            return (
+                f"{said}{more} [{first.code}].",
+                FILE_FIXES.get(first.code, "fix the file at the place named, then check it again"),
+            )
+        return (
+            f"{len(self.bad_indices())} of {self.records} records have errors ({len(errors)} errors in all).",
+            "fix or drop those records (the table above names each), or write the good ones with `--write-clean FILE`",
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {
