@@ -120,7 +120,7 @@ def test_cli_exit_1_json_report_and_write_clean(tmp_path: Path) -> None:
     code, out, err = run_cli([*args, "--write-clean", str(clean)])
     assert code == 1, out + err
     assert "empty_supervision" in out and "tokens per record" in out
-    assert "Error: 7 of 11 records have errors" in err
+    assert "Error: 7 records of 11 with errors (7 errors in all)" in err
     report = json.loads(report_file.read_text())
     assert set(report) == {"records", "problems", "stats", "skipped_checks"}
     assert {"index", "id", "code", "message"} <= set(report["problems"][0])

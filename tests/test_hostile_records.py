@@ -146,3 +146,54 @@ def test_write_clean_to_a_folder_or_under_a_file_is_a_clean_error(tmp_path: Path
         write_clean(raws, report, tmp_path)
     with pytest.raises(DataError, match="cannot be written"):
         write_clean(raws, report, data / "clean.jsonl")
+
+
+def test_an_image_path_with_a_lone_surrogate_and_a_boolean_id_are_refused(tmp_path: Path) -> None:
+    """A file name that is not UTF-8 reaches JSON as a lone surrogate: no table, report or shard can
+    hold it. `true` is a Python int equal to 1: as an id it would collide with id 1."""
+    path = jsonl(tmp_path, GOOD, line('"s"', image='"images/\\udcff.png"'), line("true"), line("1"))
+    report, _ = check_dataset(path, tmp_path, "vicuna_v1", 256, None)
+    found = {(p.index, p.code): p.message for p in report.problems}
+    assert set(found) == {(1, "bad_text"), (2, "missing_field")}
+    assert found[1, "bad_text"].startswith("`image` holds a lone surrogate ('\\udcff' at character 7)")
+    assert found[2, "missing_field"] == "`id` must be a string or an integer, got True"
+    code, out, err = run_cli(["data", "check", "-p", str(_profile(tmp_path, path))])
+    assert code == 1 and "Internal error" not in out + err
+
+
+def test_shard_images_of_the_wrong_type_or_in_two_columns_are_refused_by_row(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    text_bytes = pa.struct([("bytes", pa.string()), ("path", pa.string())])
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(
+        pa.table(
+            {"id": ["s"], "conversations": [turns], "image": pa.array([{"bytes": "x", "path": "a.png"}], text_bytes)}
+        ),
+        folder / "a.parquet",
+    )
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    both = {"image": pa.array([{"bytes": b"x", "path": "b.png"}], image)}
+    both["images"] = pa.array([[{"bytes": b"y", "path": "c.png"}]], pa.list_(image))
+    pq.write_table(pa.table({"id": ["b"], "conversations": [turns], **both}), folder / "b.parquet")
+    report, _ = check_dataset(folder, tmp_path, "vicuna_v1", 256, None)
+    found = {(p.index, p.code): p.message for p in report.problems}
+    assert set(found) == {(0, "missing_field"), (1, "missing_field")}
+    assert found[0, "missing_field"] == (
+        "a.parquet row 0: column `image`: an embedded image's `bytes` is string, not binary "
+        "(as `datasets`' Image feature writes it)"
+    )
+    assert found[1, "missing_field"].endswith(
+        "the row has images in both `image` and `images`; keep them in one of the columns"
+    )
+    code, out, err = run_cli(["data", "check", "-p", str(_profile(tmp_path, folder))])
+    assert code == 1 and "Internal error" not in out + err
+
+
+def _profile(folder: Path, data: Path) -> Path:
+    path = folder / "p.yaml"
+    path.write_text(f"extends: tiny\ndata:\n  data_path: {data}\n  image_folder: {folder}\n", encoding="utf-8")
+    return path

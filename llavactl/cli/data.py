@@ -133,6 +133,8 @@ def _write_report(json_file: Path, report: CheckReport, records_path: Path) -> N
 
 
 def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None:
+    from llavactl.data.check import counted
+
     s = report.stats
     console.print(f"[bold]{escape(str(records_path))}[/]: {report.records} records")
     for source in s.get("sources") or []:
@@ -169,15 +171,11 @@ def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None
     console.print(table)
     of_file = sum(1 for p in report.errors if p.index is None)
     in_records = s["errors"] - of_file
-    said = [f"{_count(in_records, 'error')} in {_count(s['records_with_errors'], 'record')}"] * bool(
+    said = [f"{counted(in_records, 'error')} in {counted(s['records_with_errors'], 'record')}"] * bool(
         in_records or not of_file
     )
-    said += [f"{_count(of_file, 'error')} of the file itself"] * bool(of_file)
-    console.print(f"{', '.join(said)}, {_count(s['warnings'], 'warning')}")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+    said += [f"{counted(of_file, 'error')} of the file itself"] * bool(of_file)
+    console.print(f"{', '.join(said)}, {counted(s['warnings'], 'warning')}")
 
 
 def _print_lengths(s: dict) -> None:

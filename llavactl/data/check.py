@@ -78,7 +78,8 @@ class CheckReport:
                 FILE_FIXES.get(first.code, "fix the file at the place named, then check it again"),
             )
         return (
-            f"{len(self.bad_indices())} of {self.records} records have errors ({len(errors)} errors in all).",
+            f"{counted(len(self.bad_indices()), 'record')} of {self.records:,} with errors "
+            f"({counted(len(errors), 'error')} in all).",
             "fix or drop those records (the table above names each), or write the good ones with `--write-clean FILE`",
         )
 
@@ -89,6 +90,11 @@ class CheckReport:
             "stats": self.stats,
             "skipped_checks": self.skipped_checks,
         }
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 record``, ``2 records``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass(frozen=True)

@@ -97,9 +97,19 @@ def _embedded_field(shard: Path, row: int, k: int, name: str) -> Any:
         structs = _image_structs(_shard(shard, _stamp(shard)).row(row))
     except OSError as e:
         raise FileNotFoundError(str(shard)) from e
+    except RecordProblem:  # the row's images are not readable as such (its record says why)
+        raise FileNotFoundError(embedded_ref(shard, row, k)) from None
     if structs is None or k >= len(structs) or name not in structs.type.names:
         raise FileNotFoundError(embedded_ref(shard, row, k))
+    if name == "bytes" and not _is_binary(structs.type.field(name).type):
+        raise FileNotFoundError(embedded_ref(shard, row, k))  # no image bytes there (`_images_of` says why)
     return structs.field(name)[k].as_py()
+
+
+def _is_binary(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind))
 
 
 def _stamp(path: Path) -> tuple[int, ...]:
@@ -164,11 +174,14 @@ def _shard(path: Path, stamp: tuple[int, ...]) -> _Shard:
 
 
 def _image_column(row: Any) -> str | None:
-    """The column that holds the row's images: the first of ``image``, ``images`` that is not null."""
-    for column in IMAGE_COLUMNS:
-        if column in row.column_names and row.column(column).null_count == 0:
-            return column
-    return None
+    """The column that holds the row's images: ``image`` or ``images``, whichever is not null;
+    :class:`RecordProblem` when both hold a value (which of them the row means is not for us to pick)."""
+    present = [c for c in IMAGE_COLUMNS if c in row.column_names and row.column(c).null_count == 0]
+    if len(present) > 1:
+        raise RecordProblem(
+            "missing_field", "the row has images in both `image` and `images`; keep them in one of the columns"
+        )
+    return present[0] if present else None
 
 
 def _image_structs(row: Any) -> Any:
@@ -195,6 +208,12 @@ def _images_of(row: Any, shard: Path, index: int) -> tuple[str | None, list[Any]
     if structs is None or "bytes" not in structs.type.names:
         value = row.column(column).to_pylist()[0]
         return column, value if isinstance(value, list) else [value]
+    if not _is_binary(structs.type.field("bytes").type):
+        raise RecordProblem(
+            "missing_field",
+            f"column `{column}`: an embedded image's `bytes` is {structs.type.field('bytes').type}, not binary "
+            "(as `datasets`' Image feature writes it)",
+        )
     embedded = structs.field("bytes").is_valid().to_pylist()
     paths = structs.field("path").to_pylist() if "path" in structs.type.names else [None] * len(structs)
     return column, [

@@ -130,7 +130,8 @@ def parse_record(raw: RawRecord) -> Record:
     if not isinstance(value, dict):
         raise RecordProblem("missing_field", f"a record must be a JSON object, got {type(value).__name__}")
     rid = value.get("id")
-    if rid is not None and not isinstance(rid, (str, int)):
+    # JSON's true/false are Python ints (True == 1): an id of them would collide with 1 and 0.
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
         raise RecordProblem("missing_field", f"`id` must be a string or an integer, got {excerpt(rid)}")
     if isinstance(rid, int) and not _fits_64_bits(rid):
         raise RecordProblem(
@@ -158,10 +159,17 @@ def _parse_images(value: dict[str, Any]) -> tuple[str, ...]:
     if image is None:
         return ()
     if isinstance(image, str) and image:
-        return (image,)
-    if isinstance(image, list) and image and all(isinstance(p, str) and p for p in image):
-        return tuple(image)
-    raise RecordProblem("missing_field", f"`image` must be a path or a non-empty list of paths, got {excerpt(image)}")
+        paths: tuple[str, ...] = (image,)
+    elif isinstance(image, list) and image and all(isinstance(p, str) and p for p in image):
+        paths = tuple(image)
+    else:
+        raise RecordProblem(
+            "missing_field", f"`image` must be a path or a non-empty list of paths, got {excerpt(image)}"
+        )
+    for k, path in enumerate(paths):
+        # A file name that is not UTF-8 reaches JSON only as such a surrogate: rename the file.
+        _require_text(path, "`image`" if len(paths) == 1 else f"`image` {k}")
+    return paths
 
 
 def _parse_turn(position: int, turn: Any) -> Turn:
