@@ -19,6 +19,7 @@ from llavactl.config.schema import DataConfig
 from llavactl.data.check import check_dataset
 from llavactl.data.dataset import Collator, build_dataset, take_skipped
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, load_image, open_rgb, probe
+from llavactl.errors import DataError
 
 SPEC = ImageSpec(32, 8, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
@@ -133,3 +134,62 @@ def test_training_skips_such_records_under_on_error_skip(tmp_path: Path) -> None
 def test_profile_keys_set_the_dataset_limits(tmp_path: Path) -> None:
     config = DataConfig(data_path="x.json", max_image_pixels=5000, max_image_aspect_ratio=2.5)
     assert ImageLimits.of(config) == ImageLimits(5000, 2.5)
+
+
+def test_a_named_pipe_or_a_device_named_as_an_image_is_refused_without_reading_it(tmp_path: Path) -> None:
+    """Opening a named pipe blocks until a writer comes; /dev/zero never ends. Both are refused
+    from their file type, in `data check`, in training's loader and in `data convert`."""
+    import contextlib
+    import os
+    import threading
+
+    from llavactl.data.convert import convert
+
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    done = threading.Event()
+
+    def unblock() -> None:  # were the pipe opened for reading, this ends the wait (and the test fails)
+        while not done.wait(0.05):
+            with contextlib.suppress(OSError):  # no reader yet
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        for reader in (probe, open_rgb):
+            with pytest.raises(ImageFileError, match=r"pipe\.png is a named pipe, not an image file") as e:
+                reader(pipe)
+            assert e.value.code == "corrupt_image"
+        with pytest.raises(ImageFileError, match=r"image file /dev/zero is a device, not an image file"):
+            open_rgb(Path("/dev/zero"))
+        records = tmp_path / "d.json"
+        records.write_text(json.dumps([turns("pipe.png", "p"), turns("/dev/zero", "z")]), encoding="utf-8")
+        report, _ = check_dataset(records, tmp_path, "vicuna_v1", 256, None)
+        assert {(p.index, p.code) for p in report.problems} == {(0, "corrupt_image"), (1, "corrupt_image")}
+        with pytest.raises(DataError, match=r"record 0 \(id 'p'\): corrupt_image: .* is a named pipe"):
+            convert(records, tmp_path, "jsonl", tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    finally:
+        done.set()
+
+
+def test_convert_refuses_what_data_check_refuses_of_images(tmp_path: Path) -> None:
+    """Markers that do not match the images, an image without a readable header, one over the limits:
+    a shard written from them would only fail later, on the cluster."""
+    from llavactl.data.convert import convert
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "text.png").write_text("not an image", encoding="utf-8")
+    png_header_only(tmp_path / "bomb.png", 30000, 30000)
+    two_markers = turns("ok.png", "m")
+    two_markers["conversations"][0]["value"] = "<image>\n<image>\nWhat is it?"  # type: ignore[index]
+    cases = {
+        "image_token_mismatch: 2 `<image>` marker": two_markers,
+        "corrupt_image: image file .*text.png has no readable image header": turns("text.png", "t"),
+        "image_too_large": turns("bomb.png", "b"),
+    }
+    for k, (found, record) in enumerate(cases.items()):
+        records = tmp_path / f"d{k}.json"
+        records.write_text(json.dumps([turns("ok.png", "good"), record]), encoding="utf-8")
+        with pytest.raises(DataError, match=rf"record 1 .*{found}"):
+            convert(records, tmp_path, "parquet", tmp_path / f"out{k}")

@@ -305,13 +305,21 @@ def convert(
 ) -> None:
     """Write the profile's data (`data.data_path`, `data.image_folder`) as Parquet shards or JSONL."""
     from llavactl.data.convert import convert as convert_records
+    from llavactl.data.images import ImageLimits
     from llavactl.data.sources import resolve_data_source
 
     loaded = load(profile, overrides)
     data = loaded.profile.data
     records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, loaded.profile.seed)
     written = convert_records(
-        records_path, image_folder, to, out_dir, shard_records=shard_records, force=force, seed=loaded.profile.seed
+        records_path,
+        image_folder,
+        to,
+        out_dir,
+        shard_records=shard_records,
+        force=force,
+        seed=loaded.profile.seed,
+        limits=ImageLimits.of(data),
     )
     console.print(f"{len(written)} file(s) written to {escape(str(out_dir))}")
     hint = f"data.data_path={out_dir}"

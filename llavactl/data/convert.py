@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from llavactl.data.images import describe
-from llavactl.data.records import Problem, Record
+from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, describe, probe, require_file
+from llavactl.data.records import Problem, Record, RecordProblem, check_image_markers
 from llavactl.data.synth import check_out_dir
 from llavactl.errors import DataError
 
@@ -37,34 +37,50 @@ def convert(
     shard_records: int = DEFAULT_SHARD_RECORDS,
     force: bool = False,
     seed: int = 0,
+    limits: ImageLimits = DEFAULT_LIMITS,
 ) -> list[Path]:
     """Write the records of ``records`` (any source :func:`open_records` reads; ``seed``, the
     profile's, for a mixture's random picks) to ``out_dir`` as Parquet shards or JSONL; return the
-    files written. Every record must be valid (a bad one is named: `data check --write-clean` drops
-    them first)."""
+    files written. Every record must be valid, its `<image>` markers matching its images and each
+    image's header readable and within ``limits`` (the first bad one is named: `data check
+    --write-clean` drops them first). Tokenization is not checked: it depends on the model."""
     check_out_dir(out_dir, force)
+    valid = list(_valid(records, image_folder, seed, limits))
     out_dir.mkdir(parents=True, exist_ok=True)
-    valid = list(_valid(records, seed))
     if to == "parquet":
         return _to_parquet(valid, image_folder, out_dir, shard_records)
     return [_to_jsonl(valid, image_folder, out_dir)]
 
 
-def _valid(records: Path, seed: int) -> Iterator[Record]:
+def _valid(records: Path, image_folder: Path, seed: int, limits: ImageLimits) -> Iterator[Record]:
     from llavactl.data.store import open_records
 
     store = open_records(records, seed)
     if store.problems:
         raise DataError(f"{records}: {store.problems[0].message}", fix=f"run `llavactl data check` on {records}")
     for parsed in store.parsed():
-        if isinstance(parsed, Problem):
-            where = store.where(parsed.index) if parsed.index is not None else None
-            raise DataError(
-                f"record {parsed.index} (id {parsed.id!r}{', ' + where if where else ''}): {parsed.code}: "
-                f"{parsed.message}",
-                fix="drop the bad records first: `llavactl data check --write-clean FILE` writes the others",
-            )
-        yield parsed
+        problem = _image_problem(parsed, image_folder, limits) if isinstance(parsed, Record) else parsed
+        if problem is None:
+            yield parsed
+            continue
+        where = store.where(problem.index) if problem.index is not None else None
+        raise DataError(
+            f"record {problem.index} (id {problem.id!r}{', ' + where if where else ''}): {problem.code}: "
+            f"{problem.message}",
+            fix="drop the bad records first: `llavactl data check --write-clean FILE` writes the others",
+        )
+
+
+def _image_problem(record: Record, image_folder: Path, limits: ImageLimits) -> Problem | None:
+    """What keeps ``record``'s images out of a shard: markers that do not match them, or an image
+    that is missing, not a file, without a readable header or over ``limits``."""
+    try:
+        check_image_markers(record)
+        for name in record.images:
+            probe(image_folder / name, limits)
+    except (RecordProblem, ImageFileError) as e:
+        return Problem(e.code, e.message, record.index, record.id)
+    return None
 
 
 def _image_bytes(image_folder: Path, name: str) -> bytes:
@@ -75,6 +91,7 @@ def _image_bytes(image_folder: Path, name: str) -> bytes:
     try:
         if ref is not None:
             return embedded_bytes(*ref)
+        require_file(path)  # checked by `_valid` already; a file swapped since for a pipe would block
         return path.read_bytes()
     except OSError as e:
         raise DataError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,18 +130,34 @@ def _open_header(path: Path, limits: ImageLimits) -> Image.Image:
     is the one that decides. PIL's stays as a backstop for sizes that only a later frame declares;
     it is raised to a profile's limit when that is higher, and never lowered.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from llavactl.data.parquet import embedded_bytes, parse_ref
 
     if Image.MAX_IMAGE_PIXELS is not None and limits.max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    ref = parse_ref(path)
+    if ref is None:
+        require_file(path)
     with warnings.catch_warnings():
         # Above PIL's limit but within twice it: our limit, checked next, decides; no stray warning.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        ref = parse_ref(path)
-        # An image embedded in a Parquet/Arrow shard is read from there; FileNotFoundError when gone.
-        return Image.open(path if ref is None else io.BytesIO(embedded_bytes(*ref)))
+        try:
+            # An image embedded in a Parquet/Arrow shard is read from there; FileNotFoundError when gone.
+            return Image.open(path if ref is None else io.BytesIO(embedded_bytes(*ref)))
+        except UnidentifiedImageError:
+            # PIL's own words name the path again, or an in-memory buffer's address.
+            raise UnidentifiedImageError("its bytes are no image format PIL reads") from None
+
+
+def require_file(path: Path) -> None:
+    """FileNotFoundError when ``path`` is gone; :class:`ImageFileError` when it is not a regular file
+    (a named pipe would block the reader for ever, a device such as /dev/zero never ends)."""
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a device"))
+        kind = next((name for test, name in kinds if test(mode)), "a device or socket")
+        raise ImageFileError("corrupt_image", f"{describe(path)} is {kind}, not an image file")
 
 
 def _bomb_error(path: Path, exc: Exception, limits: ImageLimits) -> ImageFileError:
