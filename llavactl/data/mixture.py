@@ -21,6 +21,7 @@ mixture, and counts what it took from each source.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import random
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from llavactl.config.loader import excerpt
 from llavactl.data.parts import Parts
 from llavactl.data.records import Problem, RawRecord, Record
 from llavactl.errors import DataError
@@ -63,7 +65,7 @@ def select(strategy: str, count: int, rng: random.Random, where: str) -> np.ndar
     match = _STRATEGY.match(strategy.strip())
     if not match:
         raise DataError(
-            f"{where}: sampling_strategy {strategy!r} is not one of all, first:N, first:P%, end:N, end:P%, "
+            f"{where}: sampling_strategy {excerpt(strategy)} is not one of all, first:N, first:P%, end:N, end:P%, "
             "random:N, random:P%",
             fix='write e.g. `sampling_strategy: "first:10%"` or `"random:5000"`',
         )
@@ -71,7 +73,7 @@ def select(strategy: str, count: int, rng: random.Random, where: str) -> np.ndar
         return np.arange(count)
     how, number, percent = match.group(2), int(match.group(3)), match.group(4) == "%"
     if percent and number > 100:
-        raise DataError(f"{where}: sampling_strategy {strategy!r} takes over 100%", fix="use at most 100%")
+        raise DataError(f"{where}: sampling_strategy {excerpt(strategy)} takes over 100%", fix="use at most 100%")
     n = min(count, math.ceil(count * number / 100) if percent else number)
     if how == "first":
         return np.arange(n)
@@ -153,8 +155,6 @@ def open_mixture(path: Path, seed: int = 0) -> MixtureStore:
     with ``seed`` (the profile's)."""
     import yaml
 
-    from llavactl.data.store import open_records
-
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -165,37 +165,85 @@ def open_mixture(path: Path, seed: int = 0) -> MixtureStore:
             f"mixture file {path} lists no sources",
             fix="give it a `datasets:` list of entries with `json_path` (and `sampling_strategy`)",
         )
+    _known_keys(spec, ("datasets", "seed"), f"mixture file {path}")
     seed = spec.get("seed", seed)
-    if not isinstance(seed, int):
-        raise DataError(f"mixture file {path}: `seed` must be an integer, got {seed!r}", fix="e.g. `seed: 0`")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DataError(f"mixture file {path}: `seed` must be an integer, got {excerpt(seed)}", fix="e.g. `seed: 0`")
     stores, sources, keys = [], [], []
     for n, entry in enumerate(entries):
-        where = f"{path} datasets[{n}]"
-        given = [entry.get(k) for k in PATH_KEYS] if isinstance(entry, dict) else []
-        source = next((g for g in given if isinstance(g, str) and g), None)
-        if source is None:
-            raise DataError(f"{where} names no data file", fix="give it `json_path: FILE` (JSON, JSONL or shards)")
-        file = (path.parent / source).expanduser()
-        if is_mixture(file):
-            raise DataError(f"{where}: {file} is itself a mixture", fix="list its sources here instead")
-        folder = entry.get("image_folder")
-        if folder is not None and not (isinstance(folder, str) and folder):
-            raise DataError(f"{where}: image_folder must be a path, got {folder!r}", fix="write it as a folder path")
-        image_folder = (path.parent / folder).expanduser() if isinstance(folder, str) and folder else None
-        if image_folder is not None and not image_folder.is_dir():
-            raise DataError(f"{where}: image_folder {image_folder} is not a folder", fix="fix the path")
-        store = open_records(file)
-        if store.problems:
-            raise DataError(f"{where}: {file}: {store.problems[0].message}", fix=f"run `llavactl data check` on {file}")
-        strategy = str(entry.get("sampling_strategy", "all"))
-        rng = random.Random(f"{seed}:{n}:{source}")
-        sources.append(Source(file, image_folder, strategy, select(strategy, len(store), rng, where)))
+        store, source = _source(path, n, entry, seed)
         stores.append(store)
-        keys.append(None if store.key is None else f"{store.key}:{strategy}:{image_folder}")
+        sources.append(source)
+        keys.append(None if store.key is None else f"{store.key}:{source.strategy}:{source.image_folder}")
     key = None
     if all(k is not None for k in keys):
         key = hashlib.sha256(repr((str(path.resolve()), seed, keys)).encode()).hexdigest()[:32]
     return MixtureStore(path, stores, sources, key)
+
+
+def _source(path: Path, n: int, entry: Any, seed: int) -> tuple[Any, Source]:
+    """Entry ``n`` of the mixture file ``path``: its store, and what the mixture takes of it."""
+    from llavactl.data.store import open_records
+
+    where = f"{path} datasets[{n}]"
+    if not isinstance(entry, dict):
+        raise DataError(
+            f"{where} is {excerpt(entry)}, not an entry", fix="write it as `- json_path: FILE` (and its other keys)"
+        )
+    _known_keys(entry, (*PATH_KEYS, "image_folder", "sampling_strategy"), where)
+    named = [k for k in PATH_KEYS if k in entry]
+    if len(named) > 1:
+        raise DataError(
+            f"{where} names its data file twice ({', '.join(named)})", fix=f"keep one of {', '.join(named)}"
+        )
+    given = entry.get(named[0]) if named else None
+    if not (isinstance(given, str) and given):
+        raise DataError(f"{where} names no data file", fix="give it `json_path: FILE` (JSON, JSONL or shards)")
+    file = path.parent / Path(given).expanduser()
+    if not file.exists():
+        raise DataError(
+            f"{where}: {named[0]} {file} does not exist",
+            fix=f"fix the path in {path.name} (a relative path starts at the mixture file's folder, {path.parent})",
+        )
+    if is_mixture(file):
+        raise DataError(f"{where}: {file} is itself a mixture", fix="list its sources here instead")
+    folder = entry.get("image_folder")
+    if folder is not None and not (isinstance(folder, str) and folder):
+        raise DataError(f"{where}: image_folder must be a path, got {excerpt(folder)}", fix="write it as a folder path")
+    image_folder = path.parent / Path(folder).expanduser() if isinstance(folder, str) and folder else None
+    if image_folder is not None and not image_folder.is_dir():
+        raise DataError(f"{where}: image_folder {image_folder} is not a folder", fix="fix the path")
+    strategy = entry.get("sampling_strategy", "all")
+    if not isinstance(strategy, str):
+        raise DataError(
+            f'{where}: sampling_strategy must be text such as "first:10%", got {excerpt(strategy)}',
+            fix='write e.g. `sampling_strategy: "first:10%"` or `"random:5000"`',
+        )
+    store = open_records(file)
+    if store.problems:
+        raise DataError(f"{where}: {file}: {store.problems[0].message}", fix=f"run `llavactl data check` on {file}")
+    if len(store) == 0:
+        raise DataError(
+            f"{where}: {file} holds no records", fix="point the entry at the file that holds them, or drop it"
+        )
+    taken = select(strategy, len(store), random.Random(f"{seed}:{n}:{given}"), where)
+    if len(taken) == 0:
+        raise DataError(
+            f"{where}: sampling_strategy {strategy!r} takes none of the {len(store):,} records of {file.name}",
+            fix="take at least one record, or drop the entry",
+        )
+    return store, Source(file, image_folder, strategy, taken)
+
+
+def _known_keys(mapping: dict[Any, Any], known: tuple[str, ...], where: str) -> None:
+    """Refuse a key the mixture does not read: a misspelt `sampling_strategy` would take everything."""
+    for key in mapping:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6) if len(str(key)) < 100 else []
+            raise DataError(
+                f"{where}: unknown key {excerpt(key)}",
+                fix=f"did you mean `{close[0]}`?" if close else f"the keys read here are {', '.join(known)}",
+            )
 
 
 def sources_of(store: Any) -> str | None:
