@@ -135,8 +135,35 @@ def test_write_clean_refuses_the_data_file_itself(tmp_path: Path) -> None:
     (tmp_path / "link.jsonl").symlink_to(data)
     for target in (str(data), str(tmp_path / "." / "d.jsonl"), str(tmp_path / "link.jsonl")):
         code, _, err = check("-p", str(profile(tmp_path, data)), "--write-clean", target)
-        assert code == 2 and "is the data file being checked" in " ".join(err.split())
+        assert code == 2 and "is a file of the data being checked" in " ".join(err.split())
     assert data.read_bytes() == before
+
+
+def test_no_output_goes_over_a_mixture_source_or_a_shard(tmp_path: Path) -> None:
+    """The files of a mixture's sources and a folder's shards are the data as much as a JSON file is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = jsonl(tmp_path, GOOD, GOOD.replace('"g"', '"h"'))
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_text("datasets:\n  - json_path: d.jsonl\n    sampling_strategy: first:1\n", encoding="utf-8")
+    (tmp_path / "shards").mkdir()
+    shard = tmp_path / "shards" / "s-0.parquet"
+    pq.write_table(pa.Table.from_pylist([json.loads(GOOD)]), shard)
+    for source, target in ((mixture, data), (mixture, mixture), (tmp_path / "shards", shard)):
+        before = target.read_bytes()
+        for option in ("--write-clean", "--json-file"):
+            code, _, err = check("-p", str(profile(tmp_path, source)), option, str(target))
+            assert code == 2, err
+            assert f"{option} {target} is a file of the data being checked" in " ".join(err.split())
+        assert target.read_bytes() == before
+
+
+def test_write_clean_with_limit_is_refused_before_checking(tmp_path: Path) -> None:
+    """The clean file would hold the first N records and silently lose the rest."""
+    data = jsonl(tmp_path, GOOD, GOOD)
+    code, _, err = check("-p", str(profile(tmp_path, data)), "--limit", "1", "--write-clean", str(tmp_path / "c.json"))
+    assert code == 2 and "--write-clean with --limit 1" in err and not (tmp_path / "c.json").exists()
 
 
 def test_write_clean_to_a_folder_or_under_a_file_is_a_clean_error(tmp_path: Path) -> None:
@@ -157,7 +184,7 @@ def test_an_image_path_with_a_lone_surrogate_and_a_boolean_id_are_refused(tmp_pa
     assert set(found) == {(1, "bad_text"), (2, "missing_field")}
     assert found[1, "bad_text"].startswith("`image` holds a lone surrogate ('\\udcff' at character 7)")
     assert found[2, "missing_field"] == "`id` must be a string or an integer, got True"
-    code, out, err = run_cli(["data", "check", "-p", str(_profile(tmp_path, path))])
+    code, out, err = run_cli(["data", "check", "-p", str(profile(tmp_path, path))])
     assert code == 1 and "Internal error" not in out + err
 
 
@@ -189,11 +216,5 @@ def test_shard_images_of_the_wrong_type_or_in_two_columns_are_refused_by_row(tmp
     assert found[1, "missing_field"].endswith(
         "the row has images in both `image` and `images`; keep them in one of the columns"
     )
-    code, out, err = run_cli(["data", "check", "-p", str(_profile(tmp_path, folder))])
+    code, out, err = run_cli(["data", "check", "-p", str(profile(tmp_path, folder))])
     assert code == 1 and "Internal error" not in out + err
-
-
-def _profile(folder: Path, data: Path) -> Path:
-    path = folder / "p.yaml"
-    path.write_text(f"extends: tiny\ndata:\n  data_path: {data}\n  image_folder: {folder}\n", encoding="utf-8")
-    return path

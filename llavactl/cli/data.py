@@ -54,7 +54,7 @@ def check(
 
     Exit code 0 when no record has an error, 1 when some do, 2 for usage errors.
     """
-    from llavactl.data.check import check_dataset, dump_json
+    from llavactl.data.check import check_dataset, dump_json, write_report
     from llavactl.data.check import write_clean as write_clean_file
     from llavactl.data.dataset import Batching
     from llavactl.data.images import ImageLimits
@@ -62,6 +62,12 @@ def check(
     from llavactl.model.sources import data_token_context
 
     _refuse_old_json_file_form(as_json, overrides)
+    if write_clean is not None and limit is not None:
+        raise ConfigError(
+            f"--write-clean with --limit {limit}: the records after the first {limit} would be left out of "
+            "the clean file",
+            fix="drop --limit to check every record and write the clean file",
+        )
     loaded = load(profile, overrides)
     prof, data = loaded.profile, loaded.profile.data
     records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, prof.seed)
@@ -88,7 +94,7 @@ def check(
     else:
         _print_report(report, records_path, decode)
     if json_file is not None:
-        _write_report(json_file, report, records_path)
+        write_report(json_file, report, raws)
         out.print(f"JSON report written to {escape(str(json_file))}")
     if write_clean is not None:
         kept = write_clean_file(raws, report, write_clean)
@@ -112,24 +118,6 @@ def _refuse_old_json_file_form(as_json: bool, overrides: list[str] | None) -> No
             "a file is written with --json-file.",
             fix=f"use `--json-file {stray[0]}`",
         )
-
-
-def _write_report(json_file: Path, report: CheckReport, records_path: Path) -> None:
-    from llavactl.data.check import dump_json
-    from llavactl.errors import DataError
-
-    if json_file.exists() and json_file.samefile(records_path):
-        raise DataError(
-            f"--json-file {json_file} is the data file being checked; the report would replace the data",
-            fix="write the report to another file",
-        )
-    try:
-        json_file.write_text(dump_json(report.as_json(), indent=1) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise DataError(
-            f"--json-file {json_file} cannot be written ({e.strerror or e}: {e.filename})",
-            fix="give a file path in a folder you can write to",
-        ) from None
 
 
 def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None:

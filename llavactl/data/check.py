@@ -397,24 +397,37 @@ def _histogram(ordered: list[int]) -> list[dict[str, int]]:
 def write_clean(store: RecordStore, report: CheckReport, out: Path) -> int:
     """Write the records checked without error-level problems to ``out`` (JSONL for ``.jsonl``, else
     a JSON list); return how many were written. Never over the records file it was checked from."""
-    if report.source is not None and _same_file(out, report.source):
-        raise DataError(
-            f"--write-clean {out} is the data file being checked; writing there would replace the data",
-            fix="write the clean records to another file, and point `data.data_path` at it",
-        )
     bad = report.bad_indices()
     keep = [store.raw(i).value for i in range(report.records) if i not in bad]
     jsonl = out.suffix == ".jsonl"
     text = "".join(dump_json(v) + "\n" for v in keep) if jsonl else dump_json(keep, indent=1) + "\n"
+    _write_output(out, text, store, "--write-clean", "the clean records")
+    return len(keep)
+
+
+def write_report(out: Path, report: CheckReport, store: RecordStore) -> None:
+    """Write the JSON report to ``out`` (``--json-file``); never over the data it reports on."""
+    _write_output(out, dump_json(report.as_json(), indent=1) + "\n", store, "--json-file", "the report")
+
+
+def _write_output(out: Path, text: str, store: RecordStore, option: str, what: str) -> None:
+    """Write ``text`` to ``out``, unless ``out`` is (a path or link to) a file the data is read from."""
+    for data in store.files():
+        if _same_file(out, data):
+            link = "" if out.resolve() == data.resolve() else f" (the same file as {data})"
+            raise DataError(
+                f"{option} {out}{link} is a file of the data being checked; writing {what} there would "
+                "replace the data",
+                fix=f"write {what} to another file",
+            )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
     except OSError as e:
         raise DataError(
-            f"--write-clean {out} cannot be written ({e.strerror or e}: {e.filename})",
+            f"{option} {out} cannot be written ({e.strerror or e}: {e.filename})",
             fix="give a file path in a folder you can write to",
         ) from None
-    return len(keep)
 
 
 def _same_file(a: Path, b: Path) -> bool:

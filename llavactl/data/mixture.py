@@ -102,6 +102,10 @@ class MixtureStore:
         k, j = self._parts.locate(i)
         return k, int(self.sources[k].indices[j])
 
+    def files(self) -> list[Path]:
+        """The mixture file and every source's files (what no output may overwrite)."""
+        return [self.path, *(f for store in self.stores for f in store.files())]
+
     def where(self, i: int) -> str:
         """How messages name record ``i``: its source and its place there."""
         k, j = self._locate(i)

@@ -247,6 +247,10 @@ class ParquetStore:
         k, row = self._parts.locate(i)
         return self.shards[k], row
 
+    def files(self) -> list[Path]:
+        """The shard files (what no output may overwrite)."""
+        return list(self.shards)
+
     def where(self, i: int) -> str:
         """How messages name record ``i``: ``train-00001-of-00004.parquet row 17``."""
         shard, row = self.locate(i)

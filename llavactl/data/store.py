@@ -130,6 +130,10 @@ class RecordStore:
         """Each element's size in bytes."""
         return np.asarray(self._index[:, END] - self._index[:, START])
 
+    def files(self) -> list[Path]:
+        """The files the records are read from (what no output may overwrite)."""
+        return [self.path]
+
     def where(self, i: int) -> None:
         """How messages name element ``i`` beyond its index: nothing (a shard's row is named; see
         :class:`~llavactl.data.parquet.ParquetStore`)."""
