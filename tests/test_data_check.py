@@ -228,3 +228,15 @@ def test_a_file_that_is_not_records_fails_naming_its_place_not_a_count_of_record
     code, out, err = run_cli(["data", "check", "-p", str(profile_file(tmp_path, empty))])
     assert code == 1, out + err
     assert f"Error: {empty} holds no records" in err and "[no_records]" in err
+
+
+def test_preview_of_a_file_that_is_not_records_is_an_error_not_an_empty_preview(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": "a", "conversations": []},]', encoding="utf-8")
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]", encoding="utf-8")
+    for data, said in ((broken, "line 1, column 35: Expecting value"), (empty, "holds no records")):
+        for extra in ([], ["--packed"], ["--index", "0"], ["--json"]):
+            code, out, err = run_cli(["data", "preview", "-p", str(profile_file(tmp_path, data)), *extra])
+            assert code == 2, out + err
+            assert f"{data} cannot be read as records: {said}" in " ".join(err.split())

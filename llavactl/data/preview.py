@@ -99,6 +99,12 @@ def preview_records(
     from llavactl.data.templates import encoder_for, prepare
 
     store = open_records(records_path, seed)
+    if store.problems or len(store) == 0:
+        said = store.problems[0].message if store.problems else "holds no records"
+        raise DataError(
+            f"{records_path} cannot be read as records: {said}",
+            fix="run `llavactl data check` on it, and correct the file where it says",
+        )
     if index is not None and not 0 <= index < len(store):
         raise DataError(
             f"{records_path} has no record {index} ({len(store)} records read)",
