@@ -316,7 +316,7 @@ def _image_problems(
 ) -> list[Problem]:
     jobs = [(p, decode, limits) for p in paths]
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
             results = list(pool.map(_check_image, jobs, chunksize=max(1, min(256, len(jobs) // (4 * workers)))))
     else:
         results = [_check_image(j) for j in jobs]

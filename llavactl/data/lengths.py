@@ -127,7 +127,7 @@ def counting(
             whole,
         )
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=job) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(ranges)), initializer=_start_worker, initargs=job) as pool:
         futures = [pool.submit(_count_range, r) for r in ranges]
         try:
             yield lambda: _kept(store, tokens, template, max_seq_len, _merged([f.result() for f in futures]), whole)
@@ -150,7 +150,9 @@ def count_records(
     """The counts of the records ``indices``, each decoded, rendered and tokenized as training does."""
     job, ranges = _ranges(store, tokens, template, max_seq_len, indices, workers)
     if workers > 1 and len(ranges) > 1:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=job) as pool:
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(ranges)), initializer=_start_worker, initargs=job
+        ) as pool:
             return _merged(list(pool.map(_count_range, ranges)))
     _start_worker(*job)
     return _merged([_count_range(r) for r in ranges])
