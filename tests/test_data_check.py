@@ -221,7 +221,7 @@ def test_a_file_that_is_not_records_fails_naming_its_place_not_a_count_of_record
     assert code == 1, out + err
     assert "1 error of the file itself, 0 warnings" in out
     assert f"Error: {bad} cannot be read as records: line 3, column 14:" in err
-    assert "[bad_json]" in err and "correct the JSON at that line and column" in err
+    assert "[bad_json]" in err and "correct the file where the message says" in err
     assert "records have errors" not in err and "--write-clean" not in err
     empty = tmp_path / "empty.json"
     empty.write_text("[]", encoding="utf-8")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,43 @@ def test_processes_that_start_together_scan_a_file_once(cache: Path, tmp_path: P
     # One scanned and kept the index; the other waited for it and read it back.
     assert log.read_text() == "scan\n"
     assert len(list(cache.glob("*.npy"))) == 1
+
+
+@pytest.mark.parametrize("at", [0, 5, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 2_500_000])
+def test_a_file_that_is_not_utf8_is_named_by_its_first_bad_byte_line_and_column(tmp_path: Path, at: int) -> None:
+    """The line and column of the first byte UTF-8 does not decode, wherever the reads cut the
+    file (every character of its text is two bytes, so some reads end inside one)."""
+    text = bytearray(("é" * 7 + "\n") * 200_000, "utf-8")  # 3.2 MB, a line every 15 bytes
+    within = min(at % 15, 12)  # the first byte of the character at or just before `at`
+    start = at - at % 15 + within - within % 2
+    text[start] = 0xE4  # Latin-1's "ä": not UTF-8 before "é"'s bytes
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(bytes(text))
+    line, column = text[:start].count(b"\n") + 1, start - text[:start].rfind(b"\n")
+    with pytest.raises(DataError, match=rf"byte 0xe4 at line {line:,}, column {column:,} is not UTF-8"):
+        open_records(path)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "said"),
+    [
+        ("utf-16", "is UTF-16 text (it starts with UTF-16's byte-order mark), not UTF-8"),
+        ("utf-32", "is UTF-32 text (it starts with UTF-32's byte-order mark), not UTF-8"),
+        ("utf-16-le", "its first bytes hold NUL bytes, as UTF-16 or UTF-32 text does"),
+        ("utf-16-be", "its first bytes hold NUL bytes, as UTF-16 or UTF-32 text does"),
+    ],
+)
+def test_utf16_and_utf32_files_are_named_as_such(tmp_path: Path, encoding: str, said: str) -> None:
+    path = tmp_path / "d.json"
+    path.write_bytes('[{"id": "a", "conversations": []}]'.encode(encoding))
+    with pytest.raises(DataError, match=re.escape(said)):
+        open_records(path)
+
+
+def test_a_pretty_printed_object_is_one_problem_of_the_file_not_a_bad_record_a_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"id": "a", "conversations": []}, indent=2), encoding="utf-8")
+    store = open_records(path)
+    assert len(store) == 0
+    assert [(p.index, p.code) for p in store.problems] == [(None, "bad_json")]
+    assert store.problems[0].message.startswith("the file is one JSON object spread over lines")

@@ -35,7 +35,7 @@ CHECK_VERSION = 1
 WARNING_CODES = frozenset({"too_long", "duplicate_id"})
 # The fix of a problem of the whole file, by its code (a record's problems are fixed record by record).
 FILE_FIXES = {
-    "bad_json": "correct the JSON at that line and column (a LLaVA data file is one JSON list of records, "
+    "bad_json": "correct the file where the message says (a LLaVA data file is one JSON list of records, "
     "or JSONL: one record a line), then check it again",
     "no_records": "point data.data_path at the file that holds the records",
 }

@@ -249,8 +249,8 @@ def _scan_lock(cached: Path) -> Iterator[None]:
 def _scanned(path: Path, fingerprint: tuple[int, ...], cached: Path) -> RecordStore:
     try:
         kind, index, problems = scan(path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file {path} is not UTF-8 text ({e})", fix="re-encode the file as UTF-8") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except OSError as e:
         raise DataError(f"data file {path} cannot be read ({e.strerror or e})", fix="check its permissions") from None
     if fingerprint[0] < CACHE_MIN_BYTES:
@@ -300,6 +300,63 @@ def drop_older(target: Path) -> None:
             old.unlink(missing_ok=True)
 
 
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _not_utf8(path: Path) -> DataError:
+    """Why ``path`` is not UTF-8 text, in terms that lead to the fix: UTF-16 or UTF-32 (by the byte-
+    order mark, or the NUL bytes among the first characters), else the first byte that is not UTF-8
+    and its line (Latin-1 and Windows-1252 files have such bytes). Reads the file again: an error path."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            return DataError(
+                f"data file {path} is {name} text (it starts with {name}'s byte-order mark), not UTF-8",
+                fix=f"re-encode it as UTF-8, e.g. `iconv -f {name} -t UTF-8 {path} > {path.stem}-utf8{path.suffix}`",
+            )
+    if b"\x00" in head:
+        return DataError(
+            f"data file {path} is not UTF-8 text: its first bytes hold NUL bytes, as UTF-16 or UTF-32 text does",
+            fix=f"re-encode it as UTF-8, e.g. `iconv -f UTF-16LE -t UTF-8 {path} > {path.stem}-utf8{path.suffix}`",
+        )
+    found = _first_bad_byte(path)
+    where = f": byte 0x{found[3]:02x} at line {found[1]:,}, column {found[2]:,} is not UTF-8" if found else ""
+    return DataError(
+        f"data file {path} is not UTF-8 text{where} (Latin-1 and Windows-1252 text have such bytes)",
+        fix=f"re-encode it as UTF-8, e.g. `iconv -f CP1252 -t UTF-8 {path} > {path.stem}-utf8{path.suffix}`",
+    )
+
+
+def _first_bad_byte(path: Path) -> tuple[int, int, int, int] | None:
+    """``(offset, line, column, byte)`` of the first byte of ``path`` that UTF-8 does not decode
+    (line and column count from 1, the column in bytes); None when every byte decodes."""
+    lines, line_start, base, carry = 0, 0, 0, b""
+    with path.open("rb") as f:
+        while data := carry + (chunk := f.read(1 << 20)):
+            try:
+                data.decode("utf-8")
+                good = len(data)
+            except UnicodeDecodeError as e:
+                good = e.start
+                if not (chunk and e.reason == "unexpected end of data"):  # not a character cut by the read
+                    prefix = data[:good]
+                    newline = prefix.rfind(b"\n")
+                    start = base + newline + 1 if newline >= 0 else line_start
+                    return base + good, lines + prefix.count(b"\n") + 1, base + good - start + 1, data[good]
+            done = data[:good]
+            lines += done.count(b"\n")
+            if (newline := done.rfind(b"\n")) >= 0:
+                line_start = base + newline + 1
+            base, carry = base + good, data[good:]
+    return None
+
+
 def scan(path: Path) -> tuple[Kind, np.ndarray, list[Problem]]:
     """Find every element of ``path``: a JSON list when its first character is ``[``, else JSONL.
 
@@ -309,7 +366,13 @@ def scan(path: Path) -> tuple[Kind, np.ndarray, list[Problem]]:
         f.seek(skip)
         while (chunk := f.read(1 << 16)) and not chunk.lstrip(WHITESPACE):
             pass
+        if b"\x00" in chunk.lstrip(WHITESPACE)[:4]:  # UTF-16/32 without a byte-order mark; never JSON
+            raise UnicodeDecodeError("utf-8", chunk, 0, 1, "NUL bytes among the first characters")
         if not chunk.lstrip(WHITESPACE).startswith(b"["):
+            if chunk.lstrip(WHITESPACE).split(b"\n", 1)[0].strip() == b"{":
+                # JSONL holds a record a line; a first line of `{` alone is an object spread over lines.
+                spread = "the file is one JSON object spread over lines (its first line is `{`), not a list of records"
+                return "jsonl", np.zeros((0, 4), np.int64), [Problem("bad_json", f"{spread} or JSONL")]
             f.seek(skip)
             return "jsonl", _scan_jsonl(f), []
     try:
