@@ -218,3 +218,16 @@ def test_shard_images_of_the_wrong_type_or_in_two_columns_are_refused_by_row(tmp
     )
     code, out, err = run_cli(["data", "check", "-p", str(profile(tmp_path, folder))])
     assert code == 1 and "Internal error" not in out + err
+
+
+def test_json_records_in_the_parquet_layouts_say_which_keys_json_reads(tmp_path: Path) -> None:
+    messages = '{"id": "m", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
+    path = jsonl(tmp_path, GOOD, messages, line('"i"', images='["a.png"]'))
+    report, _ = check_dataset(path, tmp_path, "vicuna_v1", 256, None)
+    found = {(p.index, p.code): p.message for p in report.problems}
+    assert found == {
+        (1, "missing_field"): "no `conversations` list (`messages`, the role/content layout, is read from Parquet "
+        "shards only)",
+        (2, "missing_field"): "`images` is read from Parquet shards only: a JSON record names its images in `image` "
+        "(a path or a list of paths)",
+    }

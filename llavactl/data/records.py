@@ -142,7 +142,10 @@ def parse_record(raw: RawRecord) -> Record:
     images = _parse_images(value)
     conversations = value.get("conversations")
     if conversations is None:
-        raise RecordProblem("missing_field", "no `conversations` list")
+        other = (
+            " (`messages`, the role/content layout, is read from Parquet shards only)" if "messages" in value else ""
+        )
+        raise RecordProblem("missing_field", f"no `conversations` list{other}")
     if not isinstance(conversations, list) or not conversations:
         raise RecordProblem("missing_field", "`conversations` must be a non-empty list of turns")
     turns = tuple(_parse_turn(i, t) for i, t in enumerate(conversations))
@@ -157,6 +160,12 @@ def _fits_64_bits(n: int) -> bool:
 def _parse_images(value: dict[str, Any]) -> tuple[str, ...]:
     image = value.get("image")
     if image is None:
+        if value.get("images") is not None:
+            raise RecordProblem(
+                "missing_field",
+                "`images` is read from Parquet shards only: a JSON record names its images in "
+                "`image` (a path or a list of paths)",
+            )
         return ()
     if isinstance(image, str) and image:
         paths: tuple[str, ...] = (image,)
