@@ -240,3 +240,22 @@ def test_preview_of_a_file_that_is_not_records_is_an_error_not_an_empty_preview(
             code, out, err = run_cli(["data", "preview", "-p", str(profile_file(tmp_path, data)), *extra])
             assert code == 2, out + err
             assert f"{data} cannot be read as records: {said}" in " ".join(err.split())
+
+
+def test_a_special_token_written_in_a_record_s_text_is_a_warning_naming_the_token(tmp_path: Path) -> None:
+    """With a real Llama tokenizer, `</s>` in a reply is the end-of-sequence id in mid-reply, not text."""
+    tok = llama_tokenizer()
+    path = tmp_path / "d.json"
+    plain, marked = (
+        record(("human", "q"), ("gpt", "a"), rid="plain"),
+        record(("human", "q"), ("gpt", "a </s> b"), rid="eos"),
+    )
+    path.write_text(json.dumps([plain, marked]), encoding="utf-8")
+    report, _ = check_dataset(path, tmp_path, "vicuna_v1", MAX_LEN, TokenContext(tok, image_id(tok), SPEC))
+    (problem,) = report.problems
+    assert (problem.index, problem.code, problem.severity) == (1, "special_token", "warning")
+    assert problem.message.startswith(
+        "turn 1 `value` holds '</s>', which the tokenizer reads as its special token (id 2)"
+    )
+    assert tok("a </s> b").input_ids.count(tok.eos_token_id) == 1 + tok("a b").input_ids.count(tok.eos_token_id)
+    assert not report.errors

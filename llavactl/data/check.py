@@ -23,16 +23,16 @@ from llavactl.data.dataset import Batching, padding_summary
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, open_rgb, probe
 from llavactl.data.lengths import counting, counts_path
 from llavactl.data.mixture import MixtureStore
-from llavactl.data.records import Problem, Record, RecordProblem, Severity, check_image_markers
+from llavactl.data.records import IMAGE_MARKER, Problem, Record, RecordProblem, Severity, check_image_markers
 from llavactl.data.sources import cache_root
 from llavactl.data.store import RecordStore, keep, open_records
 from llavactl.data.templates import render
 from llavactl.errors import DataError
 
 # Bump when a check's findings change for the same inputs: reports kept before are then never read.
-CHECK_VERSION = 1
+CHECK_VERSION = 2
 # Codes whose problems keep a record out of training; the others are warnings.
-WARNING_CODES = frozenset({"too_long", "duplicate_id"})
+WARNING_CODES = frozenset({"too_long", "duplicate_id", "special_token"})
 # The fix of a problem of the whole file, by its code (a record's problems are fixed record by record).
 FILE_FIXES = {
     "bad_json": "correct the file where the message says (a LLaVA data file is one JSON list of records, "
@@ -170,12 +170,15 @@ def _check(
         if tokens is not None
         else contextlib.nullcontext(None)
     )
+    specials = _special_texts(tokens.tokenizer) if tokens is not None else {}
     with background as counts_of:
         for parsed in store.parsed(range(count)):
             if isinstance(parsed, Record):
                 records.append(_Held(parsed.index, parsed.id, parsed.images))
                 if counts_of is None and (rendered := _render_problem(parsed, template)) is not None:
                     problems.append(rendered)
+                if specials and (special := _special_token_problem(parsed, specials)) is not None:
+                    problems.append(special)
             elif parsed.code == "bad_json" and store.kind == "list":
                 # A list with an element that is not JSON is not JSON: one problem, of the file.
                 problems, records, count = [store.file_problem()], [], 0
@@ -328,6 +331,33 @@ def _image_problems(
             if found is not None:
                 out.append(_problem(r, found[0], found[1]))
     return out
+
+
+def _special_texts(tokenizer: Any) -> dict[str, int]:
+    """The texts the tokenizer turns into its special tokens wherever they stand in a record's text
+    (``</s>`` -> end of sequence), with their ids; ``<image>``, the image marker, aside."""
+    if getattr(tokenizer, "split_special_tokens", False):
+        return {}  # this tokenizer reads them as plain text
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    found = {t.content: i for i, t in added.items() if getattr(t, "special", False)}
+    for text in getattr(tokenizer, "all_special_tokens", []):
+        found.setdefault(text, tokenizer.convert_tokens_to_ids(text))
+    return {text: i for text, i in found.items() if text and text != IMAGE_MARKER}
+
+
+def _special_token_problem(record: Record, specials: dict[str, int]) -> Problem | None:
+    """A warning when a turn's text holds a special token's text: the model would see that token
+    (an end of sequence in mid-reply, a padding token it learns to predict), not the characters."""
+    for k, turn in enumerate(record.turns):
+        for text, token_id in specials.items():
+            if text in turn.text:
+                return _problem(
+                    record,
+                    "special_token",
+                    f"turn {k} `value` holds {text!r}, which the tokenizer reads as its special token (id "
+                    f"{token_id}), not as text; remove it or write it otherwise if it is not meant as that token",
+                )
+    return None
 
 
 def _render_problem(record: Record, template: str) -> Problem | None:
