@@ -15,6 +15,7 @@ memory and FLOP figures are those of this code.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -151,7 +152,11 @@ class TrainingStep:
 
     def _step_scheduler(self) -> None:
         if self.scheduler is not None:
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # A step with no update (every record skipped, a non-finite loss) keeps its place in
+                # the schedule on purpose; torch warns when that happens before the first update.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.scheduler.step()
 
     def _placeholder_batch(self) -> Batch:
         """A batch for a process whose records of the step were all skipped while other processes
