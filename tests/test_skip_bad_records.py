@@ -64,7 +64,7 @@ def test_training_skips_every_kind_and_counts_them_by_code(shapes: Path, tmp_pat
 
 
 def test_a_data_set_with_no_usable_record_stops_training_and_eval(
-    shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder
 ) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": 1}\n{"torn": \n', encoding="utf-8")
@@ -82,7 +82,8 @@ def test_a_data_set_with_no_usable_record_stops_training_and_eval(
         capsys,
     )
     assert code == 2 and "epoch 1 produced no usable record: every record was skipped as bad" in err
-    assert "lr_scheduler" not in err and "Warning" not in err  # the empty steps keep the schedule on purpose
+    # The empty steps keep their place in the schedule on purpose: no warning of torch's about it.
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
     gone = tmp_path / "gone.jsonl"
     records = json.loads(shapes.read_text())[:2]
     gone.write_text("".join(json.dumps({**r, "image": "nowhere.png"}) + "\n" for r in records), encoding="utf-8")
