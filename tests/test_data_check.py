@@ -259,3 +259,14 @@ def test_a_special_token_written_in_a_record_s_text_is_a_warning_naming_the_toke
     )
     assert tok("a </s> b").input_ids.count(tok.eos_token_id) == 1 + tok("a b").input_ids.count(tok.eos_token_id)
     assert not report.errors
+
+
+def test_control_characters_of_the_data_reach_the_terminal_escaped(tmp_path: Path) -> None:
+    """A NUL or an escape sequence in a record's image path is printed as an escape, not sent raw."""
+    path = tmp_path / "d.json"
+    bad = record(("human", "<image>\nq"), ("gpt", "a"), rid="ctl", image="x\u0000y\u001b[2J.png")
+    path.write_text(json.dumps([bad]), encoding="utf-8")
+    code, out, err = run_cli(["data", "check", "-p", str(profile_file(tmp_path, path))])
+    assert code == 1, out + err
+    assert "x\\x00y\\x1b[2J.png" in out
+    assert "\x00" not in out + err and "\x1b" not in out + err

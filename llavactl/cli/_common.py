@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,12 +10,23 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 if TYPE_CHECKING:
     from llavactl.config.loader import LoadedProfile
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+# Control characters (tab and newline aside) and lone surrogates: a NUL or an escape sequence in a
+# file name or record id must not reach the terminal, and a surrogate cannot be written to it.
+_UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def shown(text: str) -> str:
+    """``text`` to print: Rich markup escaped, control characters and lone surrogates as escapes."""
+    return escape(_UNSHOWABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text))
+
 
 ProfileOpt = Annotated[
     str,

@@ -10,9 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from rich.markup import escape
-
-from llavactl.cli._common import err_console, verbosity
+from llavactl.cli._common import err_console, shown, verbosity
 from llavactl.errors import Interrupted, LlavactlError
 
 DEBUG_ENV = "LLAVACTL_DEBUG"
@@ -23,9 +21,9 @@ def debug_enabled() -> bool:
 
 
 def print_error(exc: LlavactlError) -> None:
-    err_console.print(f"[bold red]Error:[/] {escape(exc.message)}", soft_wrap=True)
+    err_console.print(f"[bold red]Error:[/] {shown(exc.message)}", soft_wrap=True)
     if exc.fix:
-        err_console.print(f"[bold]Fix:[/] {escape(exc.fix)}", soft_wrap=True)
+        err_console.print(f"[bold]Fix:[/] {shown(exc.fix)}", soft_wrap=True)
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -70,7 +68,7 @@ def run_guarded(app: Callable[[], object]) -> None:
         if debug_enabled():
             raise
         err_console.print(
-            f"[bold red]Internal error[/] ({type(exc).__name__}: {escape(str(exc))}).\n"
+            f"[bold red]Internal error[/] ({type(exc).__name__}: {shown(str(exc))}).\n"
             f"This is a bug in llavactl. Run again with {DEBUG_ENV}=1 for the full traceback and "
             "report it with that output.",
             soft_wrap=True,

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load
+from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load, shown
 from llavactl.data.convert import DEFAULT_SHARD_RECORDS
 from llavactl.data.synth import DEFAULT_COUNT, DEFAULT_IMAGE_SIZE
 from llavactl.errors import CheckFailed, ConfigError, ModelSourceError
@@ -152,7 +152,7 @@ def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None
         # `too_long` is a warning when the cut loses text, an error when it falls in image tokens.
         level = "[red]error[/]" if any(p.severity == "error" for p in items) else "[yellow]warning[/]"
         first = "\n".join(
-            escape(f"#{p.index} id={p.id!r}: {p.message}" if p.index is not None else p.message)
+            shown(f"#{p.index} id={p.id!r}: {p.message}" if p.index is not None else p.message)
             for p in items[:SHOWN_PER_CODE]
         )
         table.add_row(code, level, str(len(items)), first)
