@@ -55,6 +55,46 @@ def test_start_over_moves_the_old_run_aside_and_deletes_nothing(
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_resuming_another_folder_s_checkpoint_into_a_folder_holding_a_run_is_refused(
+    shapes: Path, tmp_path: Path
+) -> None:
+    """The other run's checkpoints would be mixed with this one's, and pruned by its retention."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_recipe(_settings(shapes, first, "training.save_steps=1"))
+    train_recipe(_settings(shapes, second, "seed=7"))
+    before = sorted(p.name for p in second.iterdir())
+    with pytest.raises(ConfigError) as refused:
+        train_recipe(_settings(shapes, second, "training.max_steps=3"), resume=str(first / "checkpoint-1"))
+    assert "is not one of training.output_dir" in refused.value.message and "holds another run" in refused.value.message
+    assert sorted(p.name for p in second.iterdir()) == before
+    # Into an empty folder, a run may start from another folder's checkpoint (a branch of that run).
+    branch = tmp_path / "branch"
+    train_recipe(_settings(shapes, branch, "training.max_steps=3"), resume=str(first / "checkpoint-1"), force=True)
+    assert sorted(p.name for p in branch.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+def test_resuming_an_older_checkpoint_moves_the_later_ones_aside(shapes: Path, tmp_path: Path) -> None:
+    """They belong to the history the resume replaces: left in place, the new run's saves at those steps
+    were skipped, and `--resume auto` and export took the old run's weights for the new run's."""
+    out = tmp_path / "run"
+    keep_all = (
+        "training.max_steps=4",
+        "training.save_steps=1",
+        "training.save_total_limit=null",
+        "training.logging_steps=1",
+    )
+    train_recipe(_settings(shapes, out, *keep_all))
+    old_final = (out / "checkpoint-4" / "trainable.safetensors").read_bytes()
+    changed = _settings(shapes, out, *keep_all, "training.learning_rate=1e-5")
+    train_recipe(changed, resume=str(out / "checkpoint-2"), force=True)
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("run.after-step-2-")]
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-3", "checkpoint-4"]
+    assert (aside / "checkpoint-4" / "trainable.safetensors").read_bytes() == old_final
+    assert (out / "checkpoint-4" / "trainable.safetensors").read_bytes() != old_final
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_a_live_lock_stops_a_second_run_and_a_stale_one_is_taken_over(shapes: Path, tmp_path: Path) -> None:
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

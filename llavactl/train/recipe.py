@@ -230,7 +230,7 @@ class TrainRecipe:
     def _claim_output_dir(self) -> None:
         """Before anything loads: the output folder can be written, no other live run uses it, and
         it holds no other run unless this one resumes it or starts over."""
-        from llavactl.train.run_folder import RunFolderLock, refuse_or_move_aside
+        from llavactl.train.run_folder import RunFolderLock, refuse_foreign_resume, refuse_or_move_aside
 
         out = self._output_dir
         try:
@@ -249,6 +249,8 @@ class TrainRecipe:
             moved = refuse_or_move_aside(out, start_over=self._start_over)
             if moved is not None:
                 self._progress.milestone(f"Moved the previous run in {out} aside to {moved} (--start-over)")
+        else:
+            refuse_foreign_resume(out, checkpoint.resolve_resume(self._resume, out))
         self._owns_output_dir = True
 
     def _setup_world(self) -> None:
@@ -278,6 +280,14 @@ class TrainRecipe:
         checkpoint.check_resume_compatible(folder, differences, force=self._force)
         if differences:
             self._progress.milestone(f"Resuming with changed settings (--force): {'; '.join(differences)}")
+        if self._world.is_main:
+            from llavactl.train.run_folder import set_aside_later_checkpoints
+
+            later = set_aside_later_checkpoints(self._output_dir, folder)
+            if later is not None:
+                self._progress.milestone(
+                    f"Moved the checkpoints after {folder.name} aside to {later}: this run writes its own"
+                )
         return folder
 
     def _setup_model(self) -> Any:

@@ -111,13 +111,49 @@ def refuse_or_move_aside(output_dir: Path, *, start_over: bool) -> Path | None:
             fix="continue that run with `--resume auto`, train into another `--output-dir`, or add "
             "`--start-over` to move the old run aside (into a sibling folder; nothing is deleted)",
         )
-    aside = output_dir.with_name(f"{output_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-    suffix = 1
-    while aside.exists():
-        aside = output_dir.with_name(f"{output_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
-        suffix += 1
-    aside.mkdir()
+    aside = _new_sibling(output_dir, "previous")
     for entry in output_dir.iterdir():
         if entry.name != LOCK_FILE:
             shutil.move(str(entry), aside / entry.name)
+    return aside
+
+
+def _new_sibling(output_dir: Path, label: str) -> Path:
+    """A new folder beside ``output_dir``: ``<name>.<label>-<date>-<time>[-k]``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, suffix = output_dir.with_name(f"{output_dir.name}.{label}-{stamp}"), 1
+    while aside.exists():
+        aside = output_dir.with_name(f"{output_dir.name}.{label}-{stamp}-{suffix}")
+        suffix += 1
+    aside.mkdir()
+    return aside
+
+
+def refuse_foreign_resume(output_dir: Path, source: Path | None) -> None:
+    """For a run that resumes from the checkpoint ``source`` (None: none yet) into ``output_dir``:
+    refuse a folder holding another run when ``source`` is not one of its checkpoints."""
+    if source is None or source.resolve().parent == output_dir.resolve() or not holds_a_run(output_dir):
+        return
+    raise ConfigError(
+        f"--resume {source}: that checkpoint is not one of training.output_dir `{output_dir}`'s, and the folder "
+        "holds another run (its checkpoints, metrics.jsonl or run.json); resuming there would mix the two runs.",
+        fix=f"resume into a new `--output-dir`, or continue the run of `{output_dir}` with `--resume auto`",
+    )
+
+
+def set_aside_later_checkpoints(output_dir: Path, source: Path) -> Path | None:
+    """Move the checkpoints of ``output_dir`` after ``source``'s step into a sibling folder: they
+    belong to the history a resume from ``source`` replaces (left there, `--resume auto` and export
+    would later take them for the new run's). Returns where they went (None: there were none)."""
+    from llavactl.train.checkpoint import checkpoint_step, list_checkpoints
+
+    if source.resolve().parent != output_dir.resolve():
+        return None
+    step = checkpoint_step(source) or 0
+    later = [c for c in list_checkpoints(output_dir) if (checkpoint_step(c) or 0) > step]
+    if not later:
+        return None
+    aside = _new_sibling(output_dir, f"after-step-{step}")
+    for folder in later:
+        shutil.move(str(folder), aside / folder.name)
     return aside
