@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,43 @@ def test_export_needs_a_checkpoint_and_an_empty_folder(
     (tmp_path / "busy" / "keep.txt").write_text("x")
     code, _, err = run_cli(["export", str(tmp_path / "run"), str(tmp_path / "busy")], capsys)
     assert code == 2 and "is not empty" in err and (tmp_path / "busy" / "keep.txt").read_text() == "x"
+
+
+def test_a_failed_export_leaves_nothing_and_a_damaged_one_is_named_on_load(
+    shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk mid-export leaves no folder that predict or eval would take for an export; an
+    export missing its config.json (transformers would build its 7B default) or with truncated
+    weights is one paragraph naming the folder."""
+    import errno
+
+    from transformers import LlavaForConditionalGeneration
+
+    make_run(tmp_path / "run", shapes)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)
+    save = LlavaForConditionalGeneration.save_pretrained
+
+    def full_disk(self: LlavaForConditionalGeneration, folder: Path, **kwargs: object) -> None:
+        save(self, folder, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(LlavaForConditionalGeneration, "save_pretrained", full_disk)
+        code, _, err = run_cli(["export", str(tmp_path / "run"), str(tmp_path / "out")], capsys)
+    assert code == 2 and f"Writing the export to `{tmp_path / 'out'}` failed: No space left on device" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["red.png", "run"]  # no folder, no hidden partial one
+
+    assert run_cli(["export", str(tmp_path / "run"), str(tmp_path / "out")], capsys)[0] == 0
+    for damage, said in (
+        (lambda out: (out / "config.json").unlink(), "has no config.json: the export is incomplete"),
+        (lambda out: (out / "model.safetensors").write_bytes(b"\0" * 10), "cannot be loaded (SafetensorError"),
+    ):
+        damaged = tmp_path / f"damaged-{len(said)}"
+        shutil.copytree(tmp_path / "out", damaged)
+        damage(damaged)
+        code, _, err = run_cli(
+            ["predict", "--model", str(damaged), "--image", str(image), "--prompt", "What colour?"], capsys
+        )
+        assert code == 2 and f"The exported folder `{damaged}` {said}" in err, err
+        assert "Fix: export the checkpoint again" in err

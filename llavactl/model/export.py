@@ -18,11 +18,13 @@ the export and not the rounding.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from llavactl.errors import CheckFailed, ModelSourceError
+from llavactl.errors import CheckFailed, ModelSourceError, OutputError
 from llavactl.model import towers
 from llavactl.model.assembly import component
 from llavactl.model.weight_files import no_peft_checkpointing_warning, quiet_loading
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 
 ExportDtype = Literal["fp32", "bf16", "fp16"]
 MANIFEST = "llavactl.json"
+# One of these holds an export's weights (the index names the shards of a large model).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+REEXPORT = "export the checkpoint again with `llavactl export RUN OUT_DIR`"
 ADAPTER_DIR = "adapter"
 TOLERANCE = 1e-5
 
@@ -148,8 +153,7 @@ def _check(difference: float, what: str) -> None:
     if not difference <= TOLERANCE:
         raise CheckFailed(
             f"{what}: logits differ by up to {difference:.3g}, more than {TOLERANCE:g}.",
-            fix="report this as a bug with the checkpoint's trainer_state.json; the folder was written but is "
-            "not a faithful export",
+            fix="report this as a bug with the checkpoint's trainer_state.json (nothing was left in the export folder)",
         )
 
 
@@ -192,6 +196,11 @@ class ExportManifest:
             data = json.loads(path.read_text(encoding="utf-8"))
             saved = data["image_spec"]
             spec = ImageSpec(saved["size"], saved["patch_size"], tuple(saved["mean"]), tuple(saved["std"]))
+            sides = (spec.size, spec.patch_size)
+            if not all(type(n) is int and n > 0 for n in sides) or spec.size % spec.patch_size:
+                raise ValueError(f"image_spec size {spec.size!r} and patch_size {spec.patch_size!r} do not fit")
+            if not all(len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in (spec.mean, spec.std)):
+                raise ValueError("image_spec mean and std need three numbers each")
             return cls(
                 str(data["source"]),
                 dict(data["profile"]),
@@ -223,7 +232,6 @@ def export_model(
     ``assembled`` is changed: adapters are merged or removed and weights rounded to ``dtype``.
     Raises :class:`CheckFailed` when the reloaded folder's logits differ by more than 1e-5.
     """
-    import torch
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -232,13 +240,50 @@ def export_model(
             f"The export folder `{out_dir}` exists and {what}.",
             fix="pass a new or empty folder as OUT_DIR",
         )
+    # Written into a hidden sibling and renamed into place once it reloads with the same logits: an
+    # export that fails (a full disk, a difference, a kill) leaves no folder that looks like one.
+    work = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
     except OSError as exc:
         raise ModelSourceError(
             f"The export folder `{out_dir}` cannot be made: {exc.strerror or exc} ({exc.filename}).",
             fix="pass a folder under one you can write to",
         ) from None
+    try:
+        result = _write_and_check(
+            assembled, processor, work, batch, manifest=manifest, stop_ids=stop_ids, merge_lora=merge_lora, dtype=dtype
+        )
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty (checked above)
+        work.rename(out_dir)
+    except BaseException as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":  # a full disk, a file-size limit
+            raise OutputError(
+                f"Writing the export to `{out_dir}` failed: {getattr(exc, 'strerror', None) or exc}. Nothing was "
+                "left there.",
+                fix="free space on that disk (or pass a folder you can write to), then export again",
+            ) from exc
+        raise
+    return replace(result, folder=out_dir, adapter=out_dir / ADAPTER_DIR if result.adapter is not None else None)
+
+
+def _write_and_check(
+    assembled: AssembledModel,
+    processor: LlavaProcessor,
+    out_dir: Path,
+    batch: dict[str, torch.Tensor],
+    *,
+    manifest: ExportManifest,
+    stop_ids: list[int],
+    merge_lora: bool,
+    dtype: ExportDtype,
+) -> ExportResult:
+    """:func:`export_model`'s work, in ``out_dir``."""
+    import torch
+
     peft_model = assembled.peft_model
     model: nn.Module = peft_model if peft_model is not None else assembled.model
     model.eval()
@@ -273,7 +318,7 @@ def export_model(
 
     reloaded = load_exported_model(out_dir, torch.float32)
     difference = max_difference(batch_logits(reloaded, batch), expected, mask)
-    _check(difference, f"The folder `{out_dir}` reloaded with transformers")
+    _check(difference, "The exported folder reloaded with transformers")
     return ExportResult(
         out_dir,
         dtype,
@@ -287,14 +332,52 @@ def export_model(
 
 
 def load_exported_model(folder: Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """The exported model with plain transformers (and peft, for an unmerged adapter), in eval mode."""
+    """The exported model with plain transformers (and peft, for an unmerged adapter), in eval mode;
+    :class:`ModelSourceError` naming the folder when it is incomplete or damaged."""
     from transformers import LlavaForConditionalGeneration
 
-    with quiet_loading():
-        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
-        if (folder / ADAPTER_DIR).is_dir():
-            from peft import PeftModel
+    # Without config.json transformers would build its default LLaVA (7B) and then fail to fit the
+    # weights into it, having taken tens of GB.
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        missing.append(WEIGHT_FILES[0])
+    if missing:
+        raise ModelSourceError(
+            f"The exported folder `{folder}` has no {' and no '.join(missing)}: the export is incomplete.",
+            fix=REEXPORT,
+        )
+    try:
+        with quiet_loading():
+            model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+            if (folder / ADAPTER_DIR).is_dir():
+                from peft import PeftModel
 
-            with no_peft_checkpointing_warning():
-                model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR)
+                with no_peft_checkpointing_warning():
+                    model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR)
+    except _load_errors() as exc:
+        raise unloadable_export(folder, exc) from exc
     return model.eval()
+
+
+def load_export_processor(folder: Path) -> Any:
+    """The exported folder's processor (tokenizer and image processor), read by transformers."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(folder)
+    except _load_errors() as exc:
+        raise unloadable_export(folder, exc) from exc
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What transformers, peft and safetensors raise on a damaged file (truncated, not JSON, edited)."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError, SafetensorError)
+
+
+def unloadable_export(folder: Path, exc: BaseException) -> ModelSourceError:
+    said = " ".join(str(exc).split())[:300]
+    return ModelSourceError(
+        f"The exported folder `{folder}` cannot be loaded ({type(exc).__name__}: {said}).", fix=REEXPORT
+    )

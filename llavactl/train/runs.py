@@ -76,7 +76,7 @@ def load_checkpoint(path: Path) -> tuple[AssembledModel, Profile, Path]:
 def load_predictor(path: Path, data: DataConfig | None = None) -> Predictor:
     """A predictor for an exported folder, a run folder or a checkpoint; it asks questions with
     ``data``'s template and image settings, by default those the model was trained with."""
-    from llavactl.model.export import MANIFEST, ExportManifest, load_exported_model
+    from llavactl.model.export import MANIFEST, ExportManifest, load_export_processor, load_exported_model
     from llavactl.train.generate import Predictor
 
     manifest = ExportManifest.read(path)
@@ -85,11 +85,9 @@ def load_predictor(path: Path, data: DataConfig | None = None) -> Predictor:
         model = assembled.peft_model if assembled.peft_model is not None else assembled.model
         spec, tokenizer, token_id = assembled.image_spec, assembled.tokenizer, assembled.image_token_id
         return Predictor(model, tokenizer, token_id, spec, data or profile.data)
-    from transformers import AutoProcessor
-
     profile = _saved_profile(manifest.profile, path / MANIFEST)
-    processor = AutoProcessor.from_pretrained(path)
     model = load_exported_model(path)
+    processor = load_export_processor(path)
     return Predictor(model, processor.tokenizer, processor.image_token_id, manifest.image_spec, data or profile.data)
 
 
