@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,68 @@ def test_data_fingerprint_changes_with_content(tmp_path: Path) -> None:
     data.write_text(json.dumps([{"id": 2}]))
     assert checkpoint.fingerprint_data(str(data)) != before
     assert checkpoint.fingerprint_data("builtin:shapes") == "builtin:shapes"
+
+
+@pytest.mark.parametrize(
+    ("edit", "found"),
+    [
+        (lambda files: files["rng.pt"].update(size="big"), "lists 'rng.pt' as no manifest llavactl writes"),
+        (lambda files: files.update({"rng.pt": "x"}), "lists 'rng.pt' as no manifest llavactl writes"),
+        (lambda files: files.update({"../../etc/passwd": {"size": 1}}), "lists '../../etc/passwd' as no manifest"),
+    ],
+    ids=["size-text", "entry-text", "outside"],
+)
+def test_an_edited_manifest_is_named_not_an_internal_error(tmp_path: Path, edit, found: str) -> None:
+    folder = _save(tmp_path, 3)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest["files"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=re.escape(found)):
+        checkpoint.verify_checkpoint(folder)
+
+
+def test_writers_that_fail_as_safetensors_and_torch_report_a_full_disk_remove_the_partial_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """safetensors and torch.save report a file-size limit or a full disk in their own exceptions."""
+    from safetensors import SafetensorError
+
+    failures = [
+        SafetensorError("Error while serializing: I/O error: File too large (os error 27)"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+    ]
+    for failure in failures:
+
+        def fail(folder: Path, failure: Exception = failure) -> None:
+            (folder / "adapter_model.safetensors").write_bytes(b"partial")
+            raise failure
+
+        with pytest.raises(OutputError, match=re.escape(str(failure)[:40])):
+            checkpoint.save_checkpoint(
+                tmp_path, 1, write_weights=fail, training_state={}, progress={"step": 1}, save_total_limit=None
+            )
+        assert list(tmp_path.iterdir()) == []
+
+    def bug(folder: Path) -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error is not taken for a full disk
+        checkpoint.save_checkpoint(
+            tmp_path, 1, write_weights=bug, training_state={}, progress={"step": 1}, save_total_limit=None
+        )
+
+
+def test_optimizer_states_that_are_no_pickle_are_named(tmp_path: Path) -> None:
+    """Bytes that pass the manifest (written with it, or re-hashed) but are not torch's format."""
+    folder = _save(tmp_path, 3)
+    (folder / "optimizer.pt").write_bytes(b"\x80\x04garbage that is no pickle")
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt cannot be loaded"):
+        checkpoint.read_training_state(folder)
+
+
+@pytest.mark.parametrize("field", ["data_fingerprint", "data_position", "bad_steps_total", "bad_steps_in_a_row"])
+def test_a_progress_record_without_what_a_resume_reads_is_named(tmp_path: Path, field: str) -> None:
+    saved = {"data_fingerprint": "f", "data_position": {}, "bad_steps_total": 0, "bad_steps_in_a_row": 0}
+    checkpoint.require_resume_fields(saved, tmp_path)
+    with pytest.raises(CheckpointError, match=f"has no `{field}` that a resume can read"):
+        checkpoint.require_resume_fields({**saved, field: "zz" if field == "data_position" else None}, tmp_path)

@@ -101,7 +101,13 @@ def load_trainable(assembled: AssembledModel, folder: Path) -> None:
                 f"`{folder}` has no `{file}`, which stage `{assembled.stage}` needs.",
                 fix="load a checkpoint saved by a run of the same stage and profile",
             )
-        loaded = load_file(path)
+        try:
+            loaded = load_file(path)
+        except Exception as exc:  # safetensors' SafetensorError: a truncated or altered file
+            raise ModelSourceError(
+                f"`{path}` cannot be read as safetensors ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}).",
+                fix="load another checkpoint of the run (or restore this one from a copy)",
+            ) from exc
         missing, unexpected = set(own) - set(loaded), set(loaded) - set(own)
         if missing or unexpected:
             raise ModelSourceError(

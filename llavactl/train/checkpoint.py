@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -164,10 +165,13 @@ def save_checkpoint(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    except OSError as exc:
+    except Exception as exc:
+        if not _write_failure(exc):
+            raise
+        said = f"{exc.strerror or exc} ({exc.filename or output_dir})" if isinstance(exc, OSError) else str(exc)[:160]
         raise OutputError(
-            f"Saving {final} failed: {exc.strerror or exc} ({exc.filename or output_dir}). Its partial files were "
-            f"removed; the checkpoints saved before it are intact.",
+            f"Saving {final} failed: {said}. Its partial files were removed; the checkpoints saved before it are "
+            "intact.",
             fix="free space on that disk (or make the folder writable), then continue with `--resume auto`",
         ) from None
     if save_total_limit is not None:
@@ -233,12 +237,20 @@ def damage(folder: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{MANIFEST_FILE} is unreadable ({type(exc).__name__})"
     for name, expected in files.items():
+        # Only names of files in the folder, each with an integer size: what llavactl writes.
+        if (
+            not isinstance(name, str)
+            or Path(name).name != name
+            or not isinstance(expected, dict)
+            or type(expected.get("size")) is not int
+        ):
+            return f"{MANIFEST_FILE} lists {str(name)[:60]!r} as no manifest llavactl writes does (edited?)"
         path = folder / name
         if not path.is_file():
-            return f"{name} is missing"
+            return f"{name} is missing" if not path.exists() else f"{name} is not a file"
         size = path.stat().st_size
-        if size != expected.get("size"):
-            return f"{name} is {size:,} bytes, not the {expected.get('size'):,} it was saved with"
+        if size != expected["size"]:
+            return f"{name} is {size:,} bytes, not the {expected['size']:,} it was saved with"
         if _sha256(path) != expected.get("sha256"):
             return f"{name} does not hold the bytes it was saved with (its checksum differs)"
     return None
@@ -322,6 +334,31 @@ def read_progress(folder: Path, total_steps: int | None = None) -> dict[str, Any
     )
 
 
+# What a resume reads of trainer_state.json beyond the step and profile (read_progress checks those).
+RESUME_FIELDS = {"data_fingerprint": str, "data_position": dict, "bad_steps_total": int, "bad_steps_in_a_row": int}
+
+
+def require_resume_fields(saved: Mapping[str, Any], folder: Path) -> None:
+    """Raise :class:`CheckpointError` when the progress record lacks what a resume reads."""
+    for key, kind in RESUME_FIELDS.items():
+        value = saved.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(
+                f"{folder / STATE_FILE} has no `{key}` that a resume can read ({str(value)[:40]!r}): it was edited "
+                "or written by another tool.",
+                fix="resume from another checkpoint of the run (`--resume PATH`)",
+            )
+
+
+def _write_failure(exc: Exception) -> bool:
+    """Whether ``exc`` is a file that could not be written (a full disk, a file-size limit) as the
+    writers report it: an OSError, safetensors' SafetensorError, torch.save's RuntimeError."""
+    if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+        return True
+    said = str(exc)
+    return isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in said or "inline_container" in said)
+
+
 def _rng_file(rank: int) -> str:
     return RNG_FILE if rank == 0 else RANK_RNG_FILE.format(rank=rank)
 
@@ -335,7 +372,8 @@ def read_training_state(folder: Path, rank: int = 0) -> tuple[dict[str, Any], di
     for name in (OPTIMIZER_FILE, _rng_file(rank)):
         try:
             states.append(torch.load(folder / name, map_location="cpu", weights_only=True))
-        except (OSError, RuntimeError, EOFError, ValueError) as exc:  # torch reports a torn file as RuntimeError
+        # torch reports a torn file as RuntimeError, bytes that are no pickle as UnpicklingError.
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
             raise CheckpointError(
                 f"{folder / name} cannot be loaded ({type(exc).__name__}: {str(exc)[:120]}).",
                 fix="resume from another checkpoint of the run (`--resume PATH`)",

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llavactl.config.loader import LoadedProfile
-from llavactl.errors import ConfigError, DataError, Interrupted, LlavactlError, ModelSourceError, TrainingError
+from llavactl.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    Interrupted,
+    LlavactlError,
+    ModelSourceError,
+    TrainingError,
+)
 from llavactl.train import checkpoint
 from llavactl.train.metrics import MetricsWriter, library_versions, peak_memory_bytes, write_run_record
 from llavactl.train.optimizer import build_optimizer, build_scheduler
@@ -273,6 +281,7 @@ class TrainRecipe:
             return None
         checkpoint.verify_checkpoint(folder)
         saved = checkpoint.read_progress(folder)
+        checkpoint.require_resume_fields(saved, folder)
         checkpoint.check_same_world(folder, saved.get("world_size", 1), self._world.size)
         differences = checkpoint.resume_differences(
             saved["profile"], self._profile_json(), saved["data_fingerprint"], self._data_fingerprint()
@@ -423,18 +432,27 @@ class TrainRecipe:
         # The learning rates and weight decay of this profile, which loading the saved states would
         # replace with the saved run's: with `--force` and a new learning rate, the new one applies.
         current = [(group["initial_lr"], group["weight_decay"]) for group in self._optimizer.param_groups]
-        if self._sharded:
-            distributed.load_full_optimizer_state(self._model, self._optimizer, training_state["optimizer"])
-        else:
-            self._optimizer.load_state_dict(training_state["optimizer"])
-        self._scheduler.load_state_dict(training_state["scheduler"])
-        self._keep_schedule_of_this_profile(current)
-        self._step_unit.load_state_dict(training_state)
-        self._sampler.load_state_dict(saved["data_position"])
+        try:
+            if self._sharded:
+                distributed.load_full_optimizer_state(self._model, self._optimizer, training_state["optimizer"])
+            else:
+                self._optimizer.load_state_dict(training_state["optimizer"])
+            self._scheduler.load_state_dict(training_state["scheduler"])
+            self._keep_schedule_of_this_profile(current)
+            self._step_unit.load_state_dict(training_state)
+            self._sampler.load_state_dict(saved["data_position"])
+            checkpoint.restore_rng(rng)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            # Files whose checksums match but whose content is not what llavactl saved: written by
+            # hand or by another tool (a damaged file fails its checksum before this).
+            raise CheckpointError(
+                f"Checkpoint {folder} does not hold the states llavactl saves ({type(exc).__name__}: "
+                f"{str(exc)[:120]}).",
+                fix="resume from another checkpoint of the run (`--resume PATH`)",
+            ) from exc
         self._step = saved["step"]
         self._bad_total = saved["bad_steps_total"]
         self._bad_in_a_row = saved["bad_steps_in_a_row"]
-        checkpoint.restore_rng(rng)
         self._progress.milestone(f"Resumed from {folder} at step {self._step}/{self._total_steps}")
 
     def _keep_schedule_of_this_profile(self, current: list[tuple[float, float]]) -> None:
