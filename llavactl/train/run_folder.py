@@ -34,15 +34,58 @@ def _alive(pid: int) -> bool:
 
 
 class RunFolderLock:
-    """``output_dir/.llavactl.lock`` held by this process until :meth:`release`."""
+    """``output_dir/.llavactl.lock`` held by this process until :meth:`release`.
+
+    The file names its holder (pid, host, start) for the messages; what holds it is a kernel lock
+    (``flock``) on the open file, which the kernel lets go of when the process dies, however it
+    dies. Two processes taking over a stale lock together therefore cannot both win (deciding
+    from the file's content and then replacing it could: each removed the other's new file). On a
+    file system without locks, the file alone decides, as before.
+    """
 
     def __init__(self, output_dir: Path) -> None:
         self.path = output_dir / LOCK_FILE
         self._held = False
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         """Take the lock, taking over a stale one; a ConfigError naming the live holder otherwise."""
+        import fcntl
+
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._busy(self._holder()) from None
+            except OSError:  # a file system without locks
+                os.close(fd)
+                return self._acquire_by_creation(me)
+            if not self._names(fd):
+                os.close(fd)  # released (removed) between our open and lock: lock the new file
+                continue
+            holder = self._holder()
+            # Another machine's process cannot be looked at from here; a live process of this one
+            # may hold the folder without a kernel lock (an older llavactl).
+            if holder is not None and not self._is_stale(holder):
+                os.close(fd)
+                raise self._busy(holder)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(me).encode())
+            self._fd, self._held = fd, True
+            return None
+        raise self._busy(self._holder())
+
+    def _names(self, fd: int) -> bool:
+        """Whether the lock file's path still names the file open as ``fd``."""
+        try:
+            return os.fstat(fd).st_ino == self.path.stat().st_ino
+        except FileNotFoundError:
+            return False
+
+    def _acquire_by_creation(self, me: dict[str, object]) -> None:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -59,15 +102,22 @@ class RunFolderLock:
         raise self._busy(self._holder())
 
     def release(self) -> None:
-        if self._held:
+        if not self._held:
+            return
+        if self._fd is None:
             self.path.unlink(missing_ok=True)
-            self._held = False
+        else:
+            if self._names(self._fd):  # never another process's file
+                self.path.unlink(missing_ok=True)
+            os.close(self._fd)  # lets go of the kernel lock
+            self._fd = None
+        self._held = False
 
     def _holder(self) -> dict[str, object] | None:
         try:
             holder = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None  # torn by a crash between create and write: nobody can be holding it
+            return None  # torn by a crash between create and write, or empty: nobody is holding it
         return holder if isinstance(holder, dict) else None
 
     @staticmethod
