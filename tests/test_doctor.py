@@ -65,6 +65,17 @@ def test_low_ram_warns():
     assert ram_check(CPU).status == "pass"
 
 
+def test_disk_check_fails_an_output_folder_that_cannot_be_one(tmp_path):
+    """A file where the folder (or one of its parents) would be, or a name too long to look at:
+    train refuses both, so doctor must not say Ready."""
+    (tmp_path / "afile").write_text("x")
+    for where in (tmp_path / "afile", tmp_path / "afile" / "run", Path("/dev/null")):
+        result = disk_check(str(where))
+        assert result.status == "fail" and "cannot be a folder" in result.finding, where
+    result = disk_check(str(tmp_path / ("a" * 300)))
+    assert result.status == "fail" and "cannot be looked at: File name too long" in result.finding
+
+
 def test_disk_check_reads_the_nearest_existing_parent(tmp_path):
     result = disk_check(str(tmp_path / "not" / "yet" / "made"))
     assert str(tmp_path) in result.finding

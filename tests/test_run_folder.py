@@ -192,3 +192,11 @@ def test_processes_taking_over_a_stale_lock_together_never_both_hold_it(tmp_path
             while True:
                 holders.append(won.get(timeout=0.5))
         assert len(holders) == 1, f"trial {trial}: {len(holders)} processes held the lock"
+
+
+def test_resume_and_start_over_together_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    code, _, err = run_cli(
+        ["train", "-p", "tiny", f"training.output_dir={tmp_path}", "--resume", "auto", "--start-over"]
+    )
+    assert code == 2 and "--resume auto and --start-over ask for opposite things" in err
+    assert list(tmp_path.iterdir()) == []

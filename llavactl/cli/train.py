@@ -75,6 +75,12 @@ def train(
     from llavactl.train.progress import TrainingProgress
     from llavactl.train.recipe import TrainRecipe
 
+    if resume is not None and start_over:
+        raise ConfigError(
+            f"--resume {resume} and --start-over ask for opposite things: to continue the run of the output "
+            "folder, and to move it aside and train from step 0.",
+            fix="keep one of them",
+        )
     if nproc_per_node is not None and nproc_per_node > 1:
         raise typer.Exit(_launch(nproc_per_node))
     words = [*(overrides or []), *([f"training.output_dir={output_dir}"] if output_dir else [])]

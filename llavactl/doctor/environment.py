@@ -110,8 +110,21 @@ def ram_check(facts: MachineFacts) -> CheckResult:
 
 def disk_check(output_dir: str | None) -> CheckResult:
     target = Path(output_dir or ".").expanduser().absolute()
-    existing = next(p for p in (target, *target.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
+    try:
+        existing = next(p for p in (target, *target.parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+    except OSError as exc:  # a name too long for the file system, a folder we may not look into
+        return failed(
+            "disk",
+            f"training.output_dir `{target}` cannot be looked at: {exc.strerror or exc}.",
+            "set `training.output_dir=PATH` to a folder you can write to",
+        )
+    if not existing.is_dir():
+        return failed(
+            "disk",
+            f"training.output_dir `{target}` cannot be a folder: `{existing}` is a file.",
+            "set `training.output_dir=PATH` to a folder (new, or one of yours)",
+        )
     finding = f"{free / GIB:.1f} GiB free under {existing}"
     if free < 5 * GIB:
         return warned("disk", finding + "; checkpoints may not fit.", "free space, or set `training.output_dir=PATH`")
