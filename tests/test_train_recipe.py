@@ -112,6 +112,24 @@ def test_interrupted_then_resumed_run_matches_one_run_bit_for_bit(
     assert [m["loss"] for m in metrics] == whole.losses
 
 
+def test_the_first_line_logged_after_a_resume_averages_the_steps_it_would_have(shapes: Path, tmp_path: Path) -> None:
+    """Logged every 3 steps, resumed from step 4: the line of step 6 is the mean of steps 4-6, as
+    without the interruption (it was the mean of 5-6 alone)."""
+    import shutil
+
+    extra = ("training.logging_steps=3", "training.save_steps=4", "training.save_total_limit=null")
+    _train(_overrides(shapes, tmp_path / "whole", *extra))
+    shutil.copytree(tmp_path / "whole", tmp_path / "split")
+    _train(_overrides(shapes, tmp_path / "split", *extra), resume=str(tmp_path / "split" / "checkpoint-4"))
+
+    def logged(run: str) -> list[tuple[int, float, float]]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(m["step"], m["loss"], m["grad_norm"]) for m in map(json.loads, lines)]
+
+    assert [step for step, *_ in logged("whole")] == [3, 6, 9, 10]
+    assert logged("split") == logged("whole")
+
+
 def test_sigterm_saves_a_checkpoint_and_stops(shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     interrupt_at(monkeypatch, 2, signal.SIGTERM)
     result, _ = _train(_overrides(shapes, tmp_path))

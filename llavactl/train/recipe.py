@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -114,6 +115,9 @@ class TrainRecipe:
         self._resume = resume
         self._force = force
         self._step = 0
+        # The steps since the last logged one: kept in checkpoints, so that the first line logged
+        # after a resume averages the same steps as it would have without the interruption.
+        self._window = _Window()
         self._bad_in_a_row = 0
         self._bad_total = 0
         self._stop_signal: int | None = None
@@ -451,6 +455,7 @@ class TrainRecipe:
                 fix="resume from another checkpoint of the run (`--resume PATH`)",
             ) from exc
         self._step = saved["step"]
+        self._window = _Window.restored(saved.get("log_window"))
         self._bad_total = saved["bad_steps_total"]
         self._bad_in_a_row = saved["bad_steps_in_a_row"]
         self._progress.milestone(f"Resumed from {folder} at step {self._step}/{self._total_steps}")
@@ -484,7 +489,7 @@ class TrainRecipe:
         """Run optimizer steps until ``total_steps``, a stop signal, or too many bad steps."""
         t = self._training
         result = TrainResult(status="completed", step=self._step, total_steps=self._total_steps)
-        window = _Window()
+        window = self._window
         run_started = time.perf_counter()
         steps_this_run = 0
         self._totals = _Window()  # the whole run, for run.json
@@ -516,7 +521,7 @@ class TrainRecipe:
                 if self._step % t.logging_steps == 0 or self._step == self._total_steps:
                     elapsed = time.perf_counter() - run_started
                     self._log(window, eta_s=elapsed / steps_this_run * (self._total_steps - self._step))
-                    window = _Window()
+                    window = self._window = _Window()
                 if self._stop_requested():
                     result.checkpoint = self.save_checkpoint()
                     result.status = "interrupted"
@@ -778,6 +783,7 @@ class TrainRecipe:
             "data_position": self._sampler.state_dict(),
             "bad_steps_total": self._bad_total,
             "bad_steps_in_a_row": self._bad_in_a_row,
+            "log_window": dataclasses.asdict(self._window),
             "profile": self._profile_json(),
             "data_fingerprint": self._data_fingerprint(),
             "versions": library_versions(),
@@ -891,6 +897,18 @@ class _Window:
             self.flops = (self.flops or 0.0) + flops
             self.flop_seconds += seconds
         self.seconds += seconds
+
+    @classmethod
+    def restored(cls, saved: Any) -> _Window:
+        """The window a checkpoint kept; an empty one for a checkpoint without it (or not of this shape)."""
+        numbers = (int, float)
+        try:
+            window = cls(**saved)
+            lists_ok = all(isinstance(x, numbers) for x in [*window.losses, *window.grad_norms])
+            counts_ok = all(isinstance(x, numbers) for x in (window.samples, window.tokens, window.seconds))
+        except TypeError:
+            return cls()
+        return window if lists_ok and counts_ok else cls()
 
     @property
     def mean_loss(self) -> float:
