@@ -3,14 +3,11 @@ stops a second process, a stale one is taken over, and an unusable folder is nam
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import queue
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -162,14 +159,15 @@ def test_a_damaged_checkpoint_is_named_by_train_export_and_predict(
         assert f"The newest intact checkpoint is {out / 'checkpoint-2'}" in err and "Internal error" not in err
 
 
-def _take_lock(folder: str, barrier: object, won: object) -> None:
-    barrier.wait()  # type: ignore[attr-defined]
+def _take_lock(folder: str, tried: object, done: object) -> None:
+    tried.wait()  # type: ignore[attr-defined]  # all try at once
     try:
         RunFolderLock(Path(folder)).acquire()
     except ConfigError:
+        done.wait()  # type: ignore[attr-defined]
         return
-    won.put(os.getpid())  # type: ignore[attr-defined]
-    time.sleep(0.3)  # held while the others try
+    (Path(folder) / f"won-{os.getpid()}").touch()
+    done.wait()  # type: ignore[attr-defined]  # the lock is held until every process has tried
 
 
 def test_processes_taking_over_a_stale_lock_together_never_both_hold_it(tmp_path: Path) -> None:
@@ -181,16 +179,13 @@ def test_processes_taking_over_a_stale_lock_together_never_both_hold_it(tmp_path
         folder = tmp_path / str(trial)
         folder.mkdir()
         (folder / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname()}))
-        barrier, won = context.Barrier(4), context.Queue()
-        processes = [context.Process(target=_take_lock, args=(str(folder), barrier, won)) for _ in range(4)]
+        tried, done = context.Barrier(4), context.Barrier(4)
+        processes = [context.Process(target=_take_lock, args=(str(folder), tried, done)) for _ in range(4)]
         for p in processes:
             p.start()
         for p in processes:
             p.join()
-        holders = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                holders.append(won.get(timeout=0.5))
+        holders = list(folder.glob("won-*"))
         assert len(holders) == 1, f"trial {trial}: {len(holders)} processes held the lock"
 
 
