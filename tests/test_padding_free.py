@@ -430,6 +430,7 @@ def test_data_check_reports_the_profile_s_pad_fraction(mixed: Path, shapes_data:
     assert code == 0 and "are pad tokens" in out and "data.padding_free is on" in out
 
 
+@pytest.mark.slow  # 6 s: two dry-runs with real steps
 def test_dry_run_times_the_average_micro_batch_and_plans_memory_for_the_largest(
     mixed: Path, shapes_data: Callable[..., Path]
 ) -> None:
