@@ -195,3 +195,17 @@ def test_resume_and_start_over_together_are_refused_before_anything_runs(tmp_pat
     )
     assert code == 2 and "--resume auto and --start-over ask for opposite things" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_is_written_into_a_checkpoint_folder(shapes: Path, tmp_path: Path) -> None:
+    """A run or an export inside checkpoint-N mixes its files with the checkpoint's (and retention
+    deletes them with it)."""
+    train_recipe(_settings(shapes, tmp_path / "run"))
+    inside = tmp_path / "run" / "checkpoint-2" / "sub"
+    with pytest.raises(ConfigError, match="is inside the checkpoint folder"):
+        train_recipe(_settings(shapes, inside))
+    code, _, err = run_cli(["export", str(tmp_path / "run"), str(inside)])
+    assert code == 2 and f"The export folder `{inside}` is inside the checkpoint folder" in err
+    assert not inside.exists()
+    code, _, err = run_cli(["predict", "--model", str(tmp_path / "nope"), "--image", "x.png", "--prompt", "q"])
+    assert code == 2 and f"`{tmp_path / 'nope'}` does not exist." in err

@@ -67,6 +67,19 @@ def checkpoint_step(folder: Path) -> int | None:
     return int(suffix) if suffix.isdigit() else None
 
 
+def refuse_inside_checkpoint(folder: Path, what: str) -> None:
+    """:class:`ConfigError` when ``folder`` is a checkpoint folder or lies inside one: what is written
+    there would sit among the checkpoint's files (and be deleted with it by retention)."""
+    absolute = folder.expanduser().absolute()
+    inside = next((p for p in (absolute, *absolute.parents) if checkpoint_step(p) is not None), None)
+    if inside is not None:
+        raise ConfigError(
+            f"{what} `{folder}` is inside the checkpoint folder {inside}: its files would be mixed with the "
+            "checkpoint's, and deleted with it when the run keeps only its newest checkpoints.",
+            fix=f"use a folder outside {inside}",
+        )
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest step first."""
     if not output_dir.is_dir():
@@ -203,10 +216,12 @@ def _check_free_space(output_dir: Path, expected_bytes: int) -> None:
     needed = max(size, expected_bytes) * _DISK_MARGIN
     free = shutil.disk_usage(output_dir).free
     if free < needed:
+        from llavactl.train.progress import format_bytes
+
         like = f"the size of {latest.name}" if latest else "its weights and optimizer states"
         raise OutputError(
-            f"Not enough space to save a checkpoint in {output_dir}: about {needed / 1024**3:.2f} GiB needed "
-            f"({like}), {free / 1024**3:.2f} GiB free. The checkpoints saved before are intact.",
+            f"Not enough space to save a checkpoint in {output_dir}: about {format_bytes(int(needed))} needed "
+            f"({like}), {format_bytes(free)} free. The checkpoints saved before are intact.",
             fix="free space on that disk, or lower `training.save_total_limit`; then continue with `--resume auto`",
         )
 

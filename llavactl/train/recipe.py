@@ -245,6 +245,7 @@ class TrainRecipe:
         from llavactl.train.run_folder import RunFolderLock, refuse_foreign_resume, refuse_or_move_aside
 
         out = self._output_dir
+        checkpoint.refuse_inside_checkpoint(out, "training.output_dir")
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / f".write-test-{os.getpid()}"

@@ -30,6 +30,11 @@ def checkpoint_folder(path: Path) -> Path:
 
     if checkpoint_step(path) is not None:
         return path
+    if not path.exists():
+        raise ModelSourceError(
+            f"`{path}` does not exist.",
+            fix="pass an exported folder, a run folder (training.output_dir) or one of its checkpoint folders",
+        )
     latest = latest_checkpoint(path)
     if latest is None:
         raise ModelSourceError(
@@ -112,8 +117,10 @@ def export_run(path: Path, out_dir: Path, *, merge_lora: bool, dtype: ExportDtyp
     :data:`PARITY_RECORDS` records of its training data."""
     from llavactl.data.templates import chat_template
     from llavactl.model.export import ExportManifest, build_processor, export_model
+    from llavactl.train.checkpoint import refuse_inside_checkpoint
     from llavactl.train.generate import stop_token_ids
 
+    refuse_inside_checkpoint(out_dir, "The export folder")
     assembled, profile, folder = load_checkpoint(path)
     data, spec = profile.data, assembled.image_spec
     template = chat_template(data.conversation_template, assembled.tokenizer)
