@@ -209,3 +209,23 @@ def test_nothing_is_written_into_a_checkpoint_folder(shapes: Path, tmp_path: Pat
     assert not inside.exists()
     code, _, err = run_cli(["predict", "--model", str(tmp_path / "nope"), "--image", "x.png", "--prompt", "q"])
     assert code == 2 and f"`{tmp_path / 'nope'}` does not exist." in err
+
+
+def test_a_metrics_file_that_is_a_folder_is_named_on_resume(shapes: Path, tmp_path: Path) -> None:
+    train_recipe(_settings(shapes, tmp_path))
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    code, _, err = run_cli(
+        [
+            "train",
+            "-p",
+            "tiny",
+            *_settings(shapes, tmp_path, "training.max_steps=3"),
+            "--resume",
+            "auto",
+            "--force",
+            "--skip-doctor",
+        ]
+    )
+    assert code == 2 and f"{tmp_path / 'metrics.jsonl'} cannot be written: Is a directory" in " ".join(err.split())
+    assert "make" in err and "free space" not in err

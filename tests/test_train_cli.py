@@ -135,7 +135,7 @@ def test_a_signal_during_set_up_exits_with_a_message(
         for s, handler in previous.items():
             signal.signal(s, handler)
     assert got == code and "Loading model" not in out
-    assert f"Interrupted ({name}): stopped before a checkpoint could be saved" in err
+    assert f"Interrupted ({name}): stopped before the command finished" in err
 
 
 def test_out_of_memory_under_a_token_budget_suggests_a_smaller_budget(

@@ -48,7 +48,8 @@ def run_guarded(app: Callable[[], object]) -> None:
             raise
         name = "Ctrl-C" if exc.signum == signal.SIGINT else "SIGTERM"
         err_console.print(
-            f"Interrupted ({name}): stopped before a checkpoint could be saved; checkpoints saved earlier are kept.",
+            f"Interrupted ({name}): stopped before the command finished; what it had saved before (checkpoints, "
+            "files) is kept.",
             soft_wrap=True,
         )
         sys.exit(128 + exc.signum)

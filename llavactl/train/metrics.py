@@ -6,6 +6,7 @@ library versions, seed, device, how it ended and its final figures.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -34,9 +35,12 @@ class MetricsWriter:
         # wandb reads WANDB_MODE (offline, disabled) and WANDB_PROJECT itself.
         self._wandb = _open_wandb(output_dir, config) if "wandb" in report_to else None
         path = output_dir / METRICS_FILE
-        if path.is_file():
-            _keep_steps_up_to(path, from_step)
-        self._file = path.open("a")
+        try:
+            if path.is_file():
+                _keep_steps_up_to(path, from_step)
+            self._file = path.open("a")
+        except OSError as exc:  # a folder of that name, a read-only file
+            raise _unwritable(str(path), exc) from None
 
     def log(self, step: int, values: Mapping[str, float | int]) -> None:
         record = {"step": step, **values}
@@ -122,9 +126,11 @@ def write_run_record(output_dir: Path, record: Mapping[str, Any]) -> Path:
 
 
 def _unwritable(path: str, exc: OSError) -> OutputError:
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     return OutputError(
         f"{path} cannot be written: {exc.strerror or exc}. The checkpoints saved so far are intact.",
-        fix="free space on that disk (or make the folder writable), then continue with `--resume auto`",
+        fix=("free space on that disk" if full else f"make {path} a file you can write to (move away what is there)")
+        + ", then continue with `--resume auto`",
     )
 
 
