@@ -72,8 +72,13 @@ def test_override_parses_yaml_scalars_and_flow_lists(write_yaml):
     path = write_yaml("base.yaml", BASE)
     loaded = load_profile(
         str(path),
-        ["training.max_steps=10", "training.bf16=false", "model.lora_target_modules=[q_proj,k_proj]",
-         "training.learning_rate=3e-4", "data.image_folder=imgs"],
+        [
+            "training.max_steps=10",
+            "training.bf16=false",
+            "model.lora_target_modules=[q_proj,k_proj]",
+            "training.learning_rate=3e-4",
+            "data.image_folder=imgs",
+        ],
     )
     assert loaded.profile.training.max_steps == 10
     assert loaded.profile.training.learning_rate == 3e-4
@@ -91,9 +96,7 @@ def test_override_null_restores_the_schema_default(write_yaml):
 
 
 def test_cpu_guide_command_overrides_work_on_local_lite():
-    loaded = load_profile(
-        "local_lite", ["model.use_qlora=false", "model.load_in_4bit=false", "training.bf16=false"]
-    )
+    loaded = load_profile("local_lite", ["model.use_qlora=false", "model.load_in_4bit=false", "training.bf16=false"])
     assert loaded.profile.model.use_qlora is False
     assert loaded.profile.training.bf16 is False
 
@@ -176,8 +179,10 @@ def test_override_into_a_scalar_is_an_error(write_yaml):
     ("overrides", "needle"),
     [
         (["training.bf16=true", "training.fp16=true"], "bf16 and fp16 are both on"),
-        (["stage=qlora", "model.use_qlora=true", "model.load_in_4bit=true", "model.load_in_8bit=true"],
-         "4-bit and 8-bit loading are both requested"),
+        (
+            ["stage=qlora", "model.use_qlora=true", "model.load_in_4bit=true", "model.load_in_8bit=true"],
+            "4-bit and 8-bit loading are both requested",
+        ),
         (["stage=qlora", "model.use_qlora=true"], "QLoRA is requested but the LLM is not loaded quantized"),
         (["model.load_in_4bit=true"], "without QLoRA"),
         (["stage=qlora"], "stage is `qlora` but `model.use_qlora` is false"),
@@ -220,3 +225,13 @@ def test_local_profiles_folder_wins_over_bundled(monkeypatch, tmp_path):
     (tmp_path / "profiles" / "tiny.yaml").write_text(BASE.replace("description: base", "description: mine"))
     monkeypatch.chdir(tmp_path)
     assert load_profile("tiny").profile.description == "mine"
+
+
+def test_a_bad_list_item_is_named_with_where_the_list_was_set(write_yaml):
+    path = write_yaml("p.yaml", "extends: tiny\ntraining:\n  report_to: [tensorboard, bogus]\n")
+    with pytest.raises(ConfigError) as from_file:
+        load_profile(str(path))
+    assert "training.report_to[1] (p.yaml:3)" in from_file.value.message.replace(str(path), "p.yaml")
+    with pytest.raises(ConfigError) as from_override:
+        load_profile("tiny", ["training.report_to=[bogus]"])
+    assert "training.report_to[0] (override `training.report_to=[bogus]`)" in from_override.value.message

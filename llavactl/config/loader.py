@@ -532,11 +532,13 @@ def schema_keys(model: type[BaseModel] = Profile, prefix: str = "") -> Iterator[
 
 
 def _lookup_origin(provenance: dict[str, Origin], dotted: str) -> Origin:
+    """Where the value at ``dotted`` (``training.report_to[0]``) came from: its own key's origin, else
+    that of the nearest list or section holding it."""
     key = dotted
     while key:
         if key in provenance:
             return provenance[key]
-        key = key.rpartition(".")[0]
+        key = key[: key.rindex("[")] if key.endswith("]") else key.rpartition(".")[0]
     return DEFAULT
 
 
