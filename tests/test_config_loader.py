@@ -235,3 +235,11 @@ def test_a_bad_list_item_is_named_with_where_the_list_was_set(write_yaml):
     with pytest.raises(ConfigError) as from_override:
         load_profile("tiny", ["training.report_to=[bogus]"])
     assert "training.report_to[0] (override `training.report_to=[bogus]`)" in from_override.value.message
+
+
+def test_a_profile_path_that_is_a_folder_or_a_device_is_not_called_missing(tmp_path):
+    for path in (tmp_path, Path("/dev/null")):
+        with pytest.raises(ConfigError, match="is not a file"):
+            load_profile(str(path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_profile(str(tmp_path / "none.yaml"))

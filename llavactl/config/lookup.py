@@ -62,8 +62,10 @@ def find_profile(name_or_path: str, relative_to: Path | None = None) -> Path:
         for path in candidates:
             if path.is_file():
                 return path.resolve()
+        there = next((p for p in candidates if p.exists()), None)
         raise ConfigError(
-            f"Profile file {excerpt(name_or_path)} does not exist.",
+            f"Profile file {excerpt(name_or_path)} "
+            + ("does not exist." if there is None else "is not a file (a folder, a pipe or a device)."),
             fix="check the path, or give a profile name (see `llavactl profiles list`)",
         )
     searched = profile_dirs(relative_to)
