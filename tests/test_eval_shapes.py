@@ -113,6 +113,10 @@ def test_eval_without_held_out_data_says_which_key_to_set(
     assert code == 2
     assert err.startswith("Error: data.eval_data_path is not set")
     assert "Fix: add `data.eval_data_path=PATH`" in err
+    gone = tmp_path / "gone.json"
+    code, _, err = run_cli(["eval", *args, f"data.eval_data_path={gone}"], capsys)
+    assert code == 2 and f"data.eval_data_path: {gone} is not a file" in err
+    assert "data.eval_data_path" in err and "data.data_path" not in err
 
 
 def test_builtin_held_out_shapes_are_other_images_than_the_training_shapes(

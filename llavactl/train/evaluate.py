@@ -41,7 +41,14 @@ def held_out_dataset(data: DataConfig, predictor: Predictor, seed: int) -> Llava
             fix="add `data.eval_data_path=PATH` (a LLaVA JSON/JSONL file, or `builtin:shapes-eval` for shapes)",
         )
     held_out = data.model_copy(update={"data_path": data.eval_data_path})
-    return build_dataset(held_out, predictor.tokenizer, predictor.image_token_id, predictor.image_spec, seed)
+    try:
+        return build_dataset(held_out, predictor.tokenizer, predictor.image_token_id, predictor.image_spec, seed)
+    except DataError as exc:
+        # The data layer names the key it reads records from; here that is data.eval_data_path.
+        raise DataError(
+            exc.message.replace("data.data_path", "data.eval_data_path"),
+            fix=exc.fix.replace("data.data_path", "data.eval_data_path") if exc.fix else None,
+        ) from exc
 
 
 @dataclass(frozen=True)
