@@ -212,7 +212,7 @@ class ExportManifest:
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             raise ModelSourceError(
                 f"`{path}` is not a readable llavactl export manifest ({type(exc).__name__}: {str(exc)[:200]}).",
-                fix="export the checkpoint again with `llavactl export RUN OUT_DIR`",
+                fix=REEXPORT,
             ) from exc
 
 
@@ -252,9 +252,7 @@ def export_model(
             fix="pass a folder under one you can write to",
         ) from None
     try:
-        result = _write_and_check(
-            assembled, processor, work, batch, manifest=manifest, stop_ids=stop_ids, merge_lora=merge_lora, dtype=dtype
-        )
+        result = _write_and_check(assembled, processor, work, batch, _Settings(manifest, stop_ids, merge_lora, dtype))
         if out_dir.is_dir():
             out_dir.rmdir()  # empty (checked above)
         work.rename(out_dir)
@@ -270,19 +268,27 @@ def export_model(
     return replace(result, folder=out_dir, adapter=out_dir / ADAPTER_DIR if result.adapter is not None else None)
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What :func:`export_model` writes besides the model: its manifest, stop tokens, LoRA and dtype."""
+
+    manifest: ExportManifest
+    stop_ids: list[int]
+    merge_lora: bool
+    dtype: ExportDtype
+
+
 def _write_and_check(
     assembled: AssembledModel,
     processor: LlavaProcessor,
     out_dir: Path,
     batch: dict[str, torch.Tensor],
-    *,
-    manifest: ExportManifest,
-    stop_ids: list[int],
-    merge_lora: bool,
-    dtype: ExportDtype,
+    settings: _Settings,
 ) -> ExportResult:
     """:func:`export_model`'s work, in ``out_dir``."""
     import torch
+
+    manifest, stop_ids, merge_lora, dtype = settings.manifest, settings.stop_ids, settings.merge_lora, settings.dtype
 
     peft_model = assembled.peft_model
     model: nn.Module = peft_model if peft_model is not None else assembled.model
