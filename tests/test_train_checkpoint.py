@@ -299,3 +299,33 @@ def test_a_progress_record_without_what_a_resume_reads_is_named(tmp_path: Path, 
     checkpoint.require_resume_fields(saved, tmp_path)
     with pytest.raises(CheckpointError, match=f"has no `{field}` that a resume can read"):
         checkpoint.require_resume_fields({**saved, field: "zz" if field == "data_position" else None}, tmp_path)
+
+
+def test_a_save_over_an_incomplete_folder_of_its_name_names_it_and_keeps_it(tmp_path: Path) -> None:
+    """A damaged checkpoint-N (its trainer_state.json turned into a folder) is not a checkpoint to
+    `--resume auto`; the save at step N then names it instead of saying "free space"."""
+    damaged = tmp_path / "checkpoint-1"
+    (damaged / "trainer_state.json").mkdir(parents=True)
+    with pytest.raises(OutputError) as refused:
+        checkpoint.save_checkpoint(
+            tmp_path, 1, write_weights=lambda f: None, training_state={}, progress={"step": 1}, save_total_limit=None
+        )
+    assert "is there and is not a complete checkpoint" in refused.value.message
+    assert refused.value.fix is not None and refused.value.fix.startswith(f"move {damaged} away")
+    assert (damaged / "trainer_state.json").is_dir()
+
+
+def test_the_fix_of_a_failed_save_fits_its_cause(tmp_path: Path) -> None:
+    import errno
+    import os
+
+    for code, fix in ((errno.ENOSPC, "free space on that disk"), (errno.EROFS, "make the folder writable")):
+
+        def fail(folder: Path, code: int = code) -> None:
+            raise OSError(code, os.strerror(code), str(folder))
+
+        with pytest.raises(OutputError) as failed:
+            checkpoint.save_checkpoint(
+                tmp_path, 1, write_weights=fail, training_state={}, progress={"step": 1}, save_total_limit=None
+            )
+        assert failed.value.fix is not None and failed.value.fix.startswith(fix)

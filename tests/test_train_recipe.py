@@ -132,8 +132,9 @@ def test_the_first_line_logged_after_a_resume_averages_the_steps_it_would_have(s
 
 def test_sigterm_saves_a_checkpoint_and_stops(shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     interrupt_at(monkeypatch, 2, signal.SIGTERM)
-    result, _ = _train(_overrides(shapes, tmp_path))
+    result, text = _train(_overrides(shapes, tmp_path))
     assert (result.status, result.step, result.exit_code) == ("interrupted", 2, 143)
+    assert "(a second SIGTERM to stop without saving)" in text
     assert checkpoint.read_progress(tmp_path / "checkpoint-2")["step"] == 2
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back

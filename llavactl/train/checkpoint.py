@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llavactl.errors import CheckFailed, CheckpointError, ConfigError, OutputError
+from llavactl.errors import CheckFailed, CheckpointError, ConfigError, OutputError, is_full_disk
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -159,6 +159,12 @@ def save_checkpoint(
         # Saved already at this step (a resume of a finished run, which then saves at its end):
         # the state is the same, and the folder is kept rather than replaced.
         return final
+    if final.exists() or final.is_symlink():
+        raise OutputError(
+            f"Saving {final} failed: something of that name is there and is not a complete checkpoint (no "
+            f"{STATE_FILE} file); a save does not replace it. The checkpoints saved before are intact.",
+            fix=f"move {final} away (it may be a damaged checkpoint), then continue with `--resume auto`",
+        )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in output_dir.glob(f"{TMP_PREFIX}*"):
@@ -185,7 +191,12 @@ def save_checkpoint(
         raise OutputError(
             f"Saving {final} failed: {said}. Its partial files were removed; the checkpoints saved before it are "
             "intact.",
-            fix="free space on that disk (or make the folder writable), then continue with `--resume auto`",
+            fix=(
+                "free space on that disk"
+                if is_full_disk(exc) or not isinstance(exc, OSError)
+                else "make the folder writable"
+            )
+            + ", then continue with `--resume auto`",
         ) from None
     if save_total_limit is not None:
         _apply_retention(output_dir, save_total_limit)

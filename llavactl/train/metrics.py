@@ -6,7 +6,6 @@ library versions, seed, device, how it ended and its final figures.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import platform
@@ -16,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from llavactl.errors import ConfigError, OutputError
+from llavactl.errors import ConfigError, OutputError, is_full_disk
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
@@ -126,7 +125,7 @@ def write_run_record(output_dir: Path, record: Mapping[str, Any]) -> Path:
 
 
 def _unwritable(path: str, exc: OSError) -> OutputError:
-    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    full = is_full_disk(exc)
     return OutputError(
         f"{path} cannot be written: {exc.strerror or exc}. The checkpoints saved so far are intact.",
         fix=("free space on that disk" if full else f"make {path} a file you can write to (move away what is there)")

@@ -659,9 +659,8 @@ class TrainRecipe:
             self._stop_signal = signum
             # A second Ctrl-C stops at once; the atomic save keeps the checkpoints intact.
             signal.signal(signum, previous[signum])
-            self._progress.milestone(
-                "Stopping after this step to save a checkpoint (Ctrl-C again to stop without saving)."
-            )
+            again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
+            self._progress.milestone(f"Stopping after this step to save a checkpoint ({again} to stop without saving).")
 
         previous = {s: signal.getsignal(s) for s in _SIGNAL_EXIT_CODES}
         for s in _SIGNAL_EXIT_CODES:
