@@ -270,3 +270,13 @@ def test_control_characters_of_the_data_reach_the_terminal_escaped(tmp_path: Pat
     assert code == 1, out + err
     assert "x\\x00y\\x1b[2J.png" in out
     assert "\x00" not in out + err and "\x1b" not in out + err
+
+
+def test_an_empty_reply_is_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    records = [record(("human", "q"), ("gpt", "a"), rid="ok"), record(("human", "q"), ("gpt", "  "), rid="blank")]
+    path.write_text(json.dumps(records), encoding="utf-8")
+    report, _ = check_dataset(path, tmp_path, "vicuna_v1", MAX_LEN, None)
+    (problem,) = report.problems
+    assert (problem.index, problem.code, problem.severity) == (1, "empty_reply", "warning")
+    assert problem.message.startswith("turn 1 is a reply with no text")

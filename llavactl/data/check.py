@@ -32,7 +32,7 @@ from llavactl.errors import DataError
 # Bump when a check's findings change for the same inputs: reports kept before are then never read.
 CHECK_VERSION = 2
 # Codes whose problems keep a record out of training; the others are warnings.
-WARNING_CODES = frozenset({"too_long", "duplicate_id", "special_token"})
+WARNING_CODES = frozenset({"too_long", "duplicate_id", "special_token", "empty_reply"})
 # The fix of a problem of the whole file, by its code (a record's problems are fixed record by record).
 FILE_FIXES = {
     "bad_json": "correct the file where the message says (a LLaVA data file is one JSON list of records, "
@@ -179,6 +179,8 @@ def _check(
                     problems.append(rendered)
                 if specials and (special := _special_token_problem(parsed, specials)) is not None:
                     problems.append(special)
+                if (empty := _empty_reply_problem(parsed)) is not None:
+                    problems.append(empty)
             elif parsed.code == "bad_json" and store.kind == "list":
                 # A list with an element that is not JSON is not JSON: one problem, of the file.
                 problems, records, count = [store.file_problem()], [], 0
@@ -357,6 +359,19 @@ def _special_token_problem(record: Record, specials: dict[str, int]) -> Problem 
                     f"turn {k} `value` holds {text!r}, which the tokenizer reads as its special token (id "
                     f"{token_id}), not as text; remove it or write it otherwise if it is not meant as that token",
                 )
+    return None
+
+
+def _empty_reply_problem(record: Record) -> Problem | None:
+    """A warning for a reply with no text: the model learns to end its turn at once there."""
+    for k, turn in enumerate(record.turns):
+        if turn.role == "gpt" and not turn.text.strip():
+            return _problem(
+                record,
+                "empty_reply",
+                f"turn {k} is a reply with no text: only the end of the turn is supervised, which teaches the "
+                "model to answer that question with nothing",
+            )
     return None
 
 
