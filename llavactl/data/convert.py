@@ -53,11 +53,10 @@ def convert(
 
 
 def _valid(records: Path, image_folder: Path, seed: int, limits: ImageLimits) -> Iterator[Record]:
-    from llavactl.data.store import open_records
+    from llavactl.data.store import open_records, require_records
 
     store = open_records(records, seed)
-    if store.problems:
-        raise DataError(f"{records}: {store.problems[0].message}", fix=f"run `llavactl data check` on {records}")
+    require_records(store, str(records))
     for parsed in store.parsed():
         problem = _image_problem(parsed, image_folder, limits) if isinstance(parsed, Record) else parsed
         if problem is None:

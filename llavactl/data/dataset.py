@@ -23,7 +23,7 @@ from llavactl.data.images import ImageFileError, ImageLimits, ImageSpec, load_im
 from llavactl.data.packing import first_fit_decreasing, pack
 from llavactl.data.records import Problem, Record, RecordProblem, parse_raw
 from llavactl.data.sources import resolve_data_source
-from llavactl.data.store import RecordStore, open_records
+from llavactl.data.store import RecordStore, open_records, require_records
 from llavactl.data.templates import IGNORE_INDEX, encoder_for, prepare
 from llavactl.errors import DataError
 
@@ -533,14 +533,5 @@ def build_dataset(data: DataConfig, tokenizer: Any, image_token_id: int, spec: I
     """The training dataset of a profile's ``data`` section (``seed`` picks builtin data)."""
     records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, seed)
     store = open_records(records_path, seed)
-    if store.problems:
-        raise DataError(
-            f"{records_path}: invalid JSON: {store.problems[0].message}",
-            fix=f"run `llavactl data check` on {records_path}",
-        )
-    if not len(store):
-        raise DataError(
-            f"{records_path} holds no records",
-            fix=f"run `llavactl data check` on {records_path}, or point `data.data_path` at a non-empty data set",
-        )
+    require_records(store, str(records_path), empty_fix="point `data.data_path` at a non-empty data set")
     return LlavaDataset(store, image_folder, data, tokenizer, image_token_id, spec)

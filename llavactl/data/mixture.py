@@ -187,7 +187,7 @@ def open_mixture(path: Path, seed: int = 0) -> MixtureStore:
 
 def _source(path: Path, n: int, entry: Any, seed: int) -> tuple[Any, Source]:
     """Entry ``n`` of the mixture file ``path``: its store, and what the mixture takes of it."""
-    from llavactl.data.store import open_records
+    from llavactl.data.store import open_records, require_records
 
     where = f"{path} datasets[{n}]"
     if not isinstance(entry, dict):
@@ -224,12 +224,7 @@ def _source(path: Path, n: int, entry: Any, seed: int) -> tuple[Any, Source]:
             fix='write e.g. `sampling_strategy: "first:10%"` or `"random:5000"`',
         )
     store = open_records(file)
-    if store.problems:
-        raise DataError(f"{where}: {file}: {store.problems[0].message}", fix=f"run `llavactl data check` on {file}")
-    if len(store) == 0:
-        raise DataError(
-            f"{where}: {file} holds no records", fix="point the entry at the file that holds them, or drop it"
-        )
+    require_records(store, f"{where}: {file}", empty_fix="point the entry at the file that holds them, or drop it")
     taken = select(strategy, len(store), random.Random(f"{seed}:{n}:{given}"), where)
     if len(taken) == 0:
         raise DataError(

@@ -95,16 +95,11 @@ def preview_records(
 ) -> list[PreviewItem | PreviewProblem]:
     """The first ``n`` records of ``records_path`` (or record ``index`` alone) as training prepares them."""
     from llavactl.data.records import Problem, RecordProblem
-    from llavactl.data.store import open_records
+    from llavactl.data.store import open_records, require_records
     from llavactl.data.templates import encoder_for, prepare
 
     store = open_records(records_path, seed)
-    if store.problems or len(store) == 0:
-        said = store.problems[0].message if store.problems else "holds no records"
-        raise DataError(
-            f"{records_path} cannot be read as records: {said}",
-            fix="run `llavactl data check` on it, and correct the file where it says",
-        )
+    require_records(store, str(records_path))
     if index is not None and not 0 <= index < len(store):
         raise DataError(
             f"{records_path} has no record {index} ({len(store)} records read)",

@@ -164,6 +164,19 @@ def _list_problem(path: Path) -> Problem:
     return Problem("bad_json", "the file is JSON, but not a list of records")
 
 
+def require_records(store: Any, name: str, *, empty_fix: str = "point it at the file that holds the records") -> None:
+    """:class:`DataError` unless ``store`` holds records: a file that cannot be read as records (its
+    first problem, with its place in the file) or one that holds none. ``name`` is how the message
+    names the data (a path, or a mixture's entry and path)."""
+    if store.problems:
+        raise DataError(
+            f"{name} cannot be read as records: {store.problems[0].message}",
+            fix="correct the file where it says (`llavactl data check` lists every problem)",
+        )
+    if not len(store):
+        raise DataError(f"{name} holds no records", fix=empty_fix)
+
+
 def open_records(path: Path, seed: int = 0) -> RecordStore | ParquetStore | MixtureStore:
     """The store of ``path``, shared by every caller in this process while the file is unchanged:
     a mixture YAML of several sources (:mod:`llavactl.data.mixture`; its random picks draw with
