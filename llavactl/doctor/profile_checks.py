@@ -60,7 +60,7 @@ def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
     from llavactl.data.images import exists
     from llavactl.data.records import Problem
     from llavactl.data.sources import resolve_data_source
-    from llavactl.data.store import open_records
+    from llavactl.data.store import open_records, require_records
 
     if data.data_path.startswith("builtin:"):
         return [passed("data", f"{data.data_path}: built-in synthetic data, made on first use")]
@@ -69,12 +69,10 @@ def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
         store = open_records(path, seed)
     except DataError as exc:
         return [failed("data", exc.message, exc.fix or "fix the data file")]
-    file_problems = store.problems
-    if not len(store) and not file_problems:
-        return [failed("data records", f"{path} holds no records", "point `data.data_path` at a non-empty data set")]
-    if file_problems:
-        first = file_problems[0]
-        return [failed("data records", first.message, f"`llavactl data check` on {path} lists every problem")]
+    try:
+        require_records(store, str(path), empty_fix="point `data.data_path` at a non-empty data set")
+    except DataError as exc:
+        return [failed("data records", exc.message, exc.fix or "fix the data file")]
     problems, missing, checked, images = [], [], 0, 0
     for parsed in store.parsed(range(min(_FIRST_RECORDS, len(store)))):
         checked += 1
