@@ -63,11 +63,3 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-def is_full_disk(exc: BaseException) -> bool:
-    """Whether ``exc`` is a write that failed for want of space (a full disk, a quota, a file-size
-    limit): what freeing space fixes, unlike a read-only folder or a folder where a file should be."""
-    import errno
-
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -119,7 +119,10 @@ def test_exported_processor_prepares_a_question_as_llavactl_does(
     from transformers import AutoProcessor
 
     assembled = make_run(tmp_path / "run", shapes, f"data.image_aspect_ratio={aspect}")
+    # What an export killed mid-write left (its process is gone) is cleared by the next one.
+    (tmp_path / ".out.partial-999999999").mkdir()
     assert run_cli(["export", str(tmp_path / "run"), str(tmp_path / "out")], capsys)[0] == 0
+    assert not (tmp_path / ".out.partial-999999999").exists()
     processor = AutoProcessor.from_pretrained(tmp_path / "out")
     profile = load_profile("tiny", [f"data.image_aspect_ratio={aspect}"]).profile
     predictor = Predictor(
@@ -177,7 +180,10 @@ def test_a_failed_export_leaves_nothing_and_a_damaged_one_is_named_on_load(
     assert code == 2 and f"Writing the export to `{tmp_path / 'out'}` failed: No space left on device" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["red.png", "run"]  # no folder, no hidden partial one
 
+    # What an export killed mid-write left (its process is gone) is cleared by the next one.
+    (tmp_path / ".out.partial-999999999").mkdir()
     assert run_cli(["export", str(tmp_path / "run"), str(tmp_path / "out")], capsys)[0] == 0
+    assert not (tmp_path / ".out.partial-999999999").exists()
     for damage, said in (
         (lambda out: (out / "config.json").unlink(), "has no config.json: the export is incomplete"),
         (lambda out: (out / "model.safetensors").write_bytes(b"\0" * 10), "cannot be loaded (SafetensorError"),

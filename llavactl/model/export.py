@@ -28,6 +28,7 @@ from llavactl.errors import CheckFailed, ModelSourceError, OutputError
 from llavactl.model import towers
 from llavactl.model.assembly import component
 from llavactl.model.weight_files import no_peft_checkpointing_warning, quiet_loading
+from llavactl.system import is_full_disk, process_alive
 
 if TYPE_CHECKING:
     import torch
@@ -244,7 +245,10 @@ def export_model(
     # export that fails (a full disk, a difference, a kill) leaves no folder that looks like one.
     work = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     try:
-        shutil.rmtree(work, ignore_errors=True)
+        for left in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+            pid = left.name.rpartition("-")[2]
+            if not (pid.isdigit() and process_alive(int(pid))):  # left by an export that was killed
+                shutil.rmtree(left, ignore_errors=True)
         work.mkdir(parents=True)
     except OSError as exc:
         raise ModelSourceError(
@@ -259,10 +263,12 @@ def export_model(
     except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
         if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":  # a full disk, a file-size limit
+            full = is_full_disk(exc) or not isinstance(exc, OSError)
             raise OutputError(
-                f"Writing the export to `{out_dir}` failed: {getattr(exc, 'strerror', None) or exc}. Nothing was "
-                "left there.",
-                fix="free space on that disk (or pass a folder you can write to), then export again",
+                f"Writing the export to `{out_dir}` failed: {getattr(exc, 'strerror', None) or exc}. Nothing of "
+                "this export was left there.",
+                fix=("free space on that disk" if full else "pass a new folder you can write to")
+                + ", then export again",
             ) from exc
         raise
     return replace(result, folder=out_dir, adapter=out_dir / ADAPTER_DIR if result.adapter is not None else None)

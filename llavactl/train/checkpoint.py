@@ -32,7 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llavactl.errors import CheckFailed, CheckpointError, ConfigError, OutputError, is_full_disk
+from llavactl.errors import CheckFailed, CheckpointError, ConfigError, OutputError
+from llavactl.system import is_full_disk
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"

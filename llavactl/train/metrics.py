@@ -15,7 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from llavactl.errors import ConfigError, OutputError, is_full_disk
+from llavactl.errors import ConfigError, OutputError
+from llavactl.system import is_full_disk
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"

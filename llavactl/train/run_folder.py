@@ -17,20 +17,11 @@ import time
 from pathlib import Path
 
 from llavactl.errors import ConfigError
+from llavactl.system import process_alive
 
 LOCK_FILE = ".llavactl.lock"
 # What a run writes into its folder; a folder holding any of these holds a run.
 RUN_FILES = ("metrics.jsonl", "run.json")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # a process of another user holds that pid
-    return True
 
 
 class RunFolderLock:
@@ -125,7 +116,7 @@ class RunFolderLock:
         pid = holder.get("pid")
         if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
             return False  # another machine's process cannot be looked at from here
-        return not _alive(pid)
+        return not process_alive(pid)
 
     def _busy(self, holder: dict[str, object] | None) -> ConfigError:
         who = (
