@@ -229,3 +229,9 @@ def test_a_metrics_file_that_is_a_folder_is_named_on_resume(shapes: Path, tmp_pa
     )
     assert code == 2 and f"{tmp_path / 'metrics.jsonl'} cannot be written: Is a directory" in " ".join(err.split())
     assert "make" in err and "free space" not in err
+
+
+def test_a_lock_path_that_is_a_folder_is_named(tmp_path: Path) -> None:
+    (tmp_path / LOCK_FILE).mkdir()
+    with pytest.raises(ConfigError, match=r"its lock file .* cannot be opened \(Is a directory\)"):
+        RunFolderLock(tmp_path).acquire()

@@ -45,7 +45,14 @@ class RunFolderLock:
 
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         for _ in range(5):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:  # a folder of that name, a file we may not write
+                raise ConfigError(
+                    f"training.output_dir `{self.path.parent}`: its lock file {self.path} cannot be opened "
+                    f"({exc.strerror or exc}).",
+                    fix=f"remove {self.path} if no llavactl run is using the folder (it is only a lock file)",
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
