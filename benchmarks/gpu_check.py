@@ -5,7 +5,7 @@ On a CUDA machine, in under 8 minutes on one H200 (`--quick`: under a minute):
 1. The environment: the GPU, and the versions of torch, transformers, peft, bitsandbytes and the
    other packages llavactl imports. Wheels carried in ``.whl/`` (bitsandbytes, see docs/gpu.md) are
    installed into a temporary folder with pip's ``--no-index`` first; nothing comes from a network.
-2. The tests marked ``gpu`` (tests/test_gpu.py; `--quick` leaves out those also marked ``slow``),
+2. The tests marked ``gpu`` (tests/gpu/test_gpu.py; `--quick` leaves out those also marked ``slow``),
    each one's outcome read from pytest's junit file, or from its verbose lines when the phase ran
    out of time.
 3. The benchmark: local_lite's shapes (CLIP ViT-L/14-336 + SmolLM-135M) with random weights, LoRA,
@@ -202,7 +202,7 @@ def child_env(extra_path: str | None) -> dict[str, str]:
     return env
 
 
-_VERBOSE_LINE = re.compile(r"^(tests/test_gpu\.py::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", re.MULTILINE)
+_VERBOSE_LINE = re.compile(r"^(tests/gpu/test_gpu\.py::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", re.MULTILINE)
 
 
 def test_results(junit: Path, output: str, timed_out: bool) -> list[dict[str, Any]]:
@@ -211,7 +211,7 @@ def test_results(junit: Path, output: str, timed_out: bool) -> list[dict[str, An
         return _junit_results(junit)
     results = [{"name": m[1].split("::", 1)[1], "outcome": m[2].lower()} for m in _VERBOSE_LINE.finditer(output)]
     # Verbose mode prints the test's id before it runs: the last one without an outcome was cut off.
-    started = re.findall(r"^tests/test_gpu\.py::(\S+)", output, re.MULTILINE)
+    started = re.findall(r"^tests/gpu/test_gpu\.py::(\S+)", output, re.MULTILINE)
     done = {r["name"] for r in results}
     cut = [name for name in started if name not in done]
     if cut:
@@ -244,7 +244,7 @@ def tests_phase(mode: str, cuda: bool, env: dict[str, str], log: Log) -> dict[st
     junit.unlink(missing_ok=True)
     # Without CUDA every gpu test is collected (and must skip), --quick or not.
     marker = "gpu and not slow" if mode == "quick" and cuda else "gpu"
-    command = [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-m", marker, "-v", "-rA", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", "tests/gpu/test_gpu.py", "-m", marker, "-v", "-rA", "-p", "no:cacheprovider"]
     # xunit1 keeps record_property's values (the resume's exactness, the memory figures) in the file.
     command += [f"--junitxml={junit}", "-o", "junit_family=xunit1"]
     limit = LIMITS[mode]["tests"] if cuda else 120

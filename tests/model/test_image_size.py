@@ -31,7 +31,7 @@ from llavactl.train.recipe import TrainResult
 
 
 @pytest.fixture(scope="module")
-def shapes(shapes_data: Callable[..., Path]) -> Path:
+def shapes12(shapes_data: Callable[..., Path]) -> Path:
     return shapes_data(12)
 
 
@@ -45,12 +45,12 @@ def tower(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def overrides(shapes: Path, tower: Path, *extra: str) -> list[str]:
-    return [f"data.data_path={shapes}", f"data.eval_data_path={shapes}", f"model.vision_tower={tower}", *extra]
+def overrides(shapes12: Path, tower: Path, *extra: str) -> list[str]:
+    return [f"data.data_path={shapes12}", f"data.eval_data_path={shapes12}", f"model.vision_tower={tower}", *extra]
 
 
-def assemble(shapes: Path, tower: Path, *extra: str) -> tuple[AssembledModel, dict[str, torch.Tensor]]:
-    profile = load_profile("tiny", overrides(shapes, tower, *extra)).profile
+def assemble(shapes12: Path, tower: Path, *extra: str) -> tuple[AssembledModel, dict[str, torch.Tensor]]:
+    profile = load_profile("tiny", overrides(shapes12, tower, *extra)).profile
     assembled = build_llava(profile.model, profile.stage, image_size=profile.data.image_size, seed=profile.seed)
     dataset = build_dataset(profile.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
     return assembled, Collator(assembled.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
@@ -61,10 +61,10 @@ def image_tokens_per_record(assembled: AssembledModel, batch: dict[str, torch.Te
 
 
 def test_image_size_sets_the_image_tokens_of_batches_data_check_and_the_plan(
-    shapes: Path, tower: Path, tmp_path: Path
+    shapes12: Path, tower: Path, tmp_path: Path
 ) -> None:
-    native, native_batch = assemble(shapes, tower)
-    small, small_batch = assemble(shapes, tower, "data.image_size=16")
+    native, native_batch = assemble(shapes12, tower)
+    small, small_batch = assemble(shapes12, tower, "data.image_size=16")
     assert (native.image_spec.num_tokens, small.image_spec.num_tokens) == (16, 4)
     assert image_tokens_per_record(native, native_batch) == [16, 16, 16]
     assert image_tokens_per_record(small, small_batch) == [4, 4, 4]
@@ -75,7 +75,7 @@ def test_image_size_sets_the_image_tokens_of_batches_data_check_and_the_plan(
     reports = {}
     for size in ("null", "16"):
         report = tmp_path / f"check-{size}.json"
-        args = ["data", "check", "--profile", "tiny", *overrides(shapes, tower, f"data.image_size={size}")]
+        args = ["data", "check", "--profile", "tiny", *overrides(shapes12, tower, f"data.image_size={size}")]
         code, out, err = run_cli([*args, "--json-file", str(report)])
         assert code == 0, out + err
         reports[size] = json.loads(report.read_text())["stats"]["length"]
@@ -83,15 +83,15 @@ def test_image_size_sets_the_image_tokens_of_batches_data_check_and_the_plan(
     assert reports["null"]["min"] - reports["16"]["min"] == 16 - 4
 
     for size, per_image in ((None, 16), (16, 4), (24, 9)):
-        profile = load_profile("tiny", overrides(shapes, tower, f"data.image_size={size or 'null'}")).profile
+        profile = load_profile("tiny", overrides(shapes12, tower, f"data.image_size={size or 'null'}")).profile
         tokens = plan.token_plan(profile, plan.build_meta(profile, gradient_checkpointing=False))
         assert tokens.image_tokens_per_image == per_image
         assert tokens.longest == reports["null"]["max"] - (16 - per_image)
 
 
-def _train(shapes: Path, tower: Path, output_dir: Path, *extra: str, resume: str | None = None) -> TrainResult:
+def _train(shapes12: Path, tower: Path, output_dir: Path, *extra: str, resume: str | None = None) -> TrainResult:
     settings = overrides(
-        shapes,
+        shapes12,
         tower,
         f"training.output_dir={output_dir}",
         "training.per_device_train_batch_size=2",
@@ -106,24 +106,24 @@ def _train(shapes: Path, tower: Path, output_dir: Path, *extra: str, resume: str
 
 
 @pytest.mark.parametrize("size", [16, 24])
-def test_interpolated_sizes_train_and_resume_exactly(shapes: Path, tower: Path, tmp_path: Path, size: int) -> None:
+def test_interpolated_sizes_train_and_resume_exactly(shapes12: Path, tower: Path, tmp_path: Path, size: int) -> None:
     # The tower is trained too, so that its interpolated position embeddings get gradients.
     extra = (f"data.image_size={size}", "model.freeze_vision_tower=false")
-    whole = _train(shapes, tower, tmp_path, *extra)
+    whole = _train(shapes12, tower, tmp_path, *extra)
     assert whole.status == "completed" and len(whole.losses) == 6
     assert whole.losses[-1] < whole.losses[0]
     shutil.rmtree(tmp_path / "checkpoint-6")
-    resumed = _train(shapes, tower, tmp_path, *extra, resume=str(tmp_path / "checkpoint-3"))
+    resumed = _train(shapes12, tower, tmp_path, *extra, resume=str(tmp_path / "checkpoint-3"))
     assert resumed.losses == whole.losses[3:]
 
 
-def test_resume_at_another_image_size_is_refused_with_the_difference(shapes: Path, tower: Path, tmp_path: Path) -> None:
-    _train(shapes, tower, tmp_path, "data.image_size=16", "training.max_steps=3")
+def test_resume_at_another_image_size_is_refused_with_the_difference(shapes12: Path, tower: Path, tmp_path: Path) -> None:
+    _train(shapes12, tower, tmp_path, "data.image_size=16", "training.max_steps=3")
     with pytest.raises(CheckFailed, match=r"data.image_size: 16 -> 24"):
-        _train(shapes, tower, tmp_path, "data.image_size=24", "training.max_steps=3", resume="auto")
+        _train(shapes12, tower, tmp_path, "data.image_size=24", "training.max_steps=3", resume="auto")
 
 
-def test_resized_position_table_computes_what_interpolation_computes(shapes: Path, tower: Path) -> None:
+def test_resized_position_table_computes_what_interpolation_computes(shapes12: Path, tower: Path) -> None:
     from transformers import CLIPVisionModel
 
     interpolating = CLIPVisionModel.from_pretrained(tower).eval()
@@ -138,15 +138,15 @@ def test_resized_position_table_computes_what_interpolation_computes(shapes: Pat
 
 
 def test_export_at_a_smaller_image_size_runs_in_plain_transformers_with_equal_logits(
-    shapes: Path, tower: Path, tmp_path: Path
+    shapes12: Path, tower: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from llavactl.model.weights import save_trainable
     from llavactl.train.checkpoint import save_checkpoint
 
-    assembled, batch = assemble(shapes, tower, "data.image_size=16")
-    profile = load_profile("tiny", overrides(shapes, tower, "data.image_size=16")).profile
+    assembled, batch = assemble(shapes12, tower, "data.image_size=16")
+    profile = load_profile("tiny", overrides(shapes12, tower, "data.image_size=16")).profile
     save_checkpoint(
         tmp_path / "run",
         1,
@@ -172,7 +172,7 @@ def test_export_at_a_smaller_image_size_runs_in_plain_transformers_with_equal_lo
     processor = AutoProcessor.from_pretrained(tmp_path / "out")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=text, images=Image.open(shapes.parent / "images" / "000000.png"), return_tensors="pt")
+    inputs = processor(text=text, images=Image.open(shapes12.parent / "images" / "000000.png"), return_tensors="pt")
     assert inputs["pixel_values"].shape == (1, 3, 16, 16)
     assert int((inputs["input_ids"] == exported.config.image_token_id).sum()) == 4
     with torch.no_grad():

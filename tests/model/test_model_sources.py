@@ -20,7 +20,7 @@ from llavactl.model.known_configs import CLIP_MEAN, CLIP_STD
 from llavactl.model.sources import load_tokenizer, tower_image_spec
 from llavactl.model.towers import load_tower
 
-SENTENCEPIECE = Path(__file__).parents[1] / ".venv/lib/python3.11/site-packages/mistral_common/data/tokenizer.model.v1"
+SENTENCEPIECE = Path(__file__).parents[2] / ".venv/lib/python3.11/site-packages/mistral_common/data/tokenizer.model.v1"
 
 
 def tiny_clip(seed: int = 0, **vision: object) -> CLIPModel:

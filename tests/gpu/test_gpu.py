@@ -27,11 +27,11 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def shapes64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llavactl.data.synth import write_shapes
 
     # 64 records: batches of 4 make one epoch of 16 steps, so a run of 16 steps sees every record.
@@ -48,9 +48,9 @@ def fp32_matmuls_and_free_cache() -> Iterator[None]:
     torch.cuda.empty_cache()
 
 
-def _overrides(shapes: Path, output_dir: Path, *extra: str) -> list[str]:
+def _overrides(shapes64: Path, output_dir: Path, *extra: str) -> list[str]:
     return [
-        f"data.data_path={shapes}",
+        f"data.data_path={shapes64}",
         f"training.output_dir={output_dir}",
         "training.device=cuda",
         "training.report_to=none",
@@ -101,7 +101,7 @@ def _random_batch(assembled: object, records: int = 2, text_tokens: int = 24) ->
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_tiny_trains_under_cuda_autocast_and_resumes(
-    precision: str, shapes: Path, tmp_path: Path, record_property: Callable[[str, object], None]
+    precision: str, shapes64: Path, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     """20 steps of `tiny` under bf16 autocast, or fp16 with the gradient scaler: no bad step, the loss
     falls, the checkpoint keeps the CUDA random states (and the scaler); a run resumed from step 10
@@ -115,8 +115,8 @@ def test_tiny_trains_under_cuda_autocast_and_resumes(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            whole = _train(_overrides(shapes, whole_dir, *common))
-            resumed = _train(_overrides(shapes, resumed_dir, *common), resume=str(whole_dir / "checkpoint-10"))
+            whole = _train(_overrides(shapes64, whole_dir, *common))
+            resumed = _train(_overrides(shapes64, resumed_dir, *common), resume=str(whole_dir / "checkpoint-10"))
     finally:
         torch.use_deterministic_algorithms(False)
 
@@ -243,12 +243,12 @@ def _qlora_overrides(small_llama: Path, bits: int) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8])
-def test_qlora_quantizes_the_llm_and_trains(bits: int, small_llama: Path, shapes: Path, tmp_path: Path) -> None:
+def test_qlora_quantizes_the_llm_and_trains(bits: int, small_llama: Path, shapes64: Path, tmp_path: Path) -> None:
     bnb = pytest.importorskip("bitsandbytes")
     from llavactl.config.loader import load_profile
     from llavactl.model.assembly import build_llava
 
-    overrides = _overrides(shapes, tmp_path, *_qlora_overrides(small_llama, bits), "training.max_steps=20")
+    overrides = _overrides(shapes64, tmp_path, *_qlora_overrides(small_llama, bits), "training.max_steps=20")
     profile = load_profile("tiny", overrides).profile
     assembled = build_llava(profile.model, "qlora", image_size=profile.data.image_size, seed=0, device="cuda")
     layers = assembled.model.model.language_model.layers
@@ -343,10 +343,10 @@ def test_one_process_trains_over_nccl_with_bf16(strategy: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_gpus_train_over_nccl(strategy: str, shapes: Path, tmp_path: Path) -> None:
+def test_two_gpus_train_over_nccl(strategy: str, shapes64: Path, tmp_path: Path) -> None:
     out = tmp_path / strategy
     overrides = _overrides(
-        shapes, out, f"training.distributed={strategy}", "training.bf16=true", "training.max_steps=8",
+        shapes64, out, f"training.distributed={strategy}", "training.bf16=true", "training.max_steps=8",
         "training.per_device_train_batch_size=2", "training.save_steps=4",
     )  # fmt: skip
     done = _llavactl("train", "--profile", "tiny", *overrides, "--nproc-per-node", "2", timeout=300)
@@ -361,7 +361,7 @@ def test_two_gpus_train_over_nccl(strategy: str, shapes: Path, tmp_path: Path) -
 # ---------------------------------------------------------------- out of memory
 
 
-def test_cuda_out_of_memory_is_one_paragraph_with_the_overrides_that_fit(shapes: Path, tmp_path: Path) -> None:
+def test_cuda_out_of_memory_is_one_paragraph_with_the_overrides_that_fit(shapes64: Path, tmp_path: Path) -> None:
     """The process may use 128 MiB more than it holds now: the tiny model fits, a batch of 64 records of
     ~300 tokens does not (about 400 MiB of activations)."""
     from llavactl.errors import TrainingError
@@ -371,7 +371,7 @@ def test_cuda_out_of_memory_is_one_paragraph_with_the_overrides_that_fit(shapes:
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 128 * 1024**2) / total)
     try:
         with pytest.raises(TrainingError) as raised:
-            _train(_overrides(shapes, tmp_path, "training.per_device_train_batch_size=64", "training.max_steps=2"))
+            _train(_overrides(shapes64, tmp_path, "training.per_device_train_batch_size=64", "training.max_steps=2"))
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     error = raised.value
@@ -426,10 +426,10 @@ def _estimated_and_measured(
 
 @pytest.mark.slow
 def test_dry_run_estimates_tiny_within_15_percent(
-    shapes: Path, tmp_path: Path, record_property: Callable[[str, object], None]
+    shapes64: Path, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     # One epoch (16 steps of 4): the batch with the longest record, which dry-run plans for, is in it.
-    overrides = _overrides(shapes, tmp_path, "training.max_steps=16", "training.save_steps=100")
+    overrides = _overrides(shapes64, tmp_path, "training.max_steps=16", "training.save_steps=100")
     estimated, measured = _estimated_and_measured("tiny", overrides, record_property, random_weights=False)
     assert abs(estimated - measured) <= 0.15 * measured, (estimated, measured)
 
@@ -456,14 +456,14 @@ def test_dry_run_estimates_local_lite_shapes_within_15_percent(
 
 
 @pytest.mark.slow
-def test_cuda_trained_run_exports_and_reloads_with_the_same_logits(shapes: Path, tmp_path: Path) -> None:
+def test_cuda_trained_run_exports_and_reloads_with_the_same_logits(shapes64: Path, tmp_path: Path) -> None:
     from transformers import LlavaForConditionalGeneration
 
     from llavactl.config.loader import load_profile
     from llavactl.model.assembly import build_llava
     from llavactl.model.weights import load_trainable
 
-    overrides = _overrides(shapes, tmp_path / "run", "training.bf16=true", "training.max_steps=8")
+    overrides = _overrides(shapes64, tmp_path / "run", "training.bf16=true", "training.max_steps=8")
     result = _train(overrides)
     done = _llavactl("export", str(tmp_path / "run"), str(tmp_path / "out"), "--json")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -485,7 +485,7 @@ def test_cuda_trained_run_exports_and_reloads_with_the_same_logits(shapes: Path,
 # ---------------------------------------------------------------- padding-free rows
 
 
-def test_padding_free_rows_on_cuda_give_the_padded_loss_and_keep_records_apart(shapes: Path) -> None:
+def test_padding_free_rows_on_cuda_give_the_padded_loss_and_keep_records_apart(shapes64: Path) -> None:
     from helpers import profile
 
     from llavactl.data.dataset import Collator, build_dataset
@@ -493,7 +493,7 @@ def test_padding_free_rows_on_cuda_give_the_padded_loss_and_keep_records_apart(s
     from llavactl.model.attention import check_records_stay_apart, use_varlen_kernel
     from llavactl.train.loss import TokenLoss, llava_of
 
-    prof = profile("tiny", f"data.data_path={shapes}").profile
+    prof = profile("tiny", f"data.data_path={shapes64}").profile
     assembled = build_llava(prof.model, prof.stage, image_size=prof.data.image_size, seed=0, device="cuda")
     language_model = llava_of(assembled.model).model.language_model
     # fp32 here, so SDPA's packed mask whether or not flash-attn is installed (it takes bf16/fp16 only).
@@ -510,8 +510,8 @@ def test_padding_free_rows_on_cuda_give_the_padded_loss_and_keep_records_apart(s
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
-def test_tiny_trains_padding_free_on_cuda(shapes: Path, tmp_path: Path) -> None:
+def test_tiny_trains_padding_free_on_cuda(shapes64: Path, tmp_path: Path) -> None:
     result = _train(
-        _overrides(shapes, tmp_path, "training.max_steps=16", "data.padding_free=true", "training.bf16=true")
+        _overrides(shapes64, tmp_path, "training.max_steps=16", "data.padding_free=true", "training.bf16=true")
     )
     assert result.status == "completed" and _falls(result.losses)  # type: ignore[attr-defined]

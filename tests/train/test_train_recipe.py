@@ -19,13 +19,13 @@ from llavactl.train.recipe import TrainResult
 
 
 @pytest.fixture(scope="module")
-def shapes(shapes_data: Callable[..., Path]) -> Path:
+def shapes24(shapes_data: Callable[..., Path]) -> Path:
     return shapes_data(24)
 
 
-def _overrides(shapes: Path, output_dir: Path, *extra: str) -> list[str]:
+def _overrides(shapes24: Path, output_dir: Path, *extra: str) -> list[str]:
     return [
-        f"data.data_path={shapes}",
+        f"data.data_path={shapes24}",
         f"training.output_dir={output_dir}",
         "training.per_device_train_batch_size=2",
         "training.gradient_accumulation_steps=2",
@@ -48,20 +48,20 @@ def _train(overrides: list[str], *, resume: str | None = None, force: bool = Fal
     [["stage=projector"], ["stage=lora"], ["stage=full"]],
     ids=["projector", "lora", "full"],
 )
-def test_every_stage_trains_and_its_loss_falls(shapes: Path, tmp_path: Path, stage_overrides: list[str]) -> None:
-    result, _ = _train(_overrides(shapes, tmp_path, *stage_overrides))
+def test_every_stage_trains_and_its_loss_falls(shapes24: Path, tmp_path: Path, stage_overrides: list[str]) -> None:
+    result, _ = _train(_overrides(shapes24, tmp_path, *stage_overrides))
     assert result.status == "completed"
     assert len(result.losses) == 10
     assert sum(result.losses[-3:]) < sum(result.losses[:3])
     assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
 
 
-def test_run_reports_milestones_metrics_and_run_json(shapes: Path, tmp_path: Path) -> None:
-    result, text = _train(_overrides(shapes, tmp_path, "training.max_steps=-1", "training.num_train_epochs=2"))
+def test_run_reports_milestones_metrics_and_run_json(shapes24: Path, tmp_path: Path) -> None:
+    result, text = _train(_overrides(shapes24, tmp_path, "training.max_steps=-1", "training.num_train_epochs=2"))
     lines = text.splitlines()
     assert lines[0].startswith("Loading model: builtin:tiny-llama + builtin:tiny-clip (stage full)")
     assert lines[1].startswith("Model loaded in ")
-    assert f"Data set processed: 24 records from {shapes}, 12 batches of 2 per epoch" in lines[2]
+    assert f"Data set processed: 24 records from {shapes24}, 12 batches of 2 per epoch" in lines[2]
     assert lines[3] == "Epoch 1/2"
     assert lines[4].startswith("step 1/12 | epoch 0.17 | loss ")
     assert "Epoch 2/2" in lines
@@ -71,17 +71,17 @@ def test_run_reports_milestones_metrics_and_run_json(shapes: Path, tmp_path: Pat
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["status"] == "completed"
     assert run["seed"] == 0 and run["device"]["type"] == "cpu"
-    assert run["profile"]["data"]["data_path"] == str(shapes)
+    assert run["profile"]["data"]["data_path"] == str(shapes24)
     assert run["final_metrics"]["final_loss"] == result.losses[-1]
     assert {"torch", "transformers", "peft"} <= set(run["versions"])
 
 
-def test_loss_is_normalised_by_the_supervised_tokens_of_the_whole_step(shapes: Path, tmp_path: Path) -> None:
+def test_loss_is_normalised_by_the_supervised_tokens_of_the_whole_step(shapes24: Path, tmp_path: Path) -> None:
     # One step of 2 micro-batches of 2 equals one micro-batch of 4: the same tokens, weighed the same.
-    accumulated, _ = _train(_overrides(shapes, tmp_path / "a", "training.max_steps=3"))
+    accumulated, _ = _train(_overrides(shapes24, tmp_path / "a", "training.max_steps=3"))
     single, _ = _train(
         _overrides(
-            shapes,
+            shapes24,
             tmp_path / "b",
             "training.max_steps=3",
             "training.per_device_train_batch_size=4",
@@ -93,34 +93,34 @@ def test_loss_is_normalised_by_the_supervised_tokens_of_the_whole_step(shapes: P
 
 @pytest.mark.slow
 def test_interrupted_then_resumed_run_matches_one_run_bit_for_bit(
-    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shapes24: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Dropout draws from the RNG and 10 steps of 2x2 records cross the 24-record epoch: the RNG,
     # data position, optimizer and schedule all have to come back exactly.
     common = ["stage=lora", "model.lora_dropout=0.1"]
-    whole, _ = _train(_overrides(shapes, tmp_path / "whole", *common))
+    whole, _ = _train(_overrides(shapes24, tmp_path / "whole", *common))
     with monkeypatch.context() as m:
         interrupt_at(m, 5, signal.SIGINT)
-        first, text = _train(_overrides(shapes, tmp_path / "split", *common))
+        first, text = _train(_overrides(shapes24, tmp_path / "split", *common))
     assert (first.status, first.step, first.exit_code) == ("interrupted", 5, 130)
     assert "Stopping after this step to save a checkpoint" in text
     assert first.checkpoint == tmp_path / "split" / "checkpoint-5"
-    second, _ = _train(_overrides(shapes, tmp_path / "split", *common), resume="auto")
+    second, _ = _train(_overrides(shapes24, tmp_path / "split", *common), resume="auto")
     assert first.losses + second.losses == whole.losses
     assert len(second.losses) == 5
     metrics = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [m["loss"] for m in metrics] == whole.losses
 
 
-def test_the_first_line_logged_after_a_resume_averages_the_steps_it_would_have(shapes: Path, tmp_path: Path) -> None:
+def test_the_first_line_logged_after_a_resume_averages_the_steps_it_would_have(shapes24: Path, tmp_path: Path) -> None:
     """Logged every 3 steps, resumed from step 4: the line of step 6 is the mean of steps 4-6, as
     without the interruption (it was the mean of 5-6 alone)."""
     import shutil
 
     extra = ("training.logging_steps=3", "training.save_steps=4", "training.save_total_limit=null")
-    _train(_overrides(shapes, tmp_path / "whole", *extra))
+    _train(_overrides(shapes24, tmp_path / "whole", *extra))
     shutil.copytree(tmp_path / "whole", tmp_path / "split")
-    _train(_overrides(shapes, tmp_path / "split", *extra), resume=str(tmp_path / "split" / "checkpoint-4"))
+    _train(_overrides(shapes24, tmp_path / "split", *extra), resume=str(tmp_path / "split" / "checkpoint-4"))
 
     def logged(run: str) -> list[tuple[int, float, float]]:
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
@@ -130,9 +130,9 @@ def test_the_first_line_logged_after_a_resume_averages_the_steps_it_would_have(s
     assert logged("split") == logged("whole")
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigterm_saves_a_checkpoint_and_stops(shapes24: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     interrupt_at(monkeypatch, 2, signal.SIGTERM)
-    result, text = _train(_overrides(shapes, tmp_path))
+    result, text = _train(_overrides(shapes24, tmp_path))
     assert (result.status, result.step, result.exit_code) == ("interrupted", 2, 143)
     assert "(a second SIGTERM to stop without saving)" in text
     assert checkpoint.read_progress(tmp_path / "checkpoint-2")["step"] == 2
@@ -140,10 +140,10 @@ def test_sigterm_saves_a_checkpoint_and_stops(shapes: Path, tmp_path: Path, monk
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back
 
 
-def test_resume_with_a_changed_profile_shows_the_diff_and_needs_force(shapes: Path, tmp_path: Path) -> None:
-    _train(_overrides(shapes, tmp_path, "training.max_steps=4", "training.save_steps=2"))
+def test_resume_with_a_changed_profile_shows_the_diff_and_needs_force(shapes24: Path, tmp_path: Path) -> None:
+    _train(_overrides(shapes24, tmp_path, "training.max_steps=4", "training.save_steps=2"))
     shutil.rmtree(tmp_path / "checkpoint-4")
-    changed = _overrides(shapes, tmp_path, "training.max_steps=4", "training.learning_rate=5e-3")
+    changed = _overrides(shapes24, tmp_path, "training.max_steps=4", "training.learning_rate=5e-3")
     with pytest.raises(CheckFailed, match=r"training.learning_rate: 0.01 -> 0.005") as info:
         _train(changed, resume="auto")
     assert "--force" in (info.value.fix or "")
@@ -152,9 +152,9 @@ def test_resume_with_a_changed_profile_shows_the_diff_and_needs_force(shapes: Pa
     assert (forced.step, len(forced.losses)) == (4, 2)
 
 
-def test_forced_resume_trains_at_the_new_learning_rate_from_the_resumed_step(shapes: Path, tmp_path: Path) -> None:
+def test_forced_resume_trains_at_the_new_learning_rate_from_the_resumed_step(shapes24: Path, tmp_path: Path) -> None:
     constant = ["training.lr_scheduler_type=constant", "training.warmup_steps=0", "training.save_steps=2"]
-    _train(_overrides(shapes, tmp_path, "training.max_steps=4", *constant))
+    _train(_overrides(shapes24, tmp_path, "training.max_steps=4", *constant))
     shutil.rmtree(tmp_path / "checkpoint-4")
     seen: list[list[float]] = []
     real_step = torch.optim.AdamW.step
@@ -163,7 +163,7 @@ def test_forced_resume_trains_at_the_new_learning_rate_from_the_resumed_step(sha
         seen.append([group["lr"] for group in optimizer.param_groups])
         return real_step(optimizer, *args, **kwargs)
 
-    changed = _overrides(shapes, tmp_path, "training.max_steps=4", "training.learning_rate=1e-5", *constant)
+    changed = _overrides(shapes24, tmp_path, "training.max_steps=4", "training.learning_rate=1e-5", *constant)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.optim.AdamW, "step", recording_step)
         _train(changed, resume=str(tmp_path / "checkpoint-2"), force=True)
@@ -175,20 +175,20 @@ def test_forced_resume_trains_at_the_new_learning_rate_from_the_resumed_step(sha
 
 
 def test_a_failure_after_set_up_is_recorded_as_failed_in_run_json(
-    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shapes24: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def out_of_memory(model, batch):  # type: ignore[no-untyped-def]
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(loss, "summed_token_loss", out_of_memory)
     with pytest.raises(TrainingError):
-        _train(_overrides(shapes, tmp_path))
+        _train(_overrides(shapes24, tmp_path))
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["status"] == "failed" and "ran out of RAM" in run["final_metrics"]["error"]
 
 
 def test_non_finite_loss_skips_the_step_and_training_goes_on(
-    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shapes24: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
     real = loss.summed_token_loss
@@ -199,7 +199,7 @@ def test_non_finite_loss_skips_the_step_and_training_goes_on(
         return value * math.nan if calls["n"] in (5, 6) else value  # both micro-batches of step 3
 
     monkeypatch.setattr(loss, "summed_token_loss", nan_on_third_step)
-    result, text = _train(_overrides(shapes, tmp_path, "training.max_steps=5"))
+    result, text = _train(_overrides(shapes24, tmp_path, "training.max_steps=5"))
     assert result.status == "completed" and result.bad_steps == 1
     assert math.isnan(result.losses[2]) and all(math.isfinite(x) for i, x in enumerate(result.losses) if i != 2)
     assert "Step 3: non-finite loss or gradient (nan); step skipped (1 in a row, 1 in all)" in text
@@ -208,7 +208,7 @@ def test_non_finite_loss_skips_the_step_and_training_goes_on(
 
 
 def test_too_many_bad_steps_in_a_row_stop_and_keep_the_last_good_checkpoint(
-    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shapes24: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
     real = loss.summed_token_loss
@@ -219,7 +219,7 @@ def test_too_many_bad_steps_in_a_row_stop_and_keep_the_last_good_checkpoint(
         return value * math.inf if calls["n"] > 8 else value
 
     monkeypatch.setattr(loss, "summed_token_loss", nan_from_step_five)
-    overrides = _overrides(shapes, tmp_path, "training.save_steps=2", "training.max_bad_steps=3")
+    overrides = _overrides(shapes24, tmp_path, "training.save_steps=2", "training.max_bad_steps=3")
     with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss") as info:
         _train(overrides)
     assert f"The last good checkpoint, {tmp_path / 'checkpoint-4'}, is kept." in info.value.message
@@ -229,30 +229,30 @@ def test_too_many_bad_steps_in_a_row_stop_and_keep_the_last_good_checkpoint(
 
 @pytest.mark.parametrize("stage", [["stage=full"], ["stage=lora", "model.lora_dropout=0.1"]])
 def test_gradient_checkpointing_recomputes_without_changing_the_losses(
-    shapes: Path, tmp_path: Path, stage: list[str]
+    shapes24: Path, tmp_path: Path, stage: list[str]
 ) -> None:
     # With LoRA dropout the recomputation must draw the same masks again.
-    plain, _ = _train(_overrides(shapes, tmp_path / "a", "training.max_steps=3", *stage))
+    plain, _ = _train(_overrides(shapes24, tmp_path / "a", "training.max_steps=3", *stage))
     recomputed, _ = _train(
-        _overrides(shapes, tmp_path / "b", "training.max_steps=3", "training.gradient_checkpointing=true", *stage)
+        _overrides(shapes24, tmp_path / "b", "training.max_steps=3", "training.gradient_checkpointing=true", *stage)
     )
     assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6)
 
 
-def test_bf16_autocast_trains_on_cpu(shapes: Path, tmp_path: Path) -> None:
-    result, _ = _train(_overrides(shapes, tmp_path, "training.max_steps=4", "training.bf16=true"))
+def test_bf16_autocast_trains_on_cpu(shapes24: Path, tmp_path: Path) -> None:
+    result, _ = _train(_overrides(shapes24, tmp_path, "training.max_steps=4", "training.bf16=true"))
     assert result.bad_steps == 0 and all(math.isfinite(x) for x in result.losses)
     assert result.losses[-1] < result.losses[0]
 
 
-def test_skipped_bad_records_keep_every_planned_step_and_epoch(shapes: Path, tmp_path: Path) -> None:
+def test_skipped_bad_records_keep_every_planned_step_and_epoch(shapes24: Path, tmp_path: Path) -> None:
     # Batches of one record, as in local_lite: a bad record empties its whole step. The run must
     # still take the 2 x 6 planned steps, see the bad record once per epoch, and not mistake the
     # end of an epoch for an empty one.
-    records = json.loads(shapes.read_text())[:6]
+    records = json.loads(shapes24.read_text())[:6]
     records[4]["image"] = "images/missing.png"
     data = tmp_path / "data" / "bad.json"
-    shutil.copytree(shapes.parent, data.parent)
+    shutil.copytree(shapes24.parent, data.parent)
     data.write_text(json.dumps(records))
     settings = _overrides(
         data,

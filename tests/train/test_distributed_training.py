@@ -30,14 +30,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shapes(shapes_data: Callable[..., Path]) -> Path:
+def shapes16(shapes_data: Callable[..., Path]) -> Path:
     # 16 records: 4 steps of 4 records, one epoch; batches of 2 shared by 2 processes leave none out.
     return shapes_data(16)
 
 
-def _overrides(shapes: Path, output_dir: Path, *extra: str) -> list[str]:
+def _overrides(shapes16: Path, output_dir: Path, *extra: str) -> list[str]:
     return [
-        f"data.data_path={shapes}",
+        f"data.data_path={shapes16}",
         f"training.output_dir={output_dir}",
         "training.per_device_train_batch_size=2",
         "training.learning_rate=1e-2",
@@ -74,18 +74,18 @@ def _losses(output_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def one_process(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def one_process(shapes16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, micro-batches of 2, accumulation 2: 4 records a step."""
     out = tmp_path_factory.mktemp("one")
-    _train_here(_overrides(shapes, out, "training.gradient_accumulation_steps=2"))
+    _train_here(_overrides(shapes16, out, "training.gradient_accumulation_steps=2"))
     return out
 
 
 @pytest.fixture(scope="module")
-def ddp(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def ddp(shapes16: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """Two processes, micro-batches of 2 each, no accumulation: 4 records a step."""
     out = tmp_path_factory.mktemp("ddp")
-    return out, _train_on_two_processes(_overrides(shapes, out))
+    return out, _train_on_two_processes(_overrides(shapes16, out))
 
 
 def _assert_same_training(one: Path, two: Path) -> None:
@@ -122,48 +122,48 @@ def test_each_process_has_its_own_random_stream_saved(ddp: tuple[Path, str]) -> 
     assert not torch.equal(rank0["torch"], rank1["torch"])
 
 
-def test_two_process_run_resumes_exactly(shapes: Path, ddp: tuple[Path, str], tmp_path: Path) -> None:
+def test_two_process_run_resumes_exactly(shapes16: Path, ddp: tuple[Path, str], tmp_path: Path) -> None:
     whole = ddp[0]
     shutil.copytree(whole / "checkpoint-2", tmp_path / "checkpoint-2")
-    _train_on_two_processes(_overrides(shapes, tmp_path), "--resume", "auto")
+    _train_on_two_processes(_overrides(shapes16, tmp_path), "--resume", "auto")
     resumed, uninterrupted = _weights(tmp_path / f"checkpoint-{STEPS}"), _weights(whole / f"checkpoint-{STEPS}")
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
     assert _losses(tmp_path) == _losses(whole)[2:]
 
 
-def test_resuming_with_another_number_of_processes_is_refused(shapes: Path, ddp: tuple[Path, str]) -> None:
+def test_resuming_with_another_number_of_processes_is_refused(shapes16: Path, ddp: tuple[Path, str]) -> None:
     saved = ddp[0] / "checkpoint-2"
     with pytest.raises(CheckFailed, match="saved by a run of 2 training process\\(es\\), this run has 1") as info:
-        _train_here(_overrides(shapes, ddp[0]), resume=str(saved))
+        _train_here(_overrides(shapes16, ddp[0]), resume=str(saved))
     assert "--nproc-per-node 2" in (info.value.fix or "")
 
 
 def test_two_fsdp_processes_train_the_same_save_whole_weights_and_resume_exactly(
-    shapes: Path, one_process: Path, tmp_path: Path
+    shapes16: Path, one_process: Path, tmp_path: Path
 ) -> None:
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    stdout = _train_on_two_processes(_overrides(shapes, whole, "training.distributed=fsdp"))
+    stdout = _train_on_two_processes(_overrides(shapes16, whole, "training.distributed=fsdp"))
     assert "Training on 2 processes (fsdp over gloo)" in stdout
     # Whole tensors in the single-process layout: the same keys and shapes, loadable anywhere.
     _assert_same_training(one_process, whole)
     # The sharded optimizer state goes back into the shards from the whole one.
     shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
-    _train_on_two_processes(_overrides(shapes, resumed, "training.distributed=fsdp"), "--resume", "auto")
+    _train_on_two_processes(_overrides(shapes16, resumed, "training.distributed=fsdp"), "--resume", "auto")
     after, uninterrupted = _weights(resumed / f"checkpoint-{STEPS}"), _weights(whole / f"checkpoint-{STEPS}")
     assert all(torch.equal(after[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_a_process_whose_records_were_all_skipped_still_trains_in_step(shapes: Path, tmp_path: Path) -> None:
+def test_a_process_whose_records_were_all_skipped_still_trains_in_step(shapes16: Path, tmp_path: Path) -> None:
     # Batches of one record: the record at place 3 of the order is rank 1's whole share of step 2.
     # That process joins the gradient reduction with a zero-weighted batch; the two processes
     # must still train what one process does with that record skipped.
     from llavactl.data.dataset import ResumableSampler
 
-    records = json.loads(shapes.read_text())
+    records = json.loads(shapes16.read_text())
     bad = ResumableSampler([0] * len(records), 1, seed=0).order(0)[3]
     records[bad]["image"] = "images/missing.png"
     data = tmp_path / "data" / "bad.json"
-    shutil.copytree(shapes.parent, data.parent)
+    shutil.copytree(shapes16.parent, data.parent)
     data.write_text(json.dumps(records))
     common = ("data.on_error=skip", "training.per_device_train_batch_size=1")
     _train_here(_overrides(data, tmp_path / "one", *common, "training.gradient_accumulation_steps=2"))
@@ -171,11 +171,11 @@ def test_a_process_whose_records_were_all_skipped_still_trains_in_step(shapes: P
     _assert_same_training(tmp_path / "one", tmp_path / "two")
 
 
-def _start_two_processes(shapes: Path, out: Path) -> subprocess.Popen[str]:
+def _start_two_processes(shapes16: Path, out: Path) -> subprocess.Popen[str]:
     """`llavactl train --nproc-per-node 2` in the background, once its first step is logged."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    settings = _overrides(shapes, out, "training.max_steps=400", "training.save_steps=1000")
+    settings = _overrides(shapes16, out, "training.max_steps=400", "training.save_steps=1000")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "llavactl", "train", "--profile", "tiny", *settings, "--nproc-per-node", "2"],
         env=env,
@@ -191,8 +191,8 @@ def _start_two_processes(shapes: Path, out: Path) -> subprocess.Popen[str]:
     raise AssertionError(f"no step was logged: {launcher.communicate()}")
 
 
-def test_sigterm_to_the_launcher_saves_once_and_exits_143_without_a_traceback(shapes: Path, tmp_path: Path) -> None:
-    launcher = _start_two_processes(shapes, tmp_path)
+def test_sigterm_to_the_launcher_saves_once_and_exits_143_without_a_traceback(shapes16: Path, tmp_path: Path) -> None:
+    launcher = _start_two_processes(shapes16, tmp_path)
     launcher.send_signal(signal.SIGTERM)
     out, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 143, out + err
@@ -202,8 +202,8 @@ def test_sigterm_to_the_launcher_saves_once_and_exits_143_without_a_traceback(sh
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the launcher's children from /proc")
-def test_workers_stop_within_seconds_when_the_launcher_is_killed(shapes: Path, tmp_path: Path) -> None:
-    launcher = _start_two_processes(shapes, tmp_path)
+def test_workers_stop_within_seconds_when_the_launcher_is_killed(shapes16: Path, tmp_path: Path) -> None:
+    launcher = _start_two_processes(shapes16, tmp_path)
     task = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
     workers = [int(pid) for pid in task.read_text().split()]
     assert len(workers) == 2
@@ -217,7 +217,7 @@ def test_workers_stop_within_seconds_when_the_launcher_is_killed(shapes: Path, t
     assert checkpoint.list_checkpoints(tmp_path)
 
 
-def test_a_failing_process_ends_the_run_with_its_code_and_the_others_say_why(shapes: Path, tmp_path: Path) -> None:
+def test_a_failing_process_ends_the_run_with_its_code_and_the_others_say_why(shapes16: Path, tmp_path: Path) -> None:
     # Process 1 stops with a data error at its third step (patched in at start-up by sitecustomize).
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -236,7 +236,7 @@ def test_a_failing_process_ends_the_run_with_its_code_and_the_others_say_why(sha
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])))
-    settings = _overrides(shapes, tmp_path / "run", "training.max_steps=8")
+    settings = _overrides(shapes16, tmp_path / "run", "training.max_steps=8")
     done = subprocess.run(
         [sys.executable, "-m", "llavactl", "train", "--profile", "tiny", *settings, "--nproc-per-node", "2"],
         env=env,
@@ -251,10 +251,10 @@ def test_a_failing_process_ends_the_run_with_its_code_and_the_others_say_why(sha
     assert "Process 0 stopped: another process of this 2-process run ended" in err and "Internal error" not in err
 
 
-def test_padding_free_ddp_and_fsdp_processes_train_what_one_process_trains(shapes: Path, tmp_path: Path) -> None:
+def test_padding_free_ddp_and_fsdp_processes_train_what_one_process_trains(shapes16: Path, tmp_path: Path) -> None:
     packed = ("data.padding_free=true",)
-    _train_here(_overrides(shapes, tmp_path / "one", *packed, "training.gradient_accumulation_steps=2"))
-    _train_on_two_processes(_overrides(shapes, tmp_path / "ddp", *packed))
-    _train_on_two_processes(_overrides(shapes, tmp_path / "fsdp", *packed, "training.distributed=fsdp"))
+    _train_here(_overrides(shapes16, tmp_path / "one", *packed, "training.gradient_accumulation_steps=2"))
+    _train_on_two_processes(_overrides(shapes16, tmp_path / "ddp", *packed))
+    _train_on_two_processes(_overrides(shapes16, tmp_path / "fsdp", *packed, "training.distributed=fsdp"))
     _assert_same_training(tmp_path / "one", tmp_path / "ddp")
     _assert_same_training(tmp_path / "one", tmp_path / "fsdp")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "data_scale.py"
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "data_scale.py"
 MEASURED = ["json_load", "bare_tokenizer", "check_cold", "check_warm", "dry_run", "train_cold", "train_warm"]
 RATIOS = [
     "first_step_over_json_load",

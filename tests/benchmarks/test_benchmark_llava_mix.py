@@ -10,7 +10,7 @@ from pathlib import Path
 
 from helpers import run_cli
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "make_llava_mix.py"
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "make_llava_mix.py"
 SUFFIX = "Answer the question using a single word or phrase."
 
 
