@@ -244,7 +244,8 @@ def tests_phase(mode: str, cuda: bool, env: dict[str, str], log: Log) -> dict[st
     junit.unlink(missing_ok=True)
     # Without CUDA every gpu test is collected (and must skip), --quick or not.
     marker = "gpu and not slow" if mode == "quick" and cuda else "gpu"
-    command = [sys.executable, "-m", "pytest", "tests/gpu/test_gpu.py", "-m", marker, "-v", "-rA", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", "tests/gpu/test_gpu.py", "-m", marker, "-v", "-rA"]
+    command += ["-p", "no:cacheprovider"]
     # xunit1 keeps record_property's values (the resume's exactness, the memory figures) in the file.
     command += [f"--junitxml={junit}", "-o", "junit_family=xunit1"]
     limit = LIMITS[mode]["tests"] if cuda else 120

@@ -117,7 +117,9 @@ def test_interpolated_sizes_train_and_resume_exactly(shapes12: Path, tower: Path
     assert resumed.losses == whole.losses[3:]
 
 
-def test_resume_at_another_image_size_is_refused_with_the_difference(shapes12: Path, tower: Path, tmp_path: Path) -> None:
+def test_resume_at_another_image_size_is_refused_with_the_difference(
+    shapes12: Path, tower: Path, tmp_path: Path
+) -> None:
     _train(shapes12, tower, tmp_path, "data.image_size=16", "training.max_steps=3")
     with pytest.raises(CheckFailed, match=r"data.image_size: 16 -> 24"):
         _train(shapes12, tower, tmp_path, "data.image_size=24", "training.max_steps=3", resume="auto")
