@@ -19,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 Stage = Literal["projector", "lora", "qlora", "full"]
+
+
+def uses_lora(stage: Stage) -> bool:
+    """Whether ``stage`` trains LoRA adapters on the LLM (QLoRA's on its quantized weights)."""
+    return stage in ("lora", "qlora")
 Template = Literal["plain", "vicuna_v1", "llama_2", "llama_3", "chatml", "tokenizer"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Reporter = Literal["tensorboard", "wandb"]
@@ -444,7 +449,7 @@ class Profile(_Checked):
         return []
 
     def _rule_lora_keys_need_lora_stage(self) -> list[RuleViolation]:
-        if self.stage in ("lora", "qlora"):
+        if self.uses_lora:
             return []
         set_keys = [k for k in LORA_KEYS if k in self.model.model_fields_set]
         if not set_keys:
@@ -462,7 +467,7 @@ class Profile(_Checked):
     # Derived values used across commands; kept here so that every command agrees on them.
     @property
     def uses_lora(self) -> bool:
-        return self.stage in ("lora", "qlora")
+        return uses_lora(self.stage)
 
     @property
     def global_batch_size(self) -> int:

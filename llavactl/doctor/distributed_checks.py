@@ -8,7 +8,7 @@ multi-process world (one process per GPU, the backend, FSDP's limits) are the re
 from __future__ import annotations
 
 from llavactl.doctor.results import CheckResult, failed, passed, warned
-from llavactl.resolve.run import ResolvedRun
+from llavactl.resolve.run import MISSING_BACKEND_FIX, ResolvedRun, missing_backend
 
 
 def _rows(resolved: ResolvedRun, check: str) -> list[CheckResult]:
@@ -31,20 +31,13 @@ def world_check(resolved: ResolvedRun) -> list[CheckResult]:
 
 
 def backend_check(resolved: ResolvedRun) -> list[CheckResult]:
-    device = resolved.device_type
-    backend = "nccl" if device == "cuda" else "gloo"
+    device, backend = resolved.device_type, resolved.backend
     if resolved.world.distributed:
         return _rows(resolved, "distributed backend") or [passed("distributed backend", f"{backend} ({device})")]
     if backend in resolved.world_facts.backends:
         return [passed("distributed backend", f"{backend} ({device})")]
-    return [
-        warned(
-            "distributed backend",
-            f"this torch build has no `{backend}` backend, which multi-process training on {device} needs. "
-            "One process trains without it.",
-            "install an official torch wheel (gloo everywhere, nccl in the CUDA builds)",
-        )
-    ]
+    finding = f"{missing_backend(backend, device)} One process trains without it."
+    return [warned("distributed backend", finding, MISSING_BACKEND_FIX)]
 
 
 def global_batch_check(resolved: ResolvedRun) -> CheckResult:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from llavactl.doctor.results import CheckResult, failed, passed, skipped, warned
+from llavactl.resolve.run import memory_fit
 
 if TYPE_CHECKING:
     from llavactl.resolve.run import ResolvedRun
@@ -17,9 +18,6 @@ if TYPE_CHECKING:
 GIB = 1024**3
 # resolved run -> (estimated peak bytes, overrides that would fit or None)
 MemoryPlanner = Callable[["ResolvedRun"], tuple[int, str | None]]
-# The estimate is within 20% of measured peaks (benchmarks/memory_estimate.py): closer than this
-# to the limit is a warning, not a pass.
-MARGIN = 0.8
 
 
 def memory_check(resolved: ResolvedRun, planner: MemoryPlanner) -> CheckResult:
@@ -31,9 +29,10 @@ def memory_check(resolved: ResolvedRun, planner: MemoryPlanner) -> CheckResult:
         )
     peak, fits_with = planner(resolved)
     finding = f"estimated peak {peak / GIB:.2f} GiB against {free / GIB:.2f} GiB {resolved.memory_where}"
-    if peak <= free * MARGIN:
+    fit = memory_fit(peak, free)
+    if fit == "fits":
         return passed("memory", finding)
-    if peak <= free:
+    if fit == "tight":
         return warned(
             "memory", finding + ": within the estimate's 20% error", fits_with or "free memory before the run"
         )

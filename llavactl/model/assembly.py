@@ -18,11 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llavactl.config.schema import uses_lora
 from llavactl.errors import ModelSourceError
 from llavactl.model import llms, projector, sources, towers
 from llavactl.model.weight_files import no_peft_checkpointing_warning
 
 if TYPE_CHECKING:
+    import torch
     from peft import PeftModel
     from torch import nn
     from transformers import (
@@ -147,10 +149,15 @@ def add_lora(model: LlavaForConditionalGeneration, model_cfg: ModelConfig) -> Pe
 
 
 def _load_parts(
-    model_cfg: ModelConfig, stage: Stage, image_size: int | None, seed: int, device: str
+    model_cfg: ModelConfig,
+    stage: Stage,
+    image_size: int | None,
+    seed: int,
+    device: str,
+    compute_dtype: torch.dtype | None,
 ) -> tuple[nn.Module, PreTrainedModel]:
-    """The tower and the LLM with their weights (QLoRA: the LLM quantized)."""
-    quantization = llms.quantization_config(model_cfg) if stage == "qlora" else None
+    """The tower and the LLM with their weights (QLoRA: the LLM quantized, computing in ``compute_dtype``)."""
+    quantization = llms.quantization_config(model_cfg, compute_dtype) if stage == "qlora" else None
     llm = llms.load_llm(model_cfg.model_name_or_path, seed=seed, device=device, quantization=quantization)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
@@ -225,8 +232,12 @@ def build_llava(
     gradient_checkpointing: bool = False,
     device: str = "cpu",
     random_weights: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> AssembledModel:
     """The LLaVA model of ``model_cfg``, set up to train ``stage`` on ``device``.
+
+    ``compute_dtype`` is the step's autocast dtype (the resolved precision, None for fp32): what
+    QLoRA's quantized layers compute in.
 
     ``device="meta"`` builds the model without weights from configs alone (known or cached),
     for planning; the tokenizer is then optional. ``random_weights`` builds it in its real shapes
@@ -248,7 +259,7 @@ def build_llava(
     elif random_weights and stage != "qlora":
         parts = _random_parts(model_cfg, image_size, seed, device)
     else:
-        parts = _load_parts(model_cfg, stage, image_size, seed, device)
+        parts = _load_parts(model_cfg, stage, image_size, seed, device, compute_dtype)
     # The LLaVA config shares the loaded parts' configs, so that resizing updates both.
     if parts is None:
         vision_config, text_config = tower.config, llms.llm_config(model_cfg.model_name_or_path, download=False)
@@ -278,7 +289,7 @@ def build_llava(
 
     attention.use_for(model.model.language_model.config)
     model.requires_grad_(False)
-    peft_model = add_lora(model, model_cfg) if stage in ("lora", "qlora") else None
+    peft_model = add_lora(model, model_cfg) if uses_lora(stage) else None
     trainable = set(projector.trainable_keys(model_cfg.mm_projector_type))
     for name, parameter in model.model.multi_modal_projector.named_parameters():
         parameter.requires_grad_(name in trainable)

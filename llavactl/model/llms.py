@@ -13,6 +13,7 @@ from llavactl.errors import ConfigError, ModelSourceError
 from llavactl.model import builtin, hub, known_configs, weight_files
 
 if TYPE_CHECKING:
+    import torch
     from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
     from llavactl.config.schema import ModelConfig
@@ -47,13 +48,14 @@ def llm_config(spec: str, *, download: bool = True) -> PretrainedConfig:
         ) from exc
 
 
-def quantization_config(model_cfg: ModelConfig) -> BitsAndBytesConfig:
-    """bitsandbytes settings for QLoRA. Where QLoRA can run (CUDA, bitsandbytes) is the resolution's
-    rule (:mod:`llavactl.resolve`), checked before any model is built."""
+def quantization_config(model_cfg: ModelConfig, compute_dtype: torch.dtype | None) -> BitsAndBytesConfig:
+    """bitsandbytes settings for QLoRA, computing in ``compute_dtype``: the step's autocast dtype
+    (the resolved precision; None: fp32). Where QLoRA can run (CUDA, bitsandbytes) is the
+    resolution's rule (:mod:`llavactl.resolve`), checked before any model is built."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    compute = compute_dtype or torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=model_cfg.load_in_4bit,
         load_in_8bit=model_cfg.load_in_8bit,

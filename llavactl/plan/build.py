@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from llavactl.errors import ConfigError, DataError, ModelSourceError
+from llavactl.resolve.run import Fit, autocast_of, memory_fit
 
 if TYPE_CHECKING:
     from llavactl.config.schema import Profile
@@ -84,14 +85,20 @@ class Plan:
     padding_free: bool = False
 
     @property
+    def fit(self) -> Fit | None:
+        """Doctor's verdict on the peak: ``fits`` with the estimate's margin, ``tight`` within the
+        free memory only, ``over`` it; None when the free memory is unknown."""
+        return memory_fit(self.memory.total, self.free_bytes)
+
+    @property
     def fits(self) -> bool | None:
-        return None if self.free_bytes is None else self.memory.total <= self.free_bytes
+        return None if self.fit is None else self.fit != "over"
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["memory"] = self.memory.as_json()
         data["memory_other_checkpointing"] = self.memory_other_checkpointing.as_json()
-        data["fits"] = self.fits
+        data["fits"], data["fit"] = self.fits, self.fit
         return data
 
 
@@ -231,7 +238,6 @@ def _estimate(
     training = profile.training
     if assembled is None:
         assembled = build_meta(profile, gradient_checkpointing=training.gradient_checkpointing)
-    half = training.bf16 or training.fp16
     seq_len = min(
         max(tokens.longest, assembled.image_spec.num_tokens * tokens.images_per_sample + 8), profile.data.max_seq_len
     )
@@ -257,7 +263,7 @@ def _estimate(
         seq_len=seq_len,
         images_per_sample=images_per_row,
         supervised=min(tokens.supervised, seq_len - 1),
-        autocast="bf16" if half else None,
+        autocast=autocast_of(training),
         device=device,
     )
     quantized = 4 if profile.model.load_in_4bit else 8 if profile.model.load_in_8bit else None
@@ -325,7 +331,7 @@ def suggest(
         applied.update(overrides)
         text = " ".join(f"{k}={_yaml(v)}" for k, v in applied.items())
         suggestions.append(Suggestion(text, why, memory.total))
-        if memory.total <= free_bytes:
+        if memory_fit(memory.total, free_bytes) != "over":
             break
     return suggestions
 
@@ -414,7 +420,7 @@ def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int 
     else:
         notes.append(f"no {device} device on this machine: time per step not estimated")
     suggestions: list[Suggestion] = []
-    if free_bytes is not None and memory.total > free_bytes:
+    if memory_fit(memory.total, free_bytes) == "over":
         suggestions = suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime, device=device)
     return Plan(
         profile=resolved.loaded.name,
@@ -454,11 +460,11 @@ def plan_memory(resolved: ResolvedRun) -> tuple[int, str | None]:
     assembled = build_meta(profile, gradient_checkpointing=profile.training.gradient_checkpointing)
     tokens = token_plan(profile, assembled)
     memory, _ = estimate(profile, tokens, runtime_bytes=runtime, device=device, assembled=assembled)
-    if memory.total <= free_bytes:
+    if memory_fit(memory.total, free_bytes) != "over":
         return memory.total, None
     fitting = [
         s
         for s in suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime, device=device)
-        if s.peak_bytes <= free_bytes
+        if memory_fit(s.peak_bytes, free_bytes) != "over"
     ]
     return memory.total, fitting[0].overrides if fitting else None

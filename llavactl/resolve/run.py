@@ -18,21 +18,54 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from llavactl.config.loader import LoadedProfile, ProfileProblem
-from llavactl.config.schema import QLORA_OFF, QUANTIZATION_OFF, RuleViolation
+from llavactl.config.schema import QLORA_OFF, QUANTIZATION_OFF, RuleViolation, TrainingConfig
 from llavactl.resolve.facts import MachineFacts, WorldFacts
 
 if TYPE_CHECKING:
     import torch
 
 DeviceType = Literal["cpu", "cuda", "mps"]
+Autocast = Literal["bf16", "fp16"]
 GIB = 1024**3
+MISSING_BACKEND_FIX = "install an official torch wheel (gloo everywhere, nccl in the CUDA builds)"
+
+
+def collective_backend(device: str) -> str:
+    """The torch.distributed backend that processes training on ``device`` talk over."""
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def missing_backend(backend: str, device: str) -> str:
+    return f"this torch build has no `{backend}` backend, which multi-process training on {device} needs."
+
+
+# The planner's peak is within 20% of measured peaks (benchmarks/memory_estimate.py): an estimate
+# closer than this to the free memory is tight, not a fit.
+MEMORY_MARGIN = 0.8
+Fit = Literal["fits", "tight", "over"]
+
+
+def memory_fit(peak_bytes: int, free_bytes: int | None) -> Fit | None:
+    """Whether an estimated peak fits the free memory with the estimate's margin (``fits``), only
+    without it (``tight``), or not at all (``over``); None with no free memory to compare."""
+    if free_bytes is None:
+        return None
+    if peak_bytes <= free_bytes * MEMORY_MARGIN:
+        return "fits"
+    return "tight" if peak_bytes <= free_bytes else "over"
+
+
+def autocast_of(training: TrainingConfig) -> Autocast | None:
+    """The dtype a step of ``training`` computes in under autocast (None: fp32). The planner traces
+    in it and QLoRA computes in it, as the run does."""
+    return "bf16" if training.bf16 else "fp16" if training.fp16 else None
 
 
 @dataclass(frozen=True)
 class Precision:
     """How a step computes: autocast to bf16 or fp16 (or none: fp32), a gradient scaler, TF32 matmuls."""
 
-    autocast: Literal["bf16", "fp16"] | None = None
+    autocast: Autocast | None = None
     grad_scaler: bool = False
     tf32: bool = False
 
@@ -132,6 +165,11 @@ class ResolvedRun:
         if self.device_type == "cuda" and self.world.distributed:
             return f"cuda:{self.world.local_rank}"
         return self.device_type
+
+    @property
+    def backend(self) -> str:
+        """The backend several processes on this device talk over (``world.backend`` once they do)."""
+        return collective_backend(self.device_type)
 
     @property
     def device_present(self) -> bool:
@@ -262,7 +300,7 @@ def resolve(loaded: LoadedProfile, facts: MachineFacts | None = None, world: Wor
     # The world.
     resolved_world = World(world_facts.size, world_facts.local_size, world_facts.rank, world_facts.local_rank)
     if world_facts.size > 1:
-        backend = "nccl" if device == "cuda" else "gloo"
+        backend = collective_backend(device)
         resolved_world = World(
             world_facts.size, world_facts.local_size, world_facts.rank, world_facts.local_rank, backend, t.distributed
         )
@@ -278,8 +316,8 @@ def resolve(loaded: LoadedProfile, facts: MachineFacts | None = None, world: Wor
             add(
                 "distributed backend",
                 ("training.distributed",),
-                f"this torch build has no `{backend}` backend, which multi-process training on {device} needs.",
-                "install an official torch wheel (gloo everywhere, nccl in the CUDA builds)",
+                missing_backend(backend, device),
+                MISSING_BACKEND_FIX,
             )
         if t.distributed == "fsdp" and profile.stage != "full":
             add(
@@ -298,7 +336,7 @@ def resolve(loaded: LoadedProfile, facts: MachineFacts | None = None, world: Wor
             )
 
     precision = Precision(
-        autocast="bf16" if t.bf16 else "fp16" if t.fp16 else None,
+        autocast=autocast_of(t),
         grad_scaler=t.fp16,
         tf32=t.tf32 and gpu is not None and gpu.tf32,
     )

@@ -319,6 +319,7 @@ class TrainRecipe:
             gradient_checkpointing=self._training.gradient_checkpointing,
             device=str(self._device),
             random_weights=self._random_weights,
+            compute_dtype=self._resolved.precision.autocast_dtype(),
         )
         if self._profile.data.padding_free:
             from llavactl.model.attention import check_records_stay_apart, use_varlen_kernel

@@ -332,3 +332,24 @@ def test_global_batch_is_shown_and_a_multiplied_one_gets_the_accumulation_that_k
 def test_missing_backend_blocks_only_a_multi_process_run(world: WorldFacts, status: str) -> None:
     [result] = _by_check(run_checks(profile("tiny"), CPU, world), "distributed backend")
     assert result.status == status and "no `gloo` backend" in result.finding
+
+
+def test_one_process_and_several_name_a_missing_backend_and_its_fix_alike() -> None:
+    [one] = _by_check(run_checks(profile("tiny"), CPU, WorldFacts(1, 1, frozenset())), "distributed backend")
+    [two] = _by_check(run_checks(profile("tiny"), CPU, WorldFacts(2, 2, frozenset())), "distributed backend")
+    needs = "this torch build has no `gloo` backend, which multi-process training on cpu needs."
+    assert needs in one.finding and needs in two.finding and one.fix == two.fix
+    assert one.finding.endswith("One process trains without it.")
+
+
+def test_doctor_reads_the_plans_fits_rule_at_its_margin() -> None:
+    from llavactl.doctor.memory_checks import memory_check
+    from llavactl.resolve.run import memory_fit
+
+    resolved = resolve(profile("local_lite"), CPU, ONE)
+    free = CPU.ram_available_bytes
+    for peak in (int(free * 0.8), int(free * 0.8) + 1, free, free + 1):
+        status = memory_check(resolved, lambda r, peak=peak: (peak, None)).status
+        assert status == {"fits": "pass", "tight": "warn", "over": "fail"}[memory_fit(peak, free)]
+    assert [memory_fit(p, 100) for p in (80, 81, 100, 101)] == ["fits", "tight", "tight", "over"]
+    assert memory_fit(1, None) is None

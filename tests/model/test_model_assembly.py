@@ -216,3 +216,12 @@ def test_a_select_layer_the_tower_does_not_have_is_a_config_error(select_layer):
     with pytest.raises(ConfigError, match="mm_vision_select_layer") as info:
         build_llava(tiny(mm_vision_select_layer=select_layer), "lora", image_size=None, seed=0)
     assert "from -3 to -1 or from 1 to 2" in (info.value.fix or "")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None])
+def test_qlora_computes_in_the_steps_autocast_dtype(dtype: torch.dtype | None) -> None:
+    from llavactl.config.loader import load_profile
+    from llavactl.model.llms import quantization_config
+
+    model_cfg = load_profile("t4_qlora").profile.model
+    assert quantization_config(model_cfg, dtype).bnb_4bit_compute_dtype == (dtype or torch.float32)

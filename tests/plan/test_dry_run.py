@@ -188,3 +188,30 @@ def test_cli_dry_run_plans_for_the_stated_device_memory_and_names_what_fits():
 def test_every_bundled_profile_builds_on_meta_without_weights(name):
     profile = load_profile(name).profile
     assert sum(c.total for c in component_params(P.build_meta(profile, gradient_checkpointing=False))) > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "autocast"),
+    [((), None), (("training.bf16=true",), "bf16"), (("training.device=cuda", "training.fp16=true"), "fp16")],
+)
+def test_the_plan_traces_the_step_in_the_autocast_the_run_uses(
+    shapes, monkeypatch: pytest.MonkeyPatch, overrides: tuple[str, ...], autocast: str | None
+) -> None:
+    from llavactl.plan import memory
+
+    seen, trace = [], memory.trace_step
+    monkeypatch.setattr(memory, "trace_step", lambda *a, **k: seen.append(k["autocast"]) or trace(*a, **k))
+    prof = load_profile("tiny", [f"data.data_path={shapes}", *overrides]).profile
+    meta = P.build_meta(prof, gradient_checkpointing=False)
+    P.estimate(prof, P.token_plan(prof, meta), runtime_bytes=0, assembled=meta)
+    assert seen == [autocast]
+
+
+@pytest.mark.slow
+def test_the_plans_verdict_is_doctors_fits_rule_with_its_margin(shapes) -> None:
+    loaded = load_profile("tiny", [f"data.data_path={shapes}"])
+    plan = P.build_plan(resolve(loaded, replace(CPU, ram_available_bytes=20 * GIB), ONE), runtime_bytes=0)
+    peak = plan.memory.total
+    for free, fit in ((peak * 2, "fits"), (int(peak / 0.9), "tight"), (peak - 1, "over"), (None, None)):
+        at = replace(plan, free_bytes=free)
+        assert (at.fit, at.as_json()["fit"], at.fits) == (fit, fit, None if fit is None else fit != "over")
