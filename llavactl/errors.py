@@ -7,6 +7,12 @@ that escapes is a bug and gets a traceback under ``LLAVACTL_DEBUG=1``.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+# The longest excerpt of a value, key or file name that a message quotes.
+EXCERPT_CHARS = 80
+
 
 class LlavactlError(Exception):
     """A problem the user can fix. ``exit_code`` 2 is for usage and configuration errors."""
@@ -63,3 +69,22 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = EXCERPT_CHARS
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 3, 6, 4
+
+
+def excerpt(value: Any) -> str:
+    """``repr(value)`` cut to ``EXCERPT_CHARS`` with an ellipsis, without building the whole repr
+    of a large value (a message quotes a value, never 300 MB of it)."""
+    try:
+        text = _SHORT_REPR.repr(value)
+    except ValueError:  # an int of over 4,300 digits has no repr
+        text = f"<an integer of {value.bit_length() * 0.30103:.0f} digits>"
+    return excerpt_text(text)
+
+
+def excerpt_text(text: str) -> str:
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-import reprlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from pydantic.fields import FieldInfo
 
 from llavactl.config.lookup import find_profile
 from llavactl.config.schema import Profile, RuleViolation
-from llavactl.errors import ConfigError
+from llavactl.errors import EXCERPT_CHARS, ConfigError, excerpt, excerpt_text
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -31,8 +30,6 @@ _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # 10^9 values) with a message, before anything walks the expanded values.
 MAX_PROFILE_BYTES = 1 << 20
 MAX_VALUES = 100_000
-# The longest excerpt of a value, key or override that a message quotes.
-EXCERPT_CHARS = 80
 
 # Names that other trainers (HF Trainer flags, axolotl, torchtune, LLaMA-Factory) use for our keys.
 _ALIASES = {
@@ -119,7 +116,7 @@ class ProfileProblem:
 
     def render(self) -> str:
         where = f" ({self.origin})" if self.origin is not None else ""
-        return f"  - {_excerpt_text(self.path)}{where}: {self.message}\n    Fix: {self.fix}"
+        return f"  - {excerpt_text(self.path)}{where}: {self.message}\n    Fix: {self.fix}"
 
 
 def load_profile(name_or_path: str, overrides: Sequence[str] = ()) -> LoadedProfile:
@@ -243,7 +240,7 @@ def _load_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None]:
         else:
             problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(
-            f"{where}{at}: this is not valid YAML ({_excerpt_text(problem)}).",
+            f"{where}{at}: this is not valid YAML ({excerpt_text(problem)}).",
             fix="correct the file at that line and column (check indentation, colons and quotes)",
         ) from None
     except RecursionError:
@@ -253,7 +250,7 @@ def _load_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None]:
         ) from None
     except ValueError as exc:
         # Python refuses to convert integers of over 4,300 digits (a denial-of-service guard).
-        raise ConfigError(f"{where}: a value cannot be read ({_excerpt_text(str(exc))}).", fix="shorten it") from None
+        raise ConfigError(f"{where}: a value cannot be read ({excerpt_text(str(exc))}).", fix="shorten it") from None
 
 
 def _count_values(root: yaml.Node, where: str) -> None:
@@ -306,7 +303,7 @@ def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int], path: Pa
         dotted = f"{prefix}{key}"
         if key in seen:
             raise ConfigError(
-                f"{_display_path(path)}:{key_node.start_mark.line + 1}: `{_excerpt_text(dotted)}` is set twice in "
+                f"{_display_path(path)}:{key_node.start_mark.line + 1}: `{excerpt_text(dotted)}` is set twice in "
                 "the same mapping; YAML would silently keep the last one.",
                 fix="delete one of the two lines",
             )
@@ -347,19 +344,19 @@ def _drop_below(provenance: dict[str, Origin], dotted: str) -> None:
 
 
 def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: str) -> list[ProfileProblem]:
-    origin = Origin("override", text=_excerpt_text(word))
+    origin = Origin("override", text=excerpt_text(word))
     key, sep, text = word.partition("=")
     key = key.strip()
     if not sep or not _KEY_RE.match(key):
         return [
             ProfileProblem(
-                _excerpt_text(word),
+                excerpt_text(word),
                 origin,
                 "an override must look like `section.key=value`.",
                 "write e.g. `training.max_steps=10` (no spaces around `=`; quote values with spaces)",
             )
         ]
-    shown_key = _excerpt_text(key)
+    shown_key = excerpt_text(key)
     if text == "":
         return [
             ProfileProblem(
@@ -372,7 +369,7 @@ def _apply_override(raw: dict[str, Any], provenance: dict[str, Origin], word: st
     try:
         value, _ = _load_yaml(text, "value")
     except ConfigError as exc:
-        shown = _excerpt_text(text)
+        shown = excerpt_text(text)
         return [
             ProfileProblem(
                 key,
@@ -421,7 +418,7 @@ def _validation_problems(exc: ValidationError, provenance: dict[str, Origin]) ->
         kind = error["type"]
         if kind == "extra_forbidden":
             suggestion = suggest_key(path)
-            shown = _excerpt_text(path)
+            shown = excerpt_text(path)
             fix = f"did you mean `{suggestion}`?" if suggestion else f"remove `{shown}` (see docs/profiles.md)"
             problems.append(ProfileProblem(path, origin, "unknown key.", fix))
         elif kind == "missing":
@@ -556,25 +553,6 @@ def _dotted(loc: Iterable[Any]) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
-
-
-_SHORT_REPR = reprlib.Repr()
-_SHORT_REPR.maxstring = _SHORT_REPR.maxother = EXCERPT_CHARS
-_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 3, 6, 4
-
-
-def excerpt(value: Any) -> str:
-    """``repr(value)`` cut to ``EXCERPT_CHARS`` with an ellipsis, without building the whole repr
-    of a large value (a message quotes a value, never 300 MB of it)."""
-    try:
-        text = _SHORT_REPR.repr(value)
-    except ValueError:  # an int of over 4,300 digits has no repr
-        text = f"<an integer of {value.bit_length() * 0.30103:.0f} digits>"
-    return _excerpt_text(text)
-
-
-def _excerpt_text(text: str) -> str:
-    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
 
 
 def _display_path(path: Path | None) -> str:

@@ -10,7 +10,7 @@ import difflib
 import os
 from pathlib import Path
 
-from llavactl.errors import ConfigError
+from llavactl.errors import ConfigError, excerpt
 
 _SUFFIXES = (".yaml", ".yml")
 # Linux's PATH_MAX: no profile name or path is longer.
@@ -47,7 +47,6 @@ def available_profiles() -> dict[str, Path]:
 
 def find_profile(name_or_path: str, relative_to: Path | None = None) -> Path:
     """The YAML file a ``--profile`` value (or an ``extends`` value) names."""
-    from llavactl.config.loader import excerpt  # the loader imports this module
 
     if len(name_or_path) > MAX_NAME_CHARS:
         raise ConfigError(

@@ -33,10 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from llavactl.config.loader import excerpt
 from llavactl.data.parts import Parts
 from llavactl.data.records import Problem, RawRecord, Record
-from llavactl.errors import DataError
+from llavactl.errors import DataError, excerpt
 
 SUFFIXES = (".yaml", ".yml")
 _STRATEGY = re.compile(r"^(all|(first|end|random):(\d+)(%?))$")

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llavactl.config.loader import excerpt
-from llavactl.errors import DataError
+from llavactl.errors import DataError, excerpt
 
 IMAGE_MARKER = "<image>"
 # Integer ids beyond 64 bits are JSON that Arrow, pandas and most other readers cannot hold.

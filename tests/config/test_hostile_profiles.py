@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from llavactl.config.loader import EXCERPT_CHARS, excerpt, load_profile
-from llavactl.errors import ConfigError
+from llavactl.config.loader import load_profile
+from llavactl.errors import EXCERPT_CHARS, ConfigError, excerpt
 
 LAUGHS = "\n".join(
     [
