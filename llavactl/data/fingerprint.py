@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llavactl.system import file_sha256
+
 VERSION = 2
 EDGE_BYTES = 1 << 20
 # What a part records, and how a message names it when it differs.
@@ -73,7 +75,7 @@ class Fingerprint:
             return [] if same else [f"data: the checkpoint read {saved!r}, this run reads {self.data_path!r}"]
         if self.file is None:
             return [f"data: the checkpoint read one file ({saved[:19]}...), this run reads {self.data_path!r}"]
-        if f"sha256:{_whole_file_digest(self.file)}" == saved:
+        if f"sha256:{file_sha256(self.file)}" == saved:
             return []
         return [f"data: file {self.file.name} changed (content)"]
 
@@ -115,12 +117,4 @@ def _edges_digest(path: Path, stamp: tuple[int, ...]) -> str:
         if size > EDGE_BYTES:
             f.seek(max(EDGE_BYTES, size - EDGE_BYTES))
             digest.update(f.read(EDGE_BYTES))
-    return digest.hexdigest()
-
-
-def _whole_file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
     return digest.hexdigest()

@@ -22,7 +22,6 @@ Retention never removes the newest checkpoint saved after a good step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llavactl.errors import CheckFailed, CheckpointError, ConfigError, OutputError
-from llavactl.system import is_full_disk
+from llavactl.system import file_sha256, is_full_disk
 
 if TYPE_CHECKING:
     from llavactl.data.fingerprint import Fingerprint
@@ -241,17 +240,9 @@ def _check_free_space(output_dir: Path, expected_bytes: int) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifest(folder: Path) -> dict[str, Any]:
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.name != MANIFEST_FILE)
-    return {"format": 1, "files": {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}}
+    return {"format": 1, "files": {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}}
 
 
 def damage(folder: Path) -> str | None:
@@ -281,7 +272,7 @@ def damage(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{name} is {size:,} bytes, not the {expected['size']:,} it was saved with"
-        if _sha256(path) != expected.get("sha256"):
+        if file_sha256(path) != expected.get("sha256"):
             return f"{name} does not hold the bytes it was saved with (its checksum differs)"
     return None
 
