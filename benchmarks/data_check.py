@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from llavactl.data.check import TokenContext, check_dataset
+from llavactl.data.check import check_dataset
 from llavactl.data.synth import write_shapes
+from llavactl.data.tokens import TokenContext
 from llavactl.model.sources import IMAGE_TOKEN, load_tokenizer, tower_image_spec
 
 

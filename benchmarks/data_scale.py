@@ -234,7 +234,7 @@ def main() -> None:
             figures[name] = measure(name, train(on_data, name), env(cache, **one_thread), logs, pss="process")
         # tiny's shapes are generated on first use: made here, so that the run below finds them.
         subprocess.run(
-            [sys.executable, "-c", "from llavactl.data.sources import shapes_dataset; shapes_dataset(0)"],
+            [sys.executable, "-c", "from llavactl.data.synth import shapes_dataset; shapes_dataset(0)"],
             env=env("builtin"),
             check=True,
         )

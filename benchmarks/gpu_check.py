@@ -380,6 +380,7 @@ def trainer_samples_per_s(spec: dict[str, Any], data: Path, out: Path) -> float:
 
     from llavactl.config.loader import load_profile
     from llavactl.data.dataset import Collator, build_dataset
+    from llavactl.data.source import open_source
     from llavactl.model.assembly import build_llava
 
     profile = load_profile(spec["profile"], _overrides(spec, data, out, 1)).profile
@@ -393,7 +394,11 @@ def trainer_samples_per_s(spec: dict[str, Any], data: Path, out: Path) -> float:
         random_weights=spec["profile"] != "tiny",
     )
     dataset = build_dataset(
-        profile.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, profile.seed
+        open_source(profile.data, profile.seed),
+        profile.data,
+        assembled.tokenizer,
+        assembled.image_token_id,
+        assembled.image_spec,
     )
     step_ends: list[float] = []
 

@@ -63,6 +63,7 @@ def build(data_path: Path, layers: int) -> tuple[Any, Any, Any, Any]:
     """The model (SmolLM-135M's shapes, ``layers`` of its 30), the profile, the dataset and its tokenizer."""
     from llavactl.config.loader import load_profile
     from llavactl.data.dataset import build_dataset
+    from llavactl.data.source import open_source
     from llavactl.model.assembly import build_llava
     from llavactl.train.loss import llava_of
 
@@ -86,7 +87,9 @@ def build(data_path: Path, layers: int) -> tuple[Any, Any, Any, Any]:
     language_model.config.num_hidden_layers = layers
     assembled.model.train()
     tok = tokenizer(Path(tempfile.mkdtemp(prefix="llavactl-bench-tok-")))
-    dataset = build_dataset(profile.data, tok, assembled.image_token_id, assembled.image_spec, 0)
+    dataset = build_dataset(
+        open_source(profile.data, 0), profile.data, tok, assembled.image_token_id, assembled.image_spec
+    )
     return assembled, profile, dataset, tok
 
 

@@ -79,11 +79,14 @@ def run_llavactl(loaded: LoadedProfile) -> list[float]:
 
 def _model_and_data(loaded: LoadedProfile) -> tuple[Any, Any, Any]:
     from llavactl.data.dataset import Collator, build_dataset
+    from llavactl.data.source import open_source
     from llavactl.model.assembly import build_llava
 
     p = loaded.profile
     assembled = build_llava(p.model, p.stage, image_size=p.data.image_size, seed=p.seed)
-    dataset = build_dataset(p.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, p.seed)
+    dataset = build_dataset(
+        open_source(p.data, p.seed), p.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec
+    )
     return assembled, dataset, Collator(assembled.tokenizer.pad_token_id)
 
 

@@ -1,9 +1,20 @@
-"""What the operating system says of a write that failed and of a process: asked by every layer."""
+"""What the operating system says of a write that failed, of a process and of a file's bytes: asked by every layer."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+from pathlib import Path
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of every byte of ``path`` (hex)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_full_disk(exc: BaseException) -> bool:

@@ -49,11 +49,11 @@ def shapes(shapes_data: Callable[..., Path]) -> Path:
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A llavactl cache of the test's own (``$LLAVACTL_CACHE``) where even a tiny data file's index and
     token counts are kept; the path of its record indexes."""
-    from llavactl.data import parquet, store
+    from llavactl.data import cache, json_index, parquet
 
     monkeypatch.setenv("LLAVACTL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(store, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(cache, "CACHE_MIN_BYTES", 0)
     # A file an earlier test opened is memoised without a cache key: opened anew here, so its index is kept.
-    store._open.cache_clear()
+    json_index._open.cache_clear()
     parquet._open.cache_clear()
     return tmp_path / "cache" / "records"

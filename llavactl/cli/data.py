@@ -58,7 +58,7 @@ def check(
     from llavactl.data.check import write_clean as write_clean_file
     from llavactl.data.dataset import Batching
     from llavactl.data.images import ImageLimits
-    from llavactl.data.sources import resolve_data_source
+    from llavactl.data.source import open_source
     from llavactl.model.sources import data_token_context
 
     _refuse_old_json_file_form(as_json, overrides)
@@ -70,7 +70,8 @@ def check(
         )
     loaded = load(profile, overrides)
     prof, data = loaded.profile, loaded.profile.data
-    records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, prof.seed)
+    source = open_source(data, prof.seed)
+    records_path, image_folder = source.path, source.image_folder
     tokens, why = data_token_context(prof.model, data.image_size)
     skipped = (f"token lengths, masks and template checks: {why}",) if why else ()
     report, raws = check_dataset(
@@ -204,12 +205,12 @@ def preview(
 ) -> None:
     """Show what records train on: masked text dimmed, supervised text highlighted, images collapsed."""
     from llavactl.data.preview import PreviewProblem, packed_spans, preview_records
-    from llavactl.data.sources import resolve_data_source
+    from llavactl.data.source import open_source
     from llavactl.model.sources import data_token_context
 
     loaded = load(profile, overrides)
     prof, data = loaded.profile, loaded.profile.data
-    records_path, _ = resolve_data_source(data.data_path, data.image_folder, prof.seed)
+    records_path = open_source(data, prof.seed).path
     tokens, why = data_token_context(prof.model, data.image_size)
     if tokens is None:
         raise ModelSourceError(f"preview needs the tokenizer and the tower's image spec: {why}")
@@ -294,11 +295,12 @@ def convert(
     """Write the profile's data (`data.data_path`, `data.image_folder`) as Parquet shards or JSONL."""
     from llavactl.data.convert import convert as convert_records
     from llavactl.data.images import ImageLimits
-    from llavactl.data.sources import resolve_data_source
+    from llavactl.data.source import open_source
 
     loaded = load(profile, overrides)
     data = loaded.profile.data
-    records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, loaded.profile.seed)
+    source = open_source(data, loaded.profile.seed)
+    records_path, image_folder = source.path, source.image_folder
     written = convert_records(
         records_path,
         image_folder,

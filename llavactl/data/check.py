@@ -19,14 +19,23 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from llavactl.data.cache import cache_root, keep
 from llavactl.data.dataset import Batching, padding_summary
-from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, open_rgb, probe
+from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, open_rgb, probe
 from llavactl.data.lengths import counting, counts_path
 from llavactl.data.mixture import MixtureStore
-from llavactl.data.records import IMAGE_MARKER, Problem, Record, RecordProblem, Severity, check_image_markers
-from llavactl.data.sources import cache_root
-from llavactl.data.store import RecordStore, keep, open_records
+from llavactl.data.records import (
+    IMAGE_MARKER,
+    Problem,
+    Record,
+    RecordProblem,
+    RecordSource,
+    Severity,
+    check_image_markers,
+)
+from llavactl.data.source import open_records
 from llavactl.data.templates import render
+from llavactl.data.tokens import TokenContext
 from llavactl.errors import DataError
 
 # Bump when a check's findings change for the same inputs: reports kept before are then never read.
@@ -97,15 +106,6 @@ def counted(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
-@dataclass(frozen=True)
-class TokenContext:
-    """What the length and mask checks need; absent when the tokenizer or tower cannot be had."""
-
-    tokenizer: Any
-    image_token_id: int
-    spec: ImageSpec
-
-
 def check_dataset(
     records_path: Path,
     image_folder: Path,
@@ -120,7 +120,7 @@ def check_dataset(
     skipped_checks: tuple[str, ...] = (),
     batching: Batching | None = None,
     seed: int = 0,
-) -> tuple[CheckReport, RecordStore]:
+) -> tuple[CheckReport, RecordSource]:
     """Check the records of ``records_path`` (``seed``: the profile's, for a mixture's random picks);
     return the report and the store they were read from.
     With ``batching`` and token lengths, the stats say how much of the profile's padded batches is
@@ -141,7 +141,7 @@ def check_dataset(
 
 
 def _check(
-    store: RecordStore,
+    store: RecordSource,
     image_folder: Path,
     template: str,
     max_seq_len: int,
@@ -225,7 +225,7 @@ def _check(
     return CheckReport(n_records, problems, stats, list(skipped_checks), records_path), images
 
 
-def _located(store: RecordStore, problem: Problem) -> Problem:
+def _located(store: RecordSource, problem: Problem) -> Problem:
     """The problem, its message naming the shard and row of a Parquet/Arrow record."""
     where = None if problem.index is None else store.where(problem.index)
     if where is None or where in problem.message:
@@ -234,7 +234,7 @@ def _located(store: RecordStore, problem: Problem) -> Problem:
 
 
 def _kept_path(
-    store: RecordStore,
+    store: RecordSource,
     image_folder: Path,
     template: str,
     max_seq_len: int,
@@ -439,7 +439,7 @@ def _histogram(ordered: list[int]) -> list[dict[str, int]]:
     ]
 
 
-def write_clean(store: RecordStore, report: CheckReport, out: Path) -> int:
+def write_clean(store: RecordSource, report: CheckReport, out: Path) -> int:
     """Write the records checked without error-level problems to ``out`` (JSONL for ``.jsonl``, else
     a JSON list); return how many were written. Never over the records file it was checked from."""
     bad = report.bad_indices()
@@ -450,12 +450,12 @@ def write_clean(store: RecordStore, report: CheckReport, out: Path) -> int:
     return len(keep)
 
 
-def write_report(out: Path, report: CheckReport, store: RecordStore) -> None:
+def write_report(out: Path, report: CheckReport, store: RecordSource) -> None:
     """Write the JSON report to ``out`` (``--json-file``); never over the data it reports on."""
     _write_output(out, dump_json(report.as_json(), indent=1) + "\n", store, "--json-file", "the report")
 
 
-def _write_output(out: Path, text: str, store: RecordStore, option: str, what: str) -> None:
+def _write_output(out: Path, text: str, store: RecordSource, option: str, what: str) -> None:
     """Write ``text`` to ``out``, unless ``out`` is (a path or link to) a file the data is read from."""
     for data in store.files():
         if _same_file(out, data):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, describe, probe, require_file
-from llavactl.data.records import Problem, Record, RecordProblem, check_image_markers
+from llavactl.data.records import Problem, Record, RecordProblem, check_image_markers, require_records
 from llavactl.data.synth import check_out_dir
 from llavactl.errors import DataError
 
@@ -53,7 +53,7 @@ def convert(
 
 
 def _valid(records: Path, image_folder: Path, seed: int, limits: ImageLimits) -> Iterator[Record]:
-    from llavactl.data.store import open_records, require_records
+    from llavactl.data.source import open_records
 
     store = open_records(records, seed)
     require_records(store, str(records))

@@ -1,6 +1,6 @@
 """What the trainer iterates: the dataset, its collator and a resumable, seeded sampler.
 
-Records are read from the file's :class:`~llavactl.data.store.RecordStore` one at a time, as are
+Records are read from the data's :class:`~llavactl.data.records.RecordSource` one at a time, as are
 their images decoded and their text tokenized, so DataLoader workers share the work and no process
 holds the parsed records. The batch layout is the one transformers'
 ``LlavaForConditionalGeneration`` consumes: every ``<image>`` is ``num_image_tokens`` copies of the
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,14 +21,11 @@ from torch.utils.data import Dataset, Sampler
 from llavactl.config.schema import DataConfig, Profile
 from llavactl.data.images import ImageFileError, ImageLimits, ImageSpec, load_image
 from llavactl.data.packing import first_fit_decreasing, pack
-from llavactl.data.records import Problem, Record, RecordProblem, parse_raw
-from llavactl.data.sources import resolve_data_source
-from llavactl.data.store import RecordStore, open_records, require_records
+from llavactl.data.records import Problem, Record, RecordProblem, RecordSource, parse_raw, require_records
+from llavactl.data.source import DataSource
 from llavactl.data.templates import IGNORE_INDEX, encoder_for, prepare
+from llavactl.data.tokens import TokenContext
 from llavactl.errors import DataError
-
-if TYPE_CHECKING:
-    from llavactl.data.check import TokenContext
 
 # Megabatches of this many batches are sorted by length before being cut into batches
 # (transformers' LengthGroupedSampler uses the same factor).
@@ -59,7 +56,7 @@ class LlavaDataset(Dataset):
 
     def __init__(
         self,
-        store: RecordStore,
+        store: RecordSource,
         image_folder: Path,
         data: DataConfig,
         tokenizer: Any,
@@ -114,8 +111,6 @@ class LlavaDataset(Dataset):
         return np.where(counts.built(), np.minimum(counts.full, max_len), max_len)
 
     def _token_context(self) -> TokenContext:
-        from llavactl.data.check import TokenContext
-
         return TokenContext(self.encoder.tokenizer, self.encoder.image_token_id, self.spec)
 
     def records(self) -> Iterator[Record]:
@@ -529,9 +524,10 @@ def take_skipped(batch: dict[str, Any], on_error: str) -> list[Skipped]:
     return skipped
 
 
-def build_dataset(data: DataConfig, tokenizer: Any, image_token_id: int, spec: ImageSpec, seed: int) -> LlavaDataset:
-    """The training dataset of a profile's ``data`` section (``seed`` picks builtin data)."""
-    records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, seed)
-    store = open_records(records_path, seed)
-    require_records(store, str(records_path), empty_fix="point `data.data_path` at a non-empty data set")
-    return LlavaDataset(store, image_folder, data, tokenizer, image_token_id, spec)
+def build_dataset(
+    source: DataSource, data: DataConfig, tokenizer: Any, image_token_id: int, spec: ImageSpec
+) -> LlavaDataset:
+    """The training dataset of the opened ``source`` of a profile's ``data`` section."""
+    store = source.records
+    require_records(store, str(source.path), empty_fix="point `data.data_path` at a non-empty data set")
+    return LlavaDataset(store, source.image_folder, data, tokenizer, image_token_id, spec)

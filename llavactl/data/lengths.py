@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llavactl.data.records import Record, RecordProblem
-from llavactl.data.sources import cache_root
-from llavactl.data.store import RecordStore, keep
+from llavactl.data.cache import cache_root, keep
+from llavactl.data.records import Record, RecordProblem, RecordSource
 from llavactl.data.templates import encoder_for, prepare
 
 if TYPE_CHECKING:
-    from llavactl.data.check import TokenContext
+    from llavactl.data.tokens import TokenContext
 
 # Bump when what is counted changes (a template's rendering, the cut): old files are never read.
 LENGTHS_VERSION = 1
@@ -49,7 +48,7 @@ class TokenCounts:
         return self.full != UNBUILT
 
 
-def counts_path(store: RecordStore, tokens: TokenContext, template: str, max_seq_len: int) -> Path | None:
+def counts_path(store: RecordSource, tokens: TokenContext, template: str, max_seq_len: int) -> Path | None:
     """Where these counts live, or None for a store without a fingerprint (a file scanned, not opened)."""
     if store.key is None:
         return None
@@ -76,7 +75,7 @@ def _tokenizer_key(tokenizer: Any) -> str:
     return hashlib.sha256((spec + repr(extra)).encode()).hexdigest()
 
 
-def cached_counts(store: RecordStore, tokens: TokenContext, template: str, max_seq_len: int) -> TokenCounts | None:
+def cached_counts(store: RecordSource, tokens: TokenContext, template: str, max_seq_len: int) -> TokenCounts | None:
     """The counts kept for exactly these inputs, or None."""
     path = counts_path(store, tokens, template, max_seq_len)
     if path is None or not path.is_file():
@@ -91,7 +90,7 @@ def cached_counts(store: RecordStore, tokens: TokenContext, template: str, max_s
 
 
 def token_counts(
-    store: RecordStore, tokens: TokenContext, template: str, max_seq_len: int, *, workers: int = 1
+    store: RecordSource, tokens: TokenContext, template: str, max_seq_len: int, *, workers: int = 1
 ) -> TokenCounts:
     """The counts of every record: the cached ones, or computed over ``workers`` processes and kept."""
     cached = cached_counts(store, tokens, template, max_seq_len)
@@ -103,7 +102,7 @@ def token_counts(
 
 @contextlib.contextmanager
 def counting(
-    store: RecordStore, tokens: TokenContext, template: str, max_seq_len: int, count: int, *, workers: int
+    store: RecordSource, tokens: TokenContext, template: str, max_seq_len: int, count: int, *, workers: int
 ) -> Iterator[Callable[[], TokenCounts]]:
     """Count the first ``count`` records while the caller does other work (``data check`` parses
     the records and checks their images meanwhile); yield the function that waits for the counts.
@@ -136,7 +135,7 @@ def counting(
 
 
 def _kept(
-    store: RecordStore, tokens: TokenContext, template: str, max_seq_len: int, counts: TokenCounts, whole: bool
+    store: RecordSource, tokens: TokenContext, template: str, max_seq_len: int, counts: TokenCounts, whole: bool
 ) -> TokenCounts:
     path = counts_path(store, tokens, template, max_seq_len) if whole else None
     if path is not None:
@@ -145,7 +144,7 @@ def _kept(
 
 
 def count_records(
-    store: RecordStore, tokens: TokenContext, template: str, max_seq_len: int, indices: range, *, workers: int = 1
+    store: RecordSource, tokens: TokenContext, template: str, max_seq_len: int, indices: range, *, workers: int = 1
 ) -> TokenCounts:
     """The counts of the records ``indices``, each decoded, rendered and tokenized as training does."""
     job, ranges = _ranges(store, tokens, template, max_seq_len, indices, workers)
@@ -159,7 +158,7 @@ def count_records(
 
 
 def _ranges(
-    store: RecordStore, tokens: TokenContext, template: str, max_seq_len: int, indices: range, workers: int
+    store: RecordSource, tokens: TokenContext, template: str, max_seq_len: int, indices: range, workers: int
 ) -> tuple[tuple[Any, ...], list[range]]:
     """What a worker starts with, and ``indices`` cut into a few ranges a worker (so that one slow
     range does not hold the rest back)."""
@@ -182,7 +181,7 @@ _worker: dict[str, Any] = {}
 
 
 def _start_worker(
-    store: RecordStore, tokenizer: Any, image_token_id: int, num_image_tokens: int, template: str, max_seq_len: int
+    store: RecordSource, tokenizer: Any, image_token_id: int, num_image_tokens: int, template: str, max_seq_len: int
 ) -> None:
     _worker.update(
         store=store,
@@ -193,7 +192,7 @@ def _start_worker(
 
 
 def _count_range(indices: range) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, tuple[str, str]]]:
-    store: RecordStore = _worker["store"]
+    store: RecordSource = _worker["store"]
     template, max_seq_len, encoder = _worker["template"], _worker["max_seq_len"], _worker["encoder"]
     out = np.full((4, len(indices)), UNBUILT, dtype=np.int32)
     problems: dict[int, tuple[str, str]] = {}

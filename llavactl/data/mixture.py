@@ -15,8 +15,9 @@ Paths are relative to the YAML file's folder. A source without its own ``image_f
 paths made absolute under it. The selection is fixed by the file and the seed (its own, else the
 profile's ``seed``), so every command and every rank sees the same records; each source keeps its
 order (random picks are kept in file order), and the sources follow each other as listed.
-:class:`MixtureStore` offers the record store's interface, so everything that reads data reads a
-mixture, and counts what it took from each source.
+:class:`MixtureStore` is a :class:`~llavactl.data.records.RecordSource`, so everything that reads
+data reads a mixture, and counts what it took from each source. Its sources are opened by the one
+entry, :mod:`llavactl.data.source`, which hands :func:`open_mixture` its opener.
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ import hashlib
 import math
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llavactl.data.parts import Parts
-from llavactl.data.records import Problem, RawRecord, Record
+from llavactl.data.records import Parts, Problem, RawRecord, Record, RecordSource, parse_each, require_records
 from llavactl.errors import DataError, excerpt
 
 SUFFIXES = (".yaml", ".yml")
@@ -82,11 +82,11 @@ def select(strategy: str, count: int, rng: random.Random, where: str) -> np.ndar
 
 
 class MixtureStore:
-    """The records of several stores, as one (the record store's interface)."""
+    """The records of several stores, as one :class:`~llavactl.data.records.RecordSource`."""
 
     kind = "mixture"
 
-    def __init__(self, path: Path, stores: list[Any], sources: list[Source], key: str | None) -> None:
+    def __init__(self, path: Path, stores: list[RecordSource], sources: list[Source], key: str | None) -> None:
         self.path = path
         self.key = key
         self.problems: list[Problem] = []
@@ -122,14 +122,12 @@ class MixtureStore:
         return RawRecord(i, raw.line, value)
 
     def parsed(self, indices: Iterable[int] | None = None) -> Iterator[Record | Problem]:
-        from llavactl.data.store import parse_each
-
         return parse_each(self, indices)
 
     def __iter__(self) -> Iterator[RawRecord]:
         return (self.raw(i) for i in range(len(self)))
 
-    def _pairs(self) -> Iterator[tuple[Any, Source]]:
+    def _pairs(self) -> Iterator[tuple[RecordSource, Source]]:
         return zip(self.stores, self.sources, strict=True)
 
     def has_image(self) -> np.ndarray:
@@ -153,9 +151,9 @@ def _under(folder: Path, image: Any) -> Any:
     return str(folder / image) if isinstance(image, str) and image else image
 
 
-def open_mixture(path: Path, seed: int = 0) -> MixtureStore:
-    """The mixture that the YAML file ``path`` describes; random picks draw with its ``seed``, else
-    with ``seed`` (the profile's)."""
+def open_mixture(path: Path, seed: int, open_source: Callable[[Path], RecordSource]) -> MixtureStore:
+    """The mixture that the YAML file ``path`` describes, each source opened by ``open_source``;
+    random picks draw with its ``seed``, else with ``seed`` (the profile's)."""
     import yaml
 
     try:
@@ -174,7 +172,7 @@ def open_mixture(path: Path, seed: int = 0) -> MixtureStore:
         raise DataError(f"mixture file {path}: `seed` must be an integer, got {excerpt(seed)}", fix="e.g. `seed: 0`")
     stores, sources, keys = [], [], []
     for n, entry in enumerate(entries):
-        store, source = _source(path, n, entry, seed)
+        store, source = _source(path, n, entry, seed, open_source)
         stores.append(store)
         sources.append(source)
         keys.append(None if store.key is None else f"{store.key}:{source.strategy}:{source.image_folder}")
@@ -184,10 +182,10 @@ def open_mixture(path: Path, seed: int = 0) -> MixtureStore:
     return MixtureStore(path, stores, sources, key)
 
 
-def _source(path: Path, n: int, entry: Any, seed: int) -> tuple[Any, Source]:
+def _source(
+    path: Path, n: int, entry: Any, seed: int, open_source: Callable[[Path], RecordSource]
+) -> tuple[RecordSource, Source]:
     """Entry ``n`` of the mixture file ``path``: its store, and what the mixture takes of it."""
-    from llavactl.data.store import open_records, require_records
-
     where = f"{path} datasets[{n}]"
     if not isinstance(entry, dict):
         raise DataError(
@@ -222,7 +220,7 @@ def _source(path: Path, n: int, entry: Any, seed: int) -> tuple[Any, Source]:
             f'{where}: sampling_strategy must be text such as "first:10%", got {excerpt(strategy)}',
             fix='write e.g. `sampling_strategy: "first:10%"` or `"random:5000"`',
         )
-    store = open_records(file)
+    store = open_source(file)
     require_records(store, f"{where}: {file}", empty_fix="point the entry at the file that holds them, or drop it")
     taken = select(strategy, len(store), random.Random(f"{seed}:{n}:{given}"), where)
     if len(taken) == 0:
@@ -242,8 +240,3 @@ def _known_keys(mapping: dict[Any, Any], known: tuple[str, ...], where: str) -> 
                 f"{where}: unknown key {excerpt(key)}",
                 fix=f"did you mean `{close[0]}`?" if close else f"the keys read here are {', '.join(known)}",
             )
-
-
-def sources_of(store: Any) -> str | None:
-    """What a mixture took from each source, in words; None for a store of one source."""
-    return store.describe() if isinstance(store, MixtureStore) else None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -28,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from llavactl.data.parts import Parts
-from llavactl.data.records import Problem, RawRecord, Record, RecordProblem
+from llavactl.data import cache
+from llavactl.data.records import Parts, Problem, RawRecord, Record, RecordProblem, parse_each
 from llavactl.errors import DataError
 
 SHARD_SUFFIXES = (".parquet", ".arrow")
@@ -223,7 +222,7 @@ def _images_of(row: Any, shard: Path, index: int) -> tuple[str | None, list[Any]
 
 
 class ParquetStore:
-    """The rows of Parquet/Arrow shards with :class:`~llavactl.data.store.RecordStore`'s interface.
+    """The rows of Parquet/Arrow shards, a :class:`~llavactl.data.records.RecordSource`.
 
     ``key`` names the shards and their fingerprints (what is cached of them is filed under it).
     """
@@ -276,8 +275,6 @@ class ParquetStore:
 
     def parsed(self, indices: Iterable[int] | None = None) -> Iterator[Record | Problem]:
         """Each row (all, or ``indices``) as a valid record or the problem that stops it."""
-        from llavactl.data.store import parse_each
-
         return parse_each(self, indices)
 
     def __iter__(self) -> Iterator[RawRecord]:
@@ -331,13 +328,11 @@ def _from_messages(messages: Any) -> Any:
 def _open(path: Path, shards: tuple[Path, ...], stamps: tuple[tuple[int, ...], ...]) -> ParquetStore:
     # The key names the data set and every shard's fingerprint: what is cached of the rows (token
     # counts, `data check` reports) is filed under it, and a changed shard never meets a stale entry.
-    from llavactl.data import store
-
-    if sum(stamp[0] for stamp in stamps) < store.CACHE_MIN_BYTES:
+    if sum(stamp[0] for stamp in stamps) < cache.CACHE_MIN_BYTES:
         return ParquetStore(path, list(shards))  # as for a small JSON file, nothing is kept
-    named = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    version = hashlib.sha256(repr((KEY_VERSION, [str(s) for s in shards], stamps)).encode()).hexdigest()[:16]
-    return ParquetStore(path, list(shards), f"{named}-{version}")
+    return ParquetStore(
+        path, list(shards), cache.keyed_name(path.resolve(), (KEY_VERSION, [str(s) for s in shards], stamps))
+    )
 
 
 def open_shards(path: Path) -> ParquetStore:

@@ -16,7 +16,7 @@ from llavactl.errors import DataError
 
 if TYPE_CHECKING:
     from llavactl.config.schema import DataConfig
-    from llavactl.data.check import TokenContext
+    from llavactl.data.tokens import TokenContext
 
 RunKind = Literal["masked", "supervised", "image"]
 
@@ -94,8 +94,8 @@ def preview_records(
     records_path: Path, data: DataConfig, tokens: TokenContext, *, n: int, index: int | None = None, seed: int = 0
 ) -> list[PreviewItem | PreviewProblem]:
     """The first ``n`` records of ``records_path`` (or record ``index`` alone) as training prepares them."""
-    from llavactl.data.records import Problem, RecordProblem
-    from llavactl.data.store import open_records, require_records
+    from llavactl.data.records import Problem, RecordProblem, require_records
+    from llavactl.data.source import open_records
     from llavactl.data.templates import encoder_for, prepare
 
     store = open_records(records_path, seed)

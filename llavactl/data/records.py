@@ -1,9 +1,10 @@
-"""Read LLaVA-format records (a JSON list or JSONL) and validate their structure.
+"""The record model: LLaVA-format records, their validation, and the interface every store offers.
 
 A record is ``{"id": str | int, "image": path | [paths] (optional), "conversations": [{"from":
 "human" | "gpt" | "system", "value": str}, ...]}``; other top-level keys are ignored. Structural
 problems become :class:`Problem` values with a stable ``code`` so that ``data check`` can report
-all of them and the dataset can name the record it stops on.
+all of them and the dataset can name the record it stops on. :class:`RecordSource` is what every
+store of records (a JSON/JSONL file, Parquet shards, a mixture) implements.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from llavactl.errors import DataError, excerpt
+
+if TYPE_CHECKING:
+    import numpy as np
 
 IMAGE_MARKER = "<image>"
 # Integer ids beyond 64 bits are JSON that Arrow, pandas and most other readers cannot hold.
@@ -85,27 +89,6 @@ class RawRecord:
     index: int
     line: int  # 1-based line where the record starts in the file
     value: Any
-
-
-def read_raw_records(path: Path) -> tuple[list[RawRecord], list[Problem]]:
-    """Every element of ``path`` (a JSON list, or JSONL) decoded; see :mod:`llavactl.data.store`.
-
-    A JSON list that does not parse gives one ``bad_json`` problem and no records; in JSONL each
-    bad line gives its own problem and the other lines still load.
-    """
-    from llavactl.data.store import open_records
-
-    store = open_records(path)
-    records: list[RawRecord] = []
-    problems = list(store.problems)
-    for i in range(len(store)):
-        try:
-            records.append(store.raw(i))
-        except RecordProblem as p:
-            if store.kind == "list":
-                return [], [store.file_problem()]
-            problems.append(Problem(p.code, p.message, i))
-    return records, problems
 
 
 def decode_json(text: str, line_offset: int = 0, column_offset: int = 0) -> Any:
@@ -258,20 +241,95 @@ def _reportable_id(rid: Any) -> str | int | None:
     return rid if isinstance(rid, int) else None
 
 
-def load_records(path: Path) -> list[Record]:
-    """Read and validate every record of a (small) file; raise :class:`DataError` naming the first bad one."""
-    raws, problems = read_raw_records(path)
-    if problems:
-        p = problems[0]
-        where = f" (record {p.index})" if p.index is not None else ""
-        raise DataError(f"{path}: invalid JSON{where}: {p.message}", fix=f"run `llavactl data check` on {path}")
-    records = []
-    for raw, parsed in iter_records(raws):
-        if isinstance(parsed, Problem):
-            raise DataError(
-                f"{path}: record {raw.index} (id {parsed.id!r}, line {raw.line}): {parsed.code}: {parsed.message}",
-                fix="fix or drop the record; `llavactl data check --write-clean FILE` writes the data without "
-                "bad records",
-            )
-        records.append(parsed)
-    return records
+@runtime_checkable
+class RecordSource(Protocol):
+    """The records of a data set, decoded when read: what every store implements (a JSON/JSONL file's
+    :class:`~llavactl.data.json_index.RecordStore`, :class:`~llavactl.data.parquet.ParquetStore`,
+    :class:`~llavactl.data.mixture.MixtureStore`) and every reader of data reads.
+
+    ``path`` is what was opened (a file, a folder or glob of shards, a mixture file); ``kind`` the
+    store's layout (``list`` or ``jsonl`` for a file, ``shards``, ``mixture``); ``problems`` the data's
+    own problems (a JSON list whose structure is broken: then it has no records); ``key`` names the
+    data and its version for what is cached of it (None when nothing is kept, as for a small file).
+    """
+
+    path: Path
+    kind: str
+    key: str | None
+    problems: list[Problem]
+
+    def __len__(self) -> int: ...
+
+    def raw(self, i: int) -> RawRecord:
+        """Record ``i`` decoded; :class:`RecordProblem` ``bad_json`` when it cannot be."""
+        ...
+
+    def parsed(self, indices: Iterable[int] | None = None) -> Iterator[Record | Problem]:
+        """Each record (all, or ``indices``) as a valid record or the problem that stops it."""
+        ...
+
+    def __iter__(self) -> Iterator[RawRecord]: ...
+
+    def has_image(self) -> np.ndarray:
+        """Whether each record has an image (an estimate where deciding it would decode every record)."""
+        ...
+
+    def sizes(self) -> np.ndarray:
+        """Each record's size (bytes or characters of text): for ordering by length, not for counting."""
+        ...
+
+    def files(self) -> list[Path]:
+        """The files the records are read from (what no output may overwrite)."""
+        ...
+
+    def where(self, i: int) -> str | None:
+        """How messages name record ``i`` beyond its index (a shard's row, a mixture's source); None
+        when its index says it all."""
+        ...
+
+
+def parse_each(store: RecordSource, indices: Iterable[int] | None) -> Iterator[Record | Problem]:
+    """Each record of ``store`` (all, or ``indices``) as a valid record or the problem that stops it."""
+    for i in range(len(store)) if indices is None else indices:
+        try:
+            raw = store.raw(i)
+        except RecordProblem as p:
+            yield Problem(p.code, p.message, i)
+            continue
+        yield parse_raw(raw)
+
+
+def require_records(
+    store: RecordSource, name: str, *, empty_fix: str = "point it at the file that holds the records"
+) -> None:
+    """:class:`DataError` unless ``store`` holds records: a file that cannot be read as records (its
+    first problem, with its place in the file) or one that holds none. ``name`` is how the message
+    names the data (a path, or a mixture's entry and path)."""
+    if store.problems:
+        raise DataError(
+            f"{name} cannot be read as records: {store.problems[0].message}",
+            fix="correct the file where it says (`llavactl data check` lists every problem)",
+        )
+    if not len(store):
+        raise DataError(f"{name} holds no records", fix=empty_fix)
+
+
+class Parts:
+    """Record ``i`` of parts of ``counts`` records each, laid end to end, as (part, offset in it)."""
+
+    def __init__(self, counts: Iterable[int]) -> None:
+        import numpy as np
+
+        self._starts = np.cumsum([0, *counts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """The part of record ``i`` and its offset there; IndexError outside ``0 .. len - 1``."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        import numpy as np
+
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return k, i - int(self._starts[k])

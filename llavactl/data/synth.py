@@ -10,15 +10,23 @@ place are only in descriptions, never asked alone: the background is the image's
 which a model reads long before it can tell the figure from the ground, and when it was asked as
 often as the shape's colour, the `tiny` profile's models answered the background's colour to
 "What colour is the shape?" (65-75% of answers) and did not get past it within their minute.
+
+``builtin:shapes`` is generated on first use into the cache (:func:`shapes_dataset`), under a folder
+named by its parameters, and written to a temporary folder renamed into place so that an interrupted
+or concurrent run never leaves half a data set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from llavactl.data.cache import cache_root
 from llavactl.errors import DataError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -146,3 +154,26 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir} is not empty (it holds {shown}); the data set would be written among those files",
             fix="give a new or empty folder, or add --force to write over files of the same names",
         )
+
+
+def shapes_dataset(seed: int, n: int = DEFAULT_COUNT, image_size: int = DEFAULT_IMAGE_SIZE) -> Path:
+    """The cached shapes records file for these parameters, generated when absent."""
+    key = hashlib.sha256(f"shapes-v3 n={n} seed={seed} size={image_size}".encode()).hexdigest()[:16]
+    final = cache_root() / "shapes" / key
+    records = final / RECORDS_FILE
+    if records.is_file():
+        return records
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+    try:
+        write_shapes(tmp, n=n, seed=seed, image_size=image_size)
+        try:
+            tmp.rename(final)
+        except OSError:
+            # Another process finished the same data set first; its copy is identical.
+            if not records.is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return records

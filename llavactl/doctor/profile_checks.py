@@ -58,18 +58,17 @@ def quantization_check(resolved: ResolvedRun) -> CheckResult:
 
 def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
     from llavactl.data.images import exists
-    from llavactl.data.records import Problem
-    from llavactl.data.sources import resolve_data_source
-    from llavactl.data.store import open_records, require_records
+    from llavactl.data.records import Problem, require_records
+    from llavactl.data.source import open_source
 
     if data.data_path.startswith("builtin:"):
         return [passed("data", f"{data.data_path}: built-in synthetic data, made on first use")]
     try:
-        path, folder = resolve_data_source(data.data_path, data.image_folder, seed)
-        store = open_records(path, seed)
+        source = open_source(data, seed)
     except DataError as exc:
         return [failed("data", exc.message, exc.fix or "fix the data file")]
     try:
+        path, folder, store = source.path, source.image_folder, source.records
         require_records(store, str(path), empty_fix="point `data.data_path` at a non-empty data set")
     except DataError as exc:
         return [failed("data records", exc.message, exc.fix or "fix the data file")]

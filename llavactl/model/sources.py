@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from llavactl.data.tokens import TokenContext
 from llavactl.errors import ModelSourceError
 from llavactl.model import builtin, hub
 
@@ -15,7 +16,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from llavactl.config.schema import ModelConfig
-    from llavactl.data.check import TokenContext
     from llavactl.data.images import ImageSpec
 
 IMAGE_TOKEN = "<image>"
@@ -70,8 +70,6 @@ def tower_image_spec(vision_tower: str, image_size: int | None) -> ImageSpec:
 def data_token_context(model_cfg: ModelConfig, image_size: int | None) -> tuple[TokenContext | None, str | None]:
     """The tokenizer, `<image>` id and image spec that `data check` and `data preview` read records
     with, or why they cannot be had here (no weights are needed; offline, no download)."""
-    from llavactl.data.check import TokenContext
-
     try:
         tokenizer = load_tokenizer(model_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path)
         spec = tower_image_spec(model_cfg.vision_tower, image_size)

@@ -121,10 +121,8 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
     import numpy as np
 
     from llavactl.data.dataset import Batching, micro_batch_work, padding_summary
-    from llavactl.data.mixture import sources_of
     from llavactl.data.records import Record, RecordProblem
-    from llavactl.data.sources import resolve_data_source
-    from llavactl.data.store import open_records
+    from llavactl.data.source import open_source
     from llavactl.data.templates import encoder_for, prepare
 
     data = profile.data
@@ -142,15 +140,15 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
         max(1, (data.max_seq_len - per_image) // 2),
     )
     try:
-        path, _ = resolve_data_source(data.data_path, data.image_folder, profile.seed)
-        store = open_records(path, profile.seed)
+        opened = open_source(data, profile.seed)
     except DataError as exc:
         return replace(fallback, source=f"{fallback.source} ({exc.message})")
+    store = opened.records
     count = len(store)
     counts = None
     if assembled.tokenizer is not None:
-        from llavactl.data.check import TokenContext
         from llavactl.data.lengths import cached_counts
+        from llavactl.data.tokens import TokenContext
 
         context = TokenContext(assembled.tokenizer, assembled.image_token_id, assembled.image_spec)
         counts = cached_counts(store, context, data.conversation_template, data.max_seq_len)
@@ -198,7 +196,7 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
         )
     ordered = sorted(lengths)
     batching = Batching.of(profile)
-    mixed = sources_of(store)
+    mixed = opened.mixed()
     return TokenPlan(
         f"{source}; sources: {mixed}" if mixed else source,
         count,

@@ -22,7 +22,6 @@ Retention never removes the newest checkpoint saved after a good step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -30,10 +29,13 @@ import random
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llavactl.errors import CheckFailed, CheckpointError, ConfigError, OutputError
-from llavactl.system import is_full_disk
+from llavactl.system import file_sha256, is_full_disk
+
+if TYPE_CHECKING:
+    from llavactl.data.fingerprint import Fingerprint
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -238,17 +240,9 @@ def _check_free_space(output_dir: Path, expected_bytes: int) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifest(folder: Path) -> dict[str, Any]:
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.name != MANIFEST_FILE)
-    return {"format": 1, "files": {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}}
+    return {"format": 1, "files": {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}}
 
 
 def damage(folder: Path) -> str | None:
@@ -278,7 +272,7 @@ def damage(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{name} is {size:,} bytes, not the {expected['size']:,} it was saved with"
-        if _sha256(path) != expected.get("sha256"):
+        if file_sha256(path) != expected.get("sha256"):
             return f"{name} does not hold the bytes it was saved with (its checksum differs)"
     return None
 
@@ -362,7 +356,13 @@ def read_progress(folder: Path, total_steps: int | None = None) -> dict[str, Any
 
 
 # What a resume reads of trainer_state.json beyond the step and profile (read_progress checks those).
-RESUME_FIELDS = {"data_fingerprint": str, "data_position": dict, "bad_steps_total": int, "bad_steps_in_a_row": int}
+# The data's fingerprint is a dict (:mod:`llavactl.data.fingerprint`); an older llavactl wrote a string.
+RESUME_FIELDS = {
+    "data_fingerprint": (dict, str),
+    "data_position": dict,
+    "bad_steps_total": int,
+    "bad_steps_in_a_row": int,
+}
 
 
 def require_resume_fields(saved: Mapping[str, Any], folder: Path) -> None:
@@ -421,18 +421,6 @@ def check_same_world(folder: Path, saved_world_size: int, world_size: int) -> No
         )
 
 
-def fingerprint_data(data_path: str) -> str:
-    """A content hash of the data file, so that a resume notices edited records."""
-    path = Path(data_path).expanduser()
-    if not path.is_file():
-        return data_path  # builtin data sets are generated from their name and the seed
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
-
-
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
     flat: dict[str, Any] = {}
@@ -448,19 +436,18 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def resume_differences(
     saved_profile: Mapping[str, Any],
     current_profile: Mapping[str, Any],
-    saved_data: str,
-    current_data: str,
+    saved_data: object,
+    current_data: Fingerprint,
 ) -> list[str]:
-    """One line per setting or data change since the checkpoint that alters what training computes."""
+    """One line per setting or data change since the checkpoint that alters what training computes
+    (the data's: which file, shard or mixture source changed, and what of it)."""
     before, after = flatten(saved_profile), flatten(current_profile)
     lines = [
         f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
         for key in sorted(before.keys() | after.keys())
         if key not in RUN_CONTROL_KEYS and before.get(key) != after.get(key)
     ]
-    if saved_data != current_data:
-        lines.append(f"data content: {saved_data} -> {current_data}")
-    return lines
+    return lines + current_data.changes_since(saved_data)
 
 
 def check_resume_compatible(folder: Path, differences: list[str], *, force: bool) -> None:

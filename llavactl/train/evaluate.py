@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from llavactl.data import synth
 from llavactl.data.dataset import Collator, LlavaDataset, build_dataset, take_skipped
+from llavactl.data.source import open_source
 from llavactl.errors import ConfigError, DataError
 from llavactl.train.loss import summed_token_loss, supervised_token_count
 
@@ -42,7 +43,9 @@ def held_out_dataset(data: DataConfig, predictor: Predictor, seed: int) -> Llava
         )
     held_out = data.model_copy(update={"data_path": data.eval_data_path})
     try:
-        return build_dataset(held_out, predictor.tokenizer, predictor.image_token_id, predictor.image_spec, seed)
+        return build_dataset(
+            open_source(held_out, seed), held_out, predictor.tokenizer, predictor.image_token_id, predictor.image_spec
+        )
     except DataError as exc:
         # The data layer names the key it reads records from; here that is data.eval_data_path.
         raise DataError(

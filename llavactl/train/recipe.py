@@ -166,7 +166,7 @@ class TrainRecipe:
         """Resolve the device, build model, data, optimizer and schedule; load a checkpoint to resume."""
         import torch
 
-        from llavactl.data.sources import resolve_data_source
+        from llavactl.data.source import open_source
         from llavactl.model.weights import load_trainable
         from llavactl.resolve import resolve
         from llavactl.train import distributed
@@ -189,10 +189,10 @@ class TrainRecipe:
         if self._world.is_main:
             self._claim_output_dir()
         torch.manual_seed(self._profile.seed)
+        # A wrong data path or image folder is found before the model loads, which can take minutes;
+        # the data's fingerprint is taken here, once, for the resume check and every save.
+        self._source = open_source(self._profile.data, self._profile.seed)
         resume_from = self._find_resume()
-        data = self._profile.data
-        # A wrong data path or image folder is found before the model loads, which can take minutes.
-        resolve_data_source(data.data_path, data.image_folder, self._profile.seed)
         self._assembled = self._setup_model()
         if resume_from is not None:
             # Into the plain model: FSDP replaces the parameters with shards.
@@ -289,7 +289,7 @@ class TrainRecipe:
         checkpoint.require_resume_fields(saved, folder)
         checkpoint.check_same_world(folder, saved.get("world_size", 1), self._world.size)
         differences = checkpoint.resume_differences(
-            saved["profile"], self._profile_json(), saved["data_fingerprint"], self._data_fingerprint()
+            saved["profile"], self._profile_json(), saved["data_fingerprint"], self._source.fingerprint
         )
         checkpoint.check_resume_compatible(folder, differences, force=self._force)
         if differences:
@@ -344,7 +344,6 @@ class TrainRecipe:
         from torch.utils.data import DataLoader
 
         from llavactl.data.dataset import Collator, ResumableSampler, TokenBudgetBatches, build_dataset
-        from llavactl.data.mixture import sources_of
 
         data, t, assembled = self._profile.data, self._training, self._assembled
         if assembled.tokenizer is None:
@@ -357,9 +356,7 @@ class TrainRecipe:
                 fix=f"download it once (`hf download {source} --include '*.json' --include '*.model' "
                 "--include '*.txt'`), or point `model.tokenizer_name_or_path` at a local folder that has it",
             )
-        dataset = build_dataset(
-            data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, self._profile.seed
-        )
+        dataset = build_dataset(self._source, data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec)
         world = self._world
         modality = dataset.modality_lengths()
         self._has_text_only = bool((modality <= 0).any())
@@ -423,7 +420,7 @@ class TrainRecipe:
                 f"{self._profile.global_batch_size * world.size} = {t.per_device_train_batch_size} per device x "
                 f"{t.gradient_accumulation_steps} accumulation x {processes}"
             )
-        mixed = sources_of(dataset.store)
+        mixed = self._source.mixed()
         self._progress.milestone(
             f"Data set processed: {len(dataset):,} records from {data.data_path}"
             + (f" ({mixed})" if mixed else "")
@@ -481,9 +478,6 @@ class TrainRecipe:
 
     def _profile_json(self) -> dict[str, Any]:
         return self._profile.model_dump(mode="json")
-
-    def _data_fingerprint(self) -> str:
-        return checkpoint.fingerprint_data(self._profile.data.data_path)
 
     # ------------------------------------------------------------------ the loop
 
@@ -786,7 +780,7 @@ class TrainRecipe:
             "bad_steps_in_a_row": self._bad_in_a_row,
             "log_window": dataclasses.asdict(self._window),
             "profile": self._profile_json(),
-            "data_fingerprint": self._data_fingerprint(),
+            "data_fingerprint": self._source.fingerprint.as_json(),
             "versions": library_versions(),
             "world_size": self._world.size,
         }

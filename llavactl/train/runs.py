@@ -99,9 +99,14 @@ def load_predictor(path: Path, data: DataConfig | None = None) -> Predictor:
 def _parity_batch(assembled: AssembledModel, profile: Profile) -> dict[str, torch.Tensor]:
     """The first records of the training data, prepared and collated by llavactl's data pipeline."""
     from llavactl.data.dataset import Collator, Skipped, build_dataset
+    from llavactl.data.source import open_source
 
     dataset = build_dataset(
-        profile.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, profile.seed
+        open_source(profile.data, profile.seed),
+        profile.data,
+        assembled.tokenizer,
+        assembled.image_token_id,
+        assembled.image_spec,
     )
     items = [item for i in range(len(dataset)) if not isinstance(item := dataset[i], Skipped)][:PARITY_RECORDS]
     if not items:

@@ -9,6 +9,7 @@ import pytest
 from helpers import make_run, run_cli, tiny_model
 
 from llavactl.data.dataset import build_dataset
+from llavactl.data.source import open_source
 from llavactl.train.generate import Predictor
 
 
@@ -54,7 +55,9 @@ def test_prompt_is_the_training_records_ids_up_to_the_reply(shapes: Path) -> Non
     predictor = Predictor(
         assembled.model, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, profile.data
     )
-    dataset = build_dataset(profile.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
+    dataset = build_dataset(
+        open_source(profile.data, 0), profile.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec
+    )
     record = next(dataset.records())
     question = record.turns[0].text.removeprefix("<image>\n")
     labels = dataset[0]["labels"].tolist()

@@ -9,8 +9,9 @@ import pytest
 from helpers import REFERENCE, byte_tokenizer, image_id, llama_tokenizer, record, run_cli
 from PIL import Image
 
-from llavactl.data.check import TokenContext, check_dataset
+from llavactl.data.check import check_dataset
 from llavactl.data.images import ImageSpec
+from llavactl.data.tokens import TokenContext
 
 SPEC = ImageSpec(32, 8, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 MAX_LEN = 256

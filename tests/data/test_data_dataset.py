@@ -13,7 +13,7 @@ from PIL import Image
 from llavactl.config.schema import DataConfig
 from llavactl.data.dataset import Collator, ResumableSampler, Skipped, build_dataset, take_skipped
 from llavactl.data.images import ImageSpec
-from llavactl.data.sources import resolve_data_source
+from llavactl.data.source import open_data_path, open_source
 from llavactl.data.synth import COLOURS, write_shapes
 from llavactl.data.templates import IGNORE_INDEX
 from llavactl.errors import DataError
@@ -24,7 +24,7 @@ SPEC = ImageSpec(32, 8, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.2613
 def dataset(path: Path, folder: Path, **data: object) -> object:
     tok = byte_tokenizer()
     config = DataConfig(data_path=str(path), image_folder=str(folder), **data)
-    return build_dataset(config, tok, image_id(tok), SPEC, seed=0)
+    return build_dataset(open_source(config, 0), config, tok, image_id(tok), SPEC)
 
 
 def test_real_records_batch_into_the_llava_contract() -> None:
@@ -127,13 +127,15 @@ def test_modality_grouping_keeps_image_and_text_batches_apart() -> None:
 
 def test_builtin_shapes_is_generated_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAVACTL_CACHE", str(tmp_path))
-    records, folder = resolve_data_source("builtin:shapes", None, seed=5)
+    source = open_data_path("builtin:shapes", None, seed=5)
+    records, folder = source.path, source.image_folder
     assert records.is_file() and (folder / "images" / "000000.png").is_file()
     stamp = records.stat().st_mtime_ns
-    assert resolve_data_source("builtin:shapes", None, seed=5) == (records, folder)
+    again = open_data_path("builtin:shapes", None, seed=5)
+    assert (again.path, again.image_folder) == (records, folder)
     assert records.stat().st_mtime_ns == stamp
     with pytest.raises(DataError, match="unknown builtin"):
-        resolve_data_source("builtin:nope", None, seed=5)
+        open_data_path("builtin:nope", None, seed=5)
 
 
 def test_shapes_are_deterministic_and_answers_match_the_pixels(tmp_path: Path) -> None:

@@ -14,10 +14,11 @@ from PIL import Image
 from llavactl.config.loader import load_profile
 from llavactl.config.schema import DataConfig
 from llavactl.data import lengths
-from llavactl.data.check import TokenContext, check_dataset
+from llavactl.data.check import check_dataset
 from llavactl.data.dataset import LlavaDataset, Skipped, build_dataset
 from llavactl.data.images import ImageSpec
-from llavactl.data.store import open_records
+from llavactl.data.source import open_records, open_source
+from llavactl.data.tokens import TokenContext
 from llavactl.plan import build as P
 
 SPEC = ImageSpec(32, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -134,7 +135,9 @@ def test_grouping_and_the_planner_use_the_exact_counts(cache: Path, shapes: Path
     assert plan.source == "all 8 of 8 records (token counts kept by `data check`)"
     assert plan.longest == report.stats["length"]["max"] and plan.records_with_image == 8
     data = DataConfig(data_path=str(shapes), max_seq_len=profile.data.max_seq_len)
-    dataset = build_dataset(data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
+    dataset = build_dataset(
+        open_source(data, 0), data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec
+    )
     assert dataset.modality_lengths().tolist() == counts.full.tolist()
 
 
@@ -156,7 +159,13 @@ def test_token_lengths_are_counted_once_then_read_back(
     tok = byte_tokenizer()
 
     def dataset(max_seq_len: int) -> LlavaDataset:
-        return build_dataset(DataConfig(data_path=str(path), max_seq_len=max_seq_len), tok, image_id(tok), SPEC, 0)
+        return build_dataset(
+            open_source(DataConfig(data_path=str(path), max_seq_len=max_seq_len), 0),
+            DataConfig(data_path=str(path), max_seq_len=max_seq_len),
+            tok,
+            image_id(tok),
+            SPEC,
+        )
 
     whole = dataset(4096).token_lengths().tolist()
     cut_at = sorted(whole)[2]

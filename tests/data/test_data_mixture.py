@@ -12,7 +12,7 @@ import pytest
 from helpers import record, run_cli, train_recipe
 
 from llavactl.data.mixture import MixtureStore, select
-from llavactl.data.store import open_records
+from llavactl.data.source import open_records
 from llavactl.errors import DataError
 
 
@@ -137,6 +137,7 @@ def test_random_picks_draw_with_the_file_s_seed_else_the_profile_s(mixture: Path
     from llavactl.config.schema import DataConfig
     from llavactl.data.dataset import build_dataset
     from llavactl.data.images import ImageSpec
+    from llavactl.data.source import open_source
 
     def picked(path: Path, seed: int) -> list[str]:
         store = open_records(path, seed)
@@ -152,5 +153,11 @@ def test_random_picks_draw_with_the_file_s_seed_else_the_profile_s(mixture: Path
     # The dataset a run trains on draws with the run's seed.
     tok = byte_tokenizer()
     spec = ImageSpec(32, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    dataset = build_dataset(DataConfig(data_path=str(unseeded)), tok, image_id(tok), spec, 2)
+    dataset = build_dataset(
+        open_source(DataConfig(data_path=str(unseeded)), 2),
+        DataConfig(data_path=str(unseeded)),
+        tok,
+        image_id(tok),
+        spec,
+    )
     assert [dataset.store.raw(i).value["id"] for i in range(8, 12)] == by_seed[2]

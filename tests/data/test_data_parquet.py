@@ -16,12 +16,12 @@ from helpers import byte_tokenizer, image_id, record, run_cli, train_recipe
 from PIL import Image
 
 from llavactl.config.schema import DataConfig
-from llavactl.data.check import TokenContext, check_dataset
+from llavactl.data.check import check_dataset
 from llavactl.data.convert import convert
 from llavactl.data.dataset import Collator, build_dataset
 from llavactl.data.images import ImageSpec, open_rgb
-from llavactl.data.sources import resolve_data_source
-from llavactl.data.store import open_records
+from llavactl.data.source import open_data_path, open_records, open_source
+from llavactl.data.tokens import TokenContext
 
 SPEC = ImageSpec(32, 8, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -36,7 +36,7 @@ def png(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes
 def batch_of(path: Path, folder: Path) -> dict[str, torch.Tensor]:
     tok = byte_tokenizer()
     config = DataConfig(data_path=str(path), image_folder=str(folder), max_seq_len=512)
-    ds = build_dataset(config, tok, image_id(tok), SPEC, seed=0)
+    ds = build_dataset(open_source(config, 0), config, tok, image_id(tok), SPEC)
     return Collator(tok.pad_token_id)([ds[i] for i in range(len(ds))])
 
 
@@ -193,7 +193,8 @@ def test_a_hub_data_set_in_the_hf_cache_is_found_by_its_name(
     convert(shapes, shapes.parent, "parquet", snapshot)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
-    path, folder = resolve_data_source("org/shapes", None, seed=0)
+    source = open_data_path("org/shapes", None, seed=0)
+    path, folder = source.path, source.image_folder
     assert path == folder == snapshot.parent and len(open_records(path)) == 8
 
 
@@ -253,7 +254,7 @@ def test_a_damaged_shard_among_good_ones_is_named(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from llavactl.data.store import open_records
+    from llavactl.data.source import open_records
     from llavactl.errors import DataError
 
     table = pa.table(

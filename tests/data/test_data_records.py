@@ -7,14 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import REFERENCE, record, write_json
 
-from llavactl.data.records import (
-    Problem,
-    RecordProblem,
-    check_image_markers,
-    iter_records,
-    load_records,
-    read_raw_records,
-)
+from llavactl.data.json_index import load_records, read_raw_records
+from llavactl.data.records import Problem, RecordProblem, check_image_markers, iter_records
 from llavactl.errors import DataError
 
 

@@ -14,11 +14,12 @@ import pytest
 from helpers import byte_tokenizer, image_id, record
 
 from llavactl.config.schema import DataConfig
-from llavactl.data import store as store_module
+from llavactl.data import json_index as store_module
 from llavactl.data.dataset import Skipped, build_dataset
 from llavactl.data.images import ImageSpec
+from llavactl.data.json_index import RecordStore
 from llavactl.data.records import Record, RecordProblem
-from llavactl.data.store import RecordStore, open_records
+from llavactl.data.source import open_records, open_source
 from llavactl.errors import DataError
 
 SPEC = ImageSpec(32, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -143,7 +144,9 @@ def test_the_dataset_decodes_a_record_only_when_asked(shapes: Path, monkeypatch:
     raw = RecordStore.raw
     monkeypatch.setattr(RecordStore, "raw", lambda self, i: read.append(i) or raw(self, i))
     tok = byte_tokenizer()
-    dataset = build_dataset(DataConfig(data_path=str(shapes)), tok, image_id(tok), SPEC, 0)
+    dataset = build_dataset(
+        open_source(DataConfig(data_path=str(shapes)), 0), DataConfig(data_path=str(shapes)), tok, image_id(tok), SPEC
+    )
     lengths = dataset.modality_lengths()
     assert read == [] and len(lengths) == len(dataset) == 8 and all(n > 0 for n in lengths)
     item = dataset[5]
@@ -170,16 +173,16 @@ def test_a_store_travels_to_a_worker_process(shapes: Path) -> None:
 _SCAN_ONCE = """
 import sys, time
 from pathlib import Path
-from llavactl.data import store
-store.CACHE_MIN_BYTES = 0
-scan = store.scan
+from llavactl.data import cache, json_index, source
+cache.CACHE_MIN_BYTES = 0
+scan = json_index.scan
 def slow_scan(path):
     with open(sys.argv[2], "a") as log:
         log.write("scan\\n")
     time.sleep(1.0)  # long enough that the other process asks for the index meanwhile
     return scan(path)
-store.scan = slow_scan
-print(len(store.open_records(Path(sys.argv[1]))))
+json_index.scan = slow_scan
+print(len(source.open_records(Path(sys.argv[1]))))
 """
 
 

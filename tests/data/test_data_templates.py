@@ -9,7 +9,8 @@ from helpers import REFERENCE, byte_tokenizer, image_id, llama_tokenizer, record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llavactl.data.records import RawRecord, RecordProblem, load_records, parse_record
+from llavactl.data.json_index import load_records
+from llavactl.data.records import RawRecord, RecordProblem, parse_record
 from llavactl.data.templates import (
     IGNORE_INDEX,
     Segment,

@@ -10,9 +10,11 @@ from helpers import byte_tokenizer, image_id
 from PIL import Image
 
 from llavactl.config.schema import DataConfig
-from llavactl.data.check import TokenContext, check_dataset, write_clean
+from llavactl.data.check import check_dataset, write_clean
 from llavactl.data.dataset import Collator, build_dataset, take_skipped
 from llavactl.data.images import ImageSpec
+from llavactl.data.source import open_source
+from llavactl.data.tokens import TokenContext
 
 SPEC = ImageSpec(32, 8, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 MAX_LEN = 256  # 30 images of 16 tokens do not fit
@@ -46,7 +48,7 @@ def test_data_check_makes_a_cut_in_image_tokens_an_error_and_write_clean_drops_i
 def test_training_skips_it_under_on_error_skip(tmp_path: Path) -> None:
     tok = byte_tokenizer()
     config = DataConfig(data_path=str(data(tmp_path)), max_seq_len=MAX_LEN, on_error="skip")
-    ds = build_dataset(config, tok, image_id(tok), SPEC, seed=0)
+    ds = build_dataset(open_source(config, 0), config, tok, image_id(tok), SPEC)
     batch = Collator(0)([ds[0], ds[1], ds[2]])
     assert [(s.id, s.code) for s in take_skipped(batch, "skip")] == [("cut", "too_long")]
     assert batch["input_ids"].shape[0] == 2

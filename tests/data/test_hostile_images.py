@@ -19,6 +19,7 @@ from llavactl.config.schema import DataConfig
 from llavactl.data.check import check_dataset
 from llavactl.data.dataset import Collator, build_dataset, take_skipped
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, ImageSpec, load_image, open_rgb, probe
+from llavactl.data.source import open_source
 from llavactl.errors import DataError
 
 SPEC = ImageSpec(32, 8, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -124,7 +125,7 @@ def test_training_skips_such_records_under_on_error_skip(tmp_path: Path) -> None
 
     tok = byte_tokenizer()
     config = DataConfig(data_path=str(hostile_folder(tmp_path)), on_error="skip", max_seq_len=256)
-    ds = build_dataset(config, tok, image_id(tok), SPEC, seed=0)
+    ds = build_dataset(open_source(config, 0), config, tok, image_id(tok), SPEC)
     batch = Collator(0)([ds[0], ds[1], ds[2]])
     skipped = take_skipped(batch, "skip")
     assert [(s.id, s.code) for s in skipped] == [("bomb", "image_too_large"), ("strip", "image_aspect_ratio")]

@@ -10,7 +10,7 @@ import pytest
 from helpers import run_cli
 
 from llavactl.data.check import check_dataset, write_clean
-from llavactl.data.records import load_records, read_raw_records
+from llavactl.data.json_index import load_records, read_raw_records
 from llavactl.errors import DataError
 
 GOOD = '{"id": "g", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}'

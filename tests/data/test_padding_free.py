@@ -16,6 +16,7 @@ from helpers import interrupt_at, profile, record, train_recipe
 
 from llavactl.data.dataset import Collator, build_dataset
 from llavactl.data.packing import records_in, sequence_lengths, tokens_in
+from llavactl.data.source import open_source
 from llavactl.data.templates import IGNORE_INDEX
 from llavactl.errors import ConfigError
 from llavactl.model.assembly import build_llava
@@ -60,7 +61,9 @@ def items(mixed: Path, shapes_data: Callable[..., Path]) -> tuple[Any, list[dict
     loaded = profile("tiny", f"data.data_path={mixed}", _image_folder(mixed, shapes_data))
     prof = loaded.profile
     assembled = build_llava(prof.model, prof.stage, image_size=prof.data.image_size, seed=prof.seed)
-    dataset = build_dataset(prof.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
+    dataset = build_dataset(
+        open_source(prof.data, 0), prof.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec
+    )
     return assembled, [dataset[i] for i in range(6)]
 
 
@@ -115,7 +118,9 @@ def test_one_packed_row_gives_the_padded_batch_s_loss_and_gradients(
         seed=prof.seed,
         gradient_checkpointing=prof.training.gradient_checkpointing,
     )
-    dataset = build_dataset(prof.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
+    dataset = build_dataset(
+        open_source(prof.data, 0), prof.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec
+    )
     # Text-only, one-image and two-image records in one batch.
     good = [dataset[i] for i in range(8)]
     assert {0, 1, 2} <= {len(it["pixel_values"]) if it["pixel_values"] is not None else 0 for it in good}

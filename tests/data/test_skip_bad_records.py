@@ -13,6 +13,7 @@ from helpers import byte_tokenizer, image_id, run_cli, train_recipe
 from llavactl.config.schema import DataConfig
 from llavactl.data.dataset import Collator, Skipped, build_dataset, take_skipped
 from llavactl.data.images import ImageSpec
+from llavactl.data.source import open_source
 from llavactl.errors import DataError
 
 SPEC = ImageSpec(32, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -35,7 +36,13 @@ def _mixed(folder: Path, shapes: Path, *, good: int = 6) -> Path:
 def test_the_dataset_finds_bad_records_when_it_reads_them(shapes: Path, tmp_path: Path) -> None:
     path = _mixed(tmp_path, shapes)
     tok = byte_tokenizer()
-    dataset = build_dataset(DataConfig(data_path=str(path), on_error="skip"), tok, image_id(tok), SPEC, 0)
+    dataset = build_dataset(
+        open_source(DataConfig(data_path=str(path), on_error="skip"), 0),
+        DataConfig(data_path=str(path), on_error="skip"),
+        tok,
+        image_id(tok),
+        SPEC,
+    )
     assert len(dataset) == 9  # every line: the bad ones are found when read
     items = [dataset[i] for i in range(len(dataset))]
     skipped = [(s.index, s.code, s.id) for s in items if isinstance(s, Skipped)]

@@ -489,6 +489,7 @@ def test_padding_free_rows_on_cuda_give_the_padded_loss_and_keep_records_apart(s
     from helpers import profile
 
     from llavactl.data.dataset import Collator, build_dataset
+    from llavactl.data.source import open_source
     from llavactl.model.assembly import build_llava
     from llavactl.model.attention import check_records_stay_apart, use_varlen_kernel
     from llavactl.train.loss import TokenLoss, llava_of
@@ -500,7 +501,9 @@ def test_padding_free_rows_on_cuda_give_the_padded_loss_and_keep_records_apart(s
     use_varlen_kernel(language_model, "cuda", half_precision=False)
     assert language_model.config._attn_implementation != "flash_attention_2"
     check_records_stay_apart(language_model)
-    dataset = build_dataset(prof.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
+    dataset = build_dataset(
+        open_source(prof.data, 0), prof.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec
+    )
     items = [dataset[i] for i in range(6)]
     losses = []
     for padding_free in (False, True):

@@ -85,7 +85,8 @@ TEMPLATE_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|
 
 
 def _real_records() -> list[Record]:
-    from llavactl.data.records import Problem, iter_records, read_raw_records
+    from llavactl.data.json_index import read_raw_records
+    from llavactl.data.records import Problem, iter_records
 
     raws, _ = read_raw_records(REFERENCE / "llava_real_samples.json")
     return [parsed for _, parsed in iter_records(raws) if not isinstance(parsed, Problem)]

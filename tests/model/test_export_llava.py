@@ -14,6 +14,7 @@ from PIL import Image
 from llavactl.config.loader import load_profile
 from llavactl.data.dataset import Collator, build_dataset
 from llavactl.data.images import load_image
+from llavactl.data.source import open_source
 from llavactl.model.assembly import AssembledModel
 from llavactl.model.export import batch_logits, max_difference
 from llavactl.train.generate import Predictor
@@ -21,7 +22,9 @@ from llavactl.train.generate import Predictor
 
 def real_batch(assembled: AssembledModel, shapes: Path) -> dict[str, torch.Tensor]:
     profile = load_profile("tiny", [f"data.data_path={shapes}"]).profile
-    dataset = build_dataset(profile.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
+    dataset = build_dataset(
+        open_source(profile.data, 0), profile.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec
+    )
     return Collator(assembled.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
 
 

@@ -21,6 +21,7 @@ from llavactl.cli._errors import run_guarded
 from llavactl.cli.main import app
 from llavactl.config.loader import load_profile
 from llavactl.data.dataset import Collator, build_dataset
+from llavactl.data.source import open_source
 from llavactl.errors import CheckFailed
 from llavactl.model import builtin
 from llavactl.model.assembly import AssembledModel, build_llava
@@ -52,7 +53,9 @@ def overrides(shapes12: Path, tower: Path, *extra: str) -> list[str]:
 def assemble(shapes12: Path, tower: Path, *extra: str) -> tuple[AssembledModel, dict[str, torch.Tensor]]:
     profile = load_profile("tiny", overrides(shapes12, tower, *extra)).profile
     assembled = build_llava(profile.model, profile.stage, image_size=profile.data.image_size, seed=profile.seed)
-    dataset = build_dataset(profile.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec, 0)
+    dataset = build_dataset(
+        open_source(profile.data, 0), profile.data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec
+    )
     return assembled, Collator(assembled.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
 
 

@@ -11,7 +11,7 @@ import pytest
 from helpers import make_run, run_cli
 
 from llavactl.data.records import Record, Turn
-from llavactl.data.sources import resolve_data_source
+from llavactl.data.source import open_data_path
 from llavactl.train.evaluate import COLOUR_QUESTION, SHAPE_QUESTION, Score, first_named, shapes_scores, shapes_truth
 
 
@@ -123,8 +123,8 @@ def test_builtin_held_out_shapes_are_other_images_than_the_training_shapes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LLAVACTL_CACHE", str(tmp_path))
-    train_file, _ = resolve_data_source("builtin:shapes", None, 0)
-    eval_file, _ = resolve_data_source("builtin:shapes-eval", None, 0)
+    train_file = open_data_path("builtin:shapes", None, 0).path
+    eval_file = open_data_path("builtin:shapes-eval", None, 0).path
     held_out = json.loads(eval_file.read_text())
     assert len(held_out) == 200 and eval_file.parent != train_file.parent
     training_images = {p.read_bytes() for p in (train_file.parent / "images").iterdir()}

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llavactl.data import fingerprint
+from llavactl.data.fingerprint import Fingerprint
+from llavactl.data.source import open_data_path
 from llavactl.errors import CheckFailed, CheckpointError, ConfigError, OutputError
 from llavactl.train import checkpoint
 
@@ -219,8 +222,11 @@ def test_resume_path_that_is_not_a_checkpoint_lists_the_ones_inside(tmp_path: Pa
 def test_resume_diff_ignores_run_control_keys_and_shows_the_rest() -> None:
     saved = {"seed": 1, "training": {"learning_rate": 1e-3, "output_dir": "a", "logging_steps": 1}}
     current = {"seed": 1, "training": {"learning_rate": 2e-3, "output_dir": "b", "logging_steps": 5}}
-    lines = checkpoint.resume_differences(saved, current, "sha256:aa", "sha256:bb")
-    assert lines == ["training.learning_rate: 0.001 -> 0.002", "data content: sha256:aa -> sha256:bb"]
+    part = {"what": "file", "name": "d.json", "size": 2, "mtime_ns": 1, "sha256": "aa"}
+    before = Fingerprint("d.json", {"/d.json": part})
+    after = Fingerprint("d.json", {"/d.json": {**part, "sha256": "bb"}})
+    lines = checkpoint.resume_differences(saved, current, before.as_json(), after)
+    assert lines == ["training.learning_rate: 0.001 -> 0.002", "data: file d.json changed (content)"]
     with pytest.raises(CheckFailed, match=r"training\.learning_rate: 0\.001 -> 0\.002") as info:
         checkpoint.check_resume_compatible(Path("ck"), lines, force=False)
     assert "--force" in (info.value.fix or "")
@@ -230,10 +236,12 @@ def test_resume_diff_ignores_run_control_keys_and_shows_the_rest() -> None:
 def test_data_fingerprint_changes_with_content(tmp_path: Path) -> None:
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"id": 1}]))
-    before = checkpoint.fingerprint_data(str(data))
+    before = open_data_path(str(data), None, 0).fingerprint
     data.write_text(json.dumps([{"id": 2}]))
-    assert checkpoint.fingerprint_data(str(data)) != before
-    assert checkpoint.fingerprint_data("builtin:shapes") == "builtin:shapes"
+    assert open_data_path(str(data), None, 0).fingerprint != before
+    assert fingerprint.of_builtin("builtin:shapes", seed=0).parts == {
+        "builtin:shapes": {"what": "builtin data set", "name": "builtin:shapes", "seed": 0}
+    }
 
 
 @pytest.mark.parametrize(

@@ -9,38 +9,30 @@ mtime, ctime, inode, device) so that a changed file never meets a stale index. T
 memory-mapped and a record is read with ``pread``: what a process holds is the index (32 bytes a
 record), and the file's pages live once in the OS page cache for every rank.
 
-One :class:`RecordStore` per file and process (:func:`open_records` memoises it), so that doctor's
-checks, the planner and the dataset of one command read the file once.
+One :class:`RecordStore` per file and process (:func:`open_json` memoises it), so that doctor's
+checks, the planner and the dataset of one command read the file once. What opens a data file of any
+kind is :mod:`llavactl.data.source`.
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import functools
-import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from llavactl.data.records import Problem, RawRecord, Record, RecordProblem, decode_json, parse_raw
-from llavactl.data.sources import cache_root
+from llavactl.data import cache
+from llavactl.data.records import Problem, RawRecord, Record, RecordProblem, decode_json, iter_records, parse_each
 from llavactl.errors import DataError
-
-if TYPE_CHECKING:
-    from llavactl.data.mixture import MixtureStore
-    from llavactl.data.parquet import ParquetStore
 
 Kind = Literal["list", "jsonl"]
 # Bump when the index layout or the scan changes: old index files are then never read.
 INDEX_VERSION = 1
-# Files smaller than this are scanned in a blink: their index is not written to the cache.
-CACHE_MIN_BYTES = 4 << 20
 CHUNK_BYTES = 8 << 20
 # Read past a chunk's end so that an `"image":` key cut by the chunk's end is still seen.
 OVERLAP_BYTES = 64
@@ -70,7 +62,7 @@ class RecordStore:
     ``problems`` holds the file's own problem (a JSON list whose structure is broken), in which
     case it has no records. ``key`` names the file's path and fingerprint (what is cached of it is
     filed under it; None for a small file, of which nothing is kept, or one scanned but not opened
-    by :func:`open_records`).
+    by :func:`open_json`).
     """
 
     def __init__(
@@ -145,17 +137,6 @@ class RecordStore:
         return _list_problem(self.path)
 
 
-def parse_each(store: RecordStore | ParquetStore, indices: Iterable[int] | None) -> Iterator[Record | Problem]:
-    """Each record of ``store`` (all, or ``indices``) as a valid record or the problem that stops it."""
-    for i in range(len(store)) if indices is None else indices:
-        try:
-            raw = store.raw(i)
-        except RecordProblem as p:
-            yield Problem(p.code, p.message, i)
-            continue
-        yield parse_raw(raw)
-
-
 def _list_problem(path: Path) -> Problem:
     try:
         decode_json(path.read_text(encoding="utf-8-sig"))
@@ -164,34 +145,9 @@ def _list_problem(path: Path) -> Problem:
     return Problem("bad_json", "the file is JSON, but not a list of records")
 
 
-def require_records(store: Any, name: str, *, empty_fix: str = "point it at the file that holds the records") -> None:
-    """:class:`DataError` unless ``store`` holds records: a file that cannot be read as records (its
-    first problem, with its place in the file) or one that holds none. ``name`` is how the message
-    names the data (a path, or a mixture's entry and path)."""
-    if store.problems:
-        raise DataError(
-            f"{name} cannot be read as records: {store.problems[0].message}",
-            fix="correct the file where it says (`llavactl data check` lists every problem)",
-        )
-    if not len(store):
-        raise DataError(f"{name} holds no records", fix=empty_fix)
-
-
-def open_records(path: Path, seed: int = 0) -> RecordStore | ParquetStore | MixtureStore:
-    """The store of ``path``, shared by every caller in this process while the file is unchanged:
-    a mixture YAML of several sources (:mod:`llavactl.data.mixture`; its random picks draw with
-    the file's own ``seed``, else ``seed``, the profile's), Parquet/Arrow shards (a shard, a folder
-    or a glob of them) or a JSON/JSONL file.
-
-    Raises :class:`DataError` when the file is missing, unreadable or not UTF-8 text.
-    """
-    from llavactl.data.mixture import is_mixture, open_mixture
-    from llavactl.data.parquet import is_shards, open_shards
-
-    if is_mixture(path):
-        return open_mixture(path, seed)
-    if is_shards(path):
-        return open_shards(path)
+def open_json(path: Path) -> RecordStore:
+    """The store of the JSON/JSONL file ``path``, shared by every caller in this process while the
+    file is unchanged. Raises :class:`DataError` when the file is missing, unreadable or not UTF-8 text."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -215,10 +171,10 @@ def _open(path: Path, fingerprint: tuple[int, ...]) -> RecordStore:
     cached = index_path(path, fingerprint)
     if (kept := _kept_index(path, cached)) is not None:
         return kept
-    if fingerprint[0] < CACHE_MIN_BYTES:
+    if fingerprint[0] < cache.CACHE_MIN_BYTES:
         return _scanned(path, fingerprint, cached)
     # The ranks of a run start together: one scans while the others wait, then read its index.
-    with _scan_lock(cached):
+    with cache.scan_lock(cached):
         if (kept := _kept_index(path, cached)) is not None:
             return kept
         return _scanned(path, fingerprint, cached)
@@ -235,30 +191,6 @@ def _kept_index(path: Path, cached: Path) -> RecordStore | None:
     return None
 
 
-@contextlib.contextmanager
-def _scan_lock(cached: Path) -> Iterator[None]:
-    """Hold an exclusive lock on scanning the file of ``cached`` (a lock file in the cache's
-    ``locks`` folder, never removed; the OS lets go of it when its process dies). Without a
-    writable cache every process scans for itself."""
-    import fcntl
-
-    try:
-        locks = cached.parent.parent / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        # One per data file (named by its path's hash): a changed file is scanned under the same lock.
-        fd = os.open(locks / f"{cached.name.split('-')[0]}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        yield
-        return
-    try:
-        # A file system without locks: every process scans for itself, as without a cache.
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _scanned(path: Path, fingerprint: tuple[int, ...], cached: Path) -> RecordStore:
     try:
         kind, index, problems = scan(path)
@@ -266,51 +198,56 @@ def _scanned(path: Path, fingerprint: tuple[int, ...], cached: Path) -> RecordSt
         raise _not_utf8(path) from None
     except OSError as e:
         raise DataError(f"data file {path} cannot be read ({e.strerror or e})", fix="check its permissions") from None
-    if fingerprint[0] < CACHE_MIN_BYTES:
+    if fingerprint[0] < cache.CACHE_MIN_BYTES:
         return RecordStore(path, kind, index, problems)  # nothing of a small file is kept
     # Not when the file changed while it was scanned: the index would be of neither version.
     if not problems and _fingerprint(path.stat()) == fingerprint:
         header = np.array([[INDEX_VERSION, 0 if kind == "list" else 1, 0, 0]], dtype=np.int64)
-        keep(cached, index=np.concatenate([header, index]))
+        cache.keep(cached, index=np.concatenate([header, index]))
     return RecordStore(path, kind, index, problems, cached.stem)
 
 
 def index_path(path: Path, fingerprint: tuple[int, ...]) -> Path:
-    """Where the index of ``path`` with this fingerprint lives: ``<path hash>-<fingerprint hash>.npy``."""
-    named = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    version = hashlib.sha256(repr((INDEX_VERSION, fingerprint)).encode()).hexdigest()[:16]
-    return cache_root() / "records" / f"{named}-{version}.npy"
+    """Where the index of ``path`` with this fingerprint lives in the cache."""
+    return cache.cache_root() / "records" / f"{cache.keyed_name(path, (INDEX_VERSION, fingerprint))}.npy"
 
 
-def keep(target: Path, **arrays: np.ndarray) -> None:
-    """Write ``arrays`` to ``target`` in the cache (``.npy`` for one called ``index``, else ``.npz``)
-    atomically, by a rename: processes that race each write a whole file. Then drop the files kept
-    for older versions of the same data file. A cache that cannot be written costs the next command
-    the work again, nothing else."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix, dir=target.parent)
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if target.suffix == ".npy":
-                np.save(f, arrays["index"])
-            else:
-                np.savez(f, **arrays)
-        os.replace(tmp, target)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
-        return
-    drop_older(target)
+def read_raw_records(path: Path) -> tuple[list[RawRecord], list[Problem]]:
+    """Every element of ``path`` (a JSON list, or JSONL) decoded; see :class:`RecordStore`.
+
+    A JSON list that does not parse gives one ``bad_json`` problem and no records; in JSONL each
+    bad line gives its own problem and the other lines still load.
+    """
+    store = open_json(path)
+    records: list[RawRecord] = []
+    problems = list(store.problems)
+    for i in range(len(store)):
+        try:
+            records.append(store.raw(i))
+        except RecordProblem as p:
+            if store.kind == "list":
+                return [], [store.file_problem()]
+            problems.append(Problem(p.code, p.message, i))
+    return records, problems
 
 
-def drop_older(target: Path) -> None:
-    """Remove the files beside ``target`` kept for older versions of its data file (same path hash)."""
-    named, version = target.name.split("-")[:2]
-    for old in target.parent.glob(f"{named}-*"):
-        if old.name.split("-")[1] != version:
-            old.unlink(missing_ok=True)
+def load_records(path: Path) -> list[Record]:
+    """Read and validate every record of a (small) file; raise :class:`DataError` naming the first bad one."""
+    raws, problems = read_raw_records(path)
+    if problems:
+        p = problems[0]
+        where = f" (record {p.index})" if p.index is not None else ""
+        raise DataError(f"{path}: invalid JSON{where}: {p.message}", fix=f"run `llavactl data check` on {path}")
+    records = []
+    for raw, parsed in iter_records(raws):
+        if isinstance(parsed, Problem):
+            raise DataError(
+                f"{path}: record {raw.index} (id {parsed.id!r}, line {raw.line}): {parsed.code}: {parsed.message}",
+                fix="fix or drop the record; `llavactl data check --write-clean FILE` writes the data without "
+                "bad records",
+            )
+        records.append(parsed)
+    return records
 
 
 _WIDE_BOMS = (
