@@ -28,6 +28,7 @@ from llavactl.data.sources import cache_root
 from llavactl.data.store import RecordStore, keep, open_records
 from llavactl.data.templates import render
 from llavactl.errors import DataError
+from llavactl.jsonout import dumps
 
 # Bump when a check's findings change for the same inputs: reports kept before are then never read.
 CHECK_VERSION = 2
@@ -445,14 +446,14 @@ def write_clean(store: RecordStore, report: CheckReport, out: Path) -> int:
     bad = report.bad_indices()
     keep = [store.raw(i).value for i in range(report.records) if i not in bad]
     jsonl = out.suffix == ".jsonl"
-    text = "".join(dump_json(v) + "\n" for v in keep) if jsonl else dump_json(keep, indent=1) + "\n"
+    text = "".join(dumps(v, indent=None) + "\n" for v in keep) if jsonl else dumps(keep, indent=1) + "\n"
     _write_output(out, text, store, "--write-clean", "the clean records")
     return len(keep)
 
 
 def write_report(out: Path, report: CheckReport, store: RecordStore) -> None:
     """Write the JSON report to ``out`` (``--json-file``); never over the data it reports on."""
-    _write_output(out, dump_json(report.as_json(), indent=1) + "\n", store, "--json-file", "the report")
+    _write_output(out, dumps(report.as_json()) + "\n", store, "--json-file", "the report")
 
 
 def _write_output(out: Path, text: str, store: RecordStore, option: str, what: str) -> None:
@@ -480,14 +481,3 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and a.samefile(b)
     except OSError:
         return a.resolve() == b.resolve()
-
-
-def dump_json(value: Any, indent: int | None = None) -> str:
-    """JSON with non-ASCII text as itself, except where a value holds a lone surrogate that UTF-8
-    cannot encode: then JSON's ``\\u`` escapes throughout, which keep it exactly."""
-    text = json.dumps(value, indent=indent, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value, indent=indent)
-    return text
