@@ -87,6 +87,11 @@ class Plan:
     def fits(self) -> bool | None:
         return None if self.free_bytes is None else self.memory.total <= self.free_bytes
 
+    @property
+    def out_of_reach(self) -> bool:
+        """The run does not fit, and none of the suggested overrides brings it under the free memory."""
+        return self.fits is False and first_fitting(self.suggestions, self.free_bytes or 0) is None
+
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["memory"] = self.memory.as_json()
@@ -301,6 +306,11 @@ def _knobs(profile: Profile, tokens: TokenPlan) -> list[tuple[dict[str, Any], st
     return knobs
 
 
+def first_fitting(suggestions: list[Suggestion], free_bytes: int) -> Suggestion | None:
+    """The cheapest suggested overrides whose estimate fits ``free_bytes`` (None when none does)."""
+    return next((s for s in suggestions if s.peak_bytes <= free_bytes), None)
+
+
 def suggest(
     profile: Profile, tokens: TokenPlan, *, free_bytes: int, runtime_bytes: int, device: str = "cpu"
 ) -> list[Suggestion]:
@@ -456,9 +466,7 @@ def plan_memory(resolved: ResolvedRun) -> tuple[int, str | None]:
     memory, _ = estimate(profile, tokens, runtime_bytes=runtime, device=device, assembled=assembled)
     if memory.total <= free_bytes:
         return memory.total, None
-    fitting = [
-        s
-        for s in suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime, device=device)
-        if s.peak_bytes <= free_bytes
-    ]
-    return memory.total, fitting[0].overrides if fitting else None
+    fitting = first_fitting(
+        suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime, device=device), free_bytes
+    )
+    return memory.total, fitting.overrides if fitting else None
