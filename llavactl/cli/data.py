@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -13,12 +11,14 @@ from rich.table import Table
 from rich.text import Text
 
 from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load, shown
-from llavactl.data.convert import DEFAULT_SHARD_RECORDS
+from llavactl.cli._output import json_option, write_json
+from llavactl.data.shard_layout import DEFAULT_SHARD_RECORDS
 from llavactl.data.synth import DEFAULT_COUNT, DEFAULT_IMAGE_SIZE
-from llavactl.errors import CheckFailed, ConfigError, ModelSourceError
+from llavactl.errors import CheckFailed, ConfigError
 
 if TYPE_CHECKING:
     from llavactl.data.check import CheckReport
+    from llavactl.data.preview import PreviewItem, PreviewProblem
 
 app = typer.Typer(help="Check, preview, generate and convert LLaVA-format training data.", no_args_is_help=True)
 
@@ -30,7 +30,7 @@ def check(
     profile: ProfileOpt,
     overrides: OverridesArg = None,
     *,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (instead of the tables).")] = False,
+    as_json: Annotated[bool, json_option("Print the report as JSON (instead of the tables).")] = False,
     json_file: Annotated[
         Path | None,
         typer.Option("--json-file", help="Also write the report as JSON to this file.", show_default=False),
@@ -54,59 +54,25 @@ def check(
 
     Exit code 0 when no record has an error, 1 when some do, 2 for usage errors.
     """
-    from llavactl.data.check import check_dataset, dump_json, write_report
-    from llavactl.data.check import write_clean as write_clean_file
-    from llavactl.data.dataset import Batching
-    from llavactl.data.images import ImageLimits
-    from llavactl.data.sources import resolve_data_source
-    from llavactl.model.sources import data_token_context
+    from llavactl.resolve.data import check_data
 
     _refuse_old_json_file_form(as_json, overrides)
-    if write_clean is not None and limit is not None:
-        raise ConfigError(
-            f"--write-clean with --limit {limit}: the records after the first {limit} would be left out of "
-            "the clean file",
-            fix="drop --limit to check every record and write the clean file",
-        )
-    loaded = load(profile, overrides)
-    prof, data = loaded.profile, loaded.profile.data
-    records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, prof.seed)
-    tokens, why = data_token_context(prof.model, data.image_size)
-    skipped = (f"token lengths, masks and template checks: {why}",) if why else ()
-    report, raws = check_dataset(
-        records_path,
-        image_folder,
-        data.conversation_template,
-        data.max_seq_len,
-        tokens,
-        limit=limit,
-        workers=workers or _cores(),
-        decode=decode,
-        limits=ImageLimits.of(data),
-        skipped_checks=skipped,
-        seed=prof.seed,
-        batching=Batching.of(prof),
-    )
+    options = {"limit": limit, "workers": workers, "decode": decode, "json_file": json_file, "clean_file": write_clean}
+    checked = check_data(load(profile, overrides), **options)
+    report = checked.report
+    failure = CheckFailed(*found) if (found := report.failure()) is not None else None
     # With --json the report is stdout's one JSON document; the rest goes to stderr.
     out = err_console if as_json else console
     if as_json:
-        print(dump_json(report.as_json(), indent=1))
+        write_json(report.as_json(), failure=failure)
     else:
-        _print_report(report, records_path, decode)
+        _print_report(report, checked.records_path, decode)
     if json_file is not None:
-        write_report(json_file, report, raws)
-        out.print(f"JSON report written to {escape(str(json_file))}")
-    if write_clean is not None:
-        kept = write_clean_file(raws, report, write_clean)
-        out.print(f"{kept} records without errors written to {escape(str(write_clean))}")
-    if (failure := report.failure()) is not None:
-        finding, fix = failure
-        raise CheckFailed(finding, fix=fix)
-
-
-def _cores() -> int:
-    """The cores this process may run on (a container's or taskset's limit, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        out.print(f"JSON report written to {shown(str(json_file))}")
+    if checked.clean_records is not None:
+        out.print(f"{checked.clean_records} records without errors written to {shown(str(write_clean))}")
+    if failure is not None:
+        raise failure
 
 
 def _refuse_old_json_file_form(as_json: bool, overrides: list[str] | None) -> None:
@@ -197,61 +163,68 @@ def preview(
     index: Annotated[
         int | None, typer.Option("--index", min=0, help="Show this record only.", show_default=False)
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print {index, id, prompt, supervised} per record.")] = False,
+    as_json: Annotated[bool, json_option("Print {index, id, prompt, supervised} per record.")] = False,
     packed: Annotated[
         bool, typer.Option("--packed", help="Show the records as one padding-free row, with its record boundaries.")
     ] = False,
 ) -> None:
     """Show what records train on: masked text dimmed, supervised text highlighted, images collapsed."""
-    from llavactl.data.preview import PreviewProblem, packed_spans, preview_records
-    from llavactl.data.sources import resolve_data_source
-    from llavactl.model.sources import data_token_context
+    from llavactl.data.preview import packed_spans
+    from llavactl.resolve.data import preview_data
 
-    loaded = load(profile, overrides)
-    prof, data = loaded.profile, loaded.profile.data
-    records_path, _ = resolve_data_source(data.data_path, data.image_folder, prof.seed)
-    tokens, why = data_token_context(prof.model, data.image_size)
-    if tokens is None:
-        raise ModelSourceError(f"preview needs the tokenizer and the tower's image spec: {why}")
-    out = preview_records(records_path, data, tokens, n=n, index=index, seed=prof.seed)
+    out = preview_data(load(profile, overrides), n=n, index=index)
     spans = packed_spans(out) if packed else []
     if as_json:
         where = {id(item): (start, end) for item, start, end in spans}
-        rows = []
-        for o in out:
-            row = o.as_json()
-            if id(o) in where:
-                row["packed"] = dict(zip(("start", "end"), where[id(o)], strict=True))
-            rows.append(row)
-        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        write_json([_preview_json(o, where.get(id(o))) for o in out])
         return
-    styles = {"masked": "dim", "supervised": "bold green", "image": "cyan"}
     if packed:
-        total = spans[-1][2] if spans else 0
-        console.print(
-            f"[bold]One padding-free row of {len(spans)} records, {total:,} tokens[/] (position ids restart at each "
-            "record; no record attends to another):"
-        )
-        for item, start, end in spans:
-            console.print(f"[magenta]── tokens {start:,}-{end - 1:,}: record {item.index} (id {escape(repr(item.id))})")
-            text = Text()
-            for run in item.runs:
-                text.append(run.text, style=styles[run.kind])
-            console.print(text)
-        return
+        _print_packed(spans)
+    else:
+        _print_records(out)
+
+
+_RUN_STYLES = {"masked": "dim", "supervised": "bold green", "image": "cyan"}
+
+
+def _runs_text(item: PreviewItem) -> Text:
+    text = Text()
+    for run in item.runs:
+        text.append(run.text, style=_RUN_STYLES[run.kind])
+    return text
+
+
+def _print_packed(spans: list[tuple[PreviewItem, int, int]]) -> None:
+    total = spans[-1][2] if spans else 0
+    console.print(
+        f"[bold]One padding-free row of {len(spans)} records, {total:,} tokens[/] (position ids restart at each "
+        "record; no record attends to another):"
+    )
+    for item, start, end in spans:
+        console.print(f"[magenta]── tokens {start:,}-{end - 1:,}: record {item.index} (id {escape(repr(item.id))})")
+        console.print(_runs_text(item))
+
+
+def _print_records(out: list[PreviewItem | PreviewProblem]) -> None:
+    from llavactl.data.preview import PreviewProblem
+
     for o in out:
         if isinstance(o, PreviewProblem):
             console.print(f"[bold]record {o.index}[/] (id {escape(repr(o.id))}): [red]{escape(o.problem)}[/]")
             continue
         console.print(f"[bold]record {o.index}[/] (id {escape(repr(o.id))})")
-        text = Text()
-        for run in o.runs:
-            text.append(run.text, style=styles[run.kind])
-        console.print(text)
+        console.print(_runs_text(o))
         console.print()
     console.print(
         Text.assemble("legend: ", ("masked", "dim"), "  ", ("supervised", "bold green"), "  ", ("image", "cyan"))
     )
+
+
+def _preview_json(item: PreviewItem | PreviewProblem, packed: tuple[int, int] | None) -> dict:
+    row = item.as_json()
+    if packed is not None:
+        row["packed"] = {"start": packed[0], "end": packed[1]}
+    return row
 
 
 @app.command("synth")
@@ -292,23 +265,9 @@ def convert(
     ] = False,
 ) -> None:
     """Write the profile's data (`data.data_path`, `data.image_folder`) as Parquet shards or JSONL."""
-    from llavactl.data.convert import convert as convert_records
-    from llavactl.data.images import ImageLimits
-    from llavactl.data.sources import resolve_data_source
+    from llavactl.resolve.data import convert_data
 
-    loaded = load(profile, overrides)
-    data = loaded.profile.data
-    records_path, image_folder = resolve_data_source(data.data_path, data.image_folder, loaded.profile.seed)
-    written = convert_records(
-        records_path,
-        image_folder,
-        to,
-        out_dir,
-        shard_records=shard_records,
-        force=force,
-        seed=loaded.profile.seed,
-        limits=ImageLimits.of(data),
-    )
+    written = convert_data(load(profile, overrides), to, out_dir, shard_records=shard_records, force=force)
     console.print(f"{len(written)} file(s) written to {escape(str(out_dir))}")
     hint = f"data.data_path={out_dir}"
     if to == "jsonl":
