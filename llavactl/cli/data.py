@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load, shown
+from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load, print_block, shown
 from llavactl.cli._output import json_option, write_json
 from llavactl.data.shard_layout import DEFAULT_SHARD_RECORDS
 from llavactl.data.synth import DEFAULT_COUNT, DEFAULT_IMAGE_SIZE
@@ -23,6 +23,23 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Check, preview, generate and convert LLaVA-format training data.", no_args_is_help=True)
 
 SHOWN_PER_CODE = 3
+_LEVEL_STYLE = {"error": "red", "warning": "yellow"}
+
+JsonFileOpt = Annotated[
+    Path | None, typer.Option("--json-file", help="Also write the report as JSON to this file.", show_default=False)
+]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Check only the first N records.")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", min=1, help="Processes that tokenize records and check images [default: the cores available]."
+    ),
+]
+DecodeOpt = Annotated[bool, typer.Option("--decode", help="Decode every image fully (finds truncated files); slower.")]
+WriteCleanOpt = Annotated[
+    Path | None,
+    typer.Option("--write-clean", help="Write the records without errors to this file.", show_default=False),
+]
 
 
 @app.command("check")
@@ -31,24 +48,11 @@ def check(
     overrides: OverridesArg = None,
     *,
     as_json: Annotated[bool, json_option("Print the report as JSON (instead of the tables).")] = False,
-    json_file: Annotated[
-        Path | None,
-        typer.Option("--json-file", help="Also write the report as JSON to this file.", show_default=False),
-    ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Check only the first N records.")] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers", min=1, help="Processes that tokenize records and check images [default: the cores available]."
-        ),
-    ] = None,
-    decode: Annotated[
-        bool, typer.Option("--decode", help="Decode every image fully (finds truncated files); slower.")
-    ] = False,
-    write_clean: Annotated[
-        Path | None,
-        typer.Option("--write-clean", help="Write the records without errors to this file.", show_default=False),
-    ] = None,
+    json_file: JsonFileOpt = None,
+    limit: LimitOpt = None,
+    workers: WorkersOpt = None,
+    decode: DecodeOpt = False,
+    write_clean: WriteCleanOpt = None,
 ) -> None:
     """Scan every record for problems: structure, images, template masks, lengths. No GPU, no weights.
 
@@ -111,18 +115,12 @@ def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None
     by_code: dict[str, list] = {}
     for p in report.problems:
         by_code.setdefault(p.code, []).append(p)
-    table = Table(title="problems", show_edge=False, pad_edge=False)
-    for column in ("code", "level", "count", "first records"):
-        table.add_column(column, overflow="fold")
+    console.print("problems:")
     for code, items in sorted(by_code.items()):
         # `too_long` is a warning when the cut loses text, an error when it falls in image tokens.
-        level = "[red]error[/]" if any(p.severity == "error" for p in items) else "[yellow]warning[/]"
-        first = "\n".join(
-            shown(f"#{p.index} id={p.id!r}: {p.message}" if p.index is not None else p.message)
-            for p in items[:SHOWN_PER_CODE]
-        )
-        table.add_row(code, level, str(len(items)), first)
-    console.print(table)
+        level = "error" if any(p.severity == "error" for p in items) else "warning"
+        firsts = [f"#{p.index} id={p.id!r}: {p.message}" if p.index is not None else p.message for p in items]
+        print_block(level, _LEVEL_STYLE[level], f"{code}: {counted(len(items), 'problem')}", firsts[:SHOWN_PER_CODE])
     of_file = sum(1 for p in report.errors if p.index is None)
     in_records = s["errors"] - of_file
     said = [f"{counted(in_records, 'error')} in {counted(s['records_with_errors'], 'record')}"] * bool(

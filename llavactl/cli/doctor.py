@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import textwrap
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llavactl.cli._common import OverridesArg, console, load, phase, shown, verbosity
+from llavactl.cli._common import OverridesArg, console, load, phase, print_block, verbosity
 from llavactl.cli._output import json_option, write_json
 
 if TYPE_CHECKING:
     from llavactl.doctor import CheckResult
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skipped": "dim"}
-_INDENT = " " * 8  # the status column: "skipped" and a space
 
 
 def doctor(
@@ -49,23 +47,13 @@ def doctor(
 
 
 def print_results(results: list[CheckResult], *, quiet: bool) -> None:
-    """One block per check, wrapped at the console's width without splitting a word (a path stays whole)."""
-    width = max(console.width, 40)
+    """One block per check: its status, ``check: finding``, then its fix (or a pass's hint)."""
     for r in results:
         if quiet and r.status == "pass":
             continue
-        status = f"[{_STYLE[r.status]}]{r.status:<7}[/] "
-        console.print(status + shown(_wrap(f"{r.check}: {r.finding}", width)), soft_wrap=True)
-        if r.fix:
-            label = "fix" if r.status in ("warn", "fail") else "hint"
-            console.print(_INDENT + shown(_wrap(f"{label}: {r.fix}", width)), soft_wrap=True)
+        label = "fix" if r.status in ("warn", "fail") else "hint"
+        print_block(r.status, _STYLE[r.status], f"{r.check}: {r.finding}", [f"{label}: {r.fix}"] if r.fix else [])
     counts = {s: sum(r.status == s for r in results) for s in _STYLE}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     ready = "[bold red]Not ready[/]" if counts["fail"] else "[green]Ready[/]"
     console.print(f"\n{ready}: {summary}.")
-
-
-def _wrap(text: str, width: int) -> str:
-    """``text`` as lines of at most ``width`` columns after the status column; a longer word keeps its line."""
-    lines = textwrap.wrap(text, width - len(_INDENT), break_long_words=False, break_on_hyphens=False)
-    return f"\n{_INDENT}".join(lines)

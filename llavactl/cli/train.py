@@ -11,7 +11,18 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load, phase, shown, verbosity
+from llavactl.cli._common import (
+    OverridesArg,
+    ProfileOpt,
+    console,
+    err_console,
+    load,
+    phase,
+    print_wrapped,
+    shown,
+    verbosity,
+    wrapped,
+)
 from llavactl.cli._output import json_option, write_json
 from llavactl.doctor import preflight
 from llavactl.errors import ConfigError
@@ -19,6 +30,7 @@ from llavactl.errors import ConfigError
 if TYPE_CHECKING:
     from llavactl.plan import Plan
     from llavactl.resolve import ResolvedRun
+    from llavactl.train.recipe import TrainResult
     from llavactl.train.smoke import SmokeResult
 
 ResumeOpt = Annotated[
@@ -111,15 +123,20 @@ def train(
             resolved.loaded, progress, resume=resume, force=force, resolved=resolved, start_over=start_over
         )
         result = recipe.run()
-    if not resolved.world.is_main:  # under torchrun, rank 0 speaks for the run
+    if resolved.world.is_main:  # under torchrun, rank 0 speaks for the run
+        _print_result(result)
+    if result.status == "interrupted" or not resolved.world.is_main:
         raise typer.Exit(result.exit_code)
+
+
+def _print_result(result: TrainResult) -> None:
     if result.status == "interrupted":
         console.print(
             f"Stopped at step {result.step}/{result.total_steps}; checkpoint saved in {result.checkpoint}. "
             "Continue with the same command and `--resume auto`.",
             soft_wrap=True,
         )
-        raise typer.Exit(result.exit_code)
+        return
     final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     console.print(
         f"Finished {result.step} steps; final loss {final}; checkpoint in {result.checkpoint}", soft_wrap=True
@@ -230,65 +247,59 @@ def _print_plan(plan: Plan) -> None:
     console.print(table)
     t = plan.tokens
     images = f"{t.image_tokens_per_image} image tokens per image, up to {t.images_per_sample} per record"
-    console.print(
+    print_wrapped(
         f"Tokens per sample (image tokens included): mean {t.mean:g}, p95 {t.p95}, longest {t.longest}; "
-        f"{images}; from {escape(t.source)}",
-        soft_wrap=True,
+        f"{images}; from {t.source}"
     )
     if t.pad_fraction is not None and t.micro_batch is not None:
         now = "on" if plan.padding_free else "off"
-        console.print(
+        print_wrapped(
             f"Padding: {t.pad_fraction:.1%} of the tokens of padded batches of {plan.batch_size} records are pad "
             f"tokens; padding-free batches compute none (data.padding_free {now}); a micro-batch computes "
-            f"{t.micro_batch.tokens:,.0f} tokens on average",
-            soft_wrap=True,
+            f"{t.micro_batch.tokens:,.0f} tokens on average"
         )
     if plan.total_steps is not None:
         per_epoch = f"{plan.steps_per_epoch:,} per epoch, " if plan.steps_per_epoch else ""
         exact = plan.global_batch == int(plan.global_batch)
         samples = f"{int(plan.global_batch)}" if exact else f"{plan.global_batch:.1f} (on average)"
-        console.print(f"Steps: {per_epoch}{plan.total_steps:,} in all; {samples} samples per step")
+        print_wrapped(f"Steps: {per_epoch}{plan.total_steps:,} in all; {samples} samples per step")
     m, other = plan.memory, plan.memory_other_checkpointing
-    console.print(
-        f"Peak memory per device (estimate): total [bold]{_gib(m.total)}[/] = runtime {_gib(m.runtime)} + "
+    print_wrapped(
+        f"Peak memory per device (estimate): total {_gib(m.total)} = runtime {_gib(m.runtime)} + "
         f"weights {_gib(m.weights)} + gradients {_gib(m.gradients)} + optimizer {_gib(m.optimizer)} + "
-        f"activations {_gib(m.activations)}; with gradient checkpointing toggled: {_gib(other.total)}",
-        soft_wrap=True,
+        f"activations {_gib(m.activations)}; with gradient checkpointing toggled: {_gib(other.total)}"
     )
     if plan.free_bytes is not None:
         verdict = "[green]fits[/]" if plan.fits else "[bold red]does not fit[/]"
         console.print(f"Free memory on the device: {_gib(plan.free_bytes)}: {verdict}")
     if plan.suggestions:
-        console.print("Overrides that lower the peak, cheapest in quality first (each includes the ones above):")
+        print_wrapped("Overrides that lower the peak, cheapest in quality first (each includes the ones above):")
     for s in plan.suggestions:
-        console.print(f"  {_gib(s.peak_bytes):>10}  {escape(s.overrides)}  [dim]({escape(s.why)})[/]", soft_wrap=True)
+        print_wrapped(f"  {_gib(s.peak_bytes):>10}  {s.overrides}  ({s.why})", indent=" " * 14)
     if plan.out_of_reach:
-        fixed = m.runtime + m.weights
-        console.print(
+        print_wrapped(
             f"No override brings the estimate under {_gib(plan.free_bytes or 0)}: the runtime and the weights alone "
-            f"take {_gib(fixed)}. Use a device with more memory, or shard the run over several "
-            "(docs/distributed.md).",
-            soft_wrap=True,
+            f"take {_gib(m.runtime + m.weights)}. Use a device with more memory, or shard the run over several "
+            "(docs/distributed.md)."
         )
     flops = f"{plan.flops_per_step / 1e9:,.1f} GFLOP per optimizer step"
     if plan.seconds_per_step is not None and plan.matmul_flops_per_s is not None:
-        console.print(
-            f"Time: {flops}; about {plan.seconds_per_step:.2f} s per step at {STEP_EFFICIENCY:.0%} of this "
+        flops += (
+            f"; about {plan.seconds_per_step:.2f} s per step at {STEP_EFFICIENCY:.0%} of this "
             f"device's measured {plan.matmul_flops_per_s / 1e9:.0f} GFLOP/s matmul rate"
         )
-    else:
-        console.print(f"Time: {flops}")
-    for note in plan.notes:
-        console.print(f"[dim]{escape(note)}[/]")
+    print_wrapped(f"Time: {flops}")
+    for note in plan.notes:  # one line each: a note's figures are searched for as printed
+        console.print(f"[dim]{shown(note)}[/]", soft_wrap=True)
 
 
 def _print_smoke(smoke: SmokeResult, estimated: int) -> None:
     kind = "random weights in the real shapes" if smoke.random_weights else "real weights"
     ok = smoke.losses_match and smoke.weights_match
-    console.print(
+    said = wrapped(
         f"Ran {smoke.steps + 1} steps ({kind}); losses {', '.join(f'{x:.4f}' for x in smoke.losses)}. "
         f"Reloaded checkpoint-{smoke.steps}: step {smoke.steps + 1} loss {smoke.resumed_loss:.4f}, weights "
-        f"{'identical' if smoke.weights_match else 'DIFFERENT'}: {'[green]pass[/]' if ok else '[bold red]fail[/]'}",
-        soft_wrap=True,
+        f"{'identical' if smoke.weights_match else 'DIFFERENT'}:"
     )
+    console.print(f"{said} {'[green]pass[/]' if ok else '[bold red]fail[/]'}", soft_wrap=True)
     console.print(f"Measured peak memory {_gib(smoke.peak_bytes)}; estimated {_gib(estimated)}")
