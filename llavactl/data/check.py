@@ -72,7 +72,7 @@ class CheckReport:
         whole = [p for p in errors if p.index is None]
         if whole:
             first, source = whole[0], str(self.source or "the data file")
-            more = f" ({len(whole) - 1} more problems of the file in the table above)" if len(whole) > 1 else ""
+            more = f" ({len(whole) - 1} more problems of the file listed above)" if len(whole) > 1 else ""
             said = first.message if source in first.message else f"{source} cannot be read as records: {first.message}"
             return (
                 f"{said}{more} [{first.code}].",
@@ -81,7 +81,7 @@ class CheckReport:
         return (
             f"{counted(len(self.bad_indices()), 'record')} of {self.records:,} with errors "
             f"({counted(len(errors), 'error')} in all).",
-            "fix or drop those records (the table above names each), or write the good ones with `--write-clean FILE`",
+            "fix or drop those records (the problems above name each), or write the good ones with `--write-clean FILE`",
         )
 
     def as_json(self) -> dict[str, Any]:
