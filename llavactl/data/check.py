@@ -81,7 +81,7 @@ class CheckReport:
         return (
             f"{counted(len(self.bad_indices()), 'record')} of {self.records:,} with errors "
             f"({counted(len(errors), 'error')} in all).",
-            "fix or drop those records (the problems above name each), or write the good ones with `--write-clean FILE`",
+            "fix or drop those records (listed above), or write the good ones with `--write-clean FILE`",
         )
 
     def as_json(self) -> dict[str, Any]:
