@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,32 @@ _UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 def shown(text: str) -> str:
     """``text`` to print: Rich markup escaped, control characters and lone surrogates as escapes."""
     return escape(_UNSHOWABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text))
+
+
+_INDENT = " " * 8  # the status column: "skipped" and a space
+
+
+def wrapped(text: str, indent: str = "", first: str = "") -> str:
+    """``text`` (plain, escaped here) as lines of the console's width, the first after ``first``
+    and the next after ``indent``, without splitting a word: a path stays whole (and copyable)."""
+    width = max(console.width, 40)
+    lines = textwrap.wrap(
+        text, width, initial_indent=first, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+    )
+    return shown("\n".join(lines))
+
+
+def print_wrapped(text: str, indent: str = "") -> None:
+    """Print plain ``text`` wrapped at the console's width as :func:`wrapped` does."""
+    console.print(wrapped(text, indent), soft_wrap=True)
+
+
+def print_block(status: str, style: str, head: str, details: list[str]) -> None:
+    """``status`` (in ``style``) then ``head``, and each of ``details`` on lines of their own under
+    ``head``, wrapped as :func:`wrapped` does: the block reads the same piped into a file at 80 columns."""
+    console.print(f"[{style}]{status}[/]" + wrapped(head, _INDENT, f"{status:<7} ")[len(status) :], soft_wrap=True)
+    for detail in details:
+        console.print(wrapped(detail, _INDENT, _INDENT), soft_wrap=True)
 
 
 ProfileOpt = Annotated[

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -12,17 +10,36 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load, shown
-from llavactl.data.convert import DEFAULT_SHARD_RECORDS
+from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load, print_block, shown
+from llavactl.cli._output import json_option, write_json
+from llavactl.data.shard_layout import DEFAULT_SHARD_RECORDS
 from llavactl.data.synth import DEFAULT_COUNT, DEFAULT_IMAGE_SIZE
-from llavactl.errors import CheckFailed, ConfigError, ModelSourceError
+from llavactl.errors import CheckFailed, ConfigError
 
 if TYPE_CHECKING:
     from llavactl.data.check import CheckReport
+    from llavactl.data.preview import PreviewItem, PreviewProblem
 
 app = typer.Typer(help="Check, preview, generate and convert LLaVA-format training data.", no_args_is_help=True)
 
 SHOWN_PER_CODE = 3
+_LEVEL_STYLE = {"error": "red", "warning": "yellow"}
+
+JsonFileOpt = Annotated[
+    Path | None, typer.Option("--json-file", help="Also write the report as JSON to this file.", show_default=False)
+]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Check only the first N records.")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", min=1, help="Processes that tokenize records and check images [default: the cores available]."
+    ),
+]
+DecodeOpt = Annotated[bool, typer.Option("--decode", help="Decode every image fully (finds truncated files); slower.")]
+WriteCleanOpt = Annotated[
+    Path | None,
+    typer.Option("--write-clean", help="Write the records without errors to this file.", show_default=False),
+]
 
 
 @app.command("check")
@@ -30,84 +47,36 @@ def check(
     profile: ProfileOpt,
     overrides: OverridesArg = None,
     *,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (instead of the tables).")] = False,
-    json_file: Annotated[
-        Path | None,
-        typer.Option("--json-file", help="Also write the report as JSON to this file.", show_default=False),
-    ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Check only the first N records.")] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers", min=1, help="Processes that tokenize records and check images [default: the cores available]."
-        ),
-    ] = None,
-    decode: Annotated[
-        bool, typer.Option("--decode", help="Decode every image fully (finds truncated files); slower.")
-    ] = False,
-    write_clean: Annotated[
-        Path | None,
-        typer.Option("--write-clean", help="Write the records without errors to this file.", show_default=False),
-    ] = None,
+    as_json: Annotated[bool, json_option("Print the report as JSON (instead of the tables).")] = False,
+    json_file: JsonFileOpt = None,
+    limit: LimitOpt = None,
+    workers: WorkersOpt = None,
+    decode: DecodeOpt = False,
+    write_clean: WriteCleanOpt = None,
 ) -> None:
     """Scan every record for problems: structure, images, template masks, lengths. No GPU, no weights.
 
     Exit code 0 when no record has an error, 1 when some do, 2 for usage errors.
     """
-    from llavactl.data.check import check_dataset, dump_json, write_report
-    from llavactl.data.check import write_clean as write_clean_file
-    from llavactl.data.dataset import Batching
-    from llavactl.data.images import ImageLimits
-    from llavactl.data.source import open_source
-    from llavactl.model.sources import data_token_context
+    from llavactl.resolve.data import check_data
 
     _refuse_old_json_file_form(as_json, overrides)
-    if write_clean is not None and limit is not None:
-        raise ConfigError(
-            f"--write-clean with --limit {limit}: the records after the first {limit} would be left out of "
-            "the clean file",
-            fix="drop --limit to check every record and write the clean file",
-        )
-    loaded = load(profile, overrides)
-    prof, data = loaded.profile, loaded.profile.data
-    source = open_source(data, prof.seed)
-    records_path, image_folder = source.path, source.image_folder
-    tokens, why = data_token_context(prof.model, data.image_size)
-    skipped = (f"token lengths, masks and template checks: {why}",) if why else ()
-    report, raws = check_dataset(
-        records_path,
-        image_folder,
-        data.conversation_template,
-        data.max_seq_len,
-        tokens,
-        limit=limit,
-        workers=workers or _cores(),
-        decode=decode,
-        limits=ImageLimits.of(data),
-        skipped_checks=skipped,
-        seed=prof.seed,
-        batching=Batching.of(prof),
-    )
+    options = {"limit": limit, "workers": workers, "decode": decode, "json_file": json_file, "clean_file": write_clean}
+    checked = check_data(load(profile, overrides), **options)
+    report = checked.report
+    failure = CheckFailed(*found) if (found := report.failure()) is not None else None
     # With --json the report is stdout's one JSON document; the rest goes to stderr.
     out = err_console if as_json else console
     if as_json:
-        print(dump_json(report.as_json(), indent=1))
+        write_json(report.as_json(), failure=failure)
     else:
-        _print_report(report, records_path, decode)
+        _print_report(report, checked.records_path, decode)
     if json_file is not None:
-        write_report(json_file, report, raws)
-        out.print(f"JSON report written to {escape(str(json_file))}")
-    if write_clean is not None:
-        kept = write_clean_file(raws, report, write_clean)
-        out.print(f"{kept} records without errors written to {escape(str(write_clean))}")
-    if (failure := report.failure()) is not None:
-        finding, fix = failure
-        raise CheckFailed(finding, fix=fix)
-
-
-def _cores() -> int:
-    """The cores this process may run on (a container's or taskset's limit, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        out.print(f"JSON report written to {shown(str(json_file))}")
+    if checked.clean_records is not None:
+        out.print(f"{checked.clean_records} records without errors written to {shown(str(write_clean))}")
+    if failure is not None:
+        raise failure
 
 
 def _refuse_old_json_file_form(as_json: bool, overrides: list[str] | None) -> None:
@@ -146,18 +115,12 @@ def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None
     by_code: dict[str, list] = {}
     for p in report.problems:
         by_code.setdefault(p.code, []).append(p)
-    table = Table(title="problems", show_edge=False, pad_edge=False)
-    for column in ("code", "level", "count", "first records"):
-        table.add_column(column, overflow="fold")
+    console.print("problems:")
     for code, items in sorted(by_code.items()):
         # `too_long` is a warning when the cut loses text, an error when it falls in image tokens.
-        level = "[red]error[/]" if any(p.severity == "error" for p in items) else "[yellow]warning[/]"
-        first = "\n".join(
-            shown(f"#{p.index} id={p.id!r}: {p.message}" if p.index is not None else p.message)
-            for p in items[:SHOWN_PER_CODE]
-        )
-        table.add_row(code, level, str(len(items)), first)
-    console.print(table)
+        level = "error" if any(p.severity == "error" for p in items) else "warning"
+        firsts = [f"#{p.index} id={p.id!r}: {p.message}" if p.index is not None else p.message for p in items]
+        print_block(level, _LEVEL_STYLE[level], f"{code}: {counted(len(items), 'problem')}", firsts[:SHOWN_PER_CODE])
     of_file = sum(1 for p in report.errors if p.index is None)
     in_records = s["errors"] - of_file
     said = [f"{counted(in_records, 'error')} in {counted(s['records_with_errors'], 'record')}"] * bool(
@@ -198,61 +161,68 @@ def preview(
     index: Annotated[
         int | None, typer.Option("--index", min=0, help="Show this record only.", show_default=False)
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print {index, id, prompt, supervised} per record.")] = False,
+    as_json: Annotated[bool, json_option("Print {index, id, prompt, supervised} per record.")] = False,
     packed: Annotated[
         bool, typer.Option("--packed", help="Show the records as one padding-free row, with its record boundaries.")
     ] = False,
 ) -> None:
     """Show what records train on: masked text dimmed, supervised text highlighted, images collapsed."""
-    from llavactl.data.preview import PreviewProblem, packed_spans, preview_records
-    from llavactl.data.source import open_source
-    from llavactl.model.sources import data_token_context
+    from llavactl.data.preview import packed_spans
+    from llavactl.resolve.data import preview_data
 
-    loaded = load(profile, overrides)
-    prof, data = loaded.profile, loaded.profile.data
-    records_path = open_source(data, prof.seed).path
-    tokens, why = data_token_context(prof.model, data.image_size)
-    if tokens is None:
-        raise ModelSourceError(f"preview needs the tokenizer and the tower's image spec: {why}")
-    out = preview_records(records_path, data, tokens, n=n, index=index, seed=prof.seed)
+    out = preview_data(load(profile, overrides), n=n, index=index)
     spans = packed_spans(out) if packed else []
     if as_json:
         where = {id(item): (start, end) for item, start, end in spans}
-        rows = []
-        for o in out:
-            row = o.as_json()
-            if id(o) in where:
-                row["packed"] = dict(zip(("start", "end"), where[id(o)], strict=True))
-            rows.append(row)
-        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        write_json([_preview_json(o, where.get(id(o))) for o in out])
         return
-    styles = {"masked": "dim", "supervised": "bold green", "image": "cyan"}
     if packed:
-        total = spans[-1][2] if spans else 0
-        console.print(
-            f"[bold]One padding-free row of {len(spans)} records, {total:,} tokens[/] (position ids restart at each "
-            "record; no record attends to another):"
-        )
-        for item, start, end in spans:
-            console.print(f"[magenta]── tokens {start:,}-{end - 1:,}: record {item.index} (id {escape(repr(item.id))})")
-            text = Text()
-            for run in item.runs:
-                text.append(run.text, style=styles[run.kind])
-            console.print(text)
-        return
+        _print_packed(spans)
+    else:
+        _print_records(out)
+
+
+_RUN_STYLES = {"masked": "dim", "supervised": "bold green", "image": "cyan"}
+
+
+def _runs_text(item: PreviewItem) -> Text:
+    text = Text()
+    for run in item.runs:
+        text.append(run.text, style=_RUN_STYLES[run.kind])
+    return text
+
+
+def _print_packed(spans: list[tuple[PreviewItem, int, int]]) -> None:
+    total = spans[-1][2] if spans else 0
+    console.print(
+        f"[bold]One padding-free row of {len(spans)} records, {total:,} tokens[/] (position ids restart at each "
+        "record; no record attends to another):"
+    )
+    for item, start, end in spans:
+        console.print(f"[magenta]── tokens {start:,}-{end - 1:,}: record {item.index} (id {escape(repr(item.id))})")
+        console.print(_runs_text(item))
+
+
+def _print_records(out: list[PreviewItem | PreviewProblem]) -> None:
+    from llavactl.data.preview import PreviewProblem
+
     for o in out:
         if isinstance(o, PreviewProblem):
             console.print(f"[bold]record {o.index}[/] (id {escape(repr(o.id))}): [red]{escape(o.problem)}[/]")
             continue
         console.print(f"[bold]record {o.index}[/] (id {escape(repr(o.id))})")
-        text = Text()
-        for run in o.runs:
-            text.append(run.text, style=styles[run.kind])
-        console.print(text)
+        console.print(_runs_text(o))
         console.print()
     console.print(
         Text.assemble("legend: ", ("masked", "dim"), "  ", ("supervised", "bold green"), "  ", ("image", "cyan"))
     )
+
+
+def _preview_json(item: PreviewItem | PreviewProblem, packed: tuple[int, int] | None) -> dict:
+    row = item.as_json()
+    if packed is not None:
+        row["packed"] = {"start": packed[0], "end": packed[1]}
+    return row
 
 
 @app.command("synth")
@@ -293,24 +263,9 @@ def convert(
     ] = False,
 ) -> None:
     """Write the profile's data (`data.data_path`, `data.image_folder`) as Parquet shards or JSONL."""
-    from llavactl.data.convert import convert as convert_records
-    from llavactl.data.images import ImageLimits
-    from llavactl.data.source import open_source
+    from llavactl.resolve.data import convert_data
 
-    loaded = load(profile, overrides)
-    data = loaded.profile.data
-    source = open_source(data, loaded.profile.seed)
-    records_path, image_folder = source.path, source.image_folder
-    written = convert_records(
-        records_path,
-        image_folder,
-        to,
-        out_dir,
-        shard_records=shard_records,
-        force=force,
-        seed=loaded.profile.seed,
-        limits=ImageLimits.of(data),
-    )
+    written = convert_data(load(profile, overrides), to, out_dir, shard_records=shard_records, force=force)
     console.print(f"{len(written)} file(s) written to {escape(str(out_dir))}")
     hint = f"data.data_path={out_dir}"
     if to == "jsonl":

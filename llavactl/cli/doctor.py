@@ -1,14 +1,16 @@
-"""`llavactl doctor`: a table of checks, each pass / warn / fail / skipped with its fix."""
+"""`llavactl doctor`: each check as a short block (status, check: finding, then its fix), or JSON."""
 
 from __future__ import annotations
 
-import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llavactl.cli._common import OverridesArg, console, load, phase, verbosity
-from llavactl.errors import CheckFailed
+from llavactl.cli._common import OverridesArg, console, load, phase, print_block, verbosity
+from llavactl.cli._output import json_option, write_json
+
+if TYPE_CHECKING:
+    from llavactl.doctor import CheckResult
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skipped": "dim"}
 
@@ -20,49 +22,38 @@ def doctor(
         str | None,
         typer.Option("--profile", "-p", help="Also check this profile against the machine.", show_default=False),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    as_json: Annotated[bool, json_option("Print the results as JSON.")] = False,
     offline: Annotated[
         bool, typer.Option("--offline", help="Judge as if there were no internet: models must be local.")
     ] = False,
 ) -> None:
     """Can this machine run this profile? Exit code 1 when any check fails."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from llavactl.doctor import run_checks
+    from llavactl.doctor import run_checks, verdict
+    from llavactl.plan import plan_memory
 
     if overrides and profile is None:
         raise typer.BadParameter("overrides need --profile")
     loaded = load(profile, overrides) if profile else None
-    from llavactl.plan import plan_memory
-
     with phase("doctor's checks"):
         results = run_checks(loaded, offline=offline, memory_planner=plan_memory)
-    failures = [r for r in results if r.status == "fail"]
+    failure = verdict(results)
     if as_json:
-        print(json.dumps({"ok": not failures, "profile": profile, "checks": [r.to_json() for r in results]}, indent=2))
-        _fail_on(failures)
-        return
-    table = Table(show_edge=False, pad_edge=False)
-    table.add_column("check", no_wrap=True)
-    table.add_column("status")
-    table.add_column("finding", overflow="fold")
-    table.add_column("fix / hint", overflow="fold")
+        checks = [r.to_json() for r in results]
+        write_json({"ok": failure is None, "profile": profile, "checks": checks}, failure=failure)
+    else:
+        print_results(results, quiet=verbosity.level == 0)
+    if failure is not None:
+        raise failure
+
+
+def print_results(results: list[CheckResult], *, quiet: bool) -> None:
+    """One block per check: its status, ``check: finding``, then its fix (or a pass's hint)."""
     for r in results:
-        if verbosity.level == 0 and r.status == "pass":
+        if quiet and r.status == "pass":
             continue
-        table.add_row(escape(r.check), f"[{_STYLE[r.status]}]{r.status}[/]", escape(r.finding), escape(r.fix or ""))
-    console.print(table)
+        label = "fix" if r.status in ("warn", "fail") else "hint"
+        print_block(r.status, _STYLE[r.status], f"{r.check}: {r.finding}", [f"{label}: {r.fix}"] if r.fix else [])
     counts = {s: sum(r.status == s for r in results) for s in _STYLE}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    console.print(f"\n{'[bold red]Not ready[/]' if failures else '[green]Ready[/]'}: {summary}.")
-    _fail_on(failures)
-
-
-def _fail_on(failures: list) -> None:
-    if failures:
-        names = ", ".join(dict.fromkeys(r.check for r in failures))
-        raise CheckFailed(
-            f"{len(failures)} check{'s' if len(failures) > 1 else ''} failed: {names}.",
-            fix="apply the fix of each failed check above, then run doctor again",
-        )
+    ready = "[bold red]Not ready[/]" if counts["fail"] else "[green]Ready[/]"
+    console.print(f"\n{ready}: {summary}.")

@@ -6,13 +6,13 @@ and eval) a folder written by `llavactl export`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from llavactl.cli._common import OverridesArg, ProfileOpt, console, load
+from llavactl.cli._output import json_option, write_json
 from llavactl.errors import DataError
 
 ModelArg = Annotated[
@@ -27,7 +27,7 @@ ModelOpt = Annotated[
         show_default=False,
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text, for scripts.")]
+JsonOpt = Annotated[bool, json_option("Print one JSON object instead of text, for scripts.")]
 
 
 def export(
@@ -48,7 +48,7 @@ def export(
         raise typer.BadParameter(f"--dtype must be fp32, bf16 or fp16, not {dtype!r}")
     result = export_run(model, out_dir, merge_lora=merge_lora, dtype=dtype)  # type: ignore[arg-type]  # checked
     if json_output:
-        print(json.dumps(result.as_json(), indent=2))
+        write_json(result.as_json())
         return
     console.print(f"Exported {result.source} to {out_dir} ({dtype}).", soft_wrap=True)
     if result.merge_logit_difference is not None:
@@ -100,7 +100,7 @@ def predict(
     if json_output:
         fields = {"model": str(model), "image": str(image), "prompt": prompt, "answer": prediction.text}
         fields.update(new_tokens=prediction.new_tokens, prompt_tokens=prediction.prompt_tokens)
-        print(json.dumps(fields, indent=2, ensure_ascii=False))
+        write_json(fields)
 
 
 def evaluate(
@@ -124,7 +124,7 @@ def evaluate(
         batch_size=loaded.profile.training.per_device_train_batch_size,
     )
     if json_output:
-        print(json.dumps(report.as_json(), indent=2))
+        write_json(report.as_json())
         return
     console.print(
         f"{report.records} held-out records ({report.supervised_tokens} supervised tokens, {report.skipped} skipped): "

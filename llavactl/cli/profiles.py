@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llavactl.cli._common import OverridesArg, console, load
+from llavactl.cli._output import json_option, write_json
 from llavactl.errors import ConfigError
 
 app = typer.Typer(help="List the profiles and show one resolved, with where each value came from.")
@@ -52,7 +53,7 @@ def show(
     provenance: Annotated[
         bool, typer.Option("--provenance", help="Show where each value came from: default, file:line or override.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of YAML.")] = False,
+    as_json: Annotated[bool, json_option("Print JSON instead of YAML.")] = False,
 ) -> None:
     """The resolved profile (extends merged, overrides applied, defaults filled in)."""
     import yaml
@@ -63,7 +64,7 @@ def show(
     if provenance:
         rows = [(key, value, str(origin)) for key, value, origin in resolved_with_origins(loaded)]
         if as_json:
-            print(json.dumps({k: {"value": v, "from": o} for k, v, o in rows}, indent=2))
+            write_json({k: {"value": v, "from": o} for k, v, o in rows})
             return
         table = Table(show_edge=False, pad_edge=False)
         table.add_column("key", no_wrap=True)
@@ -76,7 +77,7 @@ def show(
         return
     data = loaded.profile.model_dump(mode="json")
     if as_json:
-        print(json.dumps(data, indent=2))
+        write_json(data)
     else:
         chain = " extends ".join(p.name for p in reversed(loaded.chain))
         print(f"# {chain}" + (f", with {' '.join(loaded.overrides)}" if loaded.overrides else ""))

@@ -11,12 +11,26 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from llavactl.cli._common import OverridesArg, ProfileOpt, console, err_console, load, phase, verbosity
-from llavactl.errors import CheckFailed, ConfigError
+from llavactl.cli._common import (
+    OverridesArg,
+    ProfileOpt,
+    console,
+    err_console,
+    load,
+    phase,
+    print_wrapped,
+    shown,
+    verbosity,
+    wrapped,
+)
+from llavactl.cli._output import json_option, write_json
+from llavactl.doctor import preflight
+from llavactl.errors import ConfigError
 
 if TYPE_CHECKING:
     from llavactl.plan import Plan
     from llavactl.resolve import ResolvedRun
+    from llavactl.train.recipe import TrainResult
     from llavactl.train.smoke import SmokeResult
 
 ResumeOpt = Annotated[
@@ -41,6 +55,42 @@ OutputDirOpt = Annotated[
         "--output-dir", help="Where checkpoints and logs go (same as training.output_dir=DIR).", show_default=False
     ),
 ]
+StartOverOpt = Annotated[
+    bool,
+    typer.Option(
+        "--start-over",
+        help="Train from step 0 into an output folder that holds another run: its files are first moved "
+        "aside into a sibling folder (nothing is deleted).",
+    ),
+]
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc-per-node",
+        min=1,
+        help="Train on N processes of this machine (one per GPU): starts this command N times as torchrun "
+        "would, and forwards Ctrl-C and SIGTERM to them (docs/distributed.md).",
+        show_default=False,
+    ),
+]
+StepsOpt = Annotated[
+    int,
+    typer.Option(
+        "--steps",
+        min=0,
+        help="Then run N real steps (random weights in the real shapes when the weights are not here), "
+        "save, reload into a fresh model, run one more step and check it matches.",
+    ),
+]
+DeviceMemoryOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--device-memory",
+        min=0.1,
+        help="Free memory (GiB) of the device the run is for, e.g. 15 for a T4 when planning on a laptop.",
+        show_default=False,
+    ),
+]
 
 
 def train(
@@ -51,27 +101,10 @@ def train(
     force: ForceOpt = False,
     output_dir: OutputDirOpt = None,
     skip_doctor: SkipDoctorOpt = False,
-    start_over: Annotated[
-        bool,
-        typer.Option(
-            "--start-over",
-            help="Train from step 0 into an output folder that holds another run: its files are first moved "
-            "aside into a sibling folder (nothing is deleted).",
-        ),
-    ] = False,
-    nproc_per_node: Annotated[
-        int | None,
-        typer.Option(
-            "--nproc-per-node",
-            min=1,
-            help="Train on N processes of this machine (one per GPU): starts this command N times as torchrun "
-            "would, and forwards Ctrl-C and SIGTERM to them (docs/distributed.md).",
-            show_default=False,
-        ),
-    ] = None,
+    start_over: StartOverOpt = False,
+    nproc_per_node: NprocOpt = None,
 ) -> None:
     """Train a model with a profile: milestones, live progress, checkpoints, `run.json`."""
-    from llavactl.resolve import resolve
     from llavactl.train.progress import TrainingProgress
     from llavactl.train.recipe import TrainRecipe
 
@@ -84,27 +117,76 @@ def train(
     if nproc_per_node is not None and nproc_per_node > 1:
         raise typer.Exit(_launch(nproc_per_node))
     words = [*(overrides or []), *([f"training.output_dir={output_dir}"] if output_dir else [])]
-    loaded = load(profile, words)
-    with phase("resolve and doctor's checks"):
-        resolved = resolve(loaded)
-        if not skip_doctor:
-            _preflight(resolved)
+    resolved = _resolved(profile, words, doctor=not skip_doctor)
     with phase("training"), TrainingProgress(console, quiet=verbosity.level == 0) as progress:
-        recipe = TrainRecipe(loaded, progress, resume=resume, force=force, resolved=resolved, start_over=start_over)
+        recipe = TrainRecipe(
+            resolved.loaded, progress, resume=resume, force=force, resolved=resolved, start_over=start_over
+        )
         result = recipe.run()
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+    if resolved.world.is_main:  # under torchrun, rank 0 speaks for the run
+        _print_result(result)
+    if result.status == "interrupted" or not resolved.world.is_main:
         raise typer.Exit(result.exit_code)
+
+
+def _print_result(result: TrainResult) -> None:
     if result.status == "interrupted":
         console.print(
             f"Stopped at step {result.step}/{result.total_steps}; checkpoint saved in {result.checkpoint}. "
             "Continue with the same command and `--resume auto`.",
             soft_wrap=True,
         )
-        raise typer.Exit(result.exit_code)
+        return
     final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     console.print(
         f"Finished {result.step} steps; final loss {final}; checkpoint in {result.checkpoint}", soft_wrap=True
     )
+
+
+def dry_run(
+    overrides: OverridesArg = None,
+    *,
+    profile: ProfileOpt,
+    steps: StepsOpt = 0,
+    device_memory: DeviceMemoryOpt = None,
+    as_json: Annotated[bool, json_option("Print the plan as JSON (docs/dry-run.md).")] = False,
+) -> None:
+    """The plan without weights: parameters, tokens, steps, peak memory and time per step."""
+    from llavactl.plan import build_plan
+    from llavactl.plan.memory import runtime_rss_bytes
+
+    resolved = _resolved(profile, overrides, doctor=False)
+    with phase("plan"):
+        memory = None if device_memory is None else int(device_memory * 1024**3)
+        plan = build_plan(resolved, runtime_bytes=runtime_rss_bytes(), device_memory=memory)
+    if not as_json:
+        _print_plan(plan)
+    smoke = _smoke(resolved, steps, as_json=as_json) if steps else None
+    failure = smoke.failure() if smoke is not None else None
+    if as_json:
+        data = plan.as_json()
+        data["smoke"] = None if smoke is None else {**smoke.__dict__, "estimated_peak_bytes": plan.memory.total}
+        write_json(data, failure=failure)
+    elif smoke is not None:
+        _print_smoke(smoke, plan.memory.total)
+    if failure is not None:
+        raise failure
+
+
+def _resolved(profile: str, overrides: list[str] | None, *, doctor: bool) -> ResolvedRun:
+    """What `train` and `dry-run` share: the profile loaded and resolved, then (for train) doctor's
+    blocking checks, whose warnings go to stderr."""
+    from llavactl.plan import plan_memory
+    from llavactl.resolve import resolve
+
+    loaded = load(profile, overrides)
+    with phase("resolve and doctor's checks" if doctor else "resolve"):
+        resolved = resolve(loaded)
+        warnings = preflight(resolved, plan_memory) if doctor else []
+    if verbosity.level > 0:
+        for r in warnings:
+            err_console.print(f"[yellow]warning[/] {shown(r.check)}: {shown(r.finding)} Fix: {shown(r.fix or '')}")
+    return resolved
 
 
 def _launch(nproc: int) -> int:
@@ -127,101 +209,21 @@ def _launch(nproc: int) -> int:
     return launch(nproc, words)
 
 
-def _preflight(resolved: ResolvedRun) -> None:
-    """Run doctor's checks on the resolved run; stop on a blocking failure with doctor's findings and fixes."""
-    from llavactl.doctor import blocking_failures, checks_of
-    from llavactl.plan import plan_memory
-
-    results = checks_of(resolved, resolved.facts, memory_planner=plan_memory)
-    failures = blocking_failures(results)
-    if failures:
-        lines = "\n".join(f"  - {r.check}: {r.finding}\n    Fix: {r.fix}" for r in failures)
-        raise CheckFailed(
-            f"llavactl doctor found {len(failures)} problem{'s' if len(failures) > 1 else ''} that stop this run:\n"
-            + lines,
-            fix="apply the fixes above (or run `llavactl doctor --profile ...` for every check); "
-            "`--skip-doctor` starts anyway",
-        )
-    if verbosity.level > 0:
-        for r in results:
-            if r.status == "warn":
-                err_console.print(
-                    f"[yellow]warning[/] {escape(r.check)}: {escape(r.finding)} Fix: {escape(r.fix or '')}"
-                )
-
-
-def dry_run(
-    overrides: OverridesArg = None,
-    *,
-    profile: ProfileOpt,
-    steps: Annotated[
-        int,
-        typer.Option(
-            "--steps",
-            min=0,
-            help="Then run N real steps (random weights in the real shapes when the weights are not here), "
-            "save, reload into a fresh model, run one more step and check it matches.",
-        ),
-    ] = 0,
-    device_memory: Annotated[
-        float | None,
-        typer.Option(
-            "--device-memory",
-            min=0.1,
-            help="Free memory (GiB) of the device the run is for, e.g. 15 for a T4 when planning on a laptop.",
-            show_default=False,
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (docs/dry-run.md).")] = False,
-) -> None:
-    """The plan without weights: parameters, tokens, steps, peak memory and time per step."""
-    import json
+def _smoke(resolved: ResolvedRun, steps: int, *, as_json: bool) -> SmokeResult:
+    """`--steps N`: N real steps, a save and a reload, with their progress on stderr under --json."""
     import tempfile
     from pathlib import Path
 
-    from llavactl.plan import build_plan
-    from llavactl.plan.memory import runtime_rss_bytes
-    from llavactl.resolve import resolve
+    from llavactl.train.progress import TrainingProgress
+    from llavactl.train.smoke import smoke_run
 
-    loaded = load(profile, overrides)
-    runtime = runtime_rss_bytes()
-    resolved = resolve(loaded)
-    with phase("plan"):
-        memory = None if device_memory is None else int(device_memory * 1024**3)
-        plan = build_plan(resolved, runtime_bytes=runtime, device_memory=memory)
-    if not as_json:
-        _print_plan(plan)
-    smoke = None
-    if steps:
-        from llavactl.train.progress import TrainingProgress
-        from llavactl.train.smoke import smoke_run
-
-        out = err_console if as_json else console
-        with (
-            phase(f"{steps + 1} real steps and a reload"),
-            tempfile.TemporaryDirectory(prefix="llavactl-dry-run-") as workdir,
-            TrainingProgress(out, quiet=verbosity.level == 0 or as_json) as progress,
-        ):
-            random_weights = not _weights_at_hand(resolved)
-            smoke = smoke_run(resolved, steps, Path(workdir), progress, random_weights=random_weights)
-        if not as_json:
-            _print_smoke(smoke, plan.memory.total)
-    if as_json:
-        data = plan.as_json()
-        data["smoke"] = None if smoke is None else {**smoke.__dict__, "estimated_peak_bytes": plan.memory.total}
-        print(json.dumps(data, indent=2))
-    if smoke is not None and not (smoke.losses_match and smoke.weights_match):
-        raise CheckFailed(
-            f"After reloading checkpoint-{steps}, step {steps + 1} differs from the uninterrupted run "
-            f"(loss {smoke.resumed_loss} vs {smoke.losses[-1]}; tensors differing: {smoke.differing_tensors}).",
-            fix="this is a bug in saving or loading checkpoints: report it with this output",
-        )
-
-
-def _weights_at_hand(resolved: ResolvedRun) -> bool:
-    """Whether the tower's and the LLM's weights are local (builtin, a folder, or the HF cache)."""
-    weights = ("model.vision_tower", "model.model_name_or_path")
-    return all(s.kind != "missing" for s in resolved.sources if s.key in weights)
+    out = err_console if as_json else console
+    with (
+        phase(f"{steps + 1} real steps and a reload"),
+        tempfile.TemporaryDirectory(prefix="llavactl-dry-run-") as workdir,
+        TrainingProgress(out, quiet=verbosity.level == 0 or as_json) as progress,
+    ):
+        return smoke_run(resolved, steps, Path(workdir), progress)
 
 
 def _gib(value: int) -> str:
@@ -245,65 +247,59 @@ def _print_plan(plan: Plan) -> None:
     console.print(table)
     t = plan.tokens
     images = f"{t.image_tokens_per_image} image tokens per image, up to {t.images_per_sample} per record"
-    console.print(
+    print_wrapped(
         f"Tokens per sample (image tokens included): mean {t.mean:g}, p95 {t.p95}, longest {t.longest}; "
-        f"{images}; from {escape(t.source)}",
-        soft_wrap=True,
+        f"{images}; from {t.source}"
     )
     if t.pad_fraction is not None and t.micro_batch is not None:
         now = "on" if plan.padding_free else "off"
-        console.print(
+        print_wrapped(
             f"Padding: {t.pad_fraction:.1%} of the tokens of padded batches of {plan.batch_size} records are pad "
             f"tokens; padding-free batches compute none (data.padding_free {now}); a micro-batch computes "
-            f"{t.micro_batch.tokens:,.0f} tokens on average",
-            soft_wrap=True,
+            f"{t.micro_batch.tokens:,.0f} tokens on average"
         )
     if plan.total_steps is not None:
         per_epoch = f"{plan.steps_per_epoch:,} per epoch, " if plan.steps_per_epoch else ""
         exact = plan.global_batch == int(plan.global_batch)
         samples = f"{int(plan.global_batch)}" if exact else f"{plan.global_batch:.1f} (on average)"
-        console.print(f"Steps: {per_epoch}{plan.total_steps:,} in all; {samples} samples per step")
+        print_wrapped(f"Steps: {per_epoch}{plan.total_steps:,} in all; {samples} samples per step")
     m, other = plan.memory, plan.memory_other_checkpointing
-    console.print(
-        f"Peak memory per device (estimate): total [bold]{_gib(m.total)}[/] = runtime {_gib(m.runtime)} + "
+    print_wrapped(
+        f"Peak memory per device (estimate): total {_gib(m.total)} = runtime {_gib(m.runtime)} + "
         f"weights {_gib(m.weights)} + gradients {_gib(m.gradients)} + optimizer {_gib(m.optimizer)} + "
-        f"activations {_gib(m.activations)}; with gradient checkpointing toggled: {_gib(other.total)}",
-        soft_wrap=True,
+        f"activations {_gib(m.activations)}; with gradient checkpointing toggled: {_gib(other.total)}"
     )
     if plan.free_bytes is not None:
         verdict = "[green]fits[/]" if plan.fits else "[bold red]does not fit[/]"
         console.print(f"Free memory on the device: {_gib(plan.free_bytes)}: {verdict}")
     if plan.suggestions:
-        console.print("Overrides that lower the peak, cheapest in quality first (each includes the ones above):")
+        print_wrapped("Overrides that lower the peak, cheapest in quality first (each includes the ones above):")
     for s in plan.suggestions:
-        console.print(f"  {_gib(s.peak_bytes):>10}  {escape(s.overrides)}  [dim]({escape(s.why)})[/]", soft_wrap=True)
-    if plan.fits is False and (not plan.suggestions or plan.suggestions[-1].peak_bytes > (plan.free_bytes or 0)):
-        fixed = m.runtime + m.weights
-        console.print(
+        print_wrapped(f"  {_gib(s.peak_bytes):>10}  {s.overrides}  ({s.why})", indent=" " * 14)
+    if plan.out_of_reach:
+        print_wrapped(
             f"No override brings the estimate under {_gib(plan.free_bytes or 0)}: the runtime and the weights alone "
-            f"take {_gib(fixed)}. Use a device with more memory, or shard the run over several "
-            "(docs/distributed.md).",
-            soft_wrap=True,
+            f"take {_gib(m.runtime + m.weights)}. Use a device with more memory, or shard the run over several "
+            "(docs/distributed.md)."
         )
     flops = f"{plan.flops_per_step / 1e9:,.1f} GFLOP per optimizer step"
     if plan.seconds_per_step is not None and plan.matmul_flops_per_s is not None:
-        console.print(
-            f"Time: {flops}; about {plan.seconds_per_step:.2f} s per step at {STEP_EFFICIENCY:.0%} of this "
+        flops += (
+            f"; about {plan.seconds_per_step:.2f} s per step at {STEP_EFFICIENCY:.0%} of this "
             f"device's measured {plan.matmul_flops_per_s / 1e9:.0f} GFLOP/s matmul rate"
         )
-    else:
-        console.print(f"Time: {flops}")
-    for note in plan.notes:
-        console.print(f"[dim]{escape(note)}[/]")
+    print_wrapped(f"Time: {flops}")
+    for note in plan.notes:  # one line each: a note's figures are searched for as printed
+        console.print(f"[dim]{shown(note)}[/]", soft_wrap=True)
 
 
 def _print_smoke(smoke: SmokeResult, estimated: int) -> None:
     kind = "random weights in the real shapes" if smoke.random_weights else "real weights"
     ok = smoke.losses_match and smoke.weights_match
-    console.print(
+    said = wrapped(
         f"Ran {smoke.steps + 1} steps ({kind}); losses {', '.join(f'{x:.4f}' for x in smoke.losses)}. "
         f"Reloaded checkpoint-{smoke.steps}: step {smoke.steps + 1} loss {smoke.resumed_loss:.4f}, weights "
-        f"{'identical' if smoke.weights_match else 'DIFFERENT'}: {'[green]pass[/]' if ok else '[bold red]fail[/]'}",
-        soft_wrap=True,
+        f"{'identical' if smoke.weights_match else 'DIFFERENT'}:"
     )
+    console.print(f"{said} {'[green]pass[/]' if ok else '[bold red]fail[/]'}", soft_wrap=True)
     console.print(f"Measured peak memory {_gib(smoke.peak_bytes)}; estimated {_gib(estimated)}")

@@ -37,6 +37,7 @@ from llavactl.data.source import open_records
 from llavactl.data.templates import render
 from llavactl.data.tokens import TokenContext
 from llavactl.errors import DataError
+from llavactl.jsonout import dumps
 
 # Bump when a check's findings change for the same inputs: reports kept before are then never read.
 CHECK_VERSION = 2
@@ -80,7 +81,7 @@ class CheckReport:
         whole = [p for p in errors if p.index is None]
         if whole:
             first, source = whole[0], str(self.source or "the data file")
-            more = f" ({len(whole) - 1} more problems of the file in the table above)" if len(whole) > 1 else ""
+            more = f" ({len(whole) - 1} more problems of the file listed above)" if len(whole) > 1 else ""
             said = first.message if source in first.message else f"{source} cannot be read as records: {first.message}"
             return (
                 f"{said}{more} [{first.code}].",
@@ -89,7 +90,7 @@ class CheckReport:
         return (
             f"{counted(len(self.bad_indices()), 'record')} of {self.records:,} with errors "
             f"({counted(len(errors), 'error')} in all).",
-            "fix or drop those records (the table above names each), or write the good ones with `--write-clean FILE`",
+            "fix or drop those records (listed above), or write the good ones with `--write-clean FILE`",
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -445,14 +446,14 @@ def write_clean(store: RecordSource, report: CheckReport, out: Path) -> int:
     bad = report.bad_indices()
     keep = [store.raw(i).value for i in range(report.records) if i not in bad]
     jsonl = out.suffix == ".jsonl"
-    text = "".join(dump_json(v) + "\n" for v in keep) if jsonl else dump_json(keep, indent=1) + "\n"
+    text = "".join(dumps(v, indent=None) + "\n" for v in keep) if jsonl else dumps(keep, indent=1) + "\n"
     _write_output(out, text, store, "--write-clean", "the clean records")
     return len(keep)
 
 
 def write_report(out: Path, report: CheckReport, store: RecordSource) -> None:
     """Write the JSON report to ``out`` (``--json-file``); never over the data it reports on."""
-    _write_output(out, dump_json(report.as_json(), indent=1) + "\n", store, "--json-file", "the report")
+    _write_output(out, dumps(report.as_json()) + "\n", store, "--json-file", "the report")
 
 
 def _write_output(out: Path, text: str, store: RecordSource, option: str, what: str) -> None:
@@ -480,14 +481,3 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and a.samefile(b)
     except OSError:
         return a.resolve() == b.resolve()
-
-
-def dump_json(value: Any, indent: int | None = None) -> str:
-    """JSON with non-ASCII text as itself, except where a value holds a lone surrogate that UTF-8
-    cannot encode: then JSON's ``\\u`` escapes throughout, which keep it exactly."""
-    text = json.dumps(value, indent=indent, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value, indent=indent)
-    return text

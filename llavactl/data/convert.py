@@ -18,14 +18,12 @@ from typing import Any, Literal
 
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, describe, probe, require_file
 from llavactl.data.records import Problem, Record, RecordProblem, check_image_markers, require_records
+from llavactl.data.shard_layout import DEFAULT_SHARD_RECORDS, ROW_GROUP_RECORDS
 from llavactl.data.synth import check_out_dir
 from llavactl.errors import DataError
 
 Target = Literal["parquet", "jsonl"]
 JSONL_FILE = "records.jsonl"
-DEFAULT_SHARD_RECORDS = 10_000
-# Rows per row group: a record read decodes its whole group, embedded images included.
-ROW_GROUP_RECORDS = 64
 
 
 def convert(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from llavactl.doctor.results import CheckResult
+from llavactl.errors import CheckFailed
 
 if TYPE_CHECKING:
     from llavactl.config.loader import LoadedProfile
@@ -70,4 +71,32 @@ def blocking_failures(results: list[CheckResult]) -> list[CheckResult]:
     return [r for r in results if r.status == "fail" and r.blocking]
 
 
-__all__ = ["CheckResult", "blocking_failures", "checks_of", "run_checks"]
+def verdict(results: list[CheckResult]) -> CheckFailed | None:
+    """Doctor's answer: None when no check failed, else the error naming the failed checks (exit code 1)."""
+    failures = [r for r in results if r.status == "fail"]
+    if not failures:
+        return None
+    names = ", ".join(dict.fromkeys(r.check for r in failures))
+    return CheckFailed(
+        f"{len(failures)} check{'s' if len(failures) > 1 else ''} failed: {names}.",
+        fix="apply the fix of each failed check above, then run doctor again",
+    )
+
+
+def preflight(resolved: ResolvedRun, memory_planner: MemoryPlanner) -> list[CheckResult]:
+    """The checks `llavactl train` runs before it loads anything: the warnings, to show; a blocking
+    failure raises :class:`CheckFailed` listing each one with its fix."""
+    results = checks_of(resolved, resolved.facts, memory_planner=memory_planner)
+    failures = blocking_failures(results)
+    if failures:
+        lines = "\n".join(f"  - {r.check}: {r.finding}\n    Fix: {r.fix}" for r in failures)
+        raise CheckFailed(
+            f"llavactl doctor found {len(failures)} problem{'s' if len(failures) > 1 else ''} that stop this run:\n"
+            + lines,
+            fix="apply the fixes above (or run `llavactl doctor --profile ...` for every check); "
+            "`--skip-doctor` starts anyway",
+        )
+    return [r for r in results if r.status == "warn"]
+
+
+__all__ = ["CheckResult", "blocking_failures", "checks_of", "preflight", "run_checks", "verdict"]

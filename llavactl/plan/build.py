@@ -94,6 +94,11 @@ class Plan:
     def fits(self) -> bool | None:
         return None if self.fit is None else self.fit != "over"
 
+    @property
+    def out_of_reach(self) -> bool:
+        """The run does not fit, and none of the suggested overrides brings it under the free memory."""
+        return self.fits is False and first_fitting(self.suggestions, self.free_bytes or 0) is None
+
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["memory"] = self.memory.as_json()
@@ -305,6 +310,11 @@ def _knobs(profile: Profile, tokens: TokenPlan) -> list[tuple[dict[str, Any], st
     return knobs
 
 
+def first_fitting(suggestions: list[Suggestion], free_bytes: int) -> Suggestion | None:
+    """The cheapest suggested overrides whose estimate fits ``free_bytes`` (None when none does)."""
+    return next((s for s in suggestions if memory_fit(s.peak_bytes, free_bytes) != "over"), None)
+
+
 def suggest(
     profile: Profile, tokens: TokenPlan, *, free_bytes: int, runtime_bytes: int, device: str = "cpu"
 ) -> list[Suggestion]:
@@ -460,9 +470,7 @@ def plan_memory(resolved: ResolvedRun) -> tuple[int, str | None]:
     memory, _ = estimate(profile, tokens, runtime_bytes=runtime, device=device, assembled=assembled)
     if memory_fit(memory.total, free_bytes) != "over":
         return memory.total, None
-    fitting = [
-        s
-        for s in suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime, device=device)
-        if memory_fit(s.peak_bytes, free_bytes) != "over"
-    ]
-    return memory.total, fitting[0].overrides if fitting else None
+    fitting = first_fitting(
+        suggest(profile, tokens, free_bytes=free_bytes, runtime_bytes=runtime, device=device), free_bytes
+    )
+    return memory.total, fitting.overrides if fitting else None

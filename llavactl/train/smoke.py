@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llavactl.config.loader import LoadedProfile, load_profile
+from llavactl.errors import CheckFailed
 from llavactl.train.progress import TrainingProgress
 
 if TYPE_CHECKING:
@@ -30,6 +31,22 @@ class SmokeResult:
     peak_bytes: int
     random_weights: bool
 
+    def failure(self) -> CheckFailed | None:
+        """The error when the reloaded run differs from the uninterrupted one (a bug in checkpoints)."""
+        if self.losses_match and self.weights_match:
+            return None
+        return CheckFailed(
+            f"After reloading checkpoint-{self.steps}, step {self.steps + 1} differs from the uninterrupted run "
+            f"(loss {self.resumed_loss} vs {self.losses[-1]}; tensors differing: {self.differing_tensors}).",
+            fix="this is a bug in saving or loading checkpoints: report it with this output",
+        )
+
+
+def _weights_at_hand(resolved: ResolvedRun) -> bool:
+    """Whether the tower's and the LLM's weights are local (builtin, a folder, or the HF cache)."""
+    weights = ("model.vision_tower", "model.model_name_or_path")
+    return all(s.kind != "missing" for s in resolved.sources if s.key in weights)
+
 
 def _run(loaded: LoadedProfile, progress: TrainingProgress, *, resume: str | None, random_weights: bool) -> list[float]:
     from llavactl.train.recipe import TrainRecipe
@@ -46,15 +63,15 @@ def _tensors(folder: Path) -> dict[str, object]:
     return tensors
 
 
-def smoke_run(
-    resolved: ResolvedRun, steps: int, workdir: Path, progress: TrainingProgress, *, random_weights: bool
-) -> SmokeResult:
-    """Train ``steps`` + 1 steps, then resume from step ``steps`` and compare step ``steps`` + 1."""
+def smoke_run(resolved: ResolvedRun, steps: int, workdir: Path, progress: TrainingProgress) -> SmokeResult:
+    """Train ``steps`` + 1 steps, then resume from step ``steps`` and compare step ``steps`` + 1; with
+    random weights in the real shapes when the weights are not here."""
     import torch
 
     from llavactl.train.metrics import peak_memory_bytes
 
     loaded = resolved.loaded
+    random_weights = not _weights_at_hand(resolved)
 
     common = [
         *loaded.overrides,
