@@ -329,8 +329,11 @@ class TrainRecipe:
             state, rng = checkpoint.read_training_state(resume_from, self._world.rank)
             # This profile's learning rates and weight decay, which the saved states would replace
             # with the saved run's: with `--force` and a new learning rate, the new one applies at
-            # once, at the resumed step's point of the (new) schedule.
+            # once, at the resumed step's point of the (new) schedule. Each group gets the key a
+            # scheduler adds, `initial_lr`, as the saved groups have it (FSDP's loader matches keys).
             current = [(group["lr"], group["weight_decay"]) for group in self._optimizer.param_groups]
+            for group in self._optimizer.param_groups:
+                group["initial_lr"] = group["lr"]
             with checkpoint.foreign_content(resume_from):
                 if self._world.sharded:
                     distributed.load_full_optimizer_state(self._model, self._optimizer, state["optimizer"])
