@@ -11,9 +11,10 @@ them at once with the place each value came from.
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin, overload
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -382,6 +383,26 @@ class TrainingConfig(_Section):
         if isinstance(value, str):
             return [value]
         return value
+
+    # How long the run is: one rule, read by the recipe, its token-budget sampler and dry-run.
+    def steps_per_epoch(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of an epoch of ``batches_per_epoch`` micro-batches (the last step may have fewer)."""
+        return math.ceil(batches_per_epoch / self.gradient_accumulation_steps)
+
+    @overload
+    def total_steps(self, steps_per_epoch: int) -> int: ...
+    @overload
+    def total_steps(self, steps_per_epoch: None) -> int | None: ...
+    def total_steps(self, steps_per_epoch: int | None) -> int | None:
+        """The run's optimizer steps: ``max_steps`` when set, else ``num_train_epochs`` epochs
+        (None: epochs whose length is not known)."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return None if steps_per_epoch is None else self.num_train_epochs * steps_per_epoch
+
+    def epochs(self, steps_per_epoch: int) -> int:
+        """The epochs the run reads, the last one perhaps in part."""
+        return math.ceil(self.total_steps(steps_per_epoch) / steps_per_epoch)
 
     def _rule_one_half_precision(self) -> list[RuleViolation]:
         if self.bf16 and self.fp16:

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from llavactl.config.knobs import as_words, memory_knobs
 from llavactl.errors import ConfigError, DataError, ModelSourceError
 from llavactl.resolve.run import Fit, autocast_of, memory_fit
 
@@ -276,40 +277,6 @@ def _estimate(
     return memory, trace, (rows * seq_len, pairs)
 
 
-def _knobs(profile: Profile, tokens: TokenPlan) -> list[tuple[dict[str, Any], str]]:
-    """Overrides that lower memory, in order of what they cost in quality (none first)."""
-    t, data, model = profile.training, profile.data, profile.model
-    knobs: list[tuple[dict[str, Any], str]] = []
-    batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
-    while batch > 1 and batch % 2 == 0:
-        batch, accumulation = batch // 2, accumulation * 2
-        overrides = {
-            "training.per_device_train_batch_size": batch,
-            "training.gradient_accumulation_steps": accumulation,
-        }
-        knobs.append((overrides, "smaller micro-batches, same global batch: no quality cost"))
-    if not t.gradient_checkpointing:
-        knobs.append(({"training.gradient_checkpointing": True}, "recompute activations: no quality cost, ~30% slower"))
-    patch = _patch_size(profile)
-    native = math.isqrt(tokens.image_tokens_per_image) * patch
-    for size in (224, 168):
-        if size < native and tokens.images_per_sample:
-            knobs.append(({"data.image_size": size}, f"{size} px images: fewer image tokens, less visual detail"))
-    if profile.stage in ("lora", "qlora") and model.lora_r > 8:
-        knobs.append(
-            (
-                {"model.lora_r": model.lora_r // 2, "model.lora_alpha": model.lora_alpha // 2},
-                "half the LoRA rank: fewer adapter parameters",
-            )
-        )
-    if profile.stage == "full":
-        knobs.append(({"stage": "lora"}, "LoRA instead of the full LLM: far less optimizer state"))
-    shorter = max(tokens.p95, 64)
-    if shorter < data.max_seq_len:
-        knobs.append(({"data.max_seq_len": shorter}, "cut records at the 95th percentile of lengths"))
-    return knobs
-
-
 def first_fitting(suggestions: list[Suggestion], free_bytes: int) -> Suggestion | None:
     """The cheapest suggested overrides whose estimate fits ``free_bytes`` (None when none does)."""
     return next((s for s in suggestions if memory_fit(s.peak_bytes, free_bytes) != "over"), None)
@@ -327,18 +294,21 @@ def suggest(
     current = profile
     peak, _ = estimate(profile, tokens, runtime_bytes=runtime_bytes, device=device)
     last = peak.total
-    for overrides, why in _knobs(profile, tokens):
-        candidate = _with(current, overrides)
-        if "stage" in overrides:
+    native = math.isqrt(tokens.image_tokens_per_image) * _patch_size(profile)
+    knobs = memory_knobs(
+        profile, p95_tokens=tokens.p95, native_image_size=native, images_per_sample=tokens.images_per_sample
+    )
+    for knob in knobs:
+        candidate = _with(current, knob.overrides)
+        if "stage" in knob.overrides:
             # LoRA keys left from another stage are refused by the schema; LoRA's defaults apply.
             candidate = _with(candidate, {"model.lora_r": 16, "model.lora_alpha": 32})
         memory, _ = estimate(candidate, _retoken(tokens, candidate), runtime_bytes=runtime_bytes, device=device)
         if memory.total > last * 0.98:
             continue
         current, last = candidate, memory.total
-        applied.update(overrides)
-        text = " ".join(f"{k}={_yaml(v)}" for k, v in applied.items())
-        suggestions.append(Suggestion(text, why, memory.total))
+        applied.update(knob.overrides)
+        suggestions.append(Suggestion(as_words(applied), knob.why, memory.total))
         if memory_fit(memory.total, free_bytes) != "over":
             break
     return suggestions
@@ -373,10 +343,6 @@ def _patch_size(profile: Profile) -> int:
     return tower_image_spec(profile.model.vision_tower, profile.data.image_size).patch_size
 
 
-def _yaml(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int | None = None) -> Plan:
     """The whole plan of the resolved run on its device; ``device_memory`` (bytes) stands for the
     free memory of a device planned for elsewhere (else the resolution's free memory)."""
@@ -400,15 +366,13 @@ def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int 
     memory, trace, traced = _estimate(profile, tokens, runtime_bytes=runtime, device=device, assembled=assembled)
     other = _with(profile, {"training.gradient_checkpointing": not t.gradient_checkpointing})
     memory_other, _ = estimate(other, tokens, runtime_bytes=runtime, device=device)
-    steps_per_epoch = total_steps = None
+    steps_per_epoch = None
     micro = tokens.micro_batch
     if tokens.records:
         budget = micro is not None and profile.data.max_tokens_per_batch is not None
         batches = math.ceil(tokens.records / (micro.records if budget else t.per_device_train_batch_size))
-        steps_per_epoch = math.ceil(batches / t.gradient_accumulation_steps)
-        total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_train_epochs
-    elif t.max_steps > 0:
-        total_steps = t.max_steps
+        steps_per_epoch = t.steps_per_epoch(batches)
+    total_steps = t.total_steps(steps_per_epoch)
     # Memory is planned for the largest micro-batch; time for the average one of the profile's
     # batching (padded rows, or packed records), scaled from the trace by its shapes.
     flops = trace.flops

@@ -27,7 +27,8 @@ import os
 import pickle
 import random
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -406,6 +407,20 @@ def read_training_state(folder: Path, rank: int = 0) -> tuple[dict[str, Any], di
                 fix="resume from another checkpoint of the run (`--resume PATH`)",
             ) from None
     return states[0], states[1]
+
+
+@contextmanager
+def foreign_content(folder: Path) -> Iterator[None]:
+    """Within: loading ``folder``'s states into the run; a state that is not what llavactl saved
+    (files whose checksums match, written by hand or by another tool: a damaged file fails its
+    checksum before this) becomes a :class:`CheckpointError` naming the checkpoint."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise CheckpointError(
+            f"Checkpoint {folder} does not hold the states llavactl saves ({type(exc).__name__}: {str(exc)[:120]}).",
+            fix="resume from another checkpoint of the run (`--resume PATH`)",
+        ) from exc
 
 
 def check_same_world(folder: Path, saved_world_size: int, world_size: int) -> None:

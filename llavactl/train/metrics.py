@@ -1,4 +1,5 @@
-"""Where training figures go: ``metrics.jsonl`` always, tensorboard and wandb when asked, and ``run.json``.
+"""Training figures: the windows of steps they average, and where they go (``metrics.jsonl`` always,
+tensorboard and wandb when asked, and ``run.json``).
 
 ``run.json`` describes a run for someone reading the output folder later: the resolved profile,
 library versions, seed, device, how it ended and its final figures.
@@ -7,19 +8,89 @@ library versions, seed, device, how it ended and its final figures.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llavactl.errors import ConfigError, OutputError
 from llavactl.system import is_full_disk
 
+if TYPE_CHECKING:
+    import torch
+
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
+
+
+@dataclass
+class MetricWindow:
+    """Figures accumulated over steps: those between two logged steps, or a whole run's.
+
+    The window since the last logged step is kept in checkpoints, so that the first line logged
+    after a resume averages the same steps as it would have without the interruption.
+    """
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    samples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    flops: float | None = None  # this process's FLOPs of the steps whose FLOPs are known
+    flop_seconds: float = 0.0  # the seconds of those steps
+
+    def add(
+        self,
+        *,
+        loss: float | None,
+        grad_norm: float | None,
+        samples: int,
+        tokens: int,
+        seconds: float,
+        flops: float | None = None,
+    ) -> None:
+        if loss is not None:
+            self.losses.append(loss)
+        if grad_norm is not None:
+            self.grad_norms.append(grad_norm)
+        self.samples += samples
+        self.tokens += tokens
+        if flops is not None:
+            # Seconds count only alongside FLOPs: the counted step, slowed by counting, is left out.
+            self.flops = (self.flops or 0.0) + flops
+            self.flop_seconds += seconds
+        self.seconds += seconds
+
+    @classmethod
+    def restored(cls, saved: Any) -> MetricWindow:
+        """The window a checkpoint kept; an empty one for a checkpoint without it (or not of this shape)."""
+        numbers = (int, float)
+        try:
+            window = cls(**saved)
+            lists_ok = all(isinstance(x, numbers) for x in [*window.losses, *window.grad_norms])
+            counts_ok = all(isinstance(x, numbers) for x in (window.samples, window.tokens, window.seconds))
+        except TypeError:
+            return cls()
+        return window if lists_ok and counts_ok else cls()
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else math.nan
+
+    @property
+    def mean_grad_norm(self) -> float:
+        return sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else math.nan
+
+    def flops_per_s(self, world_size: int) -> float | None:
+        """FLOP/s of the window's steps over every process (each process computes its own share)."""
+        if self.flops is None or not self.flop_seconds:
+            return None
+        return self.flops * world_size / self.flop_seconds
 
 
 class MetricsWriter:
@@ -145,3 +216,14 @@ def peak_memory_bytes(device_type: str) -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
+def describe_device(device: torch.device) -> dict[str, Any]:
+    """The device of a run, as ``run.json`` records it."""
+    import torch
+
+    described: dict[str, Any] = {"type": device.type, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    if device.type == "cuda":
+        described["name"] = torch.cuda.get_device_name(device)
+        described["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return described

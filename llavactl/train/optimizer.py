@@ -82,9 +82,11 @@ def lr_factor(step: int, *, kind: str, warmup: int, total: int) -> float:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, training: TrainingConfig, total_steps: int
+    optimizer: torch.optim.Optimizer, training: TrainingConfig, total_steps: int, *, at_step: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup then ``training.lr_scheduler_type`` decay over ``total_steps`` optimizer steps."""
+    """Warmup then ``training.lr_scheduler_type`` decay over ``total_steps`` optimizer steps, each
+    group's learning rate set for step ``at_step`` (a resumed run's: then every group holds its peak
+    as ``initial_lr``, the key torch's schedulers read)."""
     import torch
 
     warmup = warmup_steps(training, total_steps)
@@ -93,4 +95,4 @@ def build_scheduler(
     def factor(step: int) -> float:
         return lr_factor(step, kind=kind, warmup=warmup, total=total_steps)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=at_step - 1)

@@ -1,4 +1,5 @@
-"""A run folder belongs to one run: a lock against a second live run, and no silent mixing of runs.
+"""A run folder belongs to one run: a lock against a second live run, no silent mixing of runs, and
+the checks a resume passes before anything loads (:func:`claim_run_folder`, :func:`resume_point`).
 
 ``llavactl train`` into a folder that already holds another run's checkpoints is refused unless it
 resumes that run (``--resume``) or starts over (``--start-over``), which moves the old run's files
@@ -14,14 +15,85 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from llavactl.errors import ConfigError
 from llavactl.system import process_alive
+from llavactl.train import checkpoint
+
+if TYPE_CHECKING:
+    from llavactl.data.fingerprint import Fingerprint
 
 LOCK_FILE = ".llavactl.lock"
 # What a run writes into its folder; a folder holding any of these holds a run.
 RUN_FILES = ("metrics.jsonl", "run.json")
+
+
+def claim_run_folder(
+    output_dir: Path, *, resume: str | None, start_over: bool, say: Callable[[str], None]
+) -> RunFolderLock:
+    """Before anything loads: ``output_dir`` can be written, no other live run uses it (the lock
+    returned, held), and it holds no other run unless this one resumes it or starts over."""
+    checkpoint.refuse_inside_checkpoint(output_dir, "training.output_dir")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"training.output_dir `{output_dir}` cannot be written: {exc.strerror or exc} ({exc.filename}).",
+            fix="give `--output-dir` a folder you can write to, on a disk with room for checkpoints",
+        ) from None
+    lock = RunFolderLock(output_dir)
+    lock.acquire()
+    try:
+        if resume is None:
+            moved = refuse_or_move_aside(output_dir, start_over=start_over)
+            if moved is not None:
+                say(f"Moved the previous run in {output_dir} aside to {moved} (--start-over)")
+        else:
+            refuse_foreign_resume(output_dir, checkpoint.resolve_resume(resume, output_dir))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def resume_point(
+    resume: str,
+    output_dir: Path,
+    *,
+    profile: Mapping[str, Any],
+    data_fingerprint: Fingerprint,
+    world_size: int,
+    force: bool,
+    set_aside: bool,
+    say: Callable[[str], None],
+) -> Path | None:
+    """The checkpoint ``resume`` names (None: the run has none yet), checked before anything loads:
+    intact, a progress record a resume can read, saved by as many processes, and with the same
+    profile and data as this run (``force``: changed ones are named and accepted). ``set_aside``
+    (rank 0): the run's later checkpoints are moved aside, since this run writes its own."""
+    folder = checkpoint.resolve_resume(resume, output_dir)
+    if folder is None:
+        say(f"No checkpoint in {output_dir} yet: starting from step 0.")
+        return None
+    checkpoint.verify_checkpoint(folder)
+    saved = checkpoint.read_progress(folder)
+    checkpoint.require_resume_fields(saved, folder)
+    checkpoint.check_same_world(folder, saved.get("world_size", 1), world_size)
+    differences = checkpoint.resume_differences(saved["profile"], profile, saved["data_fingerprint"], data_fingerprint)
+    checkpoint.check_resume_compatible(folder, differences, force=force)
+    if differences:
+        say(f"Resuming with changed settings (--force): {'; '.join(differences)}")
+    if set_aside:
+        later = set_aside_later_checkpoints(output_dir, folder)
+        if later is not None:
+            say(f"Moved the checkpoints after {folder.name} aside to {later}: this run writes its own")
+    return folder
 
 
 class RunFolderLock:
@@ -141,9 +213,7 @@ class RunFolderLock:
 
 def holds_a_run(output_dir: Path) -> bool:
     """Whether ``output_dir`` holds another run's checkpoints or records."""
-    from llavactl.train.checkpoint import list_checkpoints
-
-    return bool(list_checkpoints(output_dir)) or any((output_dir / name).exists() for name in RUN_FILES)
+    return bool(checkpoint.list_checkpoints(output_dir)) or any((output_dir / name).exists() for name in RUN_FILES)
 
 
 def refuse_or_move_aside(output_dir: Path, *, start_over: bool) -> Path | None:
@@ -193,12 +263,10 @@ def set_aside_later_checkpoints(output_dir: Path, source: Path) -> Path | None:
     """Move the checkpoints of ``output_dir`` after ``source``'s step into a sibling folder: they
     belong to the history a resume from ``source`` replaces (left there, `--resume auto` and export
     would later take them for the new run's). Returns where they went (None: there were none)."""
-    from llavactl.train.checkpoint import checkpoint_step, list_checkpoints
-
     if source.resolve().parent != output_dir.resolve():
         return None
-    step = checkpoint_step(source) or 0
-    later = [c for c in list_checkpoints(output_dir) if (checkpoint_step(c) or 0) > step]
+    step = checkpoint.checkpoint_step(source) or 0
+    later = [c for c in checkpoint.list_checkpoints(output_dir) if (checkpoint.checkpoint_step(c) or 0) > step]
     if not later:
         return None
     aside = _new_sibling(output_dir, f"after-step-{step}")

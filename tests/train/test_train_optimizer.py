@@ -78,3 +78,35 @@ def test_scheduler_sets_each_group_to_its_peak_times_the_factor() -> None:
     optimizer.step()
     scheduler.step()
     assert {g["name"]: g["lr"] for g in optimizer.param_groups}["projector/decay"] == pytest.approx(1e-3)
+
+
+def test_a_schedule_built_at_a_resumed_step_continues_from_each_groups_initial_lr() -> None:
+    """A resume rebuilds the schedule at the saved step from the groups' `initial_lr` (this profile's
+    peaks): the same learning rates as the uninterrupted schedule, with no private scheduler state set."""
+    training = TrainingConfig(learning_rate=1e-4, mm_projector_lr=1e-3, warmup_steps=2, lr_scheduler_type="cosine")
+    through = build_optimizer(_parts(), training)
+    uninterrupted = build_scheduler(through, training, total_steps=10)
+    for _ in range(4):
+        through.step()
+        uninterrupted.step()
+    resumed = build_optimizer(_parts(), training)
+    for group in resumed.param_groups:
+        group["initial_lr"] = group["lr"]
+    scheduler = build_scheduler(resumed, training, total_steps=10, at_step=4)
+    assert scheduler.last_epoch == 4
+    assert [g["lr"] for g in resumed.param_groups] == pytest.approx([g["lr"] for g in through.param_groups])
+    assert scheduler.get_last_lr() == pytest.approx(uninterrupted.get_last_lr())
+    resumed.step()
+    scheduler.step()
+    uninterrupted.step()
+    assert scheduler.get_last_lr() == pytest.approx(uninterrupted.get_last_lr())
+
+
+def test_a_schedule_built_at_a_resumed_step_applies_a_new_peak_at_once() -> None:
+    training = TrainingConfig(learning_rate=1e-4, lr_scheduler_type="constant")
+    optimizer = build_optimizer(_parts(), training)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = 5e-5  # `--force` with a new training.learning_rate
+    scheduler = build_scheduler(optimizer, training, total_steps=10, at_step=3)
+    assert scheduler.get_last_lr() == pytest.approx([5e-5] * len(optimizer.param_groups))
+    assert all(g["lr"] == pytest.approx(5e-5) for g in optimizer.param_groups)

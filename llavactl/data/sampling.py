@@ -1,0 +1,80 @@
+"""Which sampler cuts an epoch into micro-batches for training, and the line that says what it made.
+
+A token budget (``data.max_tokens_per_batch``) bins records by their token lengths
+(:class:`~llavactl.data.dataset.TokenBudgetBatches`); otherwise batches have
+``training.per_device_train_batch_size`` records (:class:`~llavactl.data.dataset.ResumableSampler`,
+grouped by modality and length when ``data.group_by_modality_length``). Both give each process its
+share and resume at the record where a checkpoint left off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from llavactl.config.schema import Profile
+from llavactl.data.dataset import LlavaDataset, ResumableSampler, TokenBudgetBatches
+
+Sampler = ResumableSampler | TokenBudgetBatches
+
+
+def choose_sampler(
+    dataset: LlavaDataset,
+    modality_lengths: np.ndarray,
+    profile: Profile,
+    *,
+    rank: int,
+    world_size: int,
+    say: Callable[[str], None],
+) -> tuple[Sampler, dict[str, Any]]:
+    """The sampler of this process and the DataLoader arguments that use it; ``modality_lengths``:
+    the dataset's (:meth:`~llavactl.data.dataset.LlavaDataset.modality_lengths`)."""
+    data, training, seed = profile.data, profile.training, profile.seed
+    if data.max_tokens_per_batch:
+        say(f"Measuring {len(dataset):,} records in tokens for data.max_tokens_per_batch")
+        budget = TokenBudgetBatches(
+            dataset.token_lengths(), data.max_tokens_per_batch, seed, rank=rank, world_size=world_size
+        )
+        # Every epoch of the run as long as its longest (binning another order can take a bin more).
+        budget.plan_epochs(training.epochs(training.steps_per_epoch(budget.batches_per_process)))
+        return budget, {"batch_sampler": budget}
+    sampler = ResumableSampler(
+        modality_lengths,
+        training.per_device_train_batch_size,
+        seed,
+        data.group_by_modality_length,
+        rank=rank,
+        world_size=world_size,
+    )
+    return sampler, {"batch_size": training.per_device_train_batch_size, "sampler": sampler}
+
+
+def describe_batches(sampler: Sampler, profile: Profile, *, world_size: int) -> str:
+    """What an epoch's micro-batches are and how they make the global batch, e.g. ``batches of 4
+    per epoch; global batch 8 = 4 per device x 2 accumulation x 1 process``."""
+    data, training = profile.data, profile.training
+    accumulation = training.gradient_accumulation_steps
+    per = f" on each of {world_size} processes" if world_size > 1 else ""
+    dropped = sampler.dropped_per_epoch
+    left_out = f" ({dropped} records of each epoch left out so that all get as many)" if dropped else ""
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    if isinstance(sampler, TokenBudgetBatches):
+        micro = sampler.order(0)
+        records = sum(len(b) for b in micro) / max(len(micro), 1)
+        tokens = sum(sampler.lengths[i] for b in micro for i in b) / max(len(micro), 1)
+        per_step = accumulation * world_size
+        return (
+            f"micro-batches of up to {data.max_tokens_per_batch:,} tokens per epoch{per} ({records:.1f} records "
+            f"and {tokens:,.0f} tokens each on average){left_out}; global batch {records * per_step:.1f} "
+            f"records, {tokens * per_step:,.0f} tokens = 1 micro-batch per device x "
+            f"{accumulation} accumulation x {processes}"
+        )
+    batch = training.per_device_train_batch_size
+    packed = ", each packed into one row (data.padding_free)" if data.padding_free else ""
+    return (
+        f"batches of {batch} per epoch{per}{packed}{left_out}; global batch "
+        f"{profile.global_batch_size * world_size} = {batch} per device x "
+        f"{accumulation} accumulation x {processes}"
+    )
