@@ -62,7 +62,7 @@ def model_card(profile: Profile, checkpoint: Path, *, title: str, dtype: str, me
     metrics = [m for m in metrics if step is None or m["step"] <= step]
     model, t = profile.model, profile.training
     tags = ["llava", "llavactl", "vision-language", "image-text-to-text", profile.stage]
-    if profile.stage in ("lora", "qlora") and not merged_lora:
+    if profile.uses_lora and not merged_lora:
         tags.append("peft")
     meta: dict[str, Any] = {
         "base_model": [model.model_name_or_path, model.vision_tower],
@@ -96,7 +96,7 @@ def model_card(profile: Profile, checkpoint: Path, *, title: str, dtype: str, me
         "max_seq_len": profile.data.max_seq_len,
         "image_size": profile.data.image_size,
     }
-    if profile.stage in ("lora", "qlora"):
+    if profile.uses_lora:
         hyper.update(lora_r=model.lora_r, lora_alpha=model.lora_alpha, lora_dropout=model.lora_dropout)
     lines = [
         "---",
