@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import train_recipe
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -57,3 +58,13 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     json_index._open.cache_clear()
     parquet._open.cache_clear()
     return tmp_path / "cache" / "records"
+
+
+@pytest.fixture(scope="session")
+def finished_run(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of a finished run of `tiny` on ``shapes``: 6 steps, each logged, checkpoints at
+    steps 3 and 6. Tests copy it before they change anything in it."""
+    out = tmp_path_factory.mktemp("runs") / "finished"
+    settings = ["training.max_steps=6", "training.save_steps=3", "training.logging_steps=1"]
+    train_recipe([f"data.data_path={shapes}", f"training.output_dir={out}", *settings])
+    return out

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from llavactl import __version__
-from llavactl.cli import data, doctor, export, profiles, train
+from llavactl.cli import data, doctor, export, profiles, runs, train
 from llavactl.cli._common import console, verbosity
 from llavactl.cli._errors import install_signal_handlers, run_guarded
 from llavactl.train.launch import LAUNCHER_ENV, watch_launcher  # the standard library only
@@ -27,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(profiles.app, name="profiles")
 app.add_typer(data.app, name="data")
+app.add_typer(runs.app, name="runs")
 app.command("doctor")(doctor.doctor)
 app.command("train")(train.train)
 app.command("dry-run")(train.dry_run)

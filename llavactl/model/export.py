@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -227,8 +228,10 @@ def export_model(
     stop_ids: list[int],
     merge_lora: bool,
     dtype: ExportDtype,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> ExportResult:
-    """Write ``assembled`` to ``out_dir`` as a transformers LLaVA folder and check it on ``batch``.
+    """Write ``assembled`` to ``out_dir`` as a transformers LLaVA folder and check it on ``batch``;
+    ``extra_files`` (name -> bytes, e.g. the model card) are written beside it.
 
     ``assembled`` is changed: adapters are merged or removed and weights rounded to ``dtype``.
     Raises :class:`CheckFailed` when the reloaded folder's logits differ by more than 1e-5.
@@ -256,7 +259,8 @@ def export_model(
             fix="pass a folder under one you can write to",
         ) from None
     try:
-        result = _write_and_check(assembled, processor, work, batch, _Settings(manifest, stop_ids, merge_lora, dtype))
+        settings = _Settings(manifest, stop_ids, merge_lora, dtype, dict(extra_files or {}))
+        result = _write_and_check(assembled, processor, work, batch, settings)
         if out_dir.is_dir():
             out_dir.rmdir()  # empty (checked above)
         work.rename(out_dir)
@@ -276,12 +280,14 @@ def export_model(
 
 @dataclass(frozen=True)
 class _Settings:
-    """What :func:`export_model` writes besides the model: its manifest, stop tokens, LoRA and dtype."""
+    """What :func:`export_model` writes besides the model: its manifest, stop tokens, LoRA, dtype and
+    the files written beside it."""
 
     manifest: ExportManifest
     stop_ids: list[int]
     merge_lora: bool
     dtype: ExportDtype
+    extra_files: dict[str, bytes]
 
 
 def _write_and_check(
@@ -327,6 +333,8 @@ def _write_and_check(
         processor.save_pretrained(out_dir)
     adapter_dir = ADAPTER_DIR if adapter is not None else None
     replace(manifest, dtype=dtype, merged_lora=merge_difference is not None, adapter=adapter_dir).write(out_dir)
+    for name, content in settings.extra_files.items():
+        (out_dir / name).write_bytes(content)
 
     reloaded = load_exported_model(out_dir, torch.float32)
     difference = max_difference(batch_logits(reloaded, batch), expected, mask)

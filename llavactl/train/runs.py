@@ -124,6 +124,7 @@ def export_run(path: Path, out_dir: Path, *, merge_lora: bool, dtype: ExportDtyp
     from llavactl.model.export import ExportManifest, build_processor, export_model
     from llavactl.train.checkpoint import refuse_inside_checkpoint
     from llavactl.train.generate import stop_token_ids
+    from llavactl.train.model_card import model_card
 
     refuse_inside_checkpoint(out_dir, "The export folder")
     assembled, profile, folder = load_checkpoint(path)
@@ -132,6 +133,8 @@ def export_run(path: Path, out_dir: Path, *, merge_lora: bool, dtype: ExportDtyp
     has_cls = assembled.model.config.vision_feature_select_strategy == "default"
     processor = build_processor(assembled.tokenizer, spec, data.image_aspect_ratio, template, has_cls_token=has_cls)
     manifest = ExportManifest(str(folder.resolve()), profile.model_dump(mode="json"), spec)
+    merges = merge_lora and assembled.peft_model is not None
+    card = model_card(profile, folder, title=out_dir.name or str(out_dir), dtype=dtype, merged_lora=merges)
     return export_model(
         assembled,
         processor,
@@ -141,4 +144,5 @@ def export_run(path: Path, out_dir: Path, *, merge_lora: bool, dtype: ExportDtyp
         stop_ids=stop_token_ids(data.conversation_template, assembled.tokenizer),
         merge_lora=merge_lora,
         dtype=dtype,
+        extra_files=card.files(),
     )
