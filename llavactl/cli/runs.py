@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from llavactl.cli._common import console, shown
+from llavactl.cli._output import json_option, write_json
 from llavactl.train import charts
 from llavactl.train.checkpoint import checkpoint_step
 from llavactl.train.run_state import (
@@ -26,7 +27,7 @@ from llavactl.train.run_state import (
 
 app = typer.Typer(help="See runs: their state, loss curves in the terminal or a PNG, runs side by side.")
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text, for scripts.")]
+JsonOpt = Annotated[bool, json_option("Print one JSON object instead of text, for scripts.")]
 PngOpt = Annotated[
     Path | None, typer.Option("--png", help="Also write the charts as a PNG image (needs llavactl[plots]).")
 ]
@@ -42,7 +43,7 @@ def list_runs(
     """Every run under FOLDER: its state, step, last loss, speed, last checkpoint and last update."""
     runs = [read_run(path) for path in find_runs(folder)]
     if json_output:
-        print(json.dumps({"folder": str(folder), "runs": [r.as_json() for r in runs]}, indent=2))
+        write_json({"folder": str(folder), "runs": [r.as_json() for r in runs]})
         return
     if not runs:
         console.print(f"No runs under {shown(str(folder))}.")
@@ -85,7 +86,7 @@ def show(
     if png is not None:
         charts.write_png(drawn, png)
     if json_output:
-        print(json.dumps(detail.as_json(), indent=2))
+        write_json(detail.as_json())
         return
     for line in _header(detail):
         console.print(line)
@@ -117,15 +118,12 @@ def compare(
         charts.write_png([overlay], png)
     differences = profile_differences(details)
     if json_output:
-        print(
-            json.dumps(
-                {
-                    "runs": [{"name": n, **d.summary.as_json()} for n, d in zip(names, details, strict=True)],
-                    "profile_differences": differences,
-                    "final": {n: _final(d) for n, d in zip(names, details, strict=True)},
-                },
-                indent=2,
-            )
+        write_json(
+            {
+                "runs": [{"name": n, **d.summary.as_json()} for n, d in zip(names, details, strict=True)],
+                "profile_differences": differences,
+                "final": {n: _final(d) for n, d in zip(names, details, strict=True)},
+            }
         )
         return
     for name, path in zip(names, runs, strict=True):
