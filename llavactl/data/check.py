@@ -33,7 +33,7 @@ from llavactl.data.records import (
     Severity,
     check_image_markers,
 )
-from llavactl.data.source import open_records
+from llavactl.data.source import records_of
 from llavactl.data.templates import render
 from llavactl.data.tokens import TokenContext
 from llavactl.errors import DataError
@@ -108,7 +108,7 @@ def counted(n: int, noun: str) -> str:
 
 
 def check_dataset(
-    records_path: Path,
+    records: Path | RecordSource,
     image_folder: Path,
     template: str,
     max_seq_len: int,
@@ -122,13 +122,14 @@ def check_dataset(
     batching: Batching | None = None,
     seed: int = 0,
 ) -> tuple[CheckReport, RecordSource]:
-    """Check the records of ``records_path`` (``seed``: the profile's, for a mixture's random picks);
-    return the report and the store they were read from.
+    """Check ``records`` (a store opened already, or a path: ``seed``, the profile's, for a mixture's
+    random picks); return the report and the store they were read from.
     With ``batching`` and token lengths, the stats say how much of the profile's padded batches is
     padding. A report kept for the same inputs (the data file, the tokenizer, template, sizes and
     options, and every image the records name, each unchanged) is read back instead of checking
     again."""
-    store = open_records(records_path, seed)
+    store = records_of(records, seed)
+    records_path = store.path
     kept = _kept_path(store, image_folder, template, max_seq_len, tokens, (limit, decode, limits, batching))
     if kept is not None and (report := _read_kept(kept, records_path, skipped_checks)) is not None:
         return report, store

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llavactl.data.images import DEFAULT_LIMITS, ImageFileError, ImageLimits, describe, probe, require_file
-from llavactl.data.records import Problem, Record, RecordProblem, check_image_markers, require_records
+from llavactl.data.records import (
+    Problem,
+    Record,
+    RecordProblem,
+    RecordSource,
+    check_image_markers,
+    require_records,
+)
 from llavactl.data.shard_layout import DEFAULT_SHARD_RECORDS, ROW_GROUP_RECORDS
 from llavactl.data.synth import check_out_dir
 from llavactl.errors import DataError
@@ -27,7 +34,7 @@ JSONL_FILE = "records.jsonl"
 
 
 def convert(
-    records: Path,
+    records: Path | RecordSource,
     image_folder: Path,
     to: Target,
     out_dir: Path,
@@ -50,11 +57,11 @@ def convert(
     return [_to_jsonl(valid, image_folder, out_dir)]
 
 
-def _valid(records: Path, image_folder: Path, seed: int, limits: ImageLimits) -> Iterator[Record]:
-    from llavactl.data.source import open_records
+def _valid(records: Path | RecordSource, image_folder: Path, seed: int, limits: ImageLimits) -> Iterator[Record]:
+    from llavactl.data.source import records_of
 
-    store = open_records(records, seed)
-    require_records(store, str(records))
+    store = records_of(records, seed)
+    require_records(store, str(store.path))
     for parsed in store.parsed():
         problem = _image_problem(parsed, image_folder, limits) if isinstance(parsed, Record) else parsed
         if problem is None:

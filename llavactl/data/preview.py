@@ -16,6 +16,7 @@ from llavactl.errors import DataError
 
 if TYPE_CHECKING:
     from llavactl.config.schema import DataConfig
+    from llavactl.data.records import RecordSource
     from llavactl.data.tokens import TokenContext
 
 RunKind = Literal["masked", "supervised", "image"]
@@ -91,14 +92,22 @@ class PreviewProblem:
 
 
 def preview_records(
-    records_path: Path, data: DataConfig, tokens: TokenContext, *, n: int, index: int | None = None, seed: int = 0
+    records: Path | RecordSource,
+    data: DataConfig,
+    tokens: TokenContext,
+    *,
+    n: int,
+    index: int | None = None,
+    seed: int = 0,
 ) -> list[PreviewItem | PreviewProblem]:
-    """The first ``n`` records of ``records_path`` (or record ``index`` alone) as training prepares them."""
+    """The first ``n`` records of ``records`` (opened, or a path) (or record ``index`` alone) as
+    training prepares them."""
     from llavactl.data.records import Problem, RecordProblem, require_records
-    from llavactl.data.source import open_records
+    from llavactl.data.source import records_of
     from llavactl.data.templates import encoder_for, prepare
 
-    store = open_records(records_path, seed)
+    store = records_of(records, seed)
+    records_path = store.path
     require_records(store, str(records_path))
     if index is not None and not 0 <= index < len(store):
         raise DataError(

@@ -114,6 +114,12 @@ def open_records(path: Path, seed: int = 0) -> RecordSource:
     return open_json(path)
 
 
+def records_of(records: Path | RecordSource, seed: int = 0) -> RecordSource:
+    """``records`` when it is opened already (a command's :class:`DataSource`'s), else the records of
+    the path (:func:`open_records`)."""
+    return records if isinstance(records, RecordSource) else open_records(records, seed)
+
+
 def _files(records: RecordSource) -> list[tuple[str, Path]]:
     """Every file the records are read from, with what it is to the data (how a change is named)."""
     if isinstance(records, MixtureStore):

@@ -7,13 +7,18 @@ problems become failed rows here; what passes is described from the resolved run
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llavactl.config.schema import DataConfig, TrainingConfig
 from llavactl.doctor.results import CheckResult, failed, passed, warned
 from llavactl.errors import DataError
 from llavactl.resolve.facts import MachineFacts
 from llavactl.resolve.run import ModelSource, ResolvedRun
+
+if TYPE_CHECKING:
+    from llavactl.data.source import DataSource
 
 _FIRST_RECORDS = 100
 
@@ -56,15 +61,16 @@ def quantization_check(resolved: ResolvedRun) -> CheckResult:
     return row
 
 
-def data_checks(data: DataConfig, seed: int) -> list[CheckResult]:
+def data_checks(data: DataConfig, open_data: Callable[[], DataSource]) -> list[CheckResult]:
+    """The data rows: ``data`` can be opened (by ``open_data``), holds records, and its first records
+    and their images are there."""
     from llavactl.data.images import exists
     from llavactl.data.records import Problem, require_records
-    from llavactl.data.source import open_source
 
     if data.data_path.startswith("builtin:"):
         return [passed("data", f"{data.data_path}: built-in synthetic data, made on first use")]
     try:
-        source = open_source(data, seed)
+        source = open_data()
     except DataError as exc:
         return [failed("data", exc.message, exc.fix or "fix the data file")]
     try:
@@ -193,7 +199,7 @@ def profile_checks(resolved: ResolvedRun, *, offline: bool) -> list[CheckResult]
     results = device_choice_check(resolved)
     results += precision_checks(resolved)
     results.append(quantization_check(resolved))
-    results += data_checks(profile.data, profile.seed)
+    results += data_checks(profile.data, resolved.data)
     results += model_source_checks(resolved, offline=offline)
     wandb = wandb_check(profile.training, resolved.facts)
     if wandb is not None:

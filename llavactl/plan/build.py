@@ -10,6 +10,7 @@ the overrides that would make it fit, cheapest in quality first, each with its e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from llavactl.resolve.run import Fit, autocast_of, memory_fit
 if TYPE_CHECKING:
     from llavactl.config.schema import Profile
     from llavactl.data.dataset import MicroBatchWork
+    from llavactl.data.source import DataSource
     from llavactl.model.assembly import AssembledModel
     from llavactl.plan.memory import ComponentParams, MemoryEstimate, StepTrace
     from llavactl.resolve.run import ResolvedRun
@@ -122,8 +124,11 @@ def build_meta(profile: Profile, *, gradient_checkpointing: bool) -> AssembledMo
     )
 
 
-def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
-    """Tokens per sample from the data (a spread sample of records) or from data.max_seq_len."""
+def token_plan(
+    profile: Profile, assembled: AssembledModel, open_data: Callable[[], DataSource] | None = None
+) -> TokenPlan:
+    """Tokens per sample from the data (a spread sample of records, opened by ``open_data``: the
+    resolved run's, else afresh) or from data.max_seq_len."""
     import numpy as np
 
     from llavactl.data.dataset import Batching, micro_batch_work, padding_summary
@@ -146,7 +151,7 @@ def token_plan(profile: Profile, assembled: AssembledModel) -> TokenPlan:
         max(1, (data.max_seq_len - per_image) // 2),
     )
     try:
-        opened = open_source(data, profile.seed)
+        opened = open_data() if open_data is not None else open_source(data, profile.seed)
     except DataError as exc:
         return replace(fallback, source=f"{fallback.source} ({exc.message})")
     store = opened.records
@@ -360,7 +365,7 @@ def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int 
     from llavactl.plan.memory import component_params
 
     components = component_params(assembled)
-    tokens = token_plan(profile, assembled)
+    tokens = token_plan(profile, assembled, resolved.data)
     t = profile.training
     runtime = runtime_bytes + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     memory, trace, traced = _estimate(profile, tokens, runtime_bytes=runtime, device=device, assembled=assembled)
@@ -430,7 +435,7 @@ def plan_memory(resolved: ResolvedRun) -> tuple[int, str | None]:
 
     runtime = runtime_rss_bytes() + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     assembled = build_meta(profile, gradient_checkpointing=profile.training.gradient_checkpointing)
-    tokens = token_plan(profile, assembled)
+    tokens = token_plan(profile, assembled, resolved.data)
     memory, _ = estimate(profile, tokens, runtime_bytes=runtime, device=device, assembled=assembled)
     if memory_fit(memory.total, free_bytes) != "over":
         return memory.total, None

@@ -18,6 +18,7 @@ from llavactl.data.convert import convert
 from llavactl.data.dataset import Batching
 from llavactl.data.images import ImageLimits
 from llavactl.data.preview import PreviewItem, PreviewProblem, preview_records
+from llavactl.data.records import RecordSource
 from llavactl.data.source import open_source
 from llavactl.data.tokens import TokenContext
 from llavactl.errors import ConfigError, ModelSourceError
@@ -26,7 +27,7 @@ from llavactl.model.sources import data_token_context
 
 @dataclass(frozen=True)
 class _DataSetUp:
-    records_path: Path
+    records: RecordSource
     image_folder: Path
     tokens: TokenContext | None
     no_tokens: str | None  # why there is no tokenizer context here
@@ -36,9 +37,8 @@ class _DataSetUp:
 def _set_up(loaded: LoadedProfile, *, tokens: bool) -> _DataSetUp:
     prof, data = loaded.profile, loaded.profile.data
     source = open_source(data, prof.seed)
-    records_path, image_folder = source.path, source.image_folder
     context, why = data_token_context(prof.model, data.image_size) if tokens else (None, None)
-    return _DataSetUp(records_path, image_folder, context, why, ImageLimits.of(data))
+    return _DataSetUp(source.records, source.image_folder, context, why, ImageLimits.of(data))
 
 
 def cores() -> int:
@@ -75,7 +75,7 @@ def check_data(
     prof, data = loaded.profile, loaded.profile.data
     s = _set_up(loaded, tokens=True)
     report, raws = check_dataset(
-        s.records_path,
+        s.records,
         s.image_folder,
         data.conversation_template,
         data.max_seq_len,
@@ -91,7 +91,7 @@ def check_data(
     if json_file is not None:
         write_report(json_file, report, raws)
     kept = write_clean(raws, report, clean_file) if clean_file is not None else None
-    return DataCheck(report, s.records_path, kept)
+    return DataCheck(report, s.records.path, kept)
 
 
 def preview_data(loaded: LoadedProfile, *, n: int, index: int | None = None) -> list[PreviewItem | PreviewProblem]:
@@ -99,7 +99,7 @@ def preview_data(loaded: LoadedProfile, *, n: int, index: int | None = None) -> 
     s = _set_up(loaded, tokens=True)
     if s.tokens is None:
         raise ModelSourceError(f"preview needs the tokenizer and the tower's image spec: {s.no_tokens}")
-    return preview_records(s.records_path, loaded.profile.data, s.tokens, n=n, index=index, seed=loaded.profile.seed)
+    return preview_records(s.records, loaded.profile.data, s.tokens, n=n, index=index, seed=loaded.profile.seed)
 
 
 def convert_data(
@@ -113,7 +113,7 @@ def convert_data(
     """Write the profile's data to ``out_dir`` as Parquet shards or JSONL; the files written."""
     s = _set_up(loaded, tokens=False)
     return convert(
-        s.records_path,
+        s.records,
         s.image_folder,
         to,
         out_dir,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 from llavactl.config.loader import LoadedProfile, ProfileProblem
 from llavactl.config.schema import QLORA_OFF, QUANTIZATION_OFF, RuleViolation, TrainingConfig
+from llavactl.data.source import DataSource, open_source
 from llavactl.resolve.facts import MachineFacts, WorldFacts
 
 if TYPE_CHECKING:
@@ -158,6 +159,17 @@ class ResolvedRun:
     world_facts: WorldFacts = field(default_factory=WorldFacts)
     sources: tuple[ModelSource, ...] = ()
     problems: tuple[ResolvedProblem, ...] = ()
+    # The profile's data, opened on first use by :meth:`data` and kept: what one command reads.
+    _data: list[DataSource] = field(default_factory=list, compare=False, repr=False)
+
+    def data(self) -> DataSource:
+        """The profile's data (``data.data_path``), opened once for everything the command does with
+        it: doctor's data rows, the planner's token counts, the run's dataset and fingerprint.
+        Raises :class:`~llavactl.errors.DataError` when it cannot be opened (and again when asked again)."""
+        if not self._data:
+            profile = self.loaded.profile
+            self._data.append(open_source(profile.data, profile.seed))
+        return self._data[0]
 
     @property
     def device(self) -> str:

@@ -163,7 +163,6 @@ class TrainRecipe:
         load a checkpoint to resume."""
         import torch
 
-        from llavactl.data.source import open_source
         from llavactl.resolve import resolve
         from llavactl.train import distributed
         from llavactl.train.loss import TokenLoss
@@ -193,7 +192,7 @@ class TrainRecipe:
         torch.manual_seed(self._profile.seed)
         # A wrong data path or image folder is found before the model loads, which can take minutes;
         # the data's fingerprint is taken here, once, for the resume check and every save.
-        self._source = open_source(self._profile.data, self._profile.seed)
+        self._source = resolved.data()
         resume_from = None
         if self._resume is not None:
             resume_from = resume_point(

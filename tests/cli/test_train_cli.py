@@ -149,3 +149,17 @@ def test_out_of_memory_under_a_token_budget_suggests_a_smaller_budget(
     assert code == 1
     assert err.startswith("Error: Step 1: the machine ran out of RAM with micro-batches of up to 2,048 tokens")
     assert "data.max_tokens_per_batch=1024 training.gradient_accumulation_steps=2" in err
+
+
+def test_a_command_opens_its_data_once(shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train's doctor rows, memory plan, dataset and fingerprint read one opened source; so does data check."""
+    from llavactl.data import source
+
+    opened: list[str] = []
+    real = source.open_data_path
+    monkeypatch.setattr(source, "open_data_path", lambda path, *rest: opened.append(path) or real(path, *rest))
+    data = f"data.data_path={shapes}"
+    train = ["train", "-p", "tiny", data, f"training.output_dir={tmp_path}", "training.max_steps=1"]
+    assert run_cli(train)[0] == 0 and opened == [str(shapes)]
+    opened.clear()
+    assert run_cli(["data", "check", "-p", "tiny", data])[0] == 0 and opened == [str(shapes)]

@@ -209,10 +209,12 @@ def test_arrow_stream_shards_as_datasets_caches_them_are_read(shapes: Path, tmp_
 
 
 def test_doctor_finds_the_embedded_images_of_shards(shapes: Path, tmp_path: Path) -> None:
+    from llavactl.data.source import open_source
     from llavactl.doctor.profile_checks import data_checks
 
     convert(shapes, shapes.parent, "parquet", tmp_path / "pq")
-    [check] = data_checks(DataConfig(data_path=str(tmp_path / "pq")), seed=0)
+    data = DataConfig(data_path=str(tmp_path / "pq"))
+    [check] = data_checks(data, lambda: open_source(data, 0))
     assert check.status == "pass", check
 
 

@@ -11,6 +11,7 @@ import torch
 from helpers import A100, CPU, CPU_BF16, EIGHT_GPUS, GIB, ONE, PACKAGES, T4, profile, run_cli
 from safetensors.torch import save_file
 
+from llavactl.data.source import open_source
 from llavactl.doctor import blocking_failures, run_checks
 from llavactl.doctor.environment import (
     cuda_build_check,
@@ -126,13 +127,13 @@ def test_data_check_passes_when_records_parse_and_images_exist(tmp_path):
         ],
     )
     data = _profile("local_lite", f"data.data_path={path}", f"data.image_folder={tmp_path / 'img'}").data
-    [result] = data_checks(data, 0)
+    [result] = data_checks(data, lambda: open_source(data, 0))
     assert result.status == "pass" and "1 records" in result.finding
 
 
 def test_data_check_fails_on_missing_file_folder_and_image(tmp_path):
     data = _profile("local_lite").data.model_copy(update={"data_path": str(tmp_path / "nope.json")})
-    assert data_checks(data, 0)[0].status == "fail"
+    assert data_checks(data, lambda: open_source(data, 0))[0].status == "fail"
     path = _records(
         tmp_path,
         [
@@ -144,17 +145,17 @@ def test_data_check_fails_on_missing_file_folder_and_image(tmp_path):
         ],
     )
     data = data.model_copy(update={"data_path": str(path), "image_folder": str(tmp_path)})
-    [result] = data_checks(data, 0)
+    [result] = data_checks(data, lambda: open_source(data, 0))
     assert result.check == "data images" and result.status == "fail" and "gone.png" in result.finding
     data = data.model_copy(update={"image_folder": str(tmp_path / "missing")})
-    [result] = data_checks(data, 0)
+    [result] = data_checks(data, lambda: open_source(data, 0))
     assert result.status == "fail" and "data.image_folder" in result.finding
 
 
 def test_data_check_fails_on_bad_records(tmp_path):
     path = _records(tmp_path, [{"id": 1, "conversations": [{"from": "robot", "value": "hi"}]}])
     data = _profile("local_lite").data.model_copy(update={"data_path": str(path), "image_folder": None})
-    [result] = data_checks(data, 0)
+    [result] = data_checks(data, lambda: open_source(data, 0))
     assert result.status == "fail" and "bad_role" in result.finding
 
 
@@ -167,7 +168,8 @@ def test_with_on_error_skip_a_few_bad_records_warn_and_all_bad_still_fail(tmp_pa
     data = _profile("local_lite", "data.on_error=skip").data.model_copy(update={"image_folder": str(tmp_path)})
 
     def check(records: list[dict]) -> object:
-        [result] = data_checks(data.model_copy(update={"data_path": str(_records(tmp_path, records))}), 0)
+        one = data.model_copy(update={"data_path": str(_records(tmp_path, records))})
+        [result] = data_checks(one, lambda: open_source(one, 0))
         return result
 
     images, records = check([good, gone]), check([good, robot])
