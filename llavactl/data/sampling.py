@@ -9,13 +9,15 @@ share and resume at the record where a checkpoint left off.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from llavactl.config.schema import Profile
-from llavactl.data.dataset import LlavaDataset, ResumableSampler, TokenBudgetBatches
+from llavactl.data.dataset import LlavaDataset, ResumableSampler, Skipped, TokenBudgetBatches, take_skipped
+from llavactl.data.packing import records_in
+from llavactl.errors import DataError
 
 Sampler = ResumableSampler | TokenBudgetBatches
 
@@ -78,3 +80,53 @@ def describe_batches(sampler: Sampler, profile: Profile, *, world_size: int) -> 
         f"{profile.global_batch_size * world_size} = {batch} per device x "
         f"{accumulation} accumulation x {processes}"
     )
+
+
+def optimizer_steps(
+    loader: Iterable[dict[str, Any]],
+    sampler: Sampler,
+    *,
+    accumulation: int,
+    steps_per_epoch: int,
+    first_step: int,
+    on_error: str,
+    on_epoch: Callable[[int], None],
+    on_skipped: Callable[[list[Skipped]], None],
+) -> Iterator[list[dict[str, Any]]]:
+    """The micro-batches of each optimizer step from ``first_step`` on; the last step of an epoch
+    may have fewer. ``on_epoch`` hears of each epoch as it starts (counted from 0), ``on_skipped`` of
+    the records ``data.on_error: skip`` left out of a batch.
+
+    A step is always ``accumulation`` batches of the loader, whether or not their records survive
+    ``data.on_error: skip``, so that an epoch has the steps it was planned with; a step whose
+    batches were all bad comes out empty. An epoch without one usable record stops the run.
+    """
+    step = first_step
+    while True:
+        epoch = step // steps_per_epoch
+        on_epoch(epoch)
+        sampler.set_epoch(epoch)
+        pending: list[dict[str, Any]] = []
+        seen = used = 0
+        for batch in loader:
+            skipped = take_skipped(batch, on_error)
+            # The sampler cannot see what the DataLoader has prefetched, so it is told what was used.
+            sampler.advance(len(skipped) + (records_in(batch) if "input_ids" in batch else 0))
+            if skipped:
+                on_skipped(skipped)
+            seen += 1
+            if "input_ids" in batch:
+                pending.append(batch)
+                used += 1
+            if seen % accumulation == 0:
+                step += 1
+                yield pending
+                pending = []
+        if seen % accumulation:
+            step += 1
+            yield pending
+        if not used:
+            raise DataError(
+                f"epoch {epoch + 1} produced no usable record: every record was skipped as bad",
+                fix="run `llavactl data check` on the data and fix or drop the bad records",
+            )

@@ -69,6 +69,19 @@ class AssembledModel:
                 groups.setdefault(component(name), []).append((name, parameter))
         return groups
 
+    def require_tokenizer(self, model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
+        """The tokenizer, which training needs even where random weights stand in for the model's
+        (a random-weights build lacks it when it is not at hand)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        source = model_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path
+        raise ModelSourceError(
+            f"model.tokenizer_name_or_path: the tokenizer of `{source}` is not at hand, and the steps need it "
+            "to encode the data (random weights can stand in for the model's weights, not for its tokenizer)",
+            fix=f"download it once (`hf download {source} --include '*.json' --include '*.model' "
+            "--include '*.txt'`), or point `model.tokenizer_name_or_path` at a local folder that has it",
+        )
+
 
 def component(name: str) -> str:
     """Which component a parameter of the assembled model belongs to."""

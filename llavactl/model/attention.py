@@ -172,6 +172,17 @@ def check_records_stay_apart(language_model: nn.Module, autocast: Any = None) ->
         )
 
 
+def prepare_padding_free(
+    language_model: nn.Module, device_type: str, *, half_precision: bool, autocast: Any = None
+) -> str | None:
+    """Set ``language_model`` up for padding-free rows: the varlen kernel where it runs
+    (:func:`use_varlen_kernel`), then the check that packed records stay apart
+    (:func:`check_records_stay_apart`). Returns what the kernel choice did, in words, or None."""
+    said = use_varlen_kernel(language_model, device_type, half_precision=half_precision)
+    check_records_stay_apart(language_model, autocast)
+    return said
+
+
 def use_varlen_kernel(language_model: nn.Module, device_type: str, *, half_precision: bool) -> str | None:
     """For padding-free rows on CUDA: switch ``language_model`` to flash-attention 2, whose varlen
     kernel computes only each record's own pairs (transformers reads the record boundaries from the

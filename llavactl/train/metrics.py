@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -23,6 +24,8 @@ from llavactl.system import is_full_disk
 
 if TYPE_CHECKING:
     import torch
+
+    from llavactl.train.utilisation import DevicePeak
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
@@ -91,6 +94,48 @@ class MetricWindow:
         if self.flops is None or not self.flop_seconds:
             return None
         return self.flops * world_size / self.flop_seconds
+
+
+@dataclass
+class RunTotals:
+    """What ``run.json``'s final figures sum up over the steps this process trained (since the
+    resume, for a resumed run): the whole run's window and the records skipped, by code."""
+
+    window: MetricWindow = field(default_factory=MetricWindow)
+    skipped_by_code: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def skipped_records(self) -> int:
+        return sum(self.skipped_by_code.values())
+
+    def final_metrics(
+        self,
+        losses: Sequence[float],
+        *,
+        step: int,
+        bad_steps: int,
+        seconds: float,
+        world_size: int,
+        peak: DevicePeak,
+        checkpoint: Path | None,
+    ) -> dict[str, Any]:
+        """``run.json``'s ``final_metrics`` of a run that trained ``losses`` (its steps' losses)."""
+        finite = [x for x in losses if math.isfinite(x)]
+        flops_per_s = self.window.flops_per_s(world_size)
+        return {
+            "step": step,
+            "first_loss": finite[0] if finite else None,
+            "final_loss": finite[-1] if finite else None,
+            "bad_steps": bad_steps,
+            "skipped_records": self.skipped_records,
+            "skipped_by_code": dict(sorted(self.skipped_by_code.items())),
+            "train_seconds": round(seconds, 3),
+            "flops_per_s": flops_per_s,
+            "mfu": None if flops_per_s is None else flops_per_s / peak.flops_per_s,
+            "mfu_peak_flops_per_s": peak.flops_per_s,
+            "mfu_peak_source": peak.source,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+        }
 
 
 class MetricsWriter:

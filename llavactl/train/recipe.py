@@ -12,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import math
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,12 +21,15 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from llavactl.config.loader import LoadedProfile
-from llavactl.errors import DataError, Interrupted, LlavactlError, ModelSourceError, TrainingError
+from llavactl.data.sampling import optimizer_steps
+from llavactl.errors import Interrupted, LlavactlError
 from llavactl.resolve.run import World
 from llavactl.train import checkpoint
+from llavactl.train.bad_steps import BadSteps
 from llavactl.train.metrics import (
     MetricsWriter,
     MetricWindow,
+    RunTotals,
     describe_device,
     library_versions,
     peak_memory_bytes,
@@ -42,10 +43,10 @@ from llavactl.train.run_folder import RunFolderLock, claim_run_folder, resume_po
 from llavactl.train.signals import StopSignals
 
 if TYPE_CHECKING:
-    import torch
 
+    from llavactl.data.dataset import Skipped
     from llavactl.resolve.run import ResolvedRun
-    from llavactl.train.step import StepOutcome, TrainingStep
+    from llavactl.train.step import TrainingStep
 
 
 @dataclass
@@ -124,7 +125,9 @@ class TrainRecipe:
         self._world = World()
         self._lock: RunFolderLock | None = None  # held by rank 0 once the folder is claimed
         self._metrics: MetricsWriter | None = None
-        self._step = self._bad_in_a_row = self._bad_total = 0
+        self._step = 0
+        self._bad = BadSteps(self._training.max_bad_steps, self._output_dir)
+        self._totals = RunTotals()
         self._window = MetricWindow()  # the steps since the last logged one, kept in checkpoints
 
     def run(self) -> TrainResult:
@@ -154,7 +157,7 @@ class TrainRecipe:
             return  # never into a folder that another run holds (nor from a rank other than 0)
         # A folder that cannot be written: the error being raised already says why the run stopped.
         with contextlib.suppress(OSError):
-            self._write_run_record(status, {"step": self._step, "bad_steps": self._bad_total, "error": error})
+            self._write_run_record(status, {"step": self._step, "bad_steps": self._bad.total, "error": error})
 
     # ------------------------------------------------------------------ setup
 
@@ -247,16 +250,16 @@ class TrainRecipe:
             compute_dtype=self._resolved.precision.autocast_dtype(),
         )
         if self._profile.data.padding_free:
-            from llavactl.model.attention import check_records_stay_apart, use_varlen_kernel
+            from llavactl.model.attention import prepare_padding_free
             from llavactl.train.loss import llava_of
 
-            language_model = llava_of(assembled.model).model.language_model
-            precision = self._resolved.precision
+            precision, device = self._resolved.precision, self._device.type
             half = precision.autocast is not None or self._profile.stage == "qlora"
-            said = use_varlen_kernel(language_model, self._device.type, half_precision=half)
-            if said:
+            language_model = llava_of(assembled.model).model.language_model
+            if said := prepare_padding_free(
+                language_model, device, half_precision=half, autocast=precision.autocast_context(device)
+            ):
                 self._progress.milestone(f"Padding-free rows: {said}")
-            check_records_stay_apart(language_model, precision.autocast_context(self._device.type))
         trainable = sum(p.numel() for group in assembled.parameter_groups().values() for _, p in group)
         total = sum(p.numel() for p in assembled.model.parameters())
         self._progress.milestone(
@@ -275,17 +278,8 @@ class TrainRecipe:
         from llavactl.data.sampling import choose_sampler, describe_batches
 
         data, t, assembled = self._profile.data, self._training, self._assembled
-        if assembled.tokenizer is None:
-            # Random weights stand in for weights that are not downloaded; the text still needs its tokens.
-            model_cfg = self._profile.model
-            source = model_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path
-            raise ModelSourceError(
-                f"model.tokenizer_name_or_path: the tokenizer of `{source}` is not at hand, and the steps need it "
-                "to encode the data (random weights can stand in for the model's weights, not for its tokenizer)",
-                fix=f"download it once (`hf download {source} --include '*.json' --include '*.model' "
-                "--include '*.txt'`), or point `model.tokenizer_name_or_path` at a local folder that has it",
-            )
-        dataset = build_dataset(self._source, data, assembled.tokenizer, assembled.image_token_id, assembled.image_spec)
+        tokenizer = assembled.require_tokenizer(self._profile.model)
+        dataset = build_dataset(self._source, data, tokenizer, assembled.image_token_id, assembled.image_spec)
         world = self._world
         modality = dataset.modality_lengths()
         self._has_text_only = bool((modality <= 0).any())
@@ -295,16 +289,13 @@ class TrainRecipe:
         self._loader = DataLoader(
             dataset,
             **batching,
-            collate_fn=Collator(assembled.tokenizer.pad_token_id, padding_free=data.padding_free),
+            collate_fn=Collator(tokenizer.pad_token_id, padding_free=data.padding_free),
             num_workers=t.dataloader_num_workers,
             pin_memory=self._device.type == "cuda",
             # Its own generator: creating an iterator must not draw from the global RNG, which
             # dropout uses, or a resumed run would see different dropout masks.
             generator=torch.Generator().manual_seed(self._profile.seed),
         )
-        # Bad records are found when read (the store decodes one at a time), and counted then.
-        self._skipped_records = 0
-        self._skipped_by_code: Counter[str] = Counter()
         mixed = self._source.mixed()
         self._progress.milestone(
             f"Data set processed: {len(dataset):,} records from {data.data_path}"
@@ -357,8 +348,7 @@ class TrainRecipe:
             checkpoint.restore_rng(rng)
         self._step = saved["step"]
         self._window = MetricWindow.restored(saved.get("log_window"))
-        self._bad_total = saved["bad_steps_total"]
-        self._bad_in_a_row = saved["bad_steps_in_a_row"]
+        self._bad.total, self._bad.in_a_row = saved["bad_steps_total"], saved["bad_steps_in_a_row"]
         self._progress.milestone(f"Resumed from {resume_from} at step {self._step}/{self._total_steps}")
 
     # ------------------------------------------------------------------ the loop
@@ -370,9 +360,20 @@ class TrainRecipe:
         window = self._window
         run_started = time.perf_counter()
         steps_this_run = 0
-        self._totals = MetricWindow()  # the whole run, for run.json
+        self._totals = RunTotals()  # the whole run, for run.json
+        say = self._progress.milestone
         self._write_run_record("running", {})
-        steps = self._step_batches()
+        total_epochs = t.epochs(self._steps_per_epoch)
+        steps = optimizer_steps(
+            self._loader,
+            self._sampler,
+            accumulation=t.gradient_accumulation_steps,
+            steps_per_epoch=self._steps_per_epoch,
+            first_step=self._step,
+            on_error=self._profile.data.on_error,
+            on_epoch=lambda epoch: self._progress.epoch(epoch + 1, total_epochs),
+            on_skipped=self._skipped,
+        )
         with StopSignals(self._progress.milestone) as signals:
             self._progress.start(self._total_steps, self._step)
             while self._step < self._total_steps:
@@ -388,9 +389,13 @@ class TrainRecipe:
                 seconds = time.perf_counter() - step_started
                 self._step += 1
                 steps_this_run += 1
-                self._account(outcome, result)
+                if outcome.samples:
+                    result.losses.append(outcome.loss)
+                    self._bad.count(outcome.good, step=self._step, loss=outcome.loss, say=say)
+                else:
+                    say(f"Step {self._step}: every record was skipped as bad; no update")
                 flops = None if counting else self._flops.of(micro_batches)
-                for w in (window, self._totals):
+                for w in (window, self._totals.window):
                     w.add(
                         loss=outcome.loss if outcome.updated else None,
                         grad_norm=outcome.grad_norm if outcome.updated else None,
@@ -411,90 +416,30 @@ class TrainRecipe:
                 # No periodic save during a run of bad steps: with save_total_limit it could push
                 # the last good checkpoint out.
                 due = self._step % t.save_steps == 0 and self._step < self._total_steps
-                if due and self._bad_in_a_row == 0:
+                if due and self._bad.in_a_row == 0:
                     self.save_checkpoint()
             else:
                 result.checkpoint = self.save_checkpoint()
         self._progress.close()
         result.step = self._step
-        result.bad_steps = self._bad_total
-        self._write_run_record(result.status, self._final_metrics(result, time.perf_counter() - run_started))
+        result.bad_steps = self._bad.total
+        final = self._totals.final_metrics(
+            result.losses,
+            step=self._step,
+            bad_steps=self._bad.total,
+            seconds=time.perf_counter() - run_started,
+            world_size=self._world.size,
+            peak=self._peak,
+            checkpoint=result.checkpoint,
+        )
+        self._write_run_record(result.status, final)
         return result
 
-    def _account(self, outcome: StepOutcome, result: TrainResult) -> None:
-        """Count the step as good, bad (non-finite) or empty (every record skipped); stop on too many bad."""
-        if not outcome.samples:
-            self._progress.milestone(f"Step {self._step}: every record was skipped as bad; no update")
-            return
-        result.losses.append(outcome.loss)
-        if outcome.good:
-            self._bad_in_a_row = 0
-            return
-        self._bad_in_a_row += 1
-        self._bad_total += 1
-        self._progress.milestone(
-            f"Step {self._step}: non-finite loss or gradient ({outcome.loss}); step skipped "
-            f"({self._bad_in_a_row} in a row, {self._bad_total} in all)"
-        )
-        if self._bad_in_a_row < self._training.max_bad_steps:
-            return
-        last = checkpoint.latest_good_checkpoint(self._output_dir)
-        kept = f"The last good checkpoint, {last}, is kept." if last else "No checkpoint had been saved yet."
-        self._progress.close()
-        raise TrainingError(
-            f"{self._bad_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
-            f"{self._step}), so training stopped. {kept}",
-            fix="lower `training.learning_rate`, keep `training.max_grad_norm` above 0, try "
-            "`training.bf16=false training.fp16=false` (fp32), and run `llavactl data check` on the data",
-        )
-
-    def _step_batches(self) -> Iterator[list[dict[str, torch.Tensor]]]:
-        """The micro-batches of each optimizer step; the last step of an epoch may have fewer.
-
-        A step is always ``gradient_accumulation_steps`` batches of the loader, whether or not
-        their records survive ``data.on_error: skip``, so that an epoch has the steps it was
-        planned with; a step whose batches were all bad comes out empty.
-        """
-        accumulation = self._training.gradient_accumulation_steps
-        total_epochs = self._training.epochs(self._steps_per_epoch)
-        while True:
-            epoch = self._step // self._steps_per_epoch
-            self._progress.epoch(epoch + 1, total_epochs)
-            pending: list[dict[str, torch.Tensor]] = []
-            seen = used = 0
-            for batch in self._epoch_batches(epoch):
-                seen += 1
-                if batch is not None:
-                    pending.append(batch)
-                    used += 1
-                if seen % accumulation == 0:
-                    yield pending
-                    pending = []
-            if seen % accumulation:
-                yield pending
-            if not used:
-                raise DataError(
-                    f"epoch {epoch + 1} produced no usable record: every record was skipped as bad",
-                    fix="run `llavactl data check` on the data and fix or drop the bad records",
-                )
-
-    def _epoch_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor] | None]:
-        """The batches of ``epoch`` from the sampler's position on, skipped records counted; None
-        for a batch whose records were all skipped."""
-        from llavactl.data.dataset import take_skipped
-        from llavactl.data.packing import records_in
-
-        self._sampler.set_epoch(epoch)
-        for batch in self._loader:
-            skipped = take_skipped(batch, self._profile.data.on_error)
-            self._skipped_records += len(skipped)
-            self._skipped_by_code.update(s.code for s in skipped)
-            # The sampler cannot see what the DataLoader has prefetched, so it is told what was used.
-            self._sampler.advance(len(skipped) + (records_in(batch) if "input_ids" in batch else 0))
-            if skipped:
-                ids = ", ".join(str(s.id) for s in skipped)
-                self._progress.milestone(f"Skipped bad record(s) {ids} (data.on_error: skip)")
-            yield batch if "input_ids" in batch else None
+    def _skipped(self, skipped: list[Skipped]) -> None:
+        """Bad records are found when read (the store decodes one at a time), and counted then."""
+        self._totals.skipped_by_code.update(s.code for s in skipped)
+        ids = ", ".join(str(s.id) for s in skipped)
+        self._progress.milestone(f"Skipped bad record(s) {ids} (data.on_error: skip)")
 
     def _log(self, window: MetricWindow, *, eta_s: float) -> None:
         if self._metrics is None:  # not rank 0
@@ -525,8 +470,8 @@ class TrainRecipe:
                 "samples_per_s": stats.samples_per_s,
                 "tokens_per_s": stats.tokens_per_s,
                 "peak_memory_bytes": stats.peak_memory_bytes,
-                "bad_steps": self._bad_total,
-                "skipped_records": self._skipped_records,
+                "bad_steps": self._bad.total,
+                "skipped_records": self._totals.skipped_records,
                 # Known from the second step on (the first one's FLOPs are being counted).
                 **({"flops_per_s": flops_per_s, "mfu": stats.mfu} if flops_per_s is not None else {}),
             },
@@ -561,8 +506,8 @@ class TrainRecipe:
                 "total_steps": self._total_steps,
                 "epoch": self._step / self._steps_per_epoch,
                 "data_position": self._sampler.state_dict(),
-                "bad_steps_total": self._bad_total,
-                "bad_steps_in_a_row": self._bad_in_a_row,
+                "bad_steps_total": self._bad.total,
+                "bad_steps_in_a_row": self._bad.in_a_row,
                 "log_window": dataclasses.asdict(self._window),
                 "profile": self._profile_json,
                 "data_fingerprint": self._source.fingerprint.as_json(),
@@ -612,24 +557,6 @@ class TrainRecipe:
                 "final_metrics": final_metrics,
             },
         )
-
-    def _final_metrics(self, result: TrainResult, seconds: float) -> dict[str, Any]:
-        finite = [x for x in result.losses if math.isfinite(x)]
-        flops_per_s = self._totals.flops_per_s(self._world.size)
-        return {
-            "step": self._step,
-            "first_loss": finite[0] if finite else None,
-            "final_loss": finite[-1] if finite else None,
-            "bad_steps": self._bad_total,
-            "skipped_records": self._skipped_records,
-            "skipped_by_code": dict(sorted(self._skipped_by_code.items())),
-            "train_seconds": round(seconds, 3),
-            "flops_per_s": flops_per_s,
-            "mfu": None if flops_per_s is None else flops_per_s / self._peak.flops_per_s,
-            "mfu_peak_flops_per_s": self._peak.flops_per_s,
-            "mfu_peak_source": self._peak.source,
-            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-        }
 
     def cleanup(self) -> None:
         """Close the metric writers and leave the process group; safe to call after a failed setup."""
