@@ -30,6 +30,18 @@ class StepStats:
     eta_s: float
     mfu: float | None = None  # achieved FLOP/s over the device's peak (None before it is known)
 
+    def metrics(self) -> dict[str, float | int]:
+        """The figures of a ``metrics.jsonl`` line (beside its step) that this line shows."""
+        return {
+            "loss": self.loss,
+            "lr": self.lr,
+            "grad_norm": self.grad_norm,
+            "epoch": self.epoch,
+            "samples_per_s": self.samples_per_s,
+            "tokens_per_s": self.tokens_per_s,
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }
+
 
 def format_duration(seconds: float) -> str:
     seconds = max(0, round(seconds))

@@ -463,13 +463,7 @@ class TrainRecipe:
         self._metrics.log(
             self._step,
             {
-                "loss": stats.loss,
-                "lr": lr,
-                "grad_norm": stats.grad_norm,
-                "epoch": stats.epoch,
-                "samples_per_s": stats.samples_per_s,
-                "tokens_per_s": stats.tokens_per_s,
-                "peak_memory_bytes": stats.peak_memory_bytes,
+                **stats.metrics(),
                 "bad_steps": self._bad.total,
                 "skipped_records": self._totals.skipped_records,
                 # Known from the second step on (the first one's FLOPs are being counted).
