@@ -1,4 +1,5 @@
-"""No import cycle among llavactl's own modules, counting every import statement.
+"""The architecture holds: no import cycle among llavactl's own modules (counting every import
+statement), and docs/architecture.md's table of where each rule lives names what is there.
 
 The graph is read from the source with ``ast``: imports at module level, inside functions and under
 ``TYPE_CHECKING`` alike, absolute and relative. An import inside a function is for heavy packages
@@ -8,6 +9,7 @@ The graph is read from the source with ``ast``: imports at module level, inside 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import llavactl
@@ -96,3 +98,35 @@ def test_the_graph_sees_imports_inside_functions_and_relative_ones() -> None:
 def test_no_import_cycle_in_llavactl() -> None:
     found = cycles(import_graph())
     assert not found, f"import cycles among llavactl's modules: {found}"
+
+
+DOC = PACKAGE.parent / "docs" / "architecture.md"
+_CODE = re.compile(r"`([^`]+)`")
+_NAME = re.compile(r"^[A-Za-z_][\w.]*(\(\))?$")
+
+
+def table_rows() -> list[tuple[str, list[str]]]:
+    """The "one place" column of docs/architecture.md's table: (the row, its backticked words)."""
+    text = DOC.read_text(encoding="utf-8")
+    table = text.split("## One rule, one place", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| what ")]
+    return [(row, _CODE.findall(row.rstrip(" |").rsplit(" | ", 1)[1])) for row in rows]
+
+
+def test_each_place_the_architecture_table_names_holds_what_it_says() -> None:
+    rows = table_rows()
+    assert len(rows) > 30
+    for row, words in rows:
+        named = [w for w in words if w.endswith(".py")]
+        files = [PACKAGE.parent / w if w.startswith(("tests/", "benchmarks/")) else PACKAGE / w for w in named]
+        assert named, f"a row of docs/architecture.md names no file:\n{row}"
+        for word, path in zip(named, files, strict=True):
+            assert path.is_file(), f"{word} named in docs/architecture.md is not a file:\n{row}"
+        for word in words:
+            if word.endswith(".py") or not _NAME.match(word):
+                continue
+            name = word.removesuffix("()").rpartition(".")[2]
+            texts = [path.read_text(encoding="utf-8") for path in files]
+            assert any(re.search(rf"\b{re.escape(name)}\b", text) for text in texts), (
+                f"`{word}` is in none of {named} as docs/architecture.md says:\n{row}"
+            )
