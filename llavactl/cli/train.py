@@ -270,7 +270,11 @@ def _print_plan(plan: Plan) -> None:
         f"activations {_gib(m.activations)}; with gradient checkpointing toggled: {_gib(other.total)}"
     )
     if plan.free_bytes is not None:
-        verdict = "[green]fits[/]" if plan.fits else "[bold red]does not fit[/]"
+        verdict = {
+            "fits": "[green]fits[/]",
+            "tight": "[yellow]fits, but within the estimate's 20% error[/]",
+            "over": "[bold red]does not fit[/]",
+        }[plan.fit or "over"]
         console.print(f"Free memory on the device: {_gib(plan.free_bytes)}: {verdict}")
     if plan.suggestions:
         print_wrapped("Overrides that lower the peak, cheapest in quality first (each includes the ones above):")
