@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 CACHE_MIN_BYTES = 4 << 20
 
 
+def file_stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file from another without reading it: size, modification and
+    change times, inode and device. The change time too: a tool that writes in place and restores the
+    mtime (``rsync --inplace -t``) cannot set it."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LLAVACTL_CACHE") or Path.home() / ".cache" / "llavactl")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llavactl.data.cache import file_stamp
 from llavactl.system import file_sha256
 
 VERSION = 2
@@ -89,13 +90,12 @@ def of_files(data_path: str, files: list[tuple[str, Path]], named_file: Path | N
     parts = {}
     for what, path in files:
         resolved = path.resolve()
-        st = resolved.stat()
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        stamp = file_stamp(resolved.stat())
         parts[str(resolved)] = {
             "what": what,
             "name": resolved.name,
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
+            "size": stamp[0],
+            "mtime_ns": stamp[1],
             "sha256": _edges_digest(resolved, stamp),
         }
     return Fingerprint(data_path, parts, named_file)

@@ -156,12 +156,7 @@ def open_json(path: Path) -> RecordStore:
         ) from None
     except OSError as e:
         raise DataError(f"data file {path} cannot be read ({e.strerror or e})", fix="check its permissions") from None
-    return _open(path.resolve(), _fingerprint(st))
-
-
-def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
-    # ctime too: a tool that writes in place and restores the mtime (rsync --inplace -t) cannot set it.
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+    return _open(path.resolve(), cache.file_stamp(st))
 
 
 # One entry per data file in use: a mixture opens each of its sources, and each command opens its
@@ -201,7 +196,7 @@ def _scanned(path: Path, fingerprint: tuple[int, ...], cached: Path) -> RecordSt
     if fingerprint[0] < cache.CACHE_MIN_BYTES:
         return RecordStore(path, kind, index, problems)  # nothing of a small file is kept
     # Not when the file changed while it was scanned: the index would be of neither version.
-    if not problems and _fingerprint(path.stat()) == fingerprint:
+    if not problems and cache.file_stamp(path.stat()) == fingerprint:
         header = np.array([[INDEX_VERSION, 0 if kind == "list" else 1, 0, 0]], dtype=np.int64)
         cache.keep(cached, index=np.concatenate([header, index]))
     return RecordStore(path, kind, index, problems, cached.stem)

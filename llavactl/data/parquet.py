@@ -112,8 +112,7 @@ def _is_binary(kind: Any) -> bool:
 
 
 def _stamp(path: Path) -> tuple[int, ...]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+    return cache.file_stamp(path.stat())
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: one per shard and stamp (see `_shard`)
