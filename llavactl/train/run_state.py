@@ -28,6 +28,8 @@ from llavactl.train.metrics import METRICS_FILE, RUN_FILE
 from llavactl.train.run_folder import LOCK_FILE, RUN_FILES
 
 State = Literal["running", "finished", "failed", "interrupted", "starting"]
+# How much of the end of metrics.jsonl `runs list` reads for the last line (a line is ~400 bytes).
+TAIL_BYTES = 64 << 10
 # How deep under DIR `runs list` looks for run folders (DIR/project/run is two levels).
 SEARCH_DEPTH = 3
 # The figures `runs show` charts besides MFU, in this order, with their labels.
@@ -122,13 +124,36 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path} cannot be read ({exc.strerror or exc})", fix="check its permissions") from None
     by_step: dict[int, dict[str, Any]] = {}
     for line in text.splitlines():
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict) and isinstance(value.get("step"), int) and not isinstance(value["step"], bool):
+        if (value := _metrics_line(line)) is not None:
             by_step[value["step"]] = value
     return [by_step[s] for s in sorted(by_step)]
+
+
+def last_metrics(folder: Path) -> dict[str, Any]:
+    """The last whole line of ``metrics.jsonl`` ({} without one), read from the file's end: a long
+    run's file is not read whole to list it."""
+    try:
+        with (folder / METRICS_FILE).open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - TAIL_BYTES))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return {}
+    # The first line of the tail may be cut; the last may be being written: both fail to parse.
+    for line in reversed(tail.splitlines()):
+        if (value := _metrics_line(line)) is not None:
+            return value
+    whole = read_metrics(folder) if size > TAIL_BYTES else []  # lines longer than the tail
+    return whole[-1] if whole else {}
+
+
+def _metrics_line(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(value, dict) and isinstance(value.get("step"), int) and not isinstance(value["step"], bool)
+    return value if ok else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -183,9 +208,7 @@ def checkpoint_states(folder: Path, *, verify: bool = False) -> list[CheckpointS
 
 def read_run(folder: Path) -> RunState:
     """The state and latest figures of the run in ``folder``."""
-    record = _read_json(folder / RUN_FILE)
-    metrics = read_metrics(folder)
-    return _summary(folder, record, metrics, checkpoint_states(folder))
+    return _summary(folder, _read_json(folder / RUN_FILE), last_metrics(folder), checkpoint_states(folder))
 
 
 def read_run_detail(folder: Path, *, verify: bool = False) -> RunDetail:
@@ -200,21 +223,20 @@ def read_run_detail(folder: Path, *, verify: bool = False) -> RunDetail:
     record = _read_json(folder / RUN_FILE)
     metrics = read_metrics(folder)
     checkpoints = checkpoint_states(folder, verify=verify)
-    summary = _summary(folder, record, metrics, checkpoints)
+    summary = _summary(folder, record, metrics[-1] if metrics else {}, checkpoints)
     final = record.get("final_metrics") if isinstance(record.get("final_metrics"), dict) else {}
     skipped = final.get("skipped_by_code") if isinstance(final.get("skipped_by_code"), dict) else {}
     return RunDetail(summary, record, metrics, checkpoints, {str(k): int(v) for k, v in skipped.items()})
 
 
 def _summary(
-    folder: Path, record: Mapping[str, Any], metrics: list[dict[str, Any]], checkpoints: list[CheckpointState]
+    folder: Path, record: Mapping[str, Any], last: Mapping[str, Any], checkpoints: list[CheckpointState]
 ) -> RunState:
     holder = _read_json(folder / LOCK_FILE)
     pid = holder.get("pid") if isinstance(holder.get("pid"), int) else None
     host = holder.get("host") if isinstance(holder.get("host"), str) else None
     state, detail = _state(record, pid, host)
     final = record.get("final_metrics") if isinstance(record.get("final_metrics"), dict) else {}
-    last = metrics[-1] if metrics else {}
     step = final.get("step") if isinstance(final.get("step"), int) else last.get("step")
     if isinstance(last.get("step"), int) and (step is None or last["step"] > step):
         step = last["step"]

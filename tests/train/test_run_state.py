@@ -89,6 +89,20 @@ def test_a_torn_last_line_is_passed_over_and_a_run_without_figures_yet_is_shown(
     assert charts.run_charts(detail) == []
 
 
+def test_the_list_reads_the_last_line_from_the_end_of_a_long_metrics_file(finished: Path, tmp_path: Path) -> None:
+    from llavactl.train import run_state
+
+    folder = _variant(finished, tmp_path / "long")
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    # 2,000 earlier lines in front (the file is then far longer than the tail read), a torn one at the end.
+    earlier = [json.dumps({**json.loads(lines[0]), "step": -k}) for k in range(2000, 0, -1)]
+    (folder / "metrics.jsonl").write_text("\n".join([*earlier, *lines]) + '\n{"step": 7, "lo')
+    assert (folder / "metrics.jsonl").stat().st_size > 4 * run_state.TAIL_BYTES
+    assert run_state.last_metrics(folder) == json.loads(lines[-1])
+    assert read_run(folder).samples_per_s == json.loads(lines[-1])["samples_per_s"]
+    assert run_state.last_metrics(tmp_path) == {}
+
+
 def test_runs_are_found_under_a_folder_not_in_checkpoints_or_through_links(finished: Path, tmp_path: Path) -> None:
     _variant(finished, tmp_path / "project" / "b")
     _variant(finished, tmp_path / "a")
