@@ -7,23 +7,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from llavactl.cli._common import console, shown
 from llavactl.cli._output import json_option, write_json
-from llavactl.train import charts
-from llavactl.train.checkpoint import checkpoint_step
-from llavactl.train.run_state import (
-    RunDetail,
-    RunState,
-    find_runs,
-    profile_differences,
-    read_run,
-    read_run_detail,
-)
+
+if TYPE_CHECKING:
+    from llavactl.train.run_state import RunDetail, RunState
 
 app = typer.Typer(help="See runs: their state, loss curves in the terminal or a PNG, runs side by side.")
 
@@ -41,6 +34,9 @@ def list_runs(
     json_output: JsonOpt = False,
 ) -> None:
     """Every run under FOLDER: its state, step, last loss, speed, last checkpoint and last update."""
+    # Imported here, as every command's work is: `llavactl --help` reads none of it.
+    from llavactl.train.run_state import find_runs, read_run
+
     runs = [read_run(path) for path in find_runs(folder)]
     if json_output:
         write_json({"folder": str(folder), "runs": [r.as_json() for r in runs]})
@@ -60,7 +56,7 @@ def list_runs(
             _progress(run),
             _figure(run.last_loss, ".4f"),
             _figure(run.samples_per_s, ".3g"),
-            _saved_step(run.last_checkpoint),
+            "-" if run.saved_step is None else str(run.saved_step),
             _duration(run.updated_ago_s) if run.updated_at else "-",
         )
     console.print(table)
@@ -81,6 +77,9 @@ def show(
     json_output: JsonOpt = False,
 ) -> None:
     """One run: its profile, progress and ETA, checkpoints, skipped records, and charts of its figures."""
+    from llavactl.train import charts
+    from llavactl.train.run_state import read_run_detail
+
     detail = read_run_detail(run, verify=verify)
     drawn = charts.run_charts(detail, columns=console.width)
     if png is not None:
@@ -109,6 +108,9 @@ def compare(
     json_output: JsonOpt = False,
 ) -> None:
     """Runs side by side: their loss curves overlaid, the profile keys that differ, their final figures."""
+    from llavactl.train import charts
+    from llavactl.train.run_state import profile_differences, read_run_detail
+
     if len(runs) < 2:
         raise typer.BadParameter("give two or more run folders")
     details = [read_run_detail(path, verify=False) for path in runs]
@@ -245,11 +247,6 @@ def _value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def _saved_step(path: str | None) -> str:
-    step = checkpoint_step(Path(path)) if path else None
-    return "-" if step is None else str(step)
 
 
 def _checkpoint_name(path: str | None) -> str:

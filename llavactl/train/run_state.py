@@ -68,6 +68,11 @@ class RunState:
     global_batch: int | None = None  # records per optimizer step over every process
 
     @property
+    def saved_step(self) -> int | None:
+        """The step of the last complete checkpoint."""
+        return checkpoint_step(Path(self.last_checkpoint)) if self.last_checkpoint else None
+
+    @property
     def updated_ago_s(self) -> float:
         return max(0.0, time.time() - self.updated_at)
 
