@@ -231,7 +231,8 @@ def read_run_detail(folder: Path, *, verify: bool = False) -> RunDetail:
     summary = _summary(folder, record, metrics[-1] if metrics else {}, checkpoints)
     final = record.get("final_metrics") if isinstance(record.get("final_metrics"), dict) else {}
     skipped = final.get("skipped_by_code") if isinstance(final.get("skipped_by_code"), dict) else {}
-    return RunDetail(summary, record, metrics, checkpoints, {str(k): int(v) for k, v in skipped.items()})
+    counts = {str(k): v for k, v in skipped.items() if isinstance(v, int) and not isinstance(v, bool)}
+    return RunDetail(summary, record, metrics, checkpoints, counts)
 
 
 def _summary(
@@ -314,7 +315,7 @@ def _mtimes(folder: Path) -> Iterator[float]:
 
 def profile_differences(runs: list[RunDetail]) -> dict[str, list[Any]]:
     """The profile keys whose values differ between ``runs`` (dotted), each with every run's value."""
-    flat = [flatten(r.record.get("profile") or {}) for r in runs]
+    flat = [flatten(r.record["profile"]) if isinstance(r.record.get("profile"), dict) else {} for r in runs]
     keys = sorted(set().union(*flat))
     return {k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1}
 

@@ -190,3 +190,16 @@ def test_an_export_carries_a_model_card_with_the_hubs_metadata_and_the_loss_char
     assert "- learning_rate: 0.002" in body and "- steps trained: 6" in body and "![loss" in body
     with Image.open(tmp_path / "export" / "loss.png") as image:
         assert image.size == (1000, 260)
+
+
+def test_a_run_record_of_the_wrong_shapes_is_read_without_an_internal_error(finished: Path, tmp_path: Path) -> None:
+    odd = {"skipped_by_code": {"bad_json": "two", "missing_image": 2}, "step": "x", "error": ["not", "text"]}
+    folder = _variant(finished, tmp_path / "odd", status=5, profile=[1, 2], world="x", total_steps="many")
+    record = json.loads((folder / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps({**record, "final_metrics": odd, "profile_source": 3}))
+    (folder / ".llavactl.lock").write_text('{"pid": "x", "host": 5}')
+    detail = read_run_detail(folder)
+    assert (detail.summary.state, detail.summary.total_steps, detail.summary.profile) == ("starting", None, None)
+    assert detail.skipped_by_code == {"missing_image": 2} and detail.summary.global_batch is None
+    assert profile_differences([detail, read_run_detail(finished)])["seed"] == [None, 0]
+    assert charts.run_charts(detail)[0].title == "loss"
