@@ -219,7 +219,8 @@ def read_run(folder: Path) -> RunState:
 def read_run_detail(folder: Path, *, verify: bool = False) -> RunDetail:
     """Everything ``runs show`` draws, checkpoints verified when asked."""
     if not folder.is_dir():
-        raise DataError(f"{folder} is not a run folder", fix="give a folder that `llavactl runs list` lists")
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"run folder {folder} {what}", fix="give a folder that `llavactl runs list` lists")
     if not any((folder / name).is_file() for name in (*RUN_FILES, LOCK_FILE)):
         raise DataError(
             f"{folder} holds no run (no {RUN_FILE}, {METRICS_FILE} or {LOCK_FILE})",
