@@ -48,6 +48,29 @@ def byte_tokenizer() -> Any:
     return load_tokenizer("builtin:tiny-llama")
 
 
+@functools.cache
+def spm_folder() -> Path:
+    """A tokenizer folder holding only the real 32k Llama SentencePiece model (a Llama-2 tokenizer)."""
+    folder = Path(tempfile.mkdtemp(prefix="llavactl-spm-folder-"))
+    shutil.copy(SPM_MODEL, folder / "tokenizer.model")
+    return folder
+
+
+def byte_tokenizer_folder(folder: Path, *specials: str, chat_template: str | None = None) -> Path:
+    """The builtin byte-level tokenizer with ``specials`` added as special tokens (and a chat
+    template of its own when given), saved in ``folder``: what a model folder's tokenizer is."""
+    from transformers import AddedToken
+
+    from llavactl.model.builtin import tokenizer
+
+    tok = tokenizer()
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    tok.save_pretrained(folder)
+    return folder
+
+
 def image_id(tok: Any) -> int:
     return tok.convert_tokens_to_ids("<image>")
 

@@ -91,7 +91,7 @@ def _refuse_old_json_file_form(as_json: bool, overrides: list[str] | None) -> No
 
 
 def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None:
-    from llavactl.data.check import counted
+    from llavactl.data.check import PROFILE_CODES, counted
 
     s = report.stats
     console.print(f"[bold]{escape(str(records_path))}[/]: {report.records} records")
@@ -121,12 +121,14 @@ def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None
         level = "error" if any(p.severity == "error" for p in items) else "warning"
         firsts = [f"#{p.index} id={p.id!r}: {p.message}" if p.index is not None else p.message for p in items]
         print_block(level, _LEVEL_STYLE[level], f"{code}: {counted(len(items), 'problem')}", firsts[:SHOWN_PER_CODE])
-    of_file = sum(1 for p in report.errors if p.index is None)
-    in_records = s["errors"] - of_file
+    of_profile = sum(1 for p in report.errors if p.code in PROFILE_CODES)
+    of_file = sum(1 for p in report.errors if p.index is None) - of_profile
+    in_records = s["errors"] - of_file - of_profile
     said = [f"{counted(in_records, 'error')} in {counted(s['records_with_errors'], 'record')}"] * bool(
-        in_records or not of_file
+        in_records or not (of_file or of_profile)
     )
     said += [f"{counted(of_file, 'error')} of the file itself"] * bool(of_file)
+    said += [f"{counted(of_profile, 'error')} of the profile"] * bool(of_profile)
     console.print(f"{', '.join(said)}, {counted(s['warnings'], 'warning')}")
 
 

@@ -34,15 +34,24 @@ from llavactl.data.records import (
     check_image_markers,
 )
 from llavactl.data.source import records_of
+from llavactl.data.template_fit import (
+    CHAT_TEMPLATE,
+    CHAT_TEMPLATE_FIX,
+    TEMPLATE_TOKENS,
+    chat_template_difference,
+    template_fit,
+)
 from llavactl.data.templates import render
 from llavactl.data.tokens import TokenContext
 from llavactl.errors import DataError
 from llavactl.jsonout import dumps
 
 # Bump when a check's findings change for the same inputs: reports kept before are then never read.
-CHECK_VERSION = 2
+CHECK_VERSION = 3
 # Codes whose problems keep a record out of training; the others are warnings.
-WARNING_CODES = frozenset({"too_long", "duplicate_id", "special_token", "empty_reply"})
+WARNING_CODES = frozenset({"too_long", "duplicate_id", "special_token", "empty_reply", CHAT_TEMPLATE})
+# Codes of a problem of the profile (its template and tokenizer), not of the file or a record.
+PROFILE_CODES = frozenset({TEMPLATE_TOKENS})
 # The fix of a problem of the whole file, by its code (a record's problems are fixed record by record).
 FILE_FIXES = {
     "bad_json": "correct the file where the message says (a LLaVA data file is one JSON list of records, "
@@ -78,6 +87,9 @@ class CheckReport:
         errors = self.errors
         if not errors:
             return None
+        profile = [p for p in errors if p.code in PROFILE_CODES]
+        if profile:
+            return f"{profile[0].message} [{profile[0].code}].", profile[0].fix or "fix the profile"
         whole = [p for p in errors if p.index is None]
         if whole:
             first, source = whole[0], str(self.source or "the data file")
@@ -173,10 +185,16 @@ def _check(
         else contextlib.nullcontext(None)
     )
     specials = _special_texts(tokens.tokenizer) if tokens is not None else {}
+    if tokens is not None:
+        problems += _template_problems(tokens.tokenizer, template)
+    compare_chat_template = tokens is not None
     with background as counts_of:
         for parsed in store.parsed(range(count)):
             if isinstance(parsed, Record):
                 records.append(_Held(parsed.index, parsed.id, parsed.images))
+                if compare_chat_template and tokens is not None:
+                    differs, compare_chat_template = _chat_template_problem(tokens.tokenizer, template, parsed)
+                    problems += differs
                 if counts_of is None and (rendered := _render_problem(parsed, template)) is not None:
                     problems.append(rendered)
                 if specials and (special := _special_token_problem(parsed, specials)) is not None:
@@ -263,7 +281,9 @@ def _read_kept(path: Path, records_path: Path, skipped_checks: tuple[str, ...]) 
     # An image changed, appeared or went since: its verdict is stale, so the whole check runs.
     if not np.array_equal(_image_stats(images), stats):
         return None
-    problems = [Problem(p["code"], p["message"], p["index"], p["id"], p["severity"]) for p in found["problems"]]
+    problems = [
+        Problem(p["code"], p["message"], p["index"], p["id"], p["severity"], p.get("fix")) for p in found["problems"]
+    ]
     return CheckReport(found["records"], problems, found["stats"], list(skipped_checks), records_path)
 
 
@@ -287,10 +307,12 @@ class _Held(NamedTuple):
     images: tuple[str, ...]
 
 
-def _problem(record: Record | _Held, code: str, message: str, severity: Severity | None = None) -> Problem:
+def _problem(
+    record: Record | _Held, code: str, message: str, severity: Severity | None = None, fix: str | None = None
+) -> Problem:
     if severity is None:
         severity = "warning" if code in WARNING_CODES else "error"
-    return Problem(code, message, record.index, record.id, severity)
+    return Problem(code, message, record.index, record.id, severity, fix)
 
 
 def _duplicate_ids(records: list[_Held]) -> list[Problem]:
@@ -335,6 +357,25 @@ def _image_problems(
             if found is not None:
                 out.append(_problem(r, found[0], found[1]))
     return out
+
+
+def _template_problems(tokenizer: Any, template: str) -> list[Problem]:
+    """The template's control strings that are not tokens of the tokenizer: one error of the profile."""
+    fit = template_fit(tokenizer, template)
+    if fit.fits:
+        return []
+    name = getattr(tokenizer, "name_or_path", "") or "of the profile"
+    return [Problem(TEMPLATE_TOKENS, fit.finding(name), severity="error", fix=fit.fix())]
+
+
+def _chat_template_problem(tokenizer: Any, template: str, record: Record) -> tuple[list[Problem], bool]:
+    """The warning when the tokenizer's own chat template renders ``record`` otherwise than the
+    profile's template, and whether to compare on the next record (this one does not render)."""
+    try:
+        differs = chat_template_difference(tokenizer, template, record)
+    except RecordProblem:
+        return [], True  # its own problem is reported by the token counts; the next record is compared
+    return ([] if differs is None else [_problem(record, CHAT_TEMPLATE, differs, fix=CHAT_TEMPLATE_FIX)]), False
 
 
 def _special_texts(tokenizer: Any) -> dict[str, int]:

@@ -37,15 +37,12 @@ class Problem:
     index: int | None = None
     id: str | int | None = None
     severity: Severity = "error"
+    fix: str | None = None  # where the fix is not the code's own (a problem of the profile)
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "id": self.id,
-            "code": self.code,
-            "severity": self.severity,
-            "message": self.message,
-        }
+        out = {"index": self.index, "id": self.id, "code": self.code, "severity": self.severity}
+        out["message"] = self.message
+        return out if self.fix is None else {**out, "fix": self.fix}
 
 
 class RecordProblem(Exception):

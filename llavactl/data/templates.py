@@ -135,6 +135,9 @@ class TurnTemplate:
     after_reply: str = ""
     later_turn_bos: bool = False  # the tokenizer's BOS before every exchange but the first (masked)
     end_of_turn: str | None = None  # a token that ends a reply other than the tokenizer's EOS
+    # The strings it writes that must each be one (special) token of the tokenizer; the rest of its
+    # text (`USER:`, `[INST]`, `<<SYS>>`) is text to any tokenizer (`data/template_fit.py` checks).
+    control_tokens: tuple[str, ...] = ()
 
     def _system_block(self, system: str | None) -> str:
         write = {"always": True, "set": system is not None, "nonempty": bool(system)}[self.system_when]
@@ -244,6 +247,7 @@ _TURN_TEMPLATES = {
         reply_eos=False,
         system_when="set",
         end_of_turn="<|eot_id|>",
+        control_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     ),
     "chatml": TurnTemplate(
         None,
@@ -255,6 +259,7 @@ _TURN_TEMPLATES = {
         system_when="set",
         after_reply="\n",
         end_of_turn="<|im_end|>",
+        control_tokens=("<|im_start|>", "<|im_end|>"),
     ),
 }
 
@@ -299,9 +304,14 @@ def chat_template(template: str, tokenizer: Any) -> str:
     return conversation_template(template).jinja()
 
 
+def turn_template(name: str) -> TurnTemplate | None:
+    """The turn template ``name``; None for `plain` and `tokenizer` (and a name that is none)."""
+    return _TURN_TEMPLATES.get(name)
+
+
 def end_of_turn_token(template: str) -> str | None:
     """The token that ends a reply under ``template`` where that is not the tokenizer's EOS."""
-    turn = _TURN_TEMPLATES.get(template)
+    turn = turn_template(template)
     return turn.end_of_turn if turn is not None else None
 
 

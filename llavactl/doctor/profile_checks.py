@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llavactl.config.schema import DataConfig, TrainingConfig
+from llavactl.data.records import Record, RecordProblem
+from llavactl.data.template_fit import CHAT_TEMPLATE_FIX, chat_template_difference, template_fit
+from llavactl.data.templates import turn_template
 from llavactl.doctor.results import CheckResult, failed, passed, warned
-from llavactl.errors import DataError
+from llavactl.errors import DataError, ModelSourceError
+from llavactl.model.sources import load_tokenizer
 from llavactl.resolve.facts import MachineFacts
 from llavactl.resolve.run import ModelSource, ResolvedRun
 
@@ -109,6 +113,37 @@ def data_checks(data: DataConfig, open_data: Callable[[], DataSource]) -> list[C
     ]
 
 
+def template_check(resolved: ResolvedRun) -> CheckResult | None:
+    """The profile's template against its tokenizer: every control token one token of it, and the
+    tokenizer's own chat template (if any) rendering the first record as the profile's does. None
+    when the tokenizer is not here (the model source rows say so)."""
+    profile = resolved.loaded.profile
+    template, name = profile.data.conversation_template, profile.model.tokenizer_name_or_path
+    name = name or profile.model.model_name_or_path
+    check = "data.conversation_template"
+    try:
+        tokenizer = load_tokenizer(name)
+    except ModelSourceError:
+        return None
+    fit = template_fit(tokenizer, template)
+    if not fit.fits:
+        return failed(check, fit.finding(name), fit.fix(), blocking=True)
+    if not profile.data.data_path.startswith("builtin:"):
+        try:
+            records = resolved.data().records
+            parsed = records.parsed(range(min(_FIRST_RECORDS, len(records))))
+            first = next((r for r in parsed if isinstance(r, Record)), None)
+            differs = chat_template_difference(tokenizer, template, first) if first is not None else None
+        except (DataError, RecordProblem):
+            differs = None  # the data rows name what is wrong with the data
+        if differs is not None:
+            return warned(check, differs, CHAT_TEMPLATE_FIX)
+    turn = turn_template(template)
+    tokens = ", ".join(turn.control_tokens) if turn is not None else ""
+    said = f"{template}: {tokens} are tokens of the tokenizer" if tokens else f"{template} fits the tokenizer"
+    return passed(check, said)
+
+
 def _source_check(source: ModelSource, *, offline: bool, needs_weights: bool, torch_safe: bool) -> CheckResult:
     from llavactl.model.hub import cache_dir, is_hub_id
     from llavactl.model.weight_files import find_weights
@@ -201,6 +236,9 @@ def profile_checks(resolved: ResolvedRun, *, offline: bool) -> list[CheckResult]
     results.append(quantization_check(resolved))
     results += data_checks(profile.data, resolved.data)
     results += model_source_checks(resolved, offline=offline)
+    template = template_check(resolved)
+    if template is not None:
+        results.append(template)
     wandb = wandb_check(profile.training, resolved.facts)
     if wandb is not None:
         results.append(wandb)
