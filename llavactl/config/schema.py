@@ -147,6 +147,11 @@ class ModelConfig(_Section):
         description="A projector from a stage-1 (projector) run to start from: a safetensors or "
         "`.bin` file in LLaVA or llava-hf key names, or a llavactl checkpoint folder.",
     )
+    projector_from_scratch: bool = Field(
+        default=False,
+        description="Stages lora, qlora and full start the projector from random weights on purpose, "
+        "without `pretrain_mm_mlp_adapter` (doctor warns otherwise: LLaVA-1.5 trains it first, in stage 1).",
+    )
     freeze_vision_tower: bool = Field(
         default=True,
         description="Keep the vision tower frozen (run under no_grad). `false` trains it too.",

@@ -17,7 +17,10 @@ from llavactl.data.template_fit import CHAT_TEMPLATE_FIX, chat_template_differen
 from llavactl.data.templates import turn_template
 from llavactl.doctor.results import CheckResult, failed, passed, warned
 from llavactl.errors import DataError, ModelSourceError
+from llavactl.model import projector
+from llavactl.model.llms import llm_config
 from llavactl.model.sources import load_tokenizer
+from llavactl.model.towers import tower_info
 from llavactl.resolve.facts import MachineFacts
 from llavactl.resolve.run import ModelSource, ResolvedRun
 
@@ -186,7 +189,7 @@ def _source_check(source: ModelSource, *, offline: bool, needs_weights: bool, to
 def model_source_checks(resolved: ResolvedRun, *, offline: bool) -> list[CheckResult]:
     from packaging.version import Version
 
-    facts, model = resolved.facts, resolved.loaded.profile.model
+    facts = resolved.facts
     torch_safe = facts.packages.get("torch") is not None and Version(facts.packages["torch"]).release[:2] >= (2, 6)
     results = [
         _source_check(
@@ -194,19 +197,46 @@ def model_source_checks(resolved: ResolvedRun, *, offline: bool) -> list[CheckRe
         )
         for source in resolved.sources
     ]
-    if model.pretrain_mm_mlp_adapter:
-        path = Path(model.pretrain_mm_mlp_adapter).expanduser()
-        if path.exists():
-            results.append(passed("model.pretrain_mm_mlp_adapter", f"{path}"))
-        else:
-            results.append(
-                failed(
-                    "model.pretrain_mm_mlp_adapter",
-                    f"{path} does not exist; stage 2 starts from the stage-1 projector.",
-                    "run the `pretrain` profile first, or add `model.pretrain_mm_mlp_adapter=PATH` (or `=null`)",
-                )
-            )
-    return results
+    start = projector_check(resolved)
+    return results if start is None else [*results, start]
+
+
+def projector_check(resolved: ResolvedRun) -> CheckResult | None:
+    """Where the projector starts: a handed-over one that fits the tower and the LLM (read from its
+    shapes, before any weight loads), or random weights, which stages after the first mean only
+    when the profile says so."""
+    profile = resolved.loaded.profile
+    model, key = profile.model, "model.pretrain_mm_mlp_adapter"
+    if not model.pretrain_mm_mlp_adapter:
+        if profile.stage == "projector" or model.projector_from_scratch:
+            return None
+        return warned(
+            "projector",
+            f"stage {profile.stage} starts the projector from random weights (no {key}). LLaVA-1.5 trains "
+            "it first (stage 1, the `pretrain` profile: only the projector learns, on captions) so that stage 2 "
+            "starts from image features the LLM can read; from random weights the LLM learns to ignore the image.",
+            f"train stage 1 first (`llavactl train --profile pretrain`, the same tower and LLM) and add "
+            f"`{key}=checkpoints/pretrain`, or `model.projector_from_scratch=true` if this is meant",
+        )
+    path = Path(model.pretrain_mm_mlp_adapter).expanduser()
+    if not path.exists():
+        return failed(
+            key,
+            f"{path} does not exist; stage 2 starts from the stage-1 projector.",
+            f"run the `pretrain` profile first, or add `{key}=PATH` (or `=null`)",
+            blocking=True,
+        )
+    try:
+        saved = projector.saved_projector(path)
+        tower_width = tower_info(model.vision_tower, download=False).config.hidden_size
+        llm_width = llm_config(model.model_name_or_path, download=False).hidden_size
+        tower = (model.vision_tower, tower_width, model.mm_vision_select_layer)
+        projector.check_fits(saved, model.mm_projector_type, tower, (model.model_name_or_path, llm_width))
+    except ModelSourceError as exc:
+        if exc.message.startswith(key):  # the projector's own problem (not a tower or LLM that is not here)
+            return failed(key, exc.message.removeprefix(f"{key}: "), exc.fix or "fix the projector path", blocking=True)
+        return passed(key, f"{path} (its fit with the tower and LLM is checked when they are here)")
+    return passed(key, f"{saved.file}: {saved.said()} LLM embeddings, as the profile needs")
 
 
 def wandb_check(training: TrainingConfig, facts: MachineFacts) -> CheckResult | None:

@@ -13,17 +13,18 @@ loaded by mapping its keys; a key that maps to nothing, a missing key or a wrong
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from llavactl.errors import ModelSourceError
 from llavactl.model import weight_files
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 ProjectorType = Literal["mlp2x_gelu", "linear"]
+T = TypeVar("T")  # a tensor, or its shape
 FIELD = "model.pretrain_mm_mlp_adapter"
 ACTIVATION: dict[str, str] = {"mlp2x_gelu": "gelu", "linear": "linear"}
 # Files that a run folder may hold its projector in: llavactl's, then LLaVA's stage-1 output.
@@ -54,9 +55,9 @@ def make_identity(projector: nn.Module) -> None:
     projector.linear_2.requires_grad_(False)
 
 
-def map_keys(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+def map_keys(state: dict[str, T], where: str) -> dict[str, T]:
     """``state`` renamed to the projector's own names (`linear_1.weight`, ...), strictly."""
-    mapped: dict[str, torch.Tensor] = {}
+    mapped: dict[str, T] = {}
     unmatched: list[str] = []
     for key, tensor in state.items():
         target = None
@@ -80,6 +81,72 @@ def map_keys(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tens
             fix="point it at the projector file of a stage-1 run (`mm_projector.bin`, `projector.safetensors`)",
         )
     return mapped
+
+
+@dataclass(frozen=True)
+class SavedProjector:
+    """What a saved projector is, read from its tensors' shapes: kind and widths."""
+
+    file: Path
+    kind: ProjectorType
+    in_features: int  # the vision tower's hidden size it was trained on
+    out_features: int  # the LLM's hidden size
+
+    def said(self) -> str:
+        return f"a `{self.kind}` projector from {self.in_features}-wide vision features to {self.out_features}-wide"
+
+
+def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape: from a safetensors header alone; a pickle file (small) is read."""
+    if file.suffix == ".safetensors" and file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    return {key: tuple(t.shape) for key, t in weight_files.read_state_dict(file).items()}
+
+
+def saved_projector(path: Path) -> SavedProjector:
+    """The projector in ``path`` (a file, or a run's checkpoint folder) described, without loading a model."""
+    file = _projector_file(path)
+    shapes = map_keys(_shapes(file), str(file))
+    kind: ProjectorType = "mlp2x_gelu" if "linear_2.weight" in shapes else "linear"
+    missing = sorted(set(trainable_keys(kind)) - set(shapes))
+    if missing:
+        raise ModelSourceError(
+            f"{FIELD}: `{file}` is not a complete projector (missing: {', '.join(missing)}).",
+            fix="point it at a complete projector saved by a stage-1 run",
+        )
+    last = "linear_2.weight" if kind == "mlp2x_gelu" else "linear_1.weight"
+    return SavedProjector(file, kind, shapes["linear_1.weight"][1], shapes[last][0])
+
+
+def check_fits(
+    saved: SavedProjector, kind: ProjectorType, tower: tuple[str, int, int], llm: tuple[str, int]
+) -> None:
+    """Raise when ``saved`` does not fit the profile: its kind, its input width (``tower``: the
+    tower's spec, hidden size and read layer) or its output width (``llm``: spec and hidden size)."""
+    (tower_spec, tower_width, layer), (llm_spec, llm_width) = tower, llm
+    if (saved.kind, saved.in_features, saved.out_features) == (kind, tower_width, llm_width):
+        return
+    wrong = []
+    if saved.kind != kind:
+        wrong.append(f"model.mm_projector_type is `{kind}`")
+    if saved.in_features != tower_width:
+        wrong.append(
+            f"model.vision_tower `{tower_spec}` gives {tower_width}-wide features (hidden size, read at layer {layer})"
+        )
+    if saved.out_features != llm_width:
+        wrong.append(f"model.model_name_or_path `{llm_spec}` takes {llm_width}-wide embeddings (hidden size)")
+    fix = (
+        f"add `model.mm_projector_type={saved.kind}`"
+        if wrong == [f"model.mm_projector_type is `{kind}`"]
+        else "use the projector of a stage-1 run with this profile's tower and LLM, or set `model.vision_tower` "
+        "and `model.model_name_or_path` to the ones it was trained with"
+    )
+    raise ModelSourceError(
+        f"{FIELD}: `{saved.file}` is {saved.said()} LLM embeddings, but {'; '.join(wrong)}.", fix=fix
+    )
 
 
 def _projector_file(path: Path) -> Path:
