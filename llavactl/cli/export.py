@@ -62,6 +62,11 @@ def export(
         f"on {result.checked_records} records (tolerance {TOLERANCE:g}, fp32).",
         soft_wrap=True,
     )
+    if result.image_logit_difference is not None:
+        console.print(
+            f"Uses the image: blank images move its logits by up to {result.image_logit_difference:.3g}.",
+            soft_wrap=True,
+        )
 
 
 def predict(

@@ -12,7 +12,9 @@ written with its position embeddings resized to that size, so transformers runs 
 After writing, the folder is loaded back with transformers' own `from_pretrained` and its logits
 on a batch of real records are compared with those of the model in memory, in fp32. For a bf16 or
 fp16 export, the model in memory first gets the same rounded weights, so that the comparison tests
-the export and not the rounding.
+the export and not the rounding. Two models that both ignore the image would pass that comparison,
+so the reloaded folder's logits for the records' images are also compared with those for blank
+images: equal, the export fails.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class ExportResult:
     merge_logit_difference: float | None  # merged against unmerged LoRA
     source: str = ""  # the checkpoint exported
     checked_records: int = 0  # records the logits were compared on
+    image_logit_difference: float | None = None  # real images against blank ones; None: no image in the batch
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -142,6 +145,7 @@ class ExportResult:
             "tolerance": TOLERANCE,
             "source": self.source,
             "checked_records": self.checked_records,
+            "image_logit_difference": self.image_logit_difference,
         }
 
 
@@ -156,6 +160,28 @@ def _check(difference: float, what: str) -> None:
         raise CheckFailed(
             f"{what}: logits differ by up to {difference:.3g}, more than {TOLERANCE:g}.",
             fix="report this as a bug with the checkpoint's trainer_state.json (nothing was left in the export folder)",
+        )
+
+
+def image_difference(model: nn.Module, batch: dict[str, torch.Tensor]) -> float | None:
+    """How far ``model``'s logits move when the batch's images are replaced by blank ones (every
+    pixel the normalisation's mean: zeros), at the real tokens; None without images."""
+    import torch
+
+    if "pixel_values" not in batch or not batch["pixel_values"].numel():
+        return None
+    blank = {**batch, "pixel_values": torch.zeros_like(batch["pixel_values"])}
+    return max_difference(batch_logits(model, batch), batch_logits(model, blank), batch["attention_mask"])
+
+
+def _check_uses_images(difference: float | None) -> None:
+    if difference is not None and not difference > TOLERANCE:
+        raise CheckFailed(
+            f"The exported folder ignores the image: its logits for the records' images and for blank images "
+            f"differ by {difference:.3g} at most (not more than {TOLERANCE:g}), so the vision path does not reach "
+            "the LLM (a projector or tower of zeros, or image features that never replace the `<image>` tokens).",
+            fix="check the checkpoint's projector (`llavactl runs show` for its run; a stage-1 projector handed "
+            "over as `model.pretrain_mm_mlp_adapter`); nothing was left in the export folder",
         )
 
 
@@ -339,6 +365,9 @@ def _write_and_check(
     reloaded = load_exported_model(out_dir, torch.float32)
     difference = max_difference(batch_logits(reloaded, batch), expected, mask)
     _check(difference, "The exported folder reloaded with transformers")
+    # Equal logits above would also hold for two models that both ignore the image.
+    uses_images = image_difference(reloaded, batch)
+    _check_uses_images(uses_images)
     return ExportResult(
         out_dir,
         dtype,
@@ -348,6 +377,7 @@ def _write_and_check(
         merge_difference,
         manifest.source,
         len(batch["input_ids"]),
+        uses_images,
     )
 
 

@@ -38,6 +38,7 @@ def test_full_stage_export_reloads_in_plain_transformers_with_the_same_logits(
     assert (code, err) == (0, "")
     report = json.loads(out)
     assert report["max_logit_difference"] <= 1e-5 and report["adapter"] is None
+    assert report["image_logit_difference"] > 1e-3  # the real images move the logits
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {
         "model.safetensors",
@@ -199,3 +200,23 @@ def test_a_failed_export_leaves_nothing_and_a_damaged_one_is_named_on_load(
         )
         assert code == 2 and f"The exported folder `{damaged}` {said}" in err, err
         assert "Fix: export the checkpoint again" in err
+
+
+def test_an_export_whose_model_ignores_the_image_fails_and_leaves_nothing(
+    shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both the model in memory and the reloaded folder drop the tower's output: their logits agree,
+    and only the comparison with blank images can tell."""
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    make_run(tmp_path / "run", shapes)
+    monkeypatch.setattr(
+        LlavaMultiModalProjector,
+        "forward",
+        lambda self, features: torch.zeros(*features.shape[:-1], self.linear_2.out_features),
+    )
+    code, _, err = run_cli(["export", str(tmp_path / "run"), str(tmp_path / "out")], capsys)
+    said = " ".join(err.split())
+    assert code == 1 and "The exported folder ignores the image" in said, said
+    assert "differ by 0 at most" in said and "Fix:" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
