@@ -119,7 +119,11 @@ def _print_report(report: CheckReport, records_path: Path, decode: bool) -> None
     for code, items in sorted(by_code.items()):
         # `too_long` is a warning when the cut loses text, an error when it falls in image tokens.
         level = "error" if any(p.severity == "error" for p in items) else "warning"
-        firsts = [f"#{p.index} id={p.id!r}: {p.message}" if p.index is not None else p.message for p in items]
+        firsts = [
+            (f"#{p.index} id={p.id!r}: {p.message}" if p.index is not None else p.message)
+            + (f". Fix: {p.fix}" if p.fix and p.severity == "warning" else "")  # an error's fix ends the report
+            for p in items
+        ]
         print_block(level, _LEVEL_STYLE[level], f"{code}: {counted(len(items), 'problem')}", firsts[:SHOWN_PER_CODE])
     of_profile = sum(1 for p in report.errors if p.code in PROFILE_CODES)
     of_file = sum(1 for p in report.errors if p.index is None) - of_profile

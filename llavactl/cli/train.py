@@ -63,6 +63,15 @@ StartOverOpt = Annotated[
         "aside into a sibling folder (nothing is deleted).",
     ),
 ]
+ProbeOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--probe/--no-probe",
+        help="Before step 1, run the epoch's most demanding micro-batch once and stop if it does not fit "
+        "(same as training.memory_probe=true/false; the default probes on CUDA only).",
+        show_default=False,
+    ),
+]
 NprocOpt = Annotated[
     int | None,
     typer.Option(
@@ -103,6 +112,7 @@ def train(
     skip_doctor: SkipDoctorOpt = False,
     start_over: StartOverOpt = False,
     nproc_per_node: NprocOpt = None,
+    probe: ProbeOpt = None,
 ) -> None:
     """Train a model with a profile: milestones, live progress, checkpoints, `run.json`."""
     from llavactl.train.progress import TrainingProgress
@@ -117,10 +127,18 @@ def train(
     if nproc_per_node is not None and nproc_per_node > 1:
         raise typer.Exit(_launch(nproc_per_node))
     words = [*(overrides or []), *([f"training.output_dir={output_dir}"] if output_dir else [])]
-    resolved = _resolved(profile, words, doctor=not skip_doctor)
+    words += [f"training.memory_probe={str(probe).lower()}"] if probe is not None else []
+    estimate = _PlanOnce()
+    resolved = _resolved(profile, words, doctor=not skip_doctor, planner=estimate)
     with phase("training"), TrainingProgress(console, quiet=verbosity.level == 0) as progress:
         recipe = TrainRecipe(
-            resolved.loaded, progress, resume=resume, force=force, resolved=resolved, start_over=start_over
+            resolved.loaded,
+            progress,
+            resume=resume,
+            force=force,
+            resolved=resolved,
+            start_over=start_over,
+            memory_estimate=lambda: estimate(resolved),
         )
         result = recipe.run()
     if resolved.world.is_main:  # under torchrun, rank 0 speaks for the run
@@ -173,16 +191,31 @@ def dry_run(
         raise failure
 
 
-def _resolved(profile: str, overrides: list[str] | None, *, doctor: bool) -> ResolvedRun:
+class _PlanOnce:
+    """Dry-run's memory estimate of the run, made once: for doctor's memory check and the probe."""
+
+    def __init__(self) -> None:
+        self._estimate: tuple[int, str | None] | None = None
+
+    def __call__(self, resolved: ResolvedRun) -> tuple[int, str | None]:
+        from llavactl.plan import plan_memory
+
+        if self._estimate is None:
+            self._estimate = plan_memory(resolved)
+        return self._estimate
+
+
+def _resolved(
+    profile: str, overrides: list[str] | None, *, doctor: bool, planner: _PlanOnce | None = None
+) -> ResolvedRun:
     """What `train` and `dry-run` share: the profile loaded and resolved, then (for train) doctor's
     blocking checks, whose warnings go to stderr."""
-    from llavactl.plan import plan_memory
     from llavactl.resolve import resolve
 
     loaded = load(profile, overrides)
     with phase("resolve and doctor's checks" if doctor else "resolve"):
         resolved = resolve(loaded)
-        warnings = preflight(resolved, plan_memory) if doctor else []
+        warnings = preflight(resolved, planner or _PlanOnce()) if doctor else []
     if verbosity.level > 0:
         for r in warnings:
             err_console.print(f"[yellow]warning[/] {shown(r.check)}: {shown(r.finding)} Fix: {shown(r.fix or '')}")

@@ -371,6 +371,13 @@ class TrainingConfig(_Section):
         ge=1,
         description="Non-finite losses in a row after which the run stops (the last good checkpoint is kept).",
     )
+    memory_probe: bool | None = Field(
+        default=None,
+        description="Before the first step, run the epoch's most demanding micro-batch (its longest records, "
+        "or its fullest token budget) forward and backward once, without an update, print its measured peak "
+        "beside dry-run's estimate, and stop at once if it does not fit. `null`: on CUDA only. The run "
+        "trains exactly as without it.",
+    )
 
     @field_validator("max_steps")
     @classmethod

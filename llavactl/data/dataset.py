@@ -99,16 +99,16 @@ class LlavaDataset(Dataset):
             "index": record.index,
         }
 
-    def token_lengths(self) -> np.ndarray:
+    def token_lengths(self, *, unbuilt: int | None = None) -> np.ndarray:
         """Each record's exact length in tokens as the trainer builds it (image tokens included, cut
         at ``data.max_seq_len``), from its text alone: no image is opened. A record that cannot be
-        built counts as ``data.max_seq_len`` (it is skipped or stopped on when its turn comes). The
-        counts that `data check` kept are read back; else they are counted here, and kept."""
+        built counts as ``unbuilt`` (default ``data.max_seq_len``: it is skipped or stopped on when its
+        turn comes). The counts that `data check` kept are read back; else they are counted here, and kept."""
         from llavactl.data.lengths import token_counts
 
         max_len = self.data.max_seq_len
         counts = token_counts(self.store, self._token_context(), self.data.conversation_template, max_len)
-        return np.where(counts.built(), np.minimum(counts.full, max_len), max_len)
+        return np.where(counts.built(), np.minimum(counts.full, max_len), max_len if unbuilt is None else unbuilt)
 
     def _token_context(self) -> TokenContext:
         return TokenContext(self.encoder.tokenizer, self.encoder.image_token_id, self.spec)

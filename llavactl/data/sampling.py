@@ -130,3 +130,24 @@ def optimizer_steps(
                 f"epoch {epoch + 1} produced no usable record: every record was skipped as bad",
                 fix="run `llavactl data check` on the data and fix or drop the bad records",
             )
+
+
+def worst_micro_batch(lengths: np.ndarray, profile: Profile) -> list[int]:
+    """The records of the most demanding micro-batch an epoch can hold, from each record's exact
+    length (0 for one that does not build): the ``per_device_train_batch_size`` longest, or, under
+    ``data.max_tokens_per_batch``, the budget filled longest first (as the binning fills its first
+    bin). Ties go to the lower index, so the choice depends only on the data."""
+    order = np.lexsort((np.arange(len(lengths)), -lengths))
+    order = order[lengths[order] > 0]
+    budget = profile.data.max_tokens_per_batch
+    if not budget:
+        return [int(i) for i in order[: profile.training.per_device_train_batch_size]]
+    chosen: list[int] = []
+    room = budget
+    for i in order:
+        if lengths[i] <= room or not chosen:  # a record longer than the budget is a bin of its own
+            chosen.append(int(i))
+            room -= int(lengths[i])
+        if room <= 0:
+            break
+    return chosen

@@ -16,8 +16,9 @@ from llavactl.errors import TrainingError
 
 
 @contextmanager
-def out_of_memory_as_error(profile: Profile, *, step: int, device_type: str, output_dir: Path) -> Iterator[None]:
-    """Turn an allocation failure within optimizer step ``step`` into :func:`out_of_memory_error`."""
+def out_of_memory_as_error(profile: Profile, *, step: int | None, device_type: str, output_dir: Path) -> Iterator[None]:
+    """Turn an allocation failure within optimizer step ``step`` (None: the memory probe) into
+    :func:`out_of_memory_error`."""
     import torch
 
     try:
@@ -32,8 +33,9 @@ def out_of_memory_as_error(profile: Profile, *, step: int, device_type: str, out
         raise out_of_memory_error(profile, "the machine ran out of RAM", step=step, output_dir=output_dir) from exc
 
 
-def out_of_memory_error(profile: Profile, what: str, *, step: int, output_dir: Path) -> TrainingError:
-    """``what`` ran out at ``step``: the micro-batch that did not fit, and the knobs that use less."""
+def out_of_memory_error(profile: Profile, what: str, *, step: int | None, output_dir: Path) -> TrainingError:
+    """``what`` ran out at ``step`` (None: before step 1, in the memory probe): the micro-batch that
+    did not fit, and the knobs that use less."""
     t, data = profile.training, profile.data
     fixes: dict[str, str] = {}  # the first knob of each kind: the later ones of a kind go further the same way
     for knob in memory_knobs(profile):
@@ -44,6 +46,7 @@ def out_of_memory_error(profile: Profile, what: str, *, step: int, output_dir: P
         else f"micro-batches of {t.per_device_train_batch_size} records of up to {data.max_seq_len} tokens"
     )
     return TrainingError(
-        f"Step {step}: {what} with {micro}. Checkpoints already in {output_dir} are kept.",
+        f"{'Before step 1' if step is None else f'Step {step}'}: {what} with {micro}. Checkpoints already in "
+        f"{output_dir} are kept.",
         fix="use less memory per step: " + (", or ".join(fixes.values()) or "a device with more memory"),
     )

@@ -38,12 +38,12 @@ from llavactl.train.metrics import (
 from llavactl.train.optimizer import build_optimizer, build_scheduler
 from llavactl.train.out_of_memory import out_of_memory_as_error
 from llavactl.train.peer_loss import peer_loss_error
+from llavactl.train.probe import Estimate, probe_enabled, probe_failure, run_probe
 from llavactl.train.progress import StepStats, TrainingProgress
 from llavactl.train.run_folder import RunFolderLock, claim_run_folder, resume_point
 from llavactl.train.signals import StopSignals
 
 if TYPE_CHECKING:
-
     from llavactl.data.dataset import Skipped
     from llavactl.resolve.run import ResolvedRun
     from llavactl.train.step import TrainingStep
@@ -110,17 +110,20 @@ class TrainRecipe:
         random_weights: bool = False,
         resolved: ResolvedRun | None = None,
         start_over: bool = False,
+        memory_estimate: Callable[[], Estimate] | None = None,
     ) -> None:
         """``resolved``: the profile already resolved against this machine (by ``llavactl train``,
         whose doctor checks read the same object); resolved in :meth:`setup` when not given.
         ``start_over``: a run that does not resume may train into a folder holding another run, whose
-        files are first moved aside (:mod:`llavactl.train.run_folder`)."""
+        files are first moved aside (:mod:`llavactl.train.run_folder`). ``memory_estimate``: dry-run's
+        estimate of the run, which the memory probe prints beside its measurement."""
         self._loaded, self._resolved, self._progress = loaded, resolved, progress
         self._profile = loaded.profile
         self._training = loaded.profile.training
         self._profile_json = loaded.profile.model_dump(mode="json")
         self._output_dir = Path(self._training.output_dir).expanduser()
         self._resume, self._force, self._start_over = resume, force, start_over
+        self._memory_estimate = memory_estimate
         self._random_weights = random_weights
         self._world = World()
         self._lock: RunFolderLock | None = None  # held by rank 0 once the folder is claimed
@@ -224,6 +227,8 @@ class TrainRecipe:
         self._steps_per_epoch = self._training.steps_per_epoch(len(self._loader))
         self._total_steps = self._training.total_steps(self._steps_per_epoch)
         self._setup_optimizer(resume_from)
+        if probe_enabled(self._profile, self._device.type):
+            self._probe_memory()
         self._flops = StepFlops()
         if world.is_main:
             self._metrics = MetricsWriter(
@@ -350,6 +355,23 @@ class TrainRecipe:
         self._window = MetricWindow.restored(saved.get("log_window"))
         self._bad.total, self._bad.in_a_row = saved["bad_steps_total"], saved["bad_steps_in_a_row"]
         self._progress.milestone(f"Resumed from {resume_from} at step {self._step}/{self._total_steps}")
+
+    def _probe_memory(self) -> None:
+        """The epoch's most demanding micro-batch once, without an update (:mod:`llavactl.train.probe`)."""
+        out_of_memory = out_of_memory_as_error(
+            self._profile, step=None, device_type=self._device.type, output_dir=self._output_dir
+        )
+        with out_of_memory:
+            probe = run_probe(
+                self._loader.dataset,
+                self._loader.collate_fn,
+                self._step_unit,
+                self._profile,
+                estimate=self._memory_estimate,
+            )
+        self._progress.milestone(probe.said())
+        if probe.fits is False:
+            raise probe_failure(probe, self._profile, self._output_dir)
 
     # ------------------------------------------------------------------ the loop
 
