@@ -361,9 +361,13 @@ def test_two_gpus_train_over_nccl(strategy: str, shapes64: Path, tmp_path: Path)
 # ---------------------------------------------------------------- out of memory
 
 
-def test_cuda_out_of_memory_is_one_paragraph_with_the_overrides_that_fit(shapes64: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("probe", [True, False])
+def test_cuda_out_of_memory_is_one_paragraph_with_the_overrides_that_fit(
+    probe: bool, shapes64: Path, tmp_path: Path
+) -> None:
     """The process may use 128 MiB more than it holds now: the tiny model fits, a batch of 64 records of
-    ~300 tokens does not (about 400 MiB of activations)."""
+    ~300 tokens does not (about 400 MiB of activations). On CUDA the memory probe runs the worst
+    micro-batch before step 1 by default, so the run stops there; without it, in step 1."""
     from llavactl.errors import TrainingError
 
     total = torch.cuda.get_device_properties(0).total_memory
@@ -371,13 +375,15 @@ def test_cuda_out_of_memory_is_one_paragraph_with_the_overrides_that_fit(shapes6
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 128 * 1024**2) / total)
     try:
         with pytest.raises(TrainingError) as raised:
-            _train(_overrides(shapes64, tmp_path, "training.per_device_train_batch_size=64", "training.max_steps=2"))
+            batch = ["training.per_device_train_batch_size=64", "training.max_steps=2"]
+            _train(_overrides(shapes64, tmp_path, *batch, f"training.memory_probe={str(probe).lower()}"))
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     error = raised.value
     assert isinstance(error.__cause__, torch.OutOfMemoryError)
     assert "\n" not in error.message
-    assert error.message.startswith("Step 1: the CUDA device ran out of memory with micro-batches of 64 records")
+    when = "Before step 1" if probe else "Step 1"
+    assert error.message.startswith(f"{when}: the CUDA device ran out of memory with micro-batches of 64 records")
     assert "training.per_device_train_batch_size=32 training.gradient_accumulation_steps=2" in error.fix
     assert "training.gradient_checkpointing=true" in error.fix
     assert "data.max_seq_len" in error.fix
