@@ -5,8 +5,9 @@ forward, backward, recomputation, attention as the kernels compute it). Later st
 by their shapes: the non-attention work scales with the tokens computed (padding included, as
 the device computes it), the attention work with the sum of squared sequence lengths (rows, or
 packed records). The peak is the datasheet's dense rate for known GPUs in the run's precision,
-else this device's measured matmul
-rate (:func:`llavactl.model.flops.measure_matmul_flops`), which on a CPU is the practical peak.
+else this device's steady matmul rate in the run's precision
+(:func:`llavactl.model.flops.measure_matmul_flops`: the best this machine has shown), which on a
+CPU is the practical peak.
 Counting only watches the ops, so the counted step computes exactly what an uncounted one does
 (exact resume holds whichever step a process counts).
 """
@@ -40,7 +41,7 @@ _GPU_PEAKS: tuple[tuple[str, tuple[float, float, float]], ...] = (
 @dataclass(frozen=True)
 class DevicePeak:
     flops_per_s: float
-    source: str  # e.g. "NVIDIA H100 datasheet, bf16 dense" or "measured fp32 matmul"
+    source: str  # e.g. "H100 datasheet, bf16 dense" or "measured float32 matmul (steady peak)"
 
 
 def device_peak(resolved: ResolvedRun) -> DevicePeak:
@@ -55,11 +56,9 @@ def device_peak(resolved: ResolvedRun) -> DevicePeak:
             if key in name:
                 rate = half if precision.autocast else tf32 if precision.tf32 else fp32
                 return DevicePeak(rate, f"{key} datasheet, {kind} dense")
+    # Measured in the run's precision: a bf16 run on a CPU with native bf16 against its bf16 rate.
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision.autocast or "", "float32")
-    if resolved.device_type == "cpu":
-        # A CPU's fp32 matmul is its practical peak; bf16 autocast is reported against it too.
-        dtype = "float32"
-    return DevicePeak(measure_matmul_flops(resolved.device, dtype), f"measured {dtype} matmul")
+    return DevicePeak(measure_matmul_flops(resolved.device, dtype), f"measured {dtype} matmul (steady peak)")
 
 
 def _shape_work(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, float]:

@@ -34,7 +34,7 @@ def test_every_logged_step_after_the_counted_one_carries_flops_and_mfu(shapes: P
     assert "| MFU " in text
     final = json.loads((tmp_path / "run.json").read_text())["final_metrics"]
     assert final["mfu"] == pytest.approx(final["flops_per_s"] / final["mfu_peak_flops_per_s"])
-    assert final["mfu_peak_source"] == "measured float32 matmul"
+    assert final["mfu_peak_source"] == "measured float32 matmul (steady peak)"
 
 
 def test_counting_the_first_step_changes_nothing_it_computes(
@@ -76,6 +76,24 @@ def test_the_peak_is_the_datasheets_for_known_gpus_in_the_runs_precision_else_me
         "llavactl.model.flops.measure_matmul_flops", lambda device, dtype: measured.append((device, dtype)) or 5e12
     )
     odd = replace(T4, gpus=[GpuFacts("Some New GPU", 10**10, 10**10, (9, 0))])
-    assert utilisation.device_peak(resolve(profile("t4_qlora"), odd, ONE)).source == "measured float16 matmul"
+    said = "measured float16 matmul (steady peak)"
+    assert utilisation.device_peak(resolve(profile("t4_qlora"), odd, ONE)).source == said
     assert utilisation.device_peak(resolve(profile("tiny"), CPU, ONE)).flops_per_s == 5e12
-    assert measured == [("cuda", "float16"), ("cpu", "float32")]
+    native = replace(CPU, cpu_flags=frozenset({"amx_bf16"}))
+    utilisation.device_peak(resolve(profile("tiny", "training.bf16=true"), native, ONE))
+    # A bf16 run on a CPU is reported against the bf16 rate, an fp32 run against the fp32 rate.
+    assert measured == [("cuda", "float16"), ("cpu", "float32"), ("cpu", "bfloat16")]
+
+
+def test_the_peak_is_the_best_this_machine_has_shown_so_a_busy_moment_cannot_inflate_mfu(cache: Path) -> None:
+    from llavactl.model.flops import PEAKS_FILE, steady_peak
+
+    key = "Some CPU | cpu | 2 threads | torch x | float32"
+    assert steady_peak(key, 300e9) == 300e9  # the first measurement is kept
+    assert steady_peak(key, 120e9) == 300e9  # measured while another process held the cores
+    assert steady_peak(key, 350e9) == 350e9  # a better one raises it
+    assert steady_peak("Other CPU | cpu | 2 threads | torch x | float32", 90e9) == 90e9  # filed per machine
+    kept = json.loads((cache.parent / PEAKS_FILE).read_text())
+    assert kept[key] == 350e9 and len(kept) == 2
+    (cache.parent / PEAKS_FILE).write_text("{not json")
+    assert steady_peak(key, 100e9) == 100e9  # a damaged file costs the steadiness only
