@@ -67,6 +67,8 @@ def export(
             f"Uses the image: blank images move its logits by up to {result.image_logit_difference:.3g}.",
             soft_wrap=True,
         )
+    else:
+        console.print("The image path was not checked: none of the records checked has an image.", soft_wrap=True)
 
 
 def predict(

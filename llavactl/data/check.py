@@ -36,9 +36,10 @@ from llavactl.data.records import (
 from llavactl.data.source import records_of
 from llavactl.data.template_fit import (
     CHAT_TEMPLATE,
-    CHAT_TEMPLATE_FIX,
+    TEMPLATE_SAMPLE,
     TEMPLATE_TOKENS,
-    chat_template_difference,
+    TemplateFit,
+    first_difference,
     template_fit,
 )
 from llavactl.data.templates import render
@@ -179,22 +180,23 @@ def _check(
     supervised = 0
     # Every record's token counts, over --workers processes, kept for the next check, dry-run and
     # train; counted while this process parses the records and checks their images.
+    fit = template_fit(tokens.tokenizer, template) if tokens is not None else None
+    if tokens is not None and fit is not None:
+        problems += _template_problems(tokens.tokenizer, fit)
+        problems += _chat_template_problem(tokens.tokenizer, template, store)
+    # Without the tokenizer's EOS or BOS that the template writes, no record can be encoded at all:
+    # the template's problem (above) is the whole answer, and nothing is counted.
+    countable = tokens is not None and not (fit and fit.unencodable)
     background = (
         counting(store, tokens, template, max_seq_len, count, workers=workers)
-        if tokens is not None
+        if countable and tokens is not None
         else contextlib.nullcontext(None)
     )
     specials = _special_texts(tokens.tokenizer) if tokens is not None else {}
-    if tokens is not None:
-        problems += _template_problems(tokens.tokenizer, template)
-    compare_chat_template = tokens is not None
     with background as counts_of:
         for parsed in store.parsed(range(count)):
             if isinstance(parsed, Record):
                 records.append(_Held(parsed.index, parsed.id, parsed.images))
-                if compare_chat_template and tokens is not None:
-                    differs, compare_chat_template = _chat_template_problem(tokens.tokenizer, template, parsed)
-                    problems += differs
                 if counts_of is None and (rendered := _render_problem(parsed, template)) is not None:
                     problems.append(rendered)
                 if specials and (special := _special_token_problem(parsed, specials)) is not None:
@@ -359,23 +361,21 @@ def _image_problems(
     return out
 
 
-def _template_problems(tokenizer: Any, template: str) -> list[Problem]:
+def _template_problems(tokenizer: Any, fit: TemplateFit) -> list[Problem]:
     """The template's control strings that are not tokens of the tokenizer: one error of the profile."""
-    fit = template_fit(tokenizer, template)
     if fit.fits:
         return []
     name = getattr(tokenizer, "name_or_path", "") or "of the profile"
     return [Problem(TEMPLATE_TOKENS, fit.finding(name), severity="error", fix=fit.fix())]
 
 
-def _chat_template_problem(tokenizer: Any, template: str, record: Record) -> tuple[list[Problem], bool]:
-    """The warning when the tokenizer's own chat template renders ``record`` otherwise than the
-    profile's template, and whether to compare on the next record (this one does not render)."""
-    try:
-        differs = chat_template_difference(tokenizer, template, record)
-    except RecordProblem:
-        return [], True  # its own problem is reported by the token counts; the next record is compared
-    return ([] if differs is None else [_problem(record, CHAT_TEMPLATE, differs, fix=CHAT_TEMPLATE_FIX)]), False
+def _chat_template_problem(tokenizer: Any, template: str, store: RecordSource) -> list[Problem]:
+    """The warning when the tokenizer's own chat template renders the first record otherwise than
+    the profile's template (:func:`~llavactl.data.template_fit.first_difference`, as doctor's)."""
+    differs = first_difference(tokenizer, template, store.parsed(range(min(TEMPLATE_SAMPLE, len(store)))))
+    if differs is None:
+        return []
+    return [_problem(differs.record, CHAT_TEMPLATE, differs.finding, fix=differs.fix)]
 
 
 def _special_texts(tokenizer: Any) -> dict[str, int]:

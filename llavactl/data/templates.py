@@ -396,7 +396,7 @@ class SegmentEncoder:
         if token_id is None:
             raise DataError(
                 f"the template needs a {kind.upper()} token but the tokenizer has none",
-                fix="use a template that fits this tokenizer, e.g. `data.conversation_template=chatml`",
+                fix="use a template that fits this tokenizer: `llavactl data check` and doctor name them",
             )
         return token_id
 

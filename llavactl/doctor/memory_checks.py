@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from llavactl.doctor.results import CheckResult, failed, passed, skipped, warned
+from llavactl.errors import LlavactlError
 from llavactl.resolve.run import memory_fit
 
 if TYPE_CHECKING:
@@ -27,7 +28,10 @@ def memory_check(resolved: ResolvedRun, planner: MemoryPlanner) -> CheckResult:
             "memory",
             f"{resolved.memory_where} to compare with; `llavactl dry-run --device-memory GIB` plans for one",
         )
-    peak, fits_with = planner(resolved)
+    try:
+        peak, fits_with = planner(resolved)
+    except LlavactlError as exc:  # a record the planner cannot encode: another row names the cause
+        return failed("memory", f"not estimated: {exc.message}", exc.fix or "fix the profile, then run doctor again")
     finding = f"estimated peak {peak / GIB:.2f} GiB against {free / GIB:.2f} GiB {resolved.memory_where}"
     fit = memory_fit(peak, free)
     if fit == "fits":

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llavactl.config.schema import DataConfig, TrainingConfig
-from llavactl.data.records import Record, RecordProblem
-from llavactl.data.template_fit import CHAT_TEMPLATE_FIX, chat_template_difference, template_fit
+from llavactl.data.template_fit import TEMPLATE_SAMPLE, first_difference, template_fit
 from llavactl.data.templates import turn_template
 from llavactl.doctor.results import CheckResult, failed, passed, warned
 from llavactl.errors import DataError, ModelSourceError
 from llavactl.model import projector
+from llavactl.model.hub import find_local
 from llavactl.model.llms import llm_config
 from llavactl.model.sources import load_tokenizer
 from llavactl.model.towers import tower_info
@@ -124,6 +124,8 @@ def template_check(resolved: ResolvedRun) -> CheckResult | None:
     template, name = profile.data.conversation_template, profile.model.tokenizer_name_or_path
     name = name or profile.model.model_name_or_path
     check = "data.conversation_template"
+    if not (name.startswith("builtin:") or find_local(name)):
+        return None  # never a download here: the model source rows say train will fetch it
     try:
         tokenizer = load_tokenizer(name)
     except ModelSourceError:
@@ -134,13 +136,11 @@ def template_check(resolved: ResolvedRun) -> CheckResult | None:
     if not profile.data.data_path.startswith("builtin:"):
         try:
             records = resolved.data().records
-            parsed = records.parsed(range(min(_FIRST_RECORDS, len(records))))
-            first = next((r for r in parsed if isinstance(r, Record)), None)
-            differs = chat_template_difference(tokenizer, template, first) if first is not None else None
-        except (DataError, RecordProblem):
+            differs = first_difference(tokenizer, template, records.parsed(range(min(TEMPLATE_SAMPLE, len(records)))))
+        except DataError:
             differs = None  # the data rows name what is wrong with the data
         if differs is not None:
-            return warned(check, differs, CHAT_TEMPLATE_FIX)
+            return warned(check, differs.finding, differs.fix)
     turn = turn_template(template)
     tokens = ", ".join(turn.control_tokens) if turn is not None else ""
     said = f"{template}: {tokens} are tokens of the tokenizer" if tokens else f"{template} fits the tokenizer"
@@ -228,14 +228,18 @@ def projector_check(resolved: ResolvedRun) -> CheckResult | None:
         )
     try:
         saved = projector.saved_projector(path)
+    except ModelSourceError as exc:  # every problem of reading it is the projector's
+        return failed(key, exc.message.removeprefix(f"{key}: "), exc.fix or "fix the projector path", blocking=True)
+    try:
         tower_width = tower_info(model.vision_tower, download=False).config.hidden_size
         llm_width = llm_config(model.model_name_or_path, download=False).hidden_size
-        tower = (model.vision_tower, tower_width, model.mm_vision_select_layer)
+    except ModelSourceError:
+        return passed(key, f"{saved.file}: {saved.said()} LLM embeddings (checked against the tower and LLM when here)")
+    tower = (model.vision_tower, tower_width, model.mm_vision_select_layer)
+    try:
         projector.check_fits(saved, model.mm_projector_type, tower, (model.model_name_or_path, llm_width))
     except ModelSourceError as exc:
-        if exc.message.startswith(key):  # the projector's own problem (not a tower or LLM that is not here)
-            return failed(key, exc.message.removeprefix(f"{key}: "), exc.fix or "fix the projector path", blocking=True)
-        return passed(key, f"{path} (its fit with the tower and LLM is checked when they are here)")
+        return failed(key, exc.message.removeprefix(f"{key}: "), exc.fix or "fix the projector path", blocking=True)
     return passed(key, f"{saved.file}: {saved.said()} LLM embeddings, as the profile needs")
 
 

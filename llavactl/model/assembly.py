@@ -236,6 +236,23 @@ def _assemble(
     return model
 
 
+def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep every frozen floating-point weight in ``dtype`` (the step's autocast dtype): it never
+    changes, so it needs no fp32 copy (LLaVA's own trainer loads the model in bf16). Trainable
+    weights stay fp32, the master weights the optimizer updates; quantized (integer) weights and
+    buffers are left as they are. So are LayerNorm weights (a few thousand a layer): autocast leaves
+    layer_norm to its inputs' dtypes on a CPU, where a bf16 weight under an fp32 input (a residual
+    stream that trainable layers keep in fp32) is an error, and an fp32 weight takes either."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            continue
+        for parameter in module.parameters(recurse=False):
+            if not parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
+
+
 def build_llava(
     model_cfg: ModelConfig,
     stage: Stage,
@@ -250,7 +267,8 @@ def build_llava(
     """The LLaVA model of ``model_cfg``, set up to train ``stage`` on ``device``.
 
     ``compute_dtype`` is the step's autocast dtype (the resolved precision, None for fp32): what
-    QLoRA's quantized layers compute in.
+    QLoRA's quantized layers compute in, and what every frozen weight is stored in
+    (:func:`store_frozen_in`); trainable weights stay fp32.
 
     ``device="meta"`` builds the model without weights from configs alone (known or cached),
     for planning; the tokenizer is then optional. ``random_weights`` builds it in its real shapes
@@ -318,6 +336,8 @@ def build_llava(
         interpolate=image_spec.size != native,
         select_layer=model_cfg.mm_vision_select_layer,
     )
+    if compute_dtype is not None:
+        store_frozen_in(model, compute_dtype)
     if gradient_checkpointing:
         model.model.language_model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}

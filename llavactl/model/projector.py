@@ -99,10 +99,16 @@ class SavedProjector:
 def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape: from a safetensors header alone; a pickle file (small) is read."""
     if file.suffix == ".safetensors" and file.is_file():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(file, framework="pt") as handle:
-            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+        try:
+            with safe_open(file, framework="pt") as handle:
+                return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as exc:
+            raise ModelSourceError(
+                f"{FIELD}: `{file}` cannot be read as safetensors ({exc}).",
+                fix="point it at an intact projector file (copy it again from the stage-1 run)",
+            ) from exc
     return {key: tuple(t.shape) for key, t in weight_files.read_state_dict(file).items()}
 
 
@@ -117,13 +123,20 @@ def saved_projector(path: Path) -> SavedProjector:
             f"{FIELD}: `{file}` is not a complete projector (missing: {', '.join(missing)}).",
             fix="point it at a complete projector saved by a stage-1 run",
         )
-    last = "linear_2.weight" if kind == "mlp2x_gelu" else "linear_1.weight"
-    return SavedProjector(file, kind, shapes["linear_1.weight"][1], shapes[last][0])
+    weights = [
+        shapes[f"{layer}.weight"] for layer in (("linear_1", "linear_2") if kind == "mlp2x_gelu" else ("linear_1",))
+    ]
+    chained = len(weights) == 1 or weights[0][0] == weights[1][1]
+    if any(len(w) != 2 for w in weights) or not chained:
+        raise ModelSourceError(
+            f"{FIELD}: `{file}` holds projector weights of shapes {', '.join(map(str, weights))}, which are not "
+            "the matrices of one projector.",
+            fix="point it at a projector saved by a stage-1 run",
+        )
+    return SavedProjector(file, kind, weights[0][1], weights[-1][0])
 
 
-def check_fits(
-    saved: SavedProjector, kind: ProjectorType, tower: tuple[str, int, int], llm: tuple[str, int]
-) -> None:
+def check_fits(saved: SavedProjector, kind: ProjectorType, tower: tuple[str, int, int], llm: tuple[str, int]) -> None:
     """Raise when ``saved`` does not fit the profile: its kind, its input width (``tower``: the
     tower's spec, hidden size and read layer) or its output width (``llm``: spec and hidden size)."""
     (tower_spec, tower_width, layer), (llm_spec, llm_width) = tower, llm

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from llavactl.config.knobs import as_words, memory_knobs
 from llavactl.errors import ConfigError, DataError, ModelSourceError
-from llavactl.resolve.run import Fit, autocast_of, memory_fit
+from llavactl.resolve.run import Fit, Precision, autocast_of, memory_fit
 
 if TYPE_CHECKING:
     from llavactl.config.schema import Profile
@@ -121,6 +121,8 @@ def build_meta(profile: Profile, *, gradient_checkpointing: bool) -> AssembledMo
         seed=profile.seed,
         gradient_checkpointing=gradient_checkpointing,
         device="meta",
+        # Frozen weights in the step's autocast dtype, as the run stores them.
+        compute_dtype=Precision(autocast_of(profile.training)).autocast_dtype(),
     )
 
 

@@ -89,9 +89,10 @@ def component_params(assembled: AssembledModel) -> list[ComponentParams]:
     return [ComponentParams(k, counts[k][0], counts[k][1], tuple(sorted(dtypes[k]))) for k in order if k in counts]
 
 
-def weight_bytes(assembled: AssembledModel, *, dtype_bytes: int, quantized_bits: int | None = None) -> int:
-    """Bytes of all weights held in ``dtype_bytes`` each; with ``quantized_bits``, the LLM's frozen
-    linear weights at 4 or 8 bits (QLoRA), the rest in the compute dtype."""
+def weight_bytes(assembled: AssembledModel, *, quantized_bits: int | None = None) -> int:
+    """Bytes of all weights: trainable ones in fp32, frozen ones in the dtype the model holds them in
+    (the step's autocast dtype under bf16/fp16: :func:`llavactl.model.assembly.store_frozen_in`);
+    with ``quantized_bits``, the LLM's frozen linear weights at 4 or 8 bits (QLoRA)."""
     from llavactl.model.assembly import component
 
     total = 0.0
@@ -107,7 +108,7 @@ def weight_bytes(assembled: AssembledModel, *, dtype_bytes: int, quantized_bits:
             per = NF4_BYTES_PER_PARAM if quantized_bits == 4 else INT8_BYTES_PER_PARAM
             total += parameter.numel() * per
         else:
-            total += parameter.numel() * (4 if parameter.requires_grad else dtype_bytes)
+            total += parameter.numel() * (4 if parameter.requires_grad else parameter.element_size())
     return int(total)
 
 
@@ -252,7 +253,6 @@ def estimate_memory(
     trace: StepTrace,
     *,
     runtime_bytes: int,
-    dtype_bytes: int = 4,
     quantized_bits: int | None = None,
 ) -> MemoryEstimate:
     """The peak of a training step: what is always there plus the traced pass's peak."""
@@ -260,7 +260,7 @@ def estimate_memory(
     gradients = trainable * 4
     return MemoryEstimate(
         runtime=runtime_bytes,
-        weights=weight_bytes(assembled, dtype_bytes=dtype_bytes, quantized_bits=quantized_bits),
+        weights=weight_bytes(assembled, quantized_bits=quantized_bits),
         gradients=gradients,
         optimizer=trainable * ADAMW_STATE_BYTES,
         activations=max(trace.peak_bytes - gradients, 0),

@@ -58,6 +58,7 @@ RUN_CONTROL_KEYS = frozenset(
         "training.save_total_limit",
         "training.report_to",
         "training.dataloader_num_workers",
+        "training.memory_probe",  # runs before step 1, and puts every state back
         "training.max_bad_steps",
     }
 )

@@ -46,7 +46,8 @@ def out_of_memory_error(profile: Profile, what: str, *, step: int | None, output
         else f"micro-batches of {t.per_device_train_batch_size} records of up to {data.max_seq_len} tokens"
     )
     return TrainingError(
-        f"{'Before step 1' if step is None else f'Step {step}'}: {what} with {micro}. Checkpoints already in "
-        f"{output_dir} are kept.",
+        f"Before step 1: {what} with {micro}."
+        if step is None
+        else f"Step {step}: {what} with {micro}. Checkpoints already in {output_dir} are kept.",
         fix="use less memory per step: " + (", or ".join(fixes.values()) or "a device with more memory"),
     )

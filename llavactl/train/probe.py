@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llavactl.config.schema import Profile
+from llavactl.data.dataset import take_skipped
 from llavactl.data.packing import records_in
 from llavactl.data.sampling import worst_micro_batch
-from llavactl.errors import TrainingError
+from llavactl.errors import DataError, TrainingError
 from llavactl.train.checkpoint import capture_rng, restore_rng
 from llavactl.train.loss import supervised_token_count
 from llavactl.train.metrics import peak_memory_bytes
@@ -101,8 +102,7 @@ def run_probe(
     states = capture_rng()
     try:
         planned = estimate() if estimate is not None else None
-        indices = worst_micro_batch(dataset.token_lengths(unbuilt=0), profile)
-        batch = collate([dataset[i] for i in indices])
+        batch = _worst_batch(dataset, collate, profile)
         with _peak(device) as (read_peak, exact):
             started = time.perf_counter()
             step.accumulate([batch], denominator=max(supervised_token_count(batch), 1))
@@ -124,13 +124,39 @@ def run_probe(
     )
 
 
-def probe_failure(result: ProbeResult, profile: Profile, output_dir: Path) -> TrainingError:
-    """The run stops before step 1: the probe's figures, and the overrides that use less memory
-    (dry-run's fitting ones first, when it found some)."""
-    what = (
-        f"the memory probe's micro-batch ({result.records} records, {result.tokens:,} tokens) would need "
+def _worst_batch(
+    dataset: LlavaDataset, collate: Callable[[list[Any]], dict[str, torch.Tensor]], profile: Profile
+) -> dict[str, torch.Tensor]:
+    """The worst micro-batch of records that build: under ``data.on_error: raise`` a record that does
+    not stops the run here, as it would when its turn came; under ``skip`` the next-longest takes its
+    place (as many rounds as it takes)."""
+    lengths = dataset.token_lengths(unbuilt=0).copy()
+    while True:
+        batch = collate([dataset[i] for i in worst_micro_batch(lengths, profile)])
+        skipped = take_skipped(batch, profile.data.on_error)
+        if not skipped:
+            return batch
+        lengths[[s.index for s in skipped]] = 0
+        if not lengths.any():
+            raise DataError(
+                "the memory probe found no record of the data set that builds",
+                fix="run `llavactl data check` on the data and fix the records it names",
+            )
+
+
+def probe_failure(result: ProbeResult, profile: Profile, output_dir: Path, *, elsewhere: bool = False) -> TrainingError:
+    """The run stops before step 1: the probe's figures (``elsewhere``: it did not fit on another
+    process; this one's figures), and the overrides that use less memory (dry-run's fitting ones
+    first, when it found some)."""
+    batch = f"the memory probe's micro-batch ({result.records} records, {result.tokens:,} tokens)"
+    needs = (
         f"{_size(result.projected_bytes)} ({_size(result.measured_bytes)} measured, then the AdamW states) of "
         f"the {_size(result.capacity_bytes or 0)} to be had"
+    )
+    what = (
+        f"{batch} did not fit on another process (this one's needs {needs})"
+        if elsewhere
+        else f"{batch} would need {needs}"
     )
     error = out_of_memory_error(profile, what, step=None, output_dir=output_dir)
     fits_with = result.estimate[1] if result.estimate else None

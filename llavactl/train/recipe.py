@@ -370,8 +370,11 @@ class TrainRecipe:
                 estimate=self._memory_estimate,
             )
         self._progress.milestone(probe.said())
-        if probe.fits is False:
-            raise probe_failure(probe, self._profile, self._output_dir)
+        # Every process stops, or none: one that went on would wait for the others in step 1.
+        from llavactl.train import distributed
+
+        if distributed.sum_across(self._world, [float(probe.fits is False)], self._device)[0]:
+            raise probe_failure(probe, self._profile, self._output_dir, elsewhere=probe.fits is not False)
 
     # ------------------------------------------------------------------ the loop
 

@@ -212,8 +212,21 @@ class RunFolderLock:
 
 
 def holds_a_run(output_dir: Path) -> bool:
-    """Whether ``output_dir`` holds another run's checkpoints or records."""
-    return bool(checkpoint.list_checkpoints(output_dir)) or any((output_dir / name).exists() for name in RUN_FILES)
+    """Whether ``output_dir`` holds another run's checkpoints or records. A run that stopped before
+    its first step (the memory probe, a bad first record) left only ``run.json``: nothing of it is
+    lost when the next run writes its own, as that run's fix said to do."""
+    if checkpoint.list_checkpoints(output_dir) or (output_dir / "metrics.jsonl").exists():
+        return True
+    return (output_dir / "run.json").exists() and not _stopped_before_step_1(output_dir / "run.json")
+
+
+def _stopped_before_step_1(record: Path) -> bool:
+    try:
+        written = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    final = written.get("final_metrics") if isinstance(written, dict) else None
+    return isinstance(final, dict) and written.get("status") in ("failed", "interrupted") and final.get("step") == 0
 
 
 def refuse_or_move_aside(output_dir: Path, *, start_over: bool) -> Path | None:

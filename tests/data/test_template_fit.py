@@ -16,9 +16,7 @@ from llavactl.model.sources import load_tokenizer
 
 CHATML = ("<|im_start|>", "<|im_end|>")
 LLAMA_3 = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-RECORD = Record(
-    0, "r", ("a.png",), (Turn("human", "<image>\nWhat colour is it?"), Turn("gpt", "Red.")), raw={}
-)
+RECORD = Record(0, "r", ("a.png",), (Turn("human", "<image>\nWhat colour is it?"), Turn("gpt", "Red.")), raw={})
 
 
 @pytest.mark.parametrize(("template", "strings"), [("llama_3", LLAMA_3), ("chatml", CHATML)])
@@ -67,8 +65,9 @@ def test_a_tokenizers_own_chat_template_is_compared_on_a_real_record(tmp_path: P
     folder = byte_tokenizer_folder(tmp_path / "own", *CHATML, chat_template=chat_template("chatml", None))
     tok = load_tokenizer(str(folder))
     assert chat_template_difference(tok, "chatml", RECORD) is None  # the same template: no word
-    differs = chat_template_difference(tok, "vicuna_v1", RECORD)
-    assert differs is not None
+    difference = chat_template_difference(tok, "vicuna_v1", RECORD)
+    assert difference is not None and difference.record is RECORD and "=tokenizer" in difference.fix
+    differs = difference.finding
     assert "`vicuna_v1`" in differs and "tokenizer's own chat template" in differs and "record 0" in differs
     assert "'A chat between" in differs and "'<|im_start|>user" in differs  # both sides, where they part
     assert chat_template_difference(tok, "plain", RECORD) is None  # stage 1 captions whatever the LLM's template
@@ -133,3 +132,41 @@ def test_doctor_warns_when_the_first_record_renders_otherwise_under_the_tokenize
     loaded = profile("tiny", f"data.data_path={shapes}", f"model.tokenizer_name_or_path={folder}")
     [row] = [r for r in checks_of(resolve(loaded, facts), facts) if r.check == "data.conversation_template"]
     assert row.status == "warn" and "`vicuna_v1`" in row.finding and "=tokenizer" in row.fix
+
+
+def test_a_tokenizer_without_the_eos_its_template_ends_replies_with_is_the_templates_error(
+    shapes: Path, cache: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    folder = byte_tokenizer_folder(tmp_path / "noeos", *CHATML)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.eos_token = None
+    tok.save_pretrained(folder)
+    args = ["-p", "tiny", f"data.data_path={shapes}", f"model.tokenizer_name_or_path={folder}"]
+    code, out, err = run_cli(["data", "check", *args])  # vicuna_v1 ends each reply with the EOS
+    text = " ".join((out + err).split())
+    assert code == 1 and "template_tokens" in text and "an EOS token to end each reply" in text, text
+    assert "data.conversation_template=chatml" in text  # the template whose end of turn it has, first
+    code, out, err = run_cli(["doctor", *args])
+    text = " ".join((out + err).split())
+    assert code == 1 and "fail data.conversation_template" in text and "Internal error" not in text
+
+
+def test_a_chat_template_that_raises_is_named_and_never_recommended(shapes: Path, cache: Path, tmp_path: Path) -> None:
+    folder = byte_tokenizer_folder(tmp_path / "div", *CHATML, chat_template="{{ (1 / 0) }}")
+    args = ["-p", "tiny", f"data.data_path={shapes}", f"model.tokenizer_name_or_path={folder}"]
+    code, out, _ = run_cli(["data", "check", *args, "data.conversation_template=chatml", "--json"])
+    [warning] = [p for p in json.loads(out)["problems"] if p["code"] == "chat_template"]
+    assert code == 0 and "cannot render record 0" in warning["message"]
+    assert warning["fix"].startswith("keep `data.conversation_template=chatml`")
+    fix = template_fit(load_tokenizer(str(folder)), "llama_3").fix()
+    assert "`tokenizer`" not in fix and "e.g. `data.conversation_template=chatml`" in fix
+
+
+def test_a_tokenizer_that_splits_its_own_specials_is_told_so(tmp_path: Path) -> None:
+    tok = load_tokenizer(str(byte_tokenizer_folder(tmp_path / "split", *CHATML)))
+    tok.split_special_tokens = True
+    fit = template_fit(tok, "chatml")
+    assert not fit.fits and "reads as text (its `split_special_tokens` is on)" in fit.finding("t")
+    assert "split_special_tokens: false" in fit.fix()

@@ -99,3 +99,29 @@ def test_train_stops_on_a_projector_that_does_not_fit_before_any_weight_loads(tm
     code, out, err = run_cli([*args, f"training.output_dir={tmp_path / 'run'}"])
     text = " ".join((out + err).split())
     assert code == 1 and "model.pretrain_mm_mlp_adapter" in text and "1024-wide" in text
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "said"),
+    [
+        ("corrupt.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", "cannot be read as safetensors"),
+        ("garbage.bin", b"not a pickle", "could not be loaded as plain tensors"),
+    ],
+)
+def test_a_damaged_projector_file_fails_naming_it(tmp_path: Path, name: str, content: bytes, said: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    row = rows("stage=lora", f"model.pretrain_mm_mlp_adapter={tmp_path / name}")["model.pretrain_mm_mlp_adapter"]
+    assert row.status == "fail" and said in row.finding and name in row.finding
+
+
+def test_projector_weights_that_are_not_one_projectors_matrices_fail(tmp_path: Path) -> None:
+    save_file(
+        {"model.mm_projector.weight": torch.zeros(64), "model.mm_projector.bias": torch.zeros(64)},
+        tmp_path / "p.safetensors",
+    )
+    state = {"model.mm_projector.0.weight": torch.zeros(64, 64), "model.mm_projector.0.bias": torch.zeros(64)}
+    state |= {"model.mm_projector.2.weight": torch.zeros(64, 32), "model.mm_projector.2.bias": torch.zeros(64)}
+    save_file(state, tmp_path / "q.safetensors")
+    for file in ("p.safetensors", "q.safetensors"):
+        row = rows("stage=lora", f"model.pretrain_mm_mlp_adapter={tmp_path / file}")["model.pretrain_mm_mlp_adapter"]
+        assert row.status == "fail" and "not the matrices of one projector" in row.finding

@@ -142,8 +142,8 @@ def test_qlora_weights_count_at_four_bits():
     assembled = P.build_meta(profile, gradient_checkpointing=True)
     from llavactl.plan.memory import weight_bytes
 
-    full = weight_bytes(assembled, dtype_bytes=2)
-    quantized = weight_bytes(assembled, dtype_bytes=2, quantized_bits=4)
+    full = weight_bytes(assembled)
+    quantized = weight_bytes(assembled, quantized_bits=4)
     assert quantized < full * 0.9
 
 

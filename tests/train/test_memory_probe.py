@@ -90,3 +90,41 @@ def test_a_probe_that_does_not_fit_stops_the_run_before_step_1_with_the_override
     assert "dry-run estimated" in text  # the estimate doctor's check made, printed beside the measurement
     assert "use less memory per step:" in text and "training.per_device_train_batch_size=" in text
     assert not list(tmp_path.glob("checkpoint-*"))
+    assert "Checkpoints already in" not in text  # none were made
+    # The fix it names is taken in the same folder: the stopped run left nothing to lose.
+    monkeypatch.undo()
+    code, out, err = run_cli([*args[:3], f"training.output_dir={tmp_path}", "training.max_steps=1"])
+    assert code == 0, out + err
+
+
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_a_worst_record_that_does_not_build_is_skipped_or_stops_the_run_as_in_training(
+    shapes_data, tmp_path: Path, on_error: str
+) -> None:
+    """The longest record's image is damaged: under `skip` the next-longest takes its place, under
+    `raise` the run stops naming the record, as it would when the record's turn came."""
+    data = shapes_data(8)
+    records = json.loads(data.read_text())
+    longest = max(range(len(records)), key=lambda i: len(json.dumps(records[i])))
+    records[longest]["conversations"][1]["value"] += " and a much longer answer" * 8
+    records[longest]["image"] = "images/broken.png"
+    (tmp_path / "images").mkdir()
+    for image in (data.parent / "images").iterdir():
+        (tmp_path / "images" / image.name).write_bytes(image.read_bytes())
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    args = ["train", "-p", "tiny", "--probe", "--skip-doctor", f"data.data_path={tmp_path / 'data.json'}"]
+    args += [f"data.image_folder={tmp_path}", f"data.on_error={on_error}", "training.max_steps=1"]
+    code, out, err = run_cli([*args, f"training.output_dir={tmp_path / 'run'}"])
+    text = " ".join((out + err).split())
+    if on_error == "skip":
+        assert code == 0 and "Memory probe: the epoch's most demanding micro-batch (4 records" in text, text
+    else:
+        assert code == 2 and f"record {longest}" in text and "Internal error" not in text, text
+
+
+def test_a_resume_may_add_or_drop_the_probe(tmp_path: Path) -> None:
+    args = ["train", "-p", "tiny", f"training.output_dir={tmp_path}", "training.max_steps=4", "training.save_steps=2"]
+    assert run_cli([*args, "training.max_steps=4"])[0] == 0
+    code, out, err = run_cli([*args, "--probe", "--resume", str(tmp_path / "checkpoint-2")])
+    assert code == 0 and "Memory probe:" in out, out + err
