@@ -549,9 +549,9 @@ class FleetPlanner:
             changes["training.per_device_train_batch_size"] = choice.micro_batch
         changes["training.gradient_accumulation_steps"] = choice.accumulation
         changes["training.gradient_checkpointing"] = choice.checkpointing
-        if fleet.world > 1:
-            changes["training.distributed"] = choice.strategy
         changed = {k: v for k, v in changes.items() if _get(self.profile, k) != v}
+        if fleet.world > 1:  # said even when it is the default: the line shows how the GPUs share the work
+            changed["training.distributed"] = choice.strategy
         return words + (as_words(changed).split() if changed else [])
 
 
