@@ -27,10 +27,10 @@ from llavactl.cli._fleet import print_comparison, print_fleet_plan
 from llavactl.cli._output import json_option, write_json
 from llavactl.doctor import preflight
 from llavactl.errors import ConfigError
-from llavactl.plan.fleet import DEFAULT_NETWORK_GBPS, Fleet, fleets_of
 
 if TYPE_CHECKING:
     from llavactl.plan import Plan
+    from llavactl.plan.fleet import Fleet
     from llavactl.resolve import ResolvedRun
     from llavactl.train.recipe import TrainResult
     from llavactl.train.smoke import SmokeResult
@@ -122,8 +122,10 @@ GpuSpecOpt = Annotated[
     ),
 ]
 NetworkOpt = Annotated[
-    float,
-    typer.Option("--network-gbps", min=1, help="Bandwidth between nodes, Gbit/s per node."),
+    float | None,
+    typer.Option(
+        "--network-gbps", min=1, help="Bandwidth between nodes, Gbit/s per node (default 400).", show_default=False
+    ),
 ]
 PriceOpt = Annotated[
     str | None,
@@ -203,7 +205,7 @@ def dry_run(
     gpus: GpusOpt = None,
     nodes: NodesOpt = None,
     gpu_spec: GpuSpecOpt = None,
-    network_gbps: NetworkOpt = DEFAULT_NETWORK_GBPS,
+    network_gbps: NetworkOpt = None,
     price_per_gpu_hour: PriceOpt = None,
     compare: CompareOpt = False,
     max_hours: MaxHoursOpt = None,
@@ -221,6 +223,8 @@ def dry_run(
                 "that are not here.",
                 fix="drop one of the two sets of options",
             )
+        from llavactl.plan.fleet import fleets_of
+
         fleets = fleets_of(gpu, gpus, nodes, gpu_spec, network_gbps, comparing=compare)
         _fleet_plans(profile, overrides, fleets, price_per_gpu_hour, max_hours, compare=compare, as_json=as_json)
         return

@@ -694,7 +694,7 @@ def fleets_of(
     gpus: str | None,
     nodes: str | None,
     gpu_spec: str | None,
-    network_gbps: float,
+    network_gbps: float | None,
     *,
     comparing: bool,
 ) -> list[Fleet]:
@@ -717,7 +717,8 @@ def fleets_of(
             f"--gpu {gpu} --gpus {gpus} --nodes {nodes} names several fleets; one plan is for one fleet.",
             fix="add `--compare` to plan and compare them all",
         )
-    return [Fleet(k, n, m, network_gbps) for k in kinds for m in node_counts for n in counts]
+    network = DEFAULT_NETWORK_GBPS if network_gbps is None else network_gbps
+    return [Fleet(k, n, m, network) for k in kinds for m in node_counts for n in counts]
 
 
 DEFAULT_GPUS = ("a100-40gb", "a100-80gb", "h100-sxm", "h200", "b200", "l40s", "l4", "a10g")
