@@ -19,7 +19,16 @@ def _gib(value: float) -> str:
 
 
 def _hours(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:,.1f}"
+    """Three significant figures (a tiny run's hours are thousandths), whole hours from 1,000."""
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
+
+
+def _usd(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"${value:,.0f}" if value >= 100 else f"${value:.2f}"
 
 
 def print_fleet_plan(plan: FleetPlan) -> None:
@@ -88,6 +97,7 @@ def print_fleet_plan(plan: FleetPlan) -> None:
 
 
 def print_comparison(comparison: Comparison) -> None:
+    from rich import box
     from rich.table import Table
 
     plans = comparison.plans
@@ -98,26 +108,25 @@ def print_comparison(comparison: Comparison) -> None:
         f"tokens from {shown(plans[0].tokens_source)}",
         soft_wrap=True,
     )
-    table = Table(show_edge=False, pad_edge=False)
-    for column in ("fleet", "fits", "per GPU", "s/step", "hours", "GPU-hours", "cost", ""):
-        table.add_column(column, justify="left" if column in ("fleet", "fits", "") else "right")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in ("fleet", "fits", "GiB/GPU", "hours", "GPU-h", "cost", ""):
+        table.add_column(column, justify="left" if column in ("fleet", "fits", "") else "right", no_wrap=True)
     for i, plan in enumerate(plans):
         c = plan.choice
         marks = []
         if i == comparison.cheapest:
-            marks.append("<- cheapest")
+            marks.append("cheapest")
         if i == comparison.cheapest_in_time:
-            marks.append(f"<- cheapest within {comparison.max_hours:g} h")
+            marks.append("in time")
         fits = "no" if c is None else f"{c.strategy} {c.micro_batch}x{c.accumulation}{' gc' if c.checkpointing else ''}"
         table.add_row(
             escape(plan.fleet.name),
             fits,
-            "" if c is None else _gib(c.memory.total),
-            "" if c is None else f"{c.seconds_per_step:.2f}",
+            "" if c is None else f"{c.memory.total / 1024**3:.1f}",
             _hours(plan.run_hours) if c else "",
             _hours(plan.gpu_hours) if c else "",
-            "" if plan.cost_usd is None else f"${plan.cost_usd:,.0f}",
-            " ".join(marks),
+            _usd(plan.cost_usd),
+            ", ".join(marks),
         )
     console.print(table)
     if comparison.cheapest is None:
@@ -128,4 +137,10 @@ def print_comparison(comparison: Comparison) -> None:
     if best is not None and best.launch is not None:
         print_wrapped(f"The cheapest, {best.fleet.name}, runs with:")
         console.print(f"  {shown(best.launch.get('command') or best.launch['torchrun'])}", soft_wrap=True)
-    print_wrapped("gc: gradient checkpointing. `--gpu NAME --gpus N` shows one fleet's plan in full.")
+    within = (
+        f"; in time: the cheapest within {comparison.max_hours:g} hours" if comparison.max_hours is not None else ""
+    )
+    print_wrapped(
+        f"fits: strategy, micro-batch x accumulation per GPU, gc: gradient checkpointing; 2x8: 2 nodes of 8 GPUs"
+        f"{within}. `--gpu NAME --gpus N` shows one fleet's plan in full."
+    )

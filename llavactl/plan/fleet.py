@@ -70,8 +70,9 @@ class Fleet:
 
     @property
     def name(self) -> str:
-        nodes = f"{self.nodes} x " if self.nodes > 1 else ""
-        return f"{nodes}{self.gpus_per_node}x {self.gpu.key}"
+        """``8x h100-sxm``; ``2x8 h100-sxm`` for 2 nodes of 8."""
+        count = f"{self.nodes}x{self.gpus_per_node}" if self.nodes > 1 else f"{self.gpus_per_node}x"
+        return f"{count} {self.gpu.key}"
 
 
 @dataclass(frozen=True)
