@@ -19,16 +19,18 @@ def _gib(value: float) -> str:
 
 
 def _hours(value: float | None) -> str:
-    """Three significant figures (a tiny run's hours are thousandths), whole hours from 1,000."""
+    """Three significant figures, whole hours from 1,000; under a hundredth, just that."""
     if value is None:
         return "n/a"
+    if value < 0.01:
+        return "<0.01"
     return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
 
 
 def _usd(value: float | None) -> str:
     if value is None:
         return ""
-    return f"${value:,.0f}" if value >= 100 else f"${value:.2f}"
+    return f"${value:,.0f}" if value >= 100 else "<$0.01" if value < 0.01 else f"${value:.2f}"
 
 
 def print_fleet_plan(plan: FleetPlan) -> None:
