@@ -51,7 +51,8 @@ def print_fleet_plan(plan: FleetPlan) -> None:
         kept = ", kept from training.distributed" if plan.strategy_kept else ""
         print_wrapped(
             f"Strategy: {c.strategy} ({shards}{kept}); micro-batch {c.micro_batch} x {c.accumulation} accumulation "
-            f"x {f.world} GPUs = global batch {plan.global_batch:g}; gradient checkpointing {checkpointing}"
+            f"x {f.world} GPU{'s' if f.world > 1 else ''} = global batch {plan.global_batch:g}; gradient "
+            f"checkpointing {checkpointing}"
         )
         m = c.memory
         print_wrapped(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,7 +37,8 @@ from llavactl.config.knobs import as_words
 from llavactl.errors import ConfigError
 from llavactl.plan.build import CUDA_CONTEXT_BYTES, _estimate, _with, average_flops, build_meta, measured_tokens
 from llavactl.plan.gpus import GpuSpec
-from llavactl.resolve.run import Fit, fsdp_limits, memory_fit
+from llavactl.resolve.facts import GpuFacts, MachineFacts, WorldFacts
+from llavactl.resolve.run import Fit, fsdp_limits, memory_fit, resolve
 
 if TYPE_CHECKING:
     from llavactl.config.schema import Profile
@@ -458,9 +460,6 @@ class FleetPlanner:
 
     def _precision(self, fleet: Fleet) -> tuple[Precision, list[str]]:
         """The run's precision on the fleet's GPU, and the GPU rules (resolve's) it breaks."""
-        from llavactl.resolve.facts import GpuFacts, MachineFacts, WorldFacts
-        from llavactl.resolve.run import resolve
-
         gpu = fleet.gpu
         facts = MachineFacts(
             python=(3, 11, 0),
@@ -611,8 +610,6 @@ def launch_lines(profile: str, overrides: list[str], fleet: Fleet) -> dict[str, 
 
 
 def _quoted(word: str) -> str:
-    import shlex
-
     return shlex.quote(word)
 
 
