@@ -97,8 +97,8 @@ GpuOpt = Annotated[
     str | None,
     typer.Option(
         "--gpu",
-        help="Plan for GPUs that are not here: a100-40gb, a100-80gb, h100-sxm, h100-pcie, h200, b200, l40s, l4, "
-        "a10g, rtx4090, t4, v100 (spelled leniently: `A100 80GB`, `h100`); comma-separated with --compare.",
+        help="Plan for GPUs that are not here, by name, spelled leniently (`a100-80gb`, `A100 80GB`, `h100`; an "
+        "unknown name lists the known ones); comma-separated with --compare.",
         show_default=False,
     ),
 ]
