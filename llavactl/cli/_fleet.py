@@ -117,6 +117,8 @@ def print_comparison(comparison: Comparison) -> None:
     for i, plan in enumerate(plans):
         c = plan.choice
         marks = []
+        if c is not None and c.fit == "tight":
+            marks.append("tight")
         if i == comparison.cheapest:
             marks.append("cheapest")
         if i == comparison.cheapest_in_time:
@@ -144,6 +146,7 @@ def print_comparison(comparison: Comparison) -> None:
         f"; in time: the cheapest within {comparison.max_hours:g} hours" if comparison.max_hours is not None else ""
     )
     print_wrapped(
-        f"fits: strategy, micro-batch x accumulation per GPU, gc: gradient checkpointing; 2x8: 2 nodes of 8 GPUs"
+        f"fits: strategy, micro-batch x accumulation per GPU, gc: gradient checkpointing; tight: within the "
+        f"estimate's 20% error; 2x8: 2 nodes of 8 GPUs"
         f"{within}. `--gpu NAME --gpus N` shows one fleet's plan in full."
     )

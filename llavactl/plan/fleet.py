@@ -476,7 +476,7 @@ class FleetPlanner:
 
     def _best(self, strategy: Strategy, fleet: Fleet, pairs: list[tuple[int, int]], peak: float) -> Choice | str:
         """The fastest way ``strategy`` fits: for checkpointing off, then on, the largest micro-batch
-        that fits; or why none does."""
+        that fits with the estimate's margin (else the largest that fits without it); or why none does."""
         if strategy == "fsdp":
             limits = fsdp_limits(self.profile.stage, fp16=self.profile.training.fp16)
             if limits:
@@ -484,12 +484,16 @@ class FleetPlanner:
         found: list[Choice] = []
         smallest: GpuMemory | None = None
         for checkpointing in (False, True):
+            tight: Choice | None = None
             for b, a in pairs:
                 c = self._choice(strategy, fleet, b, a, checkpointing, peak)
                 smallest = c.memory if smallest is None or c.memory.total < smallest.total else smallest
-                if c.fit != "over":
+                if c.fit == "fits":
                     found.append(c)
                     break
+                tight = tight or (c if c.fit == "tight" else None)
+            else:
+                found.extend([tight] if tight else [])
             if any(c.fit == "fits" for c in found):
                 break  # checkpointing only when needed
         if found:

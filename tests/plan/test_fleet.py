@@ -292,3 +292,23 @@ def test_compare_sorts_by_cost_and_marks_the_cheapest_that_fits(tiny_planner: F.
     in_time = F.compare(comparison.plans, max_hours=fastest)
     assert in_time.plans[in_time.cheapest_in_time].run_hours == fastest
     assert [p.fleet.name for p in in_time.plans] == [p.fleet.name for p in comparison.plans]
+
+
+def test_the_largest_micro_batch_that_fits_with_the_margin_wins_over_a_tight_one(
+    tiny_planner: F.FleetPlanner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without checkpointing 4 and 2 records fit only within the estimate's error, 1 with its margin.
+    fits = {(4, False): "tight", (2, False): "tight", (1, False): "fits"}
+    memory = F.GpuMemory(0, 0, 0, 0, 0, 0, 0)
+
+    def choice(strategy, fleet, b, a, checkpointing, peak):  # type: ignore[no-untyped-def]
+        fit = fits.get((b, checkpointing), "over")
+        return F.Choice(strategy, b, a, checkpointing, memory, fit, 1.0, F._NO_COMMUNICATION, 1.0 * a, 1, 1.0)
+
+    monkeypatch.setattr(tiny_planner, "_choice", choice)
+    best = tiny_planner._best("ddp", _fleet("l4", 1), [(4, 1), (2, 2), (1, 4)], 1.0)
+    assert isinstance(best, F.Choice) and (best.micro_batch, best.fit, best.checkpointing) == (1, "fits", False)
+    # When nothing fits with the margin, the largest tight micro-batch does.
+    fits[(1, False)] = "over"
+    best = tiny_planner._best("ddp", _fleet("l4", 1), [(4, 1), (2, 2), (1, 4)], 1.0)
+    assert isinstance(best, F.Choice) and (best.micro_batch, best.fit) == (4, "tight")
