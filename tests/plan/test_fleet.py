@@ -312,3 +312,25 @@ def test_the_largest_micro_batch_that_fits_with_the_margin_wins_over_a_tight_one
     fits[(1, False)] = "over"
     best = tiny_planner._best("ddp", _fleet("l4", 1), [(4, 1), (2, 2), (1, 4)], 1.0)
     assert isinstance(best, F.Choice) and (best.micro_batch, best.fit) == (4, "tight")
+
+
+def test_a_fleet_plan_batches_the_exact_token_counts_that_data_check_kept(cache, shapes) -> None:
+    from llavactl.data.check import check_dataset
+    from llavactl.data.dataset import Batching, micro_batch_work
+    from llavactl.data.tokens import TokenContext
+
+    loaded = load_profile("tiny", [f"data.data_path={shapes}"])
+    profile = loaded.profile
+    assembled = P.build_meta(profile, gradient_checkpointing=False)
+    context = TokenContext(assembled.tokenizer, assembled.image_token_id, assembled.image_spec)
+    check_dataset(shapes, shapes.parent, "vicuna_v1", profile.data.max_seq_len, context)
+    planner = F.FleetPlanner(resolve(loaded, CPU, ONE))
+    assert planner.tokens.source == "all 8 of 8 records (token counts kept by `data check`)"
+    plan = planner.plan(_fleet("l4", 2))
+    c = plan.choice
+    assert c is not None and planner.lengths is not None
+    # The run's batching (its seed's shuffle) recut into the fleet's micro-batches of records.
+    batching = Batching(c.micro_batch, profile.seed, profile.data.group_by_modality_length, profile.data.padding_free)
+    work = micro_batch_work(planner.lengths.lengths, planner.lengths.text_only, batching)
+    assert c.tokens_per_step == pytest.approx(work.tokens * c.accumulation * 2)
+    assert plan.tokens_per_second_per_gpu == pytest.approx(c.tokens_per_step / c.seconds_per_step / 2)
