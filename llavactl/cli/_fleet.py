@@ -88,7 +88,11 @@ def print_fleet_plan(plan: FleetPlan) -> None:
             )
         print_wrapped(f"Efficiency {gpu.efficiency:.0%}: {gpu.efficiency_source}")
     if plan.launch is not None:
-        console.print("Launch:")
+        several = (
+            f", the same line on each of the {f.nodes} nodes (HEAD_NODE: the address of one of them, JOB_ID: an "
+            "id for the job; training.output_dir on storage they all see)"
+        )
+        print_wrapped(f"Launch{several if 'torchrun' in plan.launch else ''}:")
         for key in ("command", "torchrun"):
             if key in plan.launch:
                 console.print(f"  {shown(plan.launch[key])}", soft_wrap=True)
