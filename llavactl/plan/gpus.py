@@ -139,6 +139,8 @@ def _gpu(
 
 
 # Memory as the datasheet names it, taken as GiB (an "80GB" A100 reports 80 GiB to torch). Rates dense.
+# One GPU a line, as a table reads.
+# fmt: off
 GPUS: tuple[GpuSpec, ...] = (
     # NVIDIA A100 Tensor Core GPU datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf,
     # https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf):
@@ -149,50 +151,11 @@ GPUS: tuple[GpuSpec, ...] = (
     # SXM: BF16/FP16 1,979 sparse (989.5 dense), TF32 989 sparse (494.5), FP32 67 TFLOPS, NVLink 900 GB/s;
     # PCIe: BF16/FP16 1,513 sparse (756.5), TF32 756 sparse (378), FP32 51 TFLOPS, PCIe Gen5 128 GB/s
     # (its NVLink bridge joins pairs only, so an 8-GPU ring runs over PCIe).
-    _gpu(
-        "h100-sxm",
-        "H100 SXM 80GB",
-        80,
-        989.5,
-        989.5,
-        494.5,
-        67,
-        450,
-        "NVLink 4 (900 GB/s both ways)",
-        (9, 0),
-        "hopper",
-        "h100",
-        "h10080gb",
-    ),
-    _gpu(
-        "h100-pcie",
-        "H100 PCIe 80GB",
-        80,
-        756.5,
-        756.5,
-        378,
-        51,
-        64,
-        "PCIe Gen5 x16 (128 GB/s both ways)",
-        (9, 0),
-        "hopper",
-    ),
+    _gpu("h100-sxm", "H100 SXM 80GB", 80, 989.5, 989.5, 494.5, 67, 450, "NVLink 4 (900 GB/s both ways)", (9, 0), "hopper", "h100", "h10080gb"),  # noqa: E501
+    _gpu("h100-pcie", "H100 PCIe 80GB", 80, 756.5, 756.5, 378, 51, 64, "PCIe Gen5 x16 (128 GB/s both ways)", (9, 0), "hopper"),  # noqa: E501
     # NVIDIA H200 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/h200/): SXM 141 GB,
     # BF16/FP16 1,979 sparse (989.5 dense), TF32 989 sparse (494.5), FP32 67 TFLOPS, NVLink 900 GB/s.
-    _gpu(
-        "h200",
-        "H200 SXM 141GB",
-        141,
-        989.5,
-        989.5,
-        494.5,
-        67,
-        450,
-        "NVLink 4 (900 GB/s both ways)",
-        (9, 0),
-        "hopper",
-        "h200sxm",
-    ),
+    _gpu("h200", "H200 SXM 141GB", 141, 989.5, 989.5, 494.5, 67, 450, "NVLink 4 (900 GB/s both ways)", (9, 0), "hopper", "h200sxm"),  # noqa: E501
     # NVIDIA HGX B200 specifications (https://www.nvidia.com/en-us/data-center/hgx/), eight GPUs: FP16/BF16
     # 36 PFLOPS sparse, TF32 18 PFLOPS sparse, FP32 600 TFLOPS, 1.4 TB memory, NVLink 5 1.8 TB/s per GPU;
     # per GPU dense: 2,250 and 1,125 TFLOPS, 75 TFLOPS FP32, 180 GB.
@@ -206,47 +169,20 @@ GPUS: tuple[GpuSpec, ...] = (
     # No NVIDIA datasheet for the A10G (AWS EC2 G5's variant of the A10): the NVIDIA A10 datasheet's figures
     # (https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a10/pdf/a10-datasheet.pdf): 24 GB,
     # BF16/FP16 125 (250 sparse), TF32 62.5 (125 sparse), FP32 31.2 TFLOPS; PCIe Gen4 64 GB/s.
-    _gpu(
-        "a10g", "A10G 24GB", 24, 125, 125, 62.5, 31.2, 32, "PCIe Gen4 x16 (64 GB/s both ways)", (8, 6), "ampere", "a10"
-    ),
+    _gpu("a10g", "A10G 24GB", 24, 125, 125, 62.5, 31.2, 32, "PCIe Gen4 x16 (64 GB/s both ways)", (8, 6), "ampere", "a10"),  # noqa: E501
     # NVIDIA Ada GPU architecture whitepaper v2.1, appendix A
     # (https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf): RTX 4090,
     # BF16/FP16 with FP32 accumulate 165.2 (330.4 sparse), TF32 82.6 (165.2 sparse), FP32 82.6 TFLOPS; 24 GB;
     # no NVLink, PCIe Gen4 x16.
-    _gpu(
-        "rtx4090",
-        "GeForce RTX 4090 24GB",
-        24,
-        165.2,
-        165.2,
-        82.6,
-        82.6,
-        32,
-        "PCIe Gen4 x16 (64 GB/s both ways)",
-        (8, 9),
-        "ada",
-        "4090",
-    ),
+    _gpu("rtx4090", "GeForce RTX 4090 24GB", 24, 165.2, 165.2, 82.6, 82.6, 32, "PCIe Gen4 x16 (64 GB/s both ways)", (8, 9), "ada", "4090"),  # noqa: E501
     # NVIDIA T4 datasheet (https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/tesla-t4/t4-tensor-core-datasheet-951643.pdf):
     # 16 GB, mixed-precision FP16/FP32 65 TFLOPS, FP32 8.1 TFLOPS, no bf16 or TF32; PCIe Gen3 x16 32 GB/s.
     _gpu("t4", "T4 16GB", 16, None, 65, None, 8.1, 16, "PCIe Gen3 x16 (32 GB/s both ways)", (7, 5), "turing"),
     # NVIDIA V100 datasheet (https://images.nvidia.com/content/technologies/volta/pdf/volta-v100-datasheet-update-us-1165301-r5.pdf):
     # SXM2 32 GB, tensor (FP16) 125 TFLOPS, FP32 15.7 TFLOPS, no bf16 or TF32; NVLink 300 GB/s.
-    _gpu(
-        "v100",
-        "V100 SXM2 32GB",
-        32,
-        None,
-        125,
-        None,
-        15.7,
-        150,
-        "NVLink 2 (300 GB/s both ways)",
-        (7, 0),
-        "volta",
-        "v10032gb",
-    ),
+    _gpu("v100", "V100 SXM2 32GB", 32, None, 125, None, 15.7, 150, "NVLink 2 (300 GB/s both ways)", (7, 0), "volta", "v10032gb"),  # noqa: E501
 )
+# fmt: on
 
 
 def _normal(name: str) -> str:
