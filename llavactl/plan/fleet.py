@@ -662,6 +662,7 @@ class Comparison:
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "profile": self.plans[0].profile if self.plans else None,
             "fleets": [p.as_json() for p in self.plans],
             "sorted_by": self.by,
             "cheapest": self.cheapest,
