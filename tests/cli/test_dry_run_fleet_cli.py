@@ -49,4 +49,4 @@ def test_compare_prints_the_table_and_the_cheapest_launch_line(shapes, capsys) -
     args = ["dry-run", "--profile", "tiny", f"data.data_path={shapes}", "--compare", "--gpu", "l4,a100-80gb"]
     code, out, err = run_cli([*args, "--gpus", "1,2", "--max-hours", "100"], capsys)
     assert code == 0, err
-    assert "<- cheapest" in out and "by GPU-hours" in out and "llavactl train --profile tiny" in out
+    assert "cheapest, in time" in out and "by GPU-hours" in out and "llavactl train --profile tiny" in out
