@@ -23,12 +23,14 @@ from llavactl.cli._common import (
     verbosity,
     wrapped,
 )
+from llavactl.cli._fleet import print_comparison, print_fleet_plan
 from llavactl.cli._output import json_option, write_json
 from llavactl.doctor import preflight
 from llavactl.errors import ConfigError
 
 if TYPE_CHECKING:
     from llavactl.plan import Plan
+    from llavactl.plan.fleet import Fleet
     from llavactl.resolve import ResolvedRun
     from llavactl.train.recipe import TrainResult
     from llavactl.train.smoke import SmokeResult
@@ -100,6 +102,56 @@ DeviceMemoryOpt = Annotated[
         show_default=False,
     ),
 ]
+GpuOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu",
+        help="Plan for GPUs that are not here, by name, spelled leniently (`a100-80gb`, `A100 80GB`, `h100`; an "
+        "unknown name lists the known ones); comma-separated with --compare.",
+        show_default=False,
+    ),
+]
+GpusOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpus", help="GPUs per node (default 1; a list such as 1,2,4,8 with --compare).", show_default=False
+    ),
+]
+NodesOpt = Annotated[
+    str | None,
+    typer.Option("--nodes", help="Nodes of --gpus GPUs each (default 1; a list with --compare).", show_default=False),
+]
+GpuSpecOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu-spec",
+        help="A GPU the table lacks: `memory_gib=192,bf16_tflops=1307,tf32_tflops=653,link_gbps=448` (dense "
+        "rates, link GB/s one way) or a YAML file of those keys (docs/dry-run.md).",
+        show_default=False,
+    ),
+]
+NetworkOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--network-gbps", min=1, help="Bandwidth between nodes, Gbit/s per node (default 400).", show_default=False
+    ),
+]
+PriceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--price-per-gpu-hour",
+        help="USD per GPU-hour, for the cost: one figure, or per GPU (`a100-80gb=1.8,h100=3.2`).",
+        show_default=False,
+    ),
+]
+CompareOpt = Annotated[
+    bool,
+    typer.Option("--compare", help="Plan several fleets (--gpu and --gpus lists, else a default set), by cost."),
+]
+MaxHoursOpt = Annotated[
+    float | None,
+    typer.Option("--max-hours", min=0, help="With --compare: mark the cheapest fleet that finishes in time."),
+]
 
 
 def train(
@@ -167,12 +219,33 @@ def dry_run(
     profile: ProfileOpt,
     steps: StepsOpt = 0,
     device_memory: DeviceMemoryOpt = None,
+    gpu: GpuOpt = None,
+    gpus: GpusOpt = None,
+    nodes: NodesOpt = None,
+    gpu_spec: GpuSpecOpt = None,
+    network_gbps: NetworkOpt = None,
+    price_per_gpu_hour: PriceOpt = None,
+    compare: CompareOpt = False,
+    max_hours: MaxHoursOpt = None,
     as_json: Annotated[bool, json_option("Print the plan as JSON (docs/dry-run.md).")] = False,
 ) -> None:
-    """The plan without weights: parameters, tokens, steps, peak memory and time per step."""
+    """The plan without weights: parameters, tokens, steps, peak memory and time per step; with
+    --gpu or --compare, memory per GPU, hours and cost on fleets that are not here."""
     from llavactl.plan import build_plan
     from llavactl.plan.memory import runtime_rss_bytes
 
+    if compare or any(option is not None for option in (gpu, gpus, nodes, gpu_spec)):
+        if steps or device_memory is not None:
+            raise ConfigError(
+                "--steps and --device-memory plan or run on this machine; --gpu, --gpus and --compare plan fleets "
+                "that are not here.",
+                fix="drop one of the two sets of options",
+            )
+        from llavactl.plan.fleet import fleets_of
+
+        fleets = fleets_of(gpu, gpus, nodes, gpu_spec, network_gbps, comparing=compare)
+        _fleet_plans(profile, overrides, fleets, price_per_gpu_hour, max_hours, compare=compare, as_json=as_json)
+        return
     resolved = _resolved(profile, overrides, doctor=False)
     with phase("plan"):
         memory = None if device_memory is None else int(device_memory * 1024**3)
@@ -203,6 +276,31 @@ class _PlanOnce:
         if self._estimate is None:
             self._estimate = plan_memory(resolved)
         return self._estimate
+
+
+def _fleet_plans(
+    profile: str,
+    overrides: list[str] | None,
+    fleets: list[Fleet],
+    price: str | None,
+    max_hours: float | None,
+    *,
+    compare: bool,
+    as_json: bool,
+) -> None:
+    """dry-run on fleets that are not here: one plan, or (``compare``) a table of them by cost."""
+    from llavactl.plan.fleet import parse_prices, plan_fleets
+    from llavactl.plan.gpus import find_gpu
+
+    resolved = _resolved(profile, overrides, doctor=False)
+    with phase("plan"):
+        comparison = plan_fleets(resolved, fleets, price=parse_prices(price, find_gpu), max_hours=max_hours)
+    if as_json:
+        write_json(comparison.as_json() if compare else comparison.plans[0].as_json())
+    elif compare:
+        print_comparison(comparison)
+    else:
+        print_fleet_plan(comparison.plans[0])
 
 
 def _resolved(

@@ -126,11 +126,27 @@ def build_meta(profile: Profile, *, gradient_checkpointing: bool) -> AssembledMo
     )
 
 
+@dataclass(frozen=True)
+class RecordLengths:
+    """The measured records' tokens as the trainer cuts them, and which are text-only: what batching
+    them another way (another micro-batch size, on a fleet) needs."""
+
+    lengths: list[int]
+    text_only: list[bool]
+
+
 def token_plan(
     profile: Profile, assembled: AssembledModel, open_data: Callable[[], DataSource] | None = None
 ) -> TokenPlan:
     """Tokens per sample from the data (a spread sample of records, opened by ``open_data``: the
     resolved run's, else afresh) or from data.max_seq_len."""
+    return measured_tokens(profile, assembled, open_data)[0]
+
+
+def measured_tokens(
+    profile: Profile, assembled: AssembledModel, open_data: Callable[[], DataSource] | None = None
+) -> tuple[TokenPlan, RecordLengths | None]:
+    """:func:`token_plan`, with the lengths it measured (None when it measured none)."""
     import numpy as np
 
     from llavactl.data.dataset import Batching, micro_batch_work, padding_summary
@@ -155,7 +171,7 @@ def token_plan(
     try:
         opened = open_data() if open_data is not None else open_source(data, profile.seed)
     except DataError as exc:
-        return replace(fallback, source=f"{fallback.source} ({exc.message})")
+        return replace(fallback, source=f"{fallback.source} ({exc.message})"), None
     store = opened.records
     count = len(store)
     counts = None
@@ -200,17 +216,18 @@ def token_plan(
         source = f"{len(lengths):,} of {count:,} records tokenized"
     if not lengths:
         why = "no tokenizer at hand" if assembled.tokenizer is None else "no record tokenizes"
-        return replace(
+        plan = replace(
             fallback,
             source=f"{fallback.source} ({why})",
             records=count,
             records_with_image=with_image,
             images_per_sample=max(most_images, 1),
         )
+        return plan, None
     ordered = sorted(lengths)
     batching = Batching.of(profile)
     mixed = opened.mixed()
-    return TokenPlan(
+    plan = TokenPlan(
         f"{source}; sources: {mixed}" if mixed else source,
         count,
         with_image,
@@ -223,6 +240,7 @@ def token_plan(
         micro_batch_work(lengths, text_only, batching),
         padding_summary(lengths, text_only, batching)["pad_fraction"],
     )
+    return plan, RecordLengths(lengths, text_only)
 
 
 def estimate(
@@ -282,6 +300,17 @@ def _estimate(
     # Several padded rows run masked attention over every pair; a lone row, the causal pairs.
     pairs = rows * attention_pairs(seq_len, seq_len, is_causal=rows == 1)
     return memory, trace, (rows * seq_len, pairs)
+
+
+def average_flops(trace: StepTrace, traced: tuple[int, int], micro: MicroBatchWork | None) -> int:
+    """FLOPs of the average micro-batch of the profile's batching (``micro``; padded rows, or packed
+    records), scaled from the traced largest one by its shapes (``traced``: tokens, attention pairs)."""
+    if micro is None:
+        return trace.flops
+    from llavactl.model.flops import scaled_flops
+
+    linear = trace.flops - trace.attention_flops
+    return round(scaled_flops(linear, trace.attention_flops, traced, (micro.tokens, micro.pairs)))
 
 
 def first_fitting(suggestions: list[Suggestion], free_bytes: int) -> Suggestion | None:
@@ -382,13 +411,7 @@ def build_plan(resolved: ResolvedRun, *, runtime_bytes: int, device_memory: int 
     total_steps = t.total_steps(steps_per_epoch)
     # Memory is planned for the largest micro-batch; time for the average one of the profile's
     # batching (padded rows, or packed records), scaled from the trace by its shapes.
-    flops = trace.flops
-    if micro is not None:
-        from llavactl.model.flops import scaled_flops
-
-        linear = trace.flops - trace.attention_flops
-        flops = round(scaled_flops(linear, trace.attention_flops, traced, (micro.tokens, micro.pairs)))
-    flops_per_step = flops * t.gradient_accumulation_steps
+    flops_per_step = average_flops(trace, traced, micro) * t.gradient_accumulation_steps
     matmul = seconds = None
     if measure_speed:
         from llavactl.model.flops import measure_matmul_flops

@@ -56,6 +56,30 @@ def memory_fit(peak_bytes: int, free_bytes: int | None) -> Fit | None:
     return "tight" if peak_bytes <= free_bytes else "over"
 
 
+def fsdp_limits(stage: str, *, fp16: bool) -> list[RuleViolation]:
+    """Why ``training.distributed=fsdp`` cannot train this stage and precision (empty: it can).
+    Resolution reports them for a world of several processes; the fleet planner weighs FSDP with them."""
+    limits = []
+    if stage != "full":
+        limits.append(
+            RuleViolation(
+                ("training.distributed", "stage"),
+                f"training.distributed `fsdp` shards stage `full` (the whole LLM); this profile trains stage "
+                f"`{stage}`, whose few trainable weights DDP handles better.",
+                "add `training.distributed=ddp`, or `stage=full`",
+            )
+        )
+    if fp16:
+        limits.append(
+            RuleViolation(
+                ("training.distributed", "training.fp16"),
+                "FSDP runs with bf16 or fp32 here, not fp16 (its gradient scaler).",
+                "add `training.fp16=false training.bf16=true`, or `training.distributed=ddp`",
+            )
+        )
+    return limits
+
+
 def autocast_of(training: TrainingConfig) -> Autocast | None:
     """The dtype a step of ``training`` computes in under autocast (None: fp32). The planner traces
     in it and QLoRA computes in it, as the run does."""
@@ -331,21 +355,9 @@ def resolve(loaded: LoadedProfile, facts: MachineFacts | None = None, world: Wor
                 missing_backend(backend, device),
                 MISSING_BACKEND_FIX,
             )
-        if t.distributed == "fsdp" and profile.stage != "full":
-            add(
-                "world",
-                ("training.distributed", "stage"),
-                f"training.distributed `fsdp` shards stage `full` (the whole LLM); this profile trains stage "
-                f"`{profile.stage}`, whose few trainable weights DDP handles better.",
-                "add `training.distributed=ddp`, or `stage=full`",
-            )
-        if t.distributed == "fsdp" and t.fp16:
-            add(
-                "world",
-                ("training.distributed", "training.fp16"),
-                "FSDP runs with bf16 or fp32 here, not fp16 (its gradient scaler).",
-                "add `training.fp16=false training.bf16=true`, or `training.distributed=ddp`",
-            )
+        if t.distributed == "fsdp":
+            for v in fsdp_limits(profile.stage, fp16=t.fp16):
+                add("world", v.paths, v.message, v.fix)
 
     precision = Precision(
         autocast=autocast_of(t),
