@@ -290,7 +290,7 @@ def _fleet_plans(
 ) -> None:
     """dry-run on fleets that are not here: one plan, or (``compare``) a table of them by cost."""
     from llavactl.plan.fleet import parse_prices, plan_fleets
-    from llavactl.plan.gpus import find_gpu
+    from llavactl.resolve.gpus import find_gpu
 
     resolved = _resolved(profile, overrides, doctor=False)
     with phase("plan"):

@@ -198,6 +198,17 @@ def model_source_checks(resolved: ResolvedRun, *, offline: bool) -> list[CheckRe
         for source in resolved.sources
     ]
     start = projector_check(resolved)
+    model = resolved.loaded.profile.model
+    if model.projector_from_scratch and model.pretrain_mm_mlp_adapter:
+        key = "model.pretrain_mm_mlp_adapter"
+        results.append(
+            warned(
+                "projector",
+                f"model.projector_from_scratch is true, but {key} hands a projector over: the run starts from it.",
+                f"drop one of them: `{key}=null` to start from random weights, or "
+                "`model.projector_from_scratch=false`",
+            )
+        )
     return results if start is None else [*results, start]
 
 

@@ -15,7 +15,7 @@ is the arithmetic of sharing a step over N x M GPUs:
   and :data:`ALLOCATOR_RESERVE` for the caching allocator; the fit is :func:`memory_fit`'s, with its
   margin.
 - **Time.** Compute: the traced FLOPs of the average micro-batch over the GPU's dense peak in the
-  run's precision times the planning efficiency (:mod:`llavactl.plan.gpus`). Communication: ring
+  run's precision times the planning efficiency (:mod:`llavactl.resolve.gpus`). Communication: ring
   collectives, 2(W-1)/W of the bytes for an all-reduce and (W-1)/W for an all-gather or a
   reduce-scatter, over the node's GPU links and, across nodes, over the network (hierarchically:
   within the node, then between nodes). Overlap rule: DDP's all-reduce hides behind the backward of
@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from llavactl.config.knobs import as_words
 from llavactl.errors import ConfigError
 from llavactl.plan.build import CUDA_CONTEXT_BYTES, _estimate, _with, average_flops, build_meta, measured_tokens
-from llavactl.plan.gpus import GpuSpec
 from llavactl.resolve.facts import GpuFacts, MachineFacts, WorldFacts
+from llavactl.resolve.gpus import GpuSpec
 from llavactl.resolve.run import Fit, fsdp_limits, memory_fit, resolve
 
 if TYPE_CHECKING:
@@ -703,7 +703,7 @@ def fleets_of(
 ) -> list[Fleet]:
     """The fleets that dry-run's options name: each GPU (``--gpu``, comma-separated, or the one of
     ``--gpu-spec``; a default set under ``--compare``) with each count of ``--gpus`` and ``--nodes``."""
-    from llavactl.plan.gpus import custom_gpu, find_gpu
+    from llavactl.resolve.gpus import custom_gpu, find_gpu
 
     if gpu is not None and gpu_spec is not None:
         raise ConfigError(f"--gpu {gpu} and --gpu-spec {gpu_spec} both name the GPU.", fix="keep one of them")

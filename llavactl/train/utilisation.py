@@ -4,7 +4,8 @@ The FLOPs of the first optimizer step a process runs are counted exactly (:func:
 forward, backward, recomputation, attention as the kernels compute it). Later steps are credited
 by their shapes: the non-attention work scales with the tokens computed (padding included, as
 the device computes it), the attention work with the sum of squared sequence lengths (rows, or
-packed records). The peak is the datasheet's dense rate for known GPUs in the run's precision,
+packed records). The peak is the datasheet's dense rate for known GPUs in the run's precision
+(:data:`llavactl.resolve.gpus.GPUS`, the table dry-run plans fleets with),
 else this device's steady matmul rate in the run's precision
 (:func:`llavactl.model.flops.measure_matmul_flops`: the best this machine has shown), which on a
 CPU is the practical peak.
@@ -19,29 +20,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llavactl.resolve.gpus import gpu_of_device
+
 if TYPE_CHECKING:
     import torch
 
     from llavactl.resolve.run import ResolvedRun
 
-# Dense tensor-core rates per GPU from the vendors' datasheets, FLOP/s: (bf16/fp16, tf32, fp32).
-# The first name contained in torch's device name wins, so longer names come first.
-_GPU_PEAKS: tuple[tuple[str, tuple[float, float, float]], ...] = (
-    ("H100 PCIe", (756e12, 378e12, 51e12)),
-    ("H200", (989e12, 494e12, 67e12)),
-    ("H100", (989e12, 494e12, 67e12)),
-    ("A100", (312e12, 156e12, 19.5e12)),
-    ("L40S", (362e12, 183e12, 91.6e12)),
-    ("L4", (121e12, 60e12, 30.3e12)),
-    ("V100", (125e12, 15.7e12, 15.7e12)),
-    ("T4", (65e12, 8.1e12, 8.1e12)),
-)
-
-
 @dataclass(frozen=True)
 class DevicePeak:
     flops_per_s: float
-    source: str  # e.g. "H100 datasheet, bf16 dense" or "measured float32 matmul (steady peak)"
+    source: str  # e.g. "H100 SXM 80GB datasheet, bf16 dense" or "measured float32 matmul (steady peak)"
 
 
 def device_peak(resolved: ResolvedRun) -> DevicePeak:
@@ -49,13 +38,12 @@ def device_peak(resolved: ResolvedRun) -> DevicePeak:
     from llavactl.model.flops import measure_matmul_flops
 
     precision = resolved.precision
-    kind = precision.autocast or ("tf32" if precision.tf32 else "fp32")
     if resolved.device_type == "cuda" and resolved.facts.gpus:
         name = resolved.facts.gpus[min(resolved.world.local_rank, len(resolved.facts.gpus) - 1)].name
-        for key, (half, tf32, fp32) in _GPU_PEAKS:
-            if key in name:
-                rate = half if precision.autocast else tf32 if precision.tf32 else fp32
-                return DevicePeak(rate, f"{key} datasheet, {kind} dense")
+        gpu = gpu_of_device(name)  # the table dry-run plans fleets with
+        if gpu is not None:
+            rate, kind = gpu.peak(precision)
+            return DevicePeak(rate, f"{gpu.name} datasheet, {kind} dense")
     # Measured in the run's precision: a bf16 run on a CPU with native bf16 against its bf16 rate.
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision.autocast or "", "float32")
     return DevicePeak(measure_matmul_flops(resolved.device, dtype), f"measured {dtype} matmul (steady peak)")

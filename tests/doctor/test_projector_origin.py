@@ -125,3 +125,9 @@ def test_projector_weights_that_are_not_one_projectors_matrices_fail(tmp_path: P
     for file in ("p.safetensors", "q.safetensors"):
         row = rows("stage=lora", f"model.pretrain_mm_mlp_adapter={tmp_path / file}")["model.pretrain_mm_mlp_adapter"]
         assert row.status == "fail" and "not the matrices of one projector" in row.finding
+
+
+def test_a_projector_handed_over_to_a_profile_that_starts_from_scratch_is_a_contradiction(tmp_path: Path) -> None:
+    file = saved(tmp_path / "p.safetensors", TINY, TINY)
+    row = rows("stage=lora", f"model.pretrain_mm_mlp_adapter={file}", "model.projector_from_scratch=true")["projector"]
+    assert row.status == "warn" and "hands a projector over" in row.finding and "=null" in row.fix

@@ -12,9 +12,9 @@ from llavactl.config.loader import load_profile
 from llavactl.errors import ConfigError
 from llavactl.plan import build as P
 from llavactl.plan import fleet as F
-from llavactl.plan.gpus import GPUS, custom_gpu, find_gpu
 from llavactl.plan.memory import MemoryEstimate, component_params
 from llavactl.resolve import resolve
+from llavactl.resolve.gpus import GPUS, custom_gpu, find_gpu
 
 GIB = 1024**3
 
@@ -334,3 +334,26 @@ def test_a_fleet_plan_batches_the_exact_token_counts_that_data_check_kept(cache,
     work = micro_batch_work(planner.lengths.lengths, planner.lengths.text_only, batching)
     assert c.tokens_per_step == pytest.approx(work.tokens * c.accumulation * 2)
     assert plan.tokens_per_second_per_gpu == pytest.approx(c.tokens_per_step / c.seconds_per_step / 2)
+
+
+@pytest.mark.parametrize(
+    ("device", "key"),
+    [
+        ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+        ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
+        ("NVIDIA H100 80GB HBM3", "h100-sxm"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA L4", "l4"),
+        ("NVIDIA L40S", "l40s"),
+        ("Tesla T4", "t4"),
+        ("Tesla V100-SXM2-32GB", "v100"),
+        ("NVIDIA GeForce RTX 4090", "rtx4090"),
+    ],
+)
+def test_torchs_device_names_find_the_table_mfu_and_the_planner_share(device: str, key: str) -> None:
+    from llavactl.resolve.gpus import gpu_of_device
+
+    gpu = gpu_of_device(device)
+    assert gpu is not None and gpu.key == key
+    assert gpu_of_device("Some New GPU") is None

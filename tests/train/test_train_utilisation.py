@@ -70,7 +70,7 @@ def test_the_peak_is_the_datasheets_for_known_gpus_in_the_runs_precision_else_me
 ) -> None:
     assert utilisation.device_peak(resolve(profile("finetune"), A100, ONE)).flops_per_s == 312e12  # bf16
     h100 = resolve(profile("finetune", "training.bf16=false", "training.tf32=false"), EIGHT_GPUS, ONE)
-    assert utilisation.device_peak(h100) == utilisation.DevicePeak(67e12, "H100 datasheet, fp32 dense")
+    assert utilisation.device_peak(h100) == utilisation.DevicePeak(67e12, "H100 SXM 80GB datasheet, fp32 dense")
     measured: list[tuple[str, str]] = []
     monkeypatch.setattr(
         "llavactl.model.flops.measure_matmul_flops", lambda device, dtype: measured.append((device, dtype)) or 5e12

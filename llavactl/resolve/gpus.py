@@ -214,6 +214,19 @@ def find_gpu(name: str) -> GpuSpec:
     )
 
 
+def gpu_of_device(device_name: str) -> GpuSpec | None:
+    """The table's GPU that torch's device name is (``NVIDIA A100-SXM4-80GB``, ``NVIDIA H100 80GB
+    HBM3``, ``Tesla T4``): its name without vendor and form-factor words, exactly one of the table's
+    names, else the longest of them it starts with; None for a GPU the table lacks."""
+    wanted = _normal(device_name)
+    names = [(_normal(n), gpu) for gpu in GPUS for n in (gpu.key, gpu.name, *gpu.aliases)]
+    exact = [gpu for n, gpu in names if n == wanted]
+    if exact:
+        return exact[0]
+    starting = sorted(((len(n), gpu) for n, gpu in names if n and wanted.startswith(n)), key=lambda x: -x[0])
+    return starting[0][1] if starting else None
+
+
 class CustomGpu(BaseModel):
     """A GPU the table lacks, as `--gpu-spec` gives it (``key=value,...`` or a YAML file)."""
 
