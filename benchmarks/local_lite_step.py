@@ -47,8 +47,11 @@ def matmul_flops_per_s(seconds: float, n: int = 2048) -> float:
     return 2 * n**3 * runs / (time.perf_counter() - start)
 
 
-def build_model(gradient_checkpointing: bool, image_size: int | None) -> tuple[Any, Any]:
-    """LLaVA in local_lite's shapes with seeded random weights, assembled by llavactl for its `lora` stage."""
+def build_model(gradient_checkpointing: bool, image_size: int | None, bf16: bool = False) -> tuple[Any, Any]:
+    """LLaVA in local_lite's shapes with seeded random weights, assembled by llavactl for its `lora` stage
+    (with ``bf16``, its frozen weights in bf16, as `training.bf16=true` trains)."""
+    import torch
+
     from llavactl.config.loader import load_profile
     from llavactl.model.assembly import build_llava
 
@@ -60,6 +63,7 @@ def build_model(gradient_checkpointing: bool, image_size: int | None) -> tuple[A
         seed=0,
         gradient_checkpointing=gradient_checkpointing,
         random_weights=True,
+        compute_dtype=torch.bfloat16 if bf16 else None,
     )
     assembled.model.train()
     return assembled, assembled.model.config
@@ -94,7 +98,7 @@ def child(
     from llavactl.train.optimizer import build_optimizer
     from llavactl.train.step import TrainingStep
 
-    assembled, config = build_model(gradient_checkpointing, image_size)
+    assembled, config = build_model(gradient_checkpointing, image_size, bf16)
     model = assembled.model
     rss_before_steps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     optimizer = build_optimizer(assembled.parameter_groups(), TrainingConfig(learning_rate=2e-4))
