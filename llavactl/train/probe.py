@@ -31,6 +31,7 @@ from llavactl.train.checkpoint import capture_rng, restore_rng
 from llavactl.train.loss import supervised_token_count
 from llavactl.train.metrics import peak_memory_bytes
 from llavactl.train.out_of_memory import out_of_memory_error
+from llavactl.train.progress import format_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -66,18 +67,16 @@ class ProbeResult:
 
     def said(self) -> str:
         peak = "peak" if self.exact else "process peak so far"
-        states = f" + {_size(self.optimizer_bytes)} of AdamW states at the first update" * bool(self.optimizer_bytes)
-        beside = [f"dry-run estimated {_size(self.estimate[0])}"] if self.estimate else []
-        beside += [f"{_size(self.capacity_bytes)} to be had"] if self.capacity_bytes is not None else []
+        states = f" + {format_bytes(self.optimizer_bytes)} of AdamW states at the first update" * bool(
+            self.optimizer_bytes
+        )
+        beside = [f"dry-run estimated {format_bytes(self.estimate[0])}"] if self.estimate else []
+        beside += [f"{format_bytes(self.capacity_bytes)} to be had"] if self.capacity_bytes is not None else []
         return (
             f"Memory probe: the epoch's most demanding micro-batch ({self.records} records, {self.tokens:,} tokens) "
-            f"ran forward and backward in {self.seconds:.1f} s: {peak} {_size(self.measured_bytes)}{states} "
-            f"= {_size(self.projected_bytes)}" + (f" ({'; '.join(beside)})" if beside else "")
+            f"ran forward and backward in {self.seconds:.1f} s: {peak} {format_bytes(self.measured_bytes)}{states} "
+            f"= {format_bytes(self.projected_bytes)}" + (f" ({'; '.join(beside)})" if beside else "")
         )
-
-
-def _size(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 
 def probe_enabled(profile: Profile, device_type: str) -> bool:
@@ -149,10 +148,9 @@ def probe_failure(result: ProbeResult, profile: Profile, output_dir: Path, *, el
     process; this one's figures), and the overrides that use less memory (dry-run's fitting ones
     first, when it found some)."""
     batch = f"the memory probe's micro-batch ({result.records} records, {result.tokens:,} tokens)"
-    needs = (
-        f"{_size(result.projected_bytes)} ({_size(result.measured_bytes)} measured, then the AdamW states) of "
-        f"the {_size(result.capacity_bytes or 0)} to be had"
-    )
+    projected, measured = format_bytes(result.projected_bytes), format_bytes(result.measured_bytes)
+    capacity = format_bytes(result.capacity_bytes or 0)
+    needs = f"{projected} ({measured} measured, then the AdamW states) of the {capacity} to be had"
     what = (
         f"{batch} did not fit on another process (this one's needs {needs})"
         if elsewhere

@@ -26,6 +26,13 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {f"{f.name}/{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+def test_the_probe_runs_on_cuda_by_default_and_on_a_cpu_when_asked() -> None:
+    assert probe.probe_enabled(profile("tiny").profile, "cuda") is True
+    assert probe.probe_enabled(profile("tiny").profile, "cpu") is False
+    assert probe.probe_enabled(profile("tiny", "training.memory_probe=true").profile, "cpu") is True
+    assert probe.probe_enabled(profile("tiny", "training.memory_probe=false").profile, "cuda") is False
+
+
 def test_the_worst_micro_batch_is_the_longest_records_or_the_fullest_budget() -> None:
     lengths = np.array([5, 9, 0, 9, 3, 7, 12])  # record 2 does not build
     assert worst_micro_batch(lengths, profile("tiny", "training.per_device_train_batch_size=3").profile) == [6, 1, 3]
