@@ -44,7 +44,41 @@ def start(world: World) -> None:
             )
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(world.backend)
+        store = restart_safe_store()
+        if store is None:
+            dist.init_process_group(world.backend)
+        else:
+            dist.init_process_group(world.backend, store=store, rank=world.rank, world_size=world.size)
+
+
+def restart_safe_store() -> Any:
+    """Under torchrun on one node: the agent's store, its keys scoped to this restart; None elsewhere.
+
+    torchrun's agent keeps one store for the workers of all its restarts (it shares the rendezvous's
+    TCPStore, ``TORCHELASTIC_USE_AGENT_STORE=True``) and torch puts no per-restart prefix on the keys
+    the process group's set-up writes there, so the workers of a restart read the addresses of the
+    processes they replace and hang in ``init_process_group`` (pytorch/pytorch#135712). With one
+    agent, every worker has the same ``TORCHELASTIC_RESTART_COUNT``, which scopes the keys. With
+    several nodes the agents count restarts each for itself, so nothing here can scope them: there
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` before torchrun gives every restart a fresh store
+    (doctor's `world` row says so; docs/distributed.md).
+    """
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE", "1") != "1":
+        return None
+    client = dist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        int(env["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timedelta(minutes=10),
+    )
+    return dist.PrefixStore(f"llavactl/restart-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def stop(world: World) -> None:

@@ -41,7 +41,7 @@ from llavactl.train.peer_loss import peer_loss_error
 from llavactl.train.probe import Estimate, probe_enabled, probe_failure, run_probe
 from llavactl.train.progress import StepStats, TrainingProgress
 from llavactl.train.run_folder import RunFolderLock, claim_run_folder, resume_point
-from llavactl.train.signals import StopSignals
+from llavactl.train.signals import StopSignals, signals_held
 
 if TYPE_CHECKING:
     from llavactl.data.dataset import Skipped
@@ -127,6 +127,7 @@ class TrainRecipe:
         self._random_weights = random_weights
         self._world = World()
         self._lock: RunFolderLock | None = None  # held by rank 0 once the folder is claimed
+        self._last_saved: Path | None = None  # the run's newest complete checkpoint
         self._metrics: MetricsWriter | None = None
         self._step = 0
         self._bad = BadSteps(self._training.max_bad_steps, self._output_dir)
@@ -136,9 +137,12 @@ class TrainRecipe:
     def run(self) -> TrainResult:
         """``setup()``, ``train()``, and ``cleanup()`` whatever happens; a failure llavactl catches
         is recorded in ``run.json`` (``failed``, with the error) before it is raised."""
+        ended_well = False
         try:
             self.setup()
-            return self.train()
+            result = self.train()
+            ended_well = True
+            return result
         except LlavactlError as exc:
             self._record_failure(str(exc))
             raise
@@ -152,7 +156,8 @@ class TrainRecipe:
             self._record_failure("interrupted before a checkpoint could be saved", status="interrupted")
             raise
         finally:
-            self.cleanup()
+            with signals_held(raise_after=ended_well):
+                self.cleanup()
 
     def _record_failure(self, error: str, *, status: str = "failed") -> None:
         """``run.json`` says how the run ended, when it had got as far as its output folder."""
@@ -211,6 +216,7 @@ class TrainRecipe:
                 set_aside=world.is_main,
                 say=say,
             )
+        self._last_saved = resume_from
         self._assembled = self._setup_model(resume_from)
         if world.distributed:
             # Every process built the model from the same seed (and DDP broadcasts rank 0's
@@ -399,7 +405,7 @@ class TrainRecipe:
             on_epoch=lambda epoch: self._progress.epoch(epoch + 1, total_epochs),
             on_skipped=self._skipped,
         )
-        with StopSignals(self._progress.milestone) as signals:
+        with StopSignals(self._progress.milestone, lambda: self._last_saved) as signals:
             self._progress.start(self._total_steps, self._step)
             while self._step < self._total_steps:
                 step_started = time.perf_counter()
@@ -435,6 +441,11 @@ class TrainRecipe:
                     window = self._window = MetricWindow()
                 if signals.requested(self._world, self._device):
                     result.checkpoint = self.save_checkpoint()
+                    self._progress.milestone(
+                        f"Saved {result.checkpoint.name} {signals.seconds_since():.1f} s after the stop signal"
+                        if signals.received is not None
+                        else f"Saved {result.checkpoint.name}: another process was signalled to stop"
+                    )
                     result.status = "interrupted"
                     result.exit_code = signals.exit_code
                     break
@@ -550,6 +561,7 @@ class TrainRecipe:
             )
             self._progress.milestone(f"Saved {folder}")
         distributed.barrier(self._world)
+        self._last_saved = folder
         return folder
 
     def _write_run_record(self, status: str, final_metrics: dict[str, Any]) -> None:

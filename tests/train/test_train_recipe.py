@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 import shutil
 import signal
@@ -103,7 +104,11 @@ def test_interrupted_then_resumed_run_matches_one_run_bit_for_bit(
         interrupt_at(m, 5, signal.SIGINT)
         first, text = _train(_overrides(shapes24, tmp_path / "split", *common))
     assert (first.status, first.step, first.exit_code) == ("interrupted", 5, 130)
-    assert "Stopping after this step to save a checkpoint" in text
+    said = " ".join(text.split())
+    assert "Ctrl-C: stopping after this step to save a checkpoint" in said
+    # No checkpoint before step 5 (save_steps is larger): a kill during the save would leave none.
+    assert "the run has no checkpoint yet and would start from step 0" in said
+    assert re.search(r"Saved checkpoint-5 \d+\.\d s after the stop signal", said)
     assert first.checkpoint == tmp_path / "split" / "checkpoint-5"
     second, _ = _train(_overrides(shapes24, tmp_path / "split", *common), resume="auto")
     assert first.losses + second.losses == whole.losses
