@@ -14,6 +14,7 @@ missing file, a missing or unexpected key, or a wrong shape is an error.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,9 @@ PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 OTHER_FILE = "trainable.safetensors"
+# A sharded checkpoint (stage `full` with FSDP): torch.distributed.checkpoint's index of its shards.
+SHARDED_INDEX = ".metadata"
+SHARDED_WEIGHTS = "weights"  # the part of the sharded state that holds the weights, by LLaVA name
 _METADATA = {"format": "pt"}
 
 
@@ -80,13 +84,22 @@ def _describe(keys: set[str]) -> str:
     return ", ".join(shown) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
+def is_sharded(folder: Path) -> bool:
+    """Whether checkpoint ``folder`` holds its weights in shards (torch.distributed.checkpoint)."""
+    return (Path(folder) / SHARDED_INDEX).is_file()
+
+
 def load_trainable(assembled: AssembledModel, folder: Path) -> None:
-    """Load weights written by `save_trainable` into ``assembled`` (built for the same stage)."""
+    """Load weights written by `save_trainable` into ``assembled`` (built for the same stage), or a
+    sharded checkpoint's (:func:`is_sharded`)."""
     import torch
     from safetensors.torch import load_file
 
     folder = Path(folder)
     expected = trainable_state(assembled)
+    if is_sharded(folder):
+        _load_sharded(assembled, folder, {k: v for own in expected.values() for k, v in own.items()})
+        return
     extra = [f for f in (PROJECTOR_FILE, ADAPTER_FILE, OTHER_FILE) if f not in expected and (folder / f).is_file()]
     if extra:
         raise ModelSourceError(
@@ -124,3 +137,45 @@ def load_trainable(assembled: AssembledModel, folder: Path) -> None:
         with torch.no_grad():
             for key, tensor in loaded.items():
                 own[key].copy_(tensor)
+
+
+def _load_sharded(assembled: AssembledModel, folder: Path, own: dict[str, torch.Tensor]) -> None:
+    """Read the weights of a sharded checkpoint straight into ``own`` (the model's parameters), in
+    one process, without a second copy of them: the shards every process wrote, whole again."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    prefix = f"{SHARDED_WEIGHTS}."
+    try:
+        saved = {
+            key[len(prefix) :]: meta
+            for key, meta in FileSystemReader(str(folder)).read_metadata().state_dict_metadata.items()
+            if key.startswith(prefix)
+        }
+    except Exception as exc:  # a torn or foreign index (the manifest's checksums pass first)
+        raise ModelSourceError(
+            f"`{folder / SHARDED_INDEX}` cannot be read as a torch.distributed.checkpoint index "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}).",
+            fix="load another checkpoint of the run (or restore this one from a copy)",
+        ) from exc
+    missing, unexpected = set(own) - set(saved), set(saved) - set(own)
+    if missing or unexpected:
+        raise ModelSourceError(
+            f"The sharded checkpoint `{folder}` does not match the model: missing {_describe(missing) or 'nothing'}; "
+            f"unexpected {_describe(unexpected) or 'nothing'}.",
+            fix="load a checkpoint saved by a run of the same stage and profile",
+        )
+    for key, meta in saved.items():
+        if not isinstance(meta, TensorStorageMetadata) or tuple(meta.size) != tuple(own[key].shape):
+            shape = tuple(meta.size) if isinstance(meta, TensorStorageMetadata) else "not a tensor"
+            raise ModelSourceError(
+                f"`{key}` in the sharded checkpoint `{folder}` has shape {shape}, the model's is "
+                f"{tuple(own[key].shape)}.",
+                fix="load a checkpoint saved with the same model sources",
+            )
+    # In place, into the parameters' own storage (torch.distributed.checkpoint copies into the
+    # tensors it is given); without a process group it reads every shard itself.
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load({SHARDED_WEIGHTS: own}, checkpoint_id=folder, no_dist=True)

@@ -136,6 +136,33 @@ def restore_rng(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def stage_checkpoint(output_dir: Path, step: int, *, expected_bytes: int = 0) -> Path | None:
+    """The hidden folder a save of ``checkpoint-<step>`` writes into before it is renamed into place,
+    made empty (None: that checkpoint is complete already, and is kept). Where several processes
+    write a checkpoint (torch.distributed.checkpoint's shards), rank 0 stages it and all write into it.
+    ``expected_bytes``: the size the checkpoint will have, for the free-space check of a first save
+    (later ones use the last checkpoint's size). Raises :class:`OutputError` as :func:`save_checkpoint`."""
+    final = output_dir / f"{PREFIX}{step}"
+    if checkpoint_step(final) is not None:
+        # Saved already at this step (a resume of a finished run, which then saves at its end):
+        # the state is the same, and the folder is kept rather than replaced.
+        return None
+    if final.exists() or final.is_symlink():
+        raise OutputError(
+            f"Saving {final} failed: something of that name is there and is not a complete checkpoint (no "
+            f"{STATE_FILE} file); a save does not replace it. The checkpoints saved before are intact.",
+            fix=f"move {final} away (it may be a damaged checkpoint), then continue with `--resume auto`",
+        )
+    with save_failures(final, output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _check_free_space(output_dir, expected_bytes)
+        tmp = output_dir / f"{TMP_PREFIX}{step}"
+        tmp.mkdir()
+    return tmp
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
@@ -146,37 +173,25 @@ def save_checkpoint(
     save_total_limit: int | None,
     rank_rng: Sequence[Mapping[str, Any]] | None = None,
     expected_bytes: int = 0,
+    staged: Path | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically, then drop the oldest beyond ``save_total_limit``.
 
     ``write_weights(folder)`` writes the weights; ``training_state`` (optimizer, scheduler, scaler
     state dicts) goes to ``optimizer.pt``; ``progress`` (JSON) to ``trainer_state.json``.
     ``rank_rng``: the random states of every process, rank 0 first (default: this process's).
-    ``expected_bytes``: the size the checkpoint will have, for the free-space check of a first save
-    (later ones use the last checkpoint's size).
+    ``staged``: the folder of :func:`stage_checkpoint` that other writers have written into already
+    (else it is staged here, with ``expected_bytes``). The manifest covers every file of the folder.
     A save that fails (a full disk, a read-only folder) removes what it wrote and raises
     :class:`OutputError`; the checkpoints saved before are untouched.
     """
     import torch
 
     final = output_dir / f"{PREFIX}{step}"
-    if checkpoint_step(final) is not None:
-        # Saved already at this step (a resume of a finished run, which then saves at its end):
-        # the state is the same, and the folder is kept rather than replaced.
+    tmp = staged or stage_checkpoint(output_dir, step, expected_bytes=expected_bytes)
+    if tmp is None:
         return final
-    if final.exists() or final.is_symlink():
-        raise OutputError(
-            f"Saving {final} failed: something of that name is there and is not a complete checkpoint (no "
-            f"{STATE_FILE} file); a save does not replace it. The checkpoints saved before are intact.",
-            fix=f"move {final} away (it may be a damaged checkpoint), then continue with `--resume auto`",
-        )
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in output_dir.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        _check_free_space(output_dir, expected_bytes)
-        tmp = output_dir / f"{TMP_PREFIX}{step}"
-        tmp.mkdir()
+    with save_failures(final, output_dir):
         try:
             write_weights(tmp)
             torch.save(dict(training_state), tmp / OPTIMIZER_FILE)
@@ -189,6 +204,16 @@ def save_checkpoint(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    if save_total_limit is not None:
+        _apply_retention(output_dir, save_total_limit)
+    return final
+
+
+@contextmanager
+def save_failures(final: Path, output_dir: Path) -> Iterator[None]:
+    """Within: a file of checkpoint ``final`` that cannot be written becomes one :class:`OutputError`."""
+    try:
+        yield
     except Exception as exc:
         if not _write_failure(exc):
             raise
@@ -203,9 +228,6 @@ def save_checkpoint(
             )
             + ", then continue with `--resume auto`",
         ) from None
-    if save_total_limit is not None:
-        _apply_retention(output_dir, save_total_limit)
-    return final
 
 
 def _apply_retention(output_dir: Path, limit: int) -> None:

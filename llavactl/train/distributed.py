@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from llavactl.errors import ConfigError
+from llavactl.model.weights import SHARDED_WEIGHTS
 from llavactl.resolve.run import World
 from llavactl.train.loss import TokenLoss, llava_of
 
@@ -108,6 +109,17 @@ def sum_across(world: World, values: Sequence[float], device: torch.device) -> l
     return tensor.tolist()
 
 
+def broadcast_from_main(world: World, values: list[Any]) -> list[Any]:
+    """Rank 0's ``values`` (picklable) on every process; unchanged for one process."""
+    import torch.distributed as dist
+
+    if not world.distributed:
+        return values
+    shared = list(values)
+    dist.broadcast_object_list(shared, src=0)
+    return shared
+
+
 def gather_to_main(world: World, value: Any) -> list[Any] | None:
     """Every process's ``value`` on rank 0, in rank order; None on the other ranks."""
     import torch.distributed as dist
@@ -186,46 +198,67 @@ def as_float(norm: torch.Tensor) -> float:
     return float(full_tensor() if callable(full_tensor) else norm)
 
 
-def _full_options() -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+# The sharded checkpoint's two parts (torch.distributed.checkpoint flattens them to "weights.<name>").
+OPTIMIZER_KEY = "optimizer"
+_TOKEN_LOSS_PREFIX = "model."  # TokenLoss's attribute: the LLaVA model's names follow it
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
+def sharded_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The sharded model's trainable weights (in the LLaVA model's names) and its optimizer's
+    state, each process holding its shards: what :func:`save_sharded` writes and
+    :func:`load_sharded` fills. Every process calls it; nothing is gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-def full_trainable_state(wrapped: nn.Module) -> dict[str, torch.Tensor]:
-    """The sharded model's trainable weights, whole, on rank 0's CPU (empty on other ranks).
-
-    Keys are the LLaVA model's own parameter names. Every rank must call it: it gathers.
-    """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state = get_model_state_dict(wrapped, options=_full_options())
+    weights, optim = get_state_dict(wrapped, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     # The state dict also lists a tied weight under its second name (lm_head.weight), which
     # named_parameters, and so the single-process checkpoint, has once.
     names = {name for name, parameter in wrapped.model.named_parameters() if parameter.requires_grad}
-    prefix = "model."  # TokenLoss's attribute
-    return {key[len(prefix) :]: value for key, value in state.items() if key[len(prefix) :] in names}
+    start = len(_TOKEN_LOSS_PREFIX)
+    trainable = {key[start:]: value for key, value in weights.items() if key[start:] in names}
+    return {SHARDED_WEIGHTS: trainable, OPTIMIZER_KEY: optim}
 
 
-def full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The sharded optimizer's state, whole and keyed by parameter name, on rank 0 (empty elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+def save_sharded(state: dict[str, Any], folder: Path) -> None:
+    """Every process writes its shards of ``state`` into ``folder`` (one ``__<rank>_0.distcp`` file
+    each, in parallel; rank 0 adds ``.metadata``), with torch.distributed.checkpoint. Collective:
+    it returns once every process has written."""
+    import torch.distributed.checkpoint as dcp
 
-    return get_optimizer_state_dict(wrapped, optimizer, options=_full_options())
+    _raise_first_failure(lambda: dcp.save(state, checkpoint_id=folder))
+
+
+def _raise_first_failure(run: Callable[[], object]) -> None:
+    """``run()``; torch.distributed.checkpoint's failure (a BaseException that every process gets,
+    holding the errors of all) raised as the first process's own error: a full disk reads as one."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        run()
+    except CheckpointException as exc:
+        [(first, _trace), *_] = exc.failures.values()
+        if isinstance(first, Exception):
+            raise first from None
+        raise
 
 
 def load_full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a state from :func:`full_optimizer_state` into the sharded optimizer (every rank)."""
+    """Load a whole optimizer state keyed by parameter name (what FSDP checkpoints held in
+    optimizer.pt before they were sharded) into the sharded optimizer (every process)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def write_full_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Write :func:`full_trainable_state` in the files ``save_trainable`` writes for stage `full`."""
-    from safetensors.torch import save_file
+def load_sharded(wrapped: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> dict[str, Any]:
+    """Load a checkpoint of :func:`save_sharded` into the sharded model and optimizer, on any number
+    of processes (torch.distributed.checkpoint reads each process's part of every tensor, whatever
+    the sharding it was saved with). Returns the optimizer state as loaded. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    from llavactl.model.weights import split_into_files
-
-    for file, tensors in split_into_files(state).items():
-        save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, folder / file, {"format": "pt"})
+    state = sharded_state(wrapped, optimizer)  # the optimizer's states made (zero), to be filled
+    _raise_first_failure(lambda: dcp.load(state, checkpoint_id=folder))
+    weights = {_TOKEN_LOSS_PREFIX + name: value for name, value in state[SHARDED_WEIGHTS].items()}
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_state_dict(wrapped, optimizer, model_state_dict=weights, optim_state_dict=state[OPTIMIZER_KEY], options=options)
+    return state[OPTIMIZER_KEY]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from rich.console import Console
 
 from llavactl.config.loader import LoadedProfile
 from llavactl.data.sampling import optimizer_steps
-from llavactl.errors import Interrupted, LlavactlError
+from llavactl.errors import Interrupted, LlavactlError, OutputError
 from llavactl.resolve.run import World
 from llavactl.train import checkpoint
 from llavactl.train.bad_steps import BadSteps
@@ -217,6 +218,9 @@ class TrainRecipe:
                 say=say,
             )
         self._last_saved = resume_from
+        # FSDP's checkpoints are sharded (each process writes its part), whatever the number of
+        # processes, so that they resume on any number; the others are written whole by rank 0.
+        self._sharded_checkpoints = self._training.distributed == "fsdp"
         self._assembled = self._setup_model(resume_from)
         if world.distributed:
             # Every process built the model from the same seed (and DDP broadcasts rank 0's
@@ -244,7 +248,7 @@ class TrainRecipe:
     def _setup_model(self, resume_from: Path | None) -> Any:
         """The assembled model on the device, its trainable weights from ``resume_from`` when resuming."""
         from llavactl.model.assembly import build_llava
-        from llavactl.model.weights import load_trainable
+        from llavactl.model.weights import is_sharded, load_trainable
 
         model_cfg = self._profile.model
         self._progress.milestone(
@@ -276,8 +280,9 @@ class TrainRecipe:
         self._progress.milestone(
             f"Model loaded in {assembled.load_seconds:.1f} s: {trainable:,} of {total:,} parameters trainable"
         )
-        if resume_from is not None:
-            # Into the plain model: FSDP replaces the parameters with shards.
+        if resume_from is not None and not is_sharded(resume_from):
+            # Into the plain model: FSDP replaces the parameters with shards. (A sharded checkpoint
+            # is loaded into the shards, with the optimizer: `_setup_optimizer`.)
             load_trainable(assembled, resume_from)
         return assembled
 
@@ -316,6 +321,7 @@ class TrainRecipe:
 
     def _setup_optimizer(self, resume_from: Path | None) -> None:
         """AdamW, the schedule and the step unit; when resuming, their states and the run's progress."""
+        from llavactl.model.weights import is_sharded
         from llavactl.train import distributed
         from llavactl.train.step import TrainingStep
 
@@ -334,7 +340,9 @@ class TrainRecipe:
             for group in self._optimizer.param_groups:
                 group["initial_lr"] = group["lr"]
             with checkpoint.foreign_content(resume_from):
-                if self._world.sharded:
+                if is_sharded(resume_from):  # the weights too, each process its part
+                    distributed.load_sharded(self._model, self._optimizer, resume_from)
+                elif self._world.sharded:
                     distributed.load_full_optimizer_state(self._model, self._optimizer, state["optimizer"])
                 else:
                     self._optimizer.load_state_dict(state["optimizer"])
@@ -512,8 +520,10 @@ class TrainRecipe:
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-<step>``: weights, optimizer/scheduler/scaler, RNG and the progress record.
 
-        Every process calls it (FSDP gathers the shards, and every process's random states are
-        kept); rank 0 writes, and no process goes on before the checkpoint is complete.
+        Every process calls it, and no process goes on before the checkpoint is complete. With
+        ``training.distributed: fsdp`` every process writes its shards of the weights and optimizer
+        state (torch.distributed.checkpoint) into the folder rank 0 stages; otherwise rank 0 writes
+        them whole. Rank 0 writes the rest, the manifest last, and renames the folder into place.
         """
         from llavactl.model.weights import save_trainable
         from llavactl.train import distributed
@@ -521,21 +531,25 @@ class TrainRecipe:
         # Gathering the random states is also the barrier before the save: every process has
         # finished the step.
         rank_rng = distributed.gather_to_main(self._world, checkpoint.capture_rng())
-        write_weights: Callable[[Path], None]
-        if self._world.sharded:
-            full_weights = distributed.full_trainable_state(self._model)
-            optimizer_state = distributed.full_optimizer_state(self._model, self._optimizer)
-            write_weights = lambda tmp: distributed.write_full_weights(full_weights, tmp)  # noqa: E731
-        else:
-            optimizer_state = self._optimizer.state_dict()
-            write_weights = lambda tmp: save_trainable(self._assembled, tmp)  # noqa: E731
         folder = self._output_dir / f"{checkpoint.PREFIX}{self._step}"
+        # fp32 trainable weights and AdamW's two moments: what a first save needs at least.
+        expected = 12 * sum(p.numel() for g in self._optimizer.param_groups for p in g["params"])
+        staged: Path | None = None
+        write_weights: Callable[[Path], None] = lambda tmp: save_trainable(self._assembled, tmp)  # noqa: E731
+        training_state = {"scheduler": self._scheduler.state_dict(), **self._step_unit.state_dict()}
+        if self._sharded_checkpoints:
+            staged = self._stage_sharded(folder, expected)
+            if staged is None:  # complete already (a finished run resumed)
+                return folder
+            write_weights = lambda tmp: None  # noqa: E731  (the shards are in it)
+        else:
+            training_state["optimizer"] = self._optimizer.state_dict()
         if self._world.is_main:
             progress = {
                 "step": self._step,
                 "total_steps": self._total_steps,
                 "epoch": self._step / self._steps_per_epoch,
-                "data_position": self._sampler.state_dict(),
+                "data_position": self._data_position(),
                 "bad_steps_total": self._bad.total,
                 "bad_steps_in_a_row": self._bad.in_a_row,
                 "log_window": dataclasses.asdict(self._window),
@@ -543,26 +557,65 @@ class TrainRecipe:
                 "data_fingerprint": self._source.fingerprint.as_json(),
                 "versions": library_versions(),
                 "world_size": self._world.size,
+                "weights_format": "sharded" if self._sharded_checkpoints else "whole",
             }
             checkpoint.save_checkpoint(
                 self._output_dir,
                 self._step,
                 write_weights=write_weights,
-                training_state={
-                    "optimizer": optimizer_state,
-                    "scheduler": self._scheduler.state_dict(),
-                    **self._step_unit.state_dict(),
-                },
+                training_state=training_state,
                 progress=progress,
                 save_total_limit=self._training.save_total_limit,
                 rank_rng=rank_rng,
-                # fp32 trainable weights and AdamW's two moments: what a first save needs at least.
-                expected_bytes=12 * sum(p.numel() for g in self._optimizer.param_groups for p in g["params"]),
+                expected_bytes=expected,
+                staged=staged,
             )
             self._progress.milestone(f"Saved {folder}")
         distributed.barrier(self._world)
         self._last_saved = folder
         return folder
+
+    def _stage_sharded(self, folder: Path, expected_bytes: int) -> Path | None:
+        """Rank 0 stages ``folder``'s hidden twin, then every process writes its shards into it;
+        None when ``folder`` is complete already. A failed write on any process fails every one of
+        them (rank 0 removes the staged folder): the checkpoints saved before are intact."""
+        from llavactl.train import distributed
+
+        tmp: Path | None = None
+        error: LlavactlError | None = None
+        if self._world.is_main:
+            try:
+                tmp = checkpoint.stage_checkpoint(self._output_dir, self._step, expected_bytes=expected_bytes)
+            except LlavactlError as exc:
+                error = exc
+        # Rank 0's answer to all: stage here, the checkpoint is there already, or the save failed.
+        [said] = distributed.broadcast_from_main(self._world, [str(tmp) if tmp else ("failed" if error else None)])
+        if error is not None:
+            raise error
+        if said == "failed":
+            raise OutputError(
+                f"Saving {folder} failed on process 0 (its error is above); the checkpoints saved before are intact.",
+                fix="read process 0's error, then continue with `--resume auto`",
+            )
+        if said is None:
+            return None
+        staged = Path(said)
+        try:
+            with checkpoint.save_failures(folder, self._output_dir):
+                distributed.save_sharded(distributed.sharded_state(self._model, self._optimizer), staged)
+        except BaseException:
+            if self._world.is_main:
+                shutil.rmtree(staged, ignore_errors=True)
+            raise
+        return staged
+
+    def _data_position(self) -> dict[str, Any]:
+        """The sampler's position, and the epoch's micro-batches that all processes have used: what
+        a resume on another number of processes starts from (:mod:`llavactl.data.sampling`)."""
+        position = self._sampler.state_dict()
+        steps_in_epoch = self._step - position["epoch"] * self._steps_per_epoch
+        micro_batches = steps_in_epoch * self._training.gradient_accumulation_steps * self._world.size
+        return {**position, "world_size": self._world.size, "global_batches": micro_batches}
 
     def _write_run_record(self, status: str, final_metrics: dict[str, Any]) -> None:
         if not self._world.is_main:
