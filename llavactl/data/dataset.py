@@ -215,6 +215,27 @@ class _Position:
                 fix="resume with the llavactl version that wrote the checkpoint, or start the run anew",
             )
         self.epoch, self.position = state["epoch"], state["position"]
+        if state.get("world_size", self.world_size) != self.world_size:
+            # Saved by another number of processes: ``global_batches`` micro-batches of the epoch's
+            # order were used by all of them, the first ones; this process continues at its share of
+            # the rest. (Every step is as many micro-batches on both numbers, so it divides evenly.)
+            self._seek(state["epoch"], state["global_batches"] // self.world_size)
+
+    def _seek(self, epoch: int, own_batches: int) -> None:
+        """Continue ``epoch`` after this process's first ``own_batches`` batches of it (the next epoch
+        when they are all it has)."""
+        if own_batches >= self.batches_per_process_in(epoch):
+            self.epoch, self.position = epoch + 1, 0
+        else:
+            self.epoch, self.position = epoch, self._records_in_batches(epoch, own_batches)
+
+    world_size: int
+
+    def batches_per_process_in(self, epoch: int) -> int:
+        raise NotImplementedError
+
+    def _records_in_batches(self, epoch: int, batches: int) -> int:
+        raise NotImplementedError
 
     def _rng(self, epoch: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch])
@@ -275,6 +296,12 @@ class ResumableSampler(_Position, Sampler[int]):
         """Records of each epoch that no process gets, so that all get as many batches."""
         kept = min(self.batches_per_process * self.world_size * self.batch_size, len(self.lengths))
         return len(self.lengths) - kept
+
+    def batches_per_process_in(self, epoch: int) -> int:
+        return self.batches_per_process
+
+    def _records_in_batches(self, epoch: int, batches: int) -> int:
+        return batches * self.batch_size  # only an epoch's last batch is short, and it is not skipped
 
     def __len__(self) -> int:
         if self.world_size == 1:
@@ -399,6 +426,12 @@ class TokenBudgetBatches(_Position, Sampler[list[int]]):
     @property
     def batches_per_process(self) -> int:
         return len(self.batches(self.epoch)) // self.world_size
+
+    def batches_per_process_in(self, epoch: int) -> int:
+        return len(self.batches(epoch)) // self.world_size
+
+    def _records_in_batches(self, epoch: int, batches: int) -> int:
+        return sum(len(batch) for batch in self.order(epoch)[:batches])
 
     def order(self, epoch: int) -> list[list[int]]:
         """This process's batches of ``epoch``, in order."""

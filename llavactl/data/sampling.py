@@ -92,18 +92,21 @@ def optimizer_steps(
     on_error: str,
     on_epoch: Callable[[int], None],
     on_skipped: Callable[[list[Skipped]], None],
+    first_epoch: int | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
-    """The micro-batches of each optimizer step from ``first_step`` on; the last step of an epoch
-    may have fewer. ``on_epoch`` hears of each epoch as it starts (counted from 0), ``on_skipped`` of
-    the records ``data.on_error: skip`` left out of a batch.
+    """The micro-batches of each optimizer step from ``first_step`` on, in epoch ``first_epoch``
+    (default: the one ``first_step`` falls in; a run resumed on another number of processes is in the
+    epoch the sampler continues); the last step of an epoch may have fewer. ``on_epoch`` hears of
+    each epoch as it starts (counted from 0), ``on_skipped`` of the records ``data.on_error: skip``
+    left out of a batch.
 
     A step is always ``accumulation`` batches of the loader, whether or not their records survive
     ``data.on_error: skip``, so that an epoch has the steps it was planned with; a step whose
     batches were all bad comes out empty. An epoch without one usable record stops the run.
     """
     step = first_step
+    epoch = first_step // steps_per_epoch if first_epoch is None else first_epoch
     while True:
-        epoch = step // steps_per_epoch
         on_epoch(epoch)
         sampler.set_epoch(epoch)
         pending: list[dict[str, Any]] = []
@@ -130,6 +133,7 @@ def optimizer_steps(
                 f"epoch {epoch + 1} produced no usable record: every record was skipped as bad",
                 fix="run `llavactl data check` on the data and fix or drop the bad records",
             )
+        epoch += 1
 
 
 def worst_micro_batch(lengths: np.ndarray, profile: Profile) -> list[int]:

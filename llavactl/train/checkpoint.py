@@ -414,13 +414,17 @@ def _rng_file(rank: int) -> str:
     return RNG_FILE if rank == 0 else RANK_RNG_FILE.format(rank=rank)
 
 
-def read_training_state(folder: Path, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_training_state(folder: Path, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The optimizer/scheduler/scaler states and process ``rank``'s RNG states, loaded without
-    unpickling code."""
+    unpickling code. No RNG states (None) for a rank the checkpoint's run did not have (a resume on
+    more processes): the manifest, checked before, names every file the checkpoint was saved with."""
     import torch
 
-    states = []
-    for name in (OPTIMIZER_FILE, _rng_file(rank)):
+    names = [OPTIMIZER_FILE, _rng_file(rank)]
+    if rank > 0 and not (folder / names[1]).is_file():
+        names.pop()
+    states: list[Any] = []
+    for name in names:
         try:
             states.append(torch.load(folder / name, map_location="cpu", weights_only=True))
         # torch reports a torn file as RuntimeError, bytes that are no pickle as UnpicklingError.
@@ -429,7 +433,7 @@ def read_training_state(folder: Path, rank: int = 0) -> tuple[dict[str, Any], di
                 f"{folder / name} cannot be loaded ({type(exc).__name__}: {str(exc)[:120]}).",
                 fix="resume from another checkpoint of the run (`--resume PATH`)",
             ) from None
-    return states[0], states[1]
+    return states[0], states[1] if len(states) > 1 else None
 
 
 @contextmanager
@@ -446,17 +450,57 @@ def foreign_content(folder: Path) -> Iterator[None]:
         ) from exc
 
 
-def check_same_world(folder: Path, saved_world_size: int, world_size: int) -> None:
-    """Refuse to resume with another number of processes: data shards and random states are per process."""
-    if saved_world_size != world_size:
+ACCUMULATION_KEY = "training.gradient_accumulation_steps"
+
+
+def check_world_change(
+    folder: Path, saved: Mapping[str, Any], profile: Mapping[str, Any], world_size: int
+) -> str | None:
+    """None when ``folder`` was saved by as many processes as this run has; otherwise the line that
+    says how the run continues on the new number, or :class:`CheckFailed` when it cannot.
+
+    Another number of processes resumes when an optimizer step stays as many micro-batches of the
+    same size (accumulation x processes), so that the steps, the schedule and the data order mean what
+    they meant: the data then continues at the first micro-batch of the epoch that no process had
+    used (:meth:`~llavactl.data.dataset.ResumableSampler.load_state_dict`)."""
+    saved_world = saved.get("world_size", 1)
+    if saved_world == world_size:
+        return None
+    before, now = saved["profile"]["training"], profile["training"]
+    per_step = before["gradient_accumulation_steps"] * saved_world
+    if "global_batches" not in saved["data_position"]:
         raise CheckFailed(
-            f"{folder} was saved by a run of {saved_world_size} training process(es), this run has {world_size}. "
-            "Each process's share of the data and its random states are in the checkpoint, so an exact "
-            "resume needs the same number of processes.",
-            fix=f"start {saved_world_size} process(es) (`llavactl train --nproc-per-node {saved_world_size} ...`, "
-            "or torchrun with --nnodes x --nproc-per-node totalling that), or train from step 0 in a new "
-            "`training.output_dir`",
+            f"{folder} was saved by a run of {saved_world} training process(es), this run has {world_size}, and "
+            "its data position is that of each process (it was saved by an earlier llavactl): it resumes on "
+            f"{saved_world} only.",
+            fix=f"start {saved_world} process(es), or train from step 0 in a new `training.output_dir`",
         )
+    if now["gradient_accumulation_steps"] * world_size == per_step and (
+        now["per_device_train_batch_size"] == before["per_device_train_batch_size"]
+    ):
+        return (
+            f"Resuming {folder.name} of a {saved_world}-process run on {world_size}: each step is still {per_step} "
+            f"micro-batches ({now['gradient_accumulation_steps']} accumulation x {world_size} processes), and the "
+            "data continues at the first micro-batch of the epoch that no process had used. Not bit-exact: the "
+            "gradients are summed in another order, and the random streams (dropout) are not the ones the run "
+            "would have drawn."
+        )
+    if per_step % world_size == 0:
+        fix = (
+            f"add `{ACCUMULATION_KEY}={per_step // world_size}` (and keep `training.per_device_train_batch_size="
+            f"{before['per_device_train_batch_size']}`)"
+        )
+    else:
+        counts = [n for n in range(1, per_step + 1) if per_step % n == 0]
+        fix = f"use a number of processes that divides {per_step}: {', '.join(map(str, counts))}"
+    raise CheckFailed(
+        f"{folder} was saved by a run of {saved_world} training process(es) whose steps are {per_step} micro-batches "
+        f"of {before['per_device_train_batch_size']} ({before['gradient_accumulation_steps']} accumulation x "
+        f"{saved_world}); on {world_size} with accumulation {now['gradient_accumulation_steps']} and micro-batches "
+        f"of {now['per_device_train_batch_size']} a step would be another batch, and the schedule and data "
+        "position would not continue the run.",
+        fix=fix,
+    )
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

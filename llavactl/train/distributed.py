@@ -230,10 +230,14 @@ def save_sharded(state: dict[str, Any], folder: Path) -> None:
 def _raise_first_failure(run: Callable[[], object]) -> None:
     """``run()``; torch.distributed.checkpoint's failure (a BaseException that every process gets,
     holding the errors of all) raised as the first process's own error: a full disk reads as one."""
+    import warnings
+
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        run()
+        with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process"
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            run()
     except CheckpointException as exc:
         [(first, _trace), *_] = exc.failures.values()
         if isinstance(first, Exception):

@@ -129,6 +129,7 @@ class TrainRecipe:
         self._world = World()
         self._lock: RunFolderLock | None = None  # held by rank 0 once the folder is claimed
         self._last_saved: Path | None = None  # the run's newest complete checkpoint
+        self._first_epoch: int | None = None  # set by a resume on another number of processes
         self._metrics: MetricsWriter | None = None
         self._step = 0
         self._bad = BadSteps(self._training.max_bad_steps, self._output_dir)
@@ -332,6 +333,10 @@ class TrainRecipe:
         else:
             saved = checkpoint.read_progress(resume_from, self._total_steps)
             state, rng = checkpoint.read_training_state(resume_from, self._world.rank)
+            with checkpoint.foreign_content(resume_from):
+                self._sampler.load_state_dict(saved["data_position"])
+            if saved.get("world_size", 1) != self._world.size:
+                self._resume_on_new_world(saved["step"])
             # This profile's learning rates and weight decay, which the saved states would replace
             # with the saved run's: with `--force` and a new learning rate, the new one applies at
             # once, at the resumed step's point of the (new) schedule. Each group gets the key a
@@ -363,12 +368,23 @@ class TrainRecipe:
             return
         with checkpoint.foreign_content(resume_from):
             self._step_unit.load_state_dict(state)
-            self._sampler.load_state_dict(saved["data_position"])
-            checkpoint.restore_rng(rng)
+            if rng is not None:  # else a process the saved run did not have: its own seed's stream
+                checkpoint.restore_rng(rng)
         self._step = saved["step"]
         self._window = MetricWindow.restored(saved.get("log_window"))
         self._bad.total, self._bad.in_a_row = saved["bad_steps_total"], saved["bad_steps_in_a_row"]
         self._progress.milestone(f"Resumed from {resume_from} at step {self._step}/{self._total_steps}")
+
+    def _resume_on_new_world(self, step: int) -> None:
+        """After the sampler has found its place for a resume on another number of processes
+        (:func:`llavactl.train.checkpoint.check_world_change` allowed it): the loop continues in the
+        sampler's epoch, and a run of ``num_train_epochs`` ends with the last epoch on this number,
+        whose epochs may be a step longer or shorter (the few batches left out differ)."""
+        t = self._training
+        self._first_epoch = self._sampler.epoch
+        if t.max_steps <= 0:
+            left = t.steps_per_epoch(len(self._loader))  # of the epoch the sampler continues
+            self._total_steps = step + left + (t.num_train_epochs - self._first_epoch - 1) * self._steps_per_epoch
 
     def _probe_memory(self) -> None:
         """The epoch's most demanding micro-batch once, without an update (:mod:`llavactl.train.probe`)."""
@@ -412,6 +428,7 @@ class TrainRecipe:
             on_error=self._profile.data.on_error,
             on_epoch=lambda epoch: self._progress.epoch(epoch + 1, total_epochs),
             on_skipped=self._skipped,
+            first_epoch=self._first_epoch,
         )
         with StopSignals(self._progress.milestone, lambda: self._last_saved) as signals:
             self._progress.start(self._total_steps, self._step)

@@ -74,9 +74,10 @@ def resume_point(
     say: Callable[[str], None],
 ) -> Path | None:
     """The checkpoint ``resume`` names (None: the run has none yet), checked before anything loads:
-    intact, a progress record a resume can read, saved by as many processes, and with the same
-    profile and data as this run (``force``: changed ones are named and accepted). ``set_aside``
-    (rank 0): the run's later checkpoints are moved aside, since this run writes its own."""
+    intact, a progress record a resume can read, saved by as many processes (or by a number whose
+    steps this one can continue, which is said), and with the same profile and data as this run
+    (``force``: changed ones are named and accepted). ``set_aside`` (rank 0): the run's later
+    checkpoints are moved aside, since this run writes its own."""
     folder = checkpoint.resolve_resume(resume, output_dir)
     if folder is None:
         say(f"No checkpoint in {output_dir} yet: starting from step 0.")
@@ -84,8 +85,12 @@ def resume_point(
     checkpoint.verify_checkpoint(folder)
     saved = checkpoint.read_progress(folder)
     checkpoint.require_resume_fields(saved, folder)
-    checkpoint.check_same_world(folder, saved.get("world_size", 1), world_size)
+    new_world = checkpoint.check_world_change(folder, saved, profile, world_size)
     differences = checkpoint.resume_differences(saved["profile"], profile, saved["data_fingerprint"], data_fingerprint)
+    if new_world is not None:
+        # Changing the accumulation is how a step keeps its size on the new number of processes.
+        differences = [line for line in differences if not line.startswith(f"{checkpoint.ACCUMULATION_KEY}:")]
+        say(new_world)
     checkpoint.check_resume_compatible(folder, differences, force=force)
     if differences:
         say(f"Resuming with changed settings (--force): {'; '.join(differences)}")
