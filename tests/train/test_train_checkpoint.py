@@ -337,3 +337,47 @@ def test_the_fix_of_a_failed_save_fits_its_cause(tmp_path: Path) -> None:
                 tmp_path, 1, write_weights=fail, training_state={}, progress={"step": 1}, save_total_limit=None
             )
         assert failed.value.fix is not None and failed.value.fix.startswith(fix)
+
+
+def _saved_by(world: int, accumulation: int, batch: int = 2, *, global_batches: bool = True) -> dict:
+    position = {"epoch": 0, "position": 8, "seed": 0, "order": 2, "world_size": world}
+    if global_batches:
+        position["global_batches"] = 4 * accumulation * world
+    training = {"gradient_accumulation_steps": accumulation, "per_device_train_batch_size": batch}
+    return {"world_size": world, "data_position": position, "profile": {"training": training}}
+
+
+def _now(accumulation: int, batch: int = 2) -> dict:
+    return {"training": {"gradient_accumulation_steps": accumulation, "per_device_train_batch_size": batch}}
+
+
+def test_another_number_of_processes_resumes_when_a_step_keeps_its_micro_batches(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint-4"
+    assert checkpoint.check_world_change(folder, _saved_by(2, 1), _now(1), 2) is None
+    said = checkpoint.check_world_change(folder, _saved_by(2, 1), _now(2), 1)
+    assert said is not None and "of a 2-process run on 1" in said and "Not bit-exact" in said
+    assert checkpoint.check_world_change(folder, _saved_by(2, 4), _now(1), 8) is not None
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "world", "fix"),
+    [
+        (_saved_by(2, 1), _now(1), 1, "`training.gradient_accumulation_steps=2`"),
+        (_saved_by(2, 2), _now(1), 3, "divides 4: 1, 2, 4"),
+        (_saved_by(2, 1), _now(2, batch=1), 1, "training.per_device_train_batch_size=2"),
+        (_saved_by(2, 1, global_batches=False), _now(2), 1, "start 2 process(es)"),
+    ],
+)
+def test_a_resume_on_another_number_of_processes_that_would_change_the_step_is_refused_with_the_fix(
+    tmp_path: Path, saved: dict, now: dict, world: int, fix: str
+) -> None:
+    with pytest.raises(CheckFailed) as info:
+        checkpoint.check_world_change(tmp_path / "checkpoint-4", saved, now, world)
+    assert fix in (info.value.fix or "")
+
+
+def test_a_process_the_saved_run_did_not_have_gets_no_random_states(tmp_path: Path) -> None:
+    folder = _save(tmp_path, 5)
+    state, rng = checkpoint.read_training_state(folder, 3)
+    assert rng is None and state["optimizer"]["state"]
+    assert checkpoint.read_training_state(folder, 0)[1] is not None
