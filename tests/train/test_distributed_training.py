@@ -19,7 +19,9 @@ from helpers import train_recipe
 from safetensors.torch import load_file
 
 from llavactl.errors import CheckFailed
+from llavactl.model import weights
 from llavactl.train import checkpoint
+from llavactl.train.runs import load_checkpoint
 
 STEPS = 4
 WEIGHT_FILES = ("trainable.safetensors", "projector.safetensors")
@@ -66,7 +68,18 @@ def _train_on_two_processes(overrides: list[str], *args: str) -> str:
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v for f in WEIGHT_FILES for k, v in load_file(folder / f).items()}
+    """The trained weights of a checkpoint: its safetensors files, or its shards read whole."""
+    if not weights.is_sharded(folder):
+        return {k: v for f in WEIGHT_FILES for k, v in load_file(folder / f).items()}
+    assembled, _, _ = load_checkpoint(folder)
+    return {name: p.detach() for name, p in assembled.model.named_parameters() if name in _trained_names(folder)}
+
+
+def _trained_names(folder: Path) -> set[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return {key[len("weights.") :] for key in keys if key.startswith("weights.")}
 
 
 def _losses(output_dir: Path) -> list[float]:
@@ -88,7 +101,7 @@ def ddp(shapes16: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return out, _train_on_two_processes(_overrides(shapes16, out))
 
 
-def _assert_same_training(one: Path, two: Path) -> None:
+def _assert_same_training(one: Path, two: Path, steps: tuple[int, ...] = tuple(range(1, STEPS + 1))) -> None:
     single, double = _weights(one / f"checkpoint-{STEPS}"), _weights(two / f"checkpoint-{STEPS}")
     assert single.keys() == double.keys()
     # Two processes sum gradients in another order than one process accumulating: float noise of
@@ -98,7 +111,7 @@ def _assert_same_training(one: Path, two: Path) -> None:
     assert max((single[k] - double[k]).abs().max().item() for k in single) < 1e-3
     # ... and the weights did move: the comparison is not between two untrained models.
     assert any(not torch.equal(single[k], _weights(one / "checkpoint-2")[k]) for k in single)
-    assert _losses(two) == pytest.approx(_losses(one), rel=1e-6)
+    assert _losses(two) == pytest.approx([_losses(one)[k - 1] for k in steps], rel=1e-6)
 
 
 def test_two_ddp_processes_train_what_one_process_with_accumulation_2_trains(
@@ -131,11 +144,37 @@ def test_two_process_run_resumes_exactly(shapes16: Path, ddp: tuple[Path, str], 
     assert _losses(tmp_path) == _losses(whole)[2:]
 
 
-def test_resuming_with_another_number_of_processes_is_refused(shapes16: Path, ddp: tuple[Path, str]) -> None:
+def test_resuming_on_another_number_of_processes_that_changes_the_step_is_refused(
+    shapes16: Path, ddp: tuple[Path, str]
+) -> None:
     saved = ddp[0] / "checkpoint-2"
-    with pytest.raises(CheckFailed, match="saved by a run of 2 training process\\(es\\), this run has 1") as info:
+    with pytest.raises(CheckFailed, match="whose steps are 2 micro-batches of 2") as info:
         _train_here(_overrides(shapes16, ddp[0]), resume=str(saved))
-    assert "--nproc-per-node 2" in (info.value.fix or "")
+    assert "training.gradient_accumulation_steps=2" in (info.value.fix or "")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_resume_on_one_and_one_on_two(
+    shapes16: Path, one_process: Path, tmp_path: Path, strategy: str
+) -> None:
+    # Two processes save at step 2; one process with accumulation 2 goes on: the same steps, the
+    # records of the epoch each once, so close to the uninterrupted one-process run.
+    kind = f"training.distributed={strategy}"
+    two, one = tmp_path / "two", tmp_path / "one"
+    _train_on_two_processes(_overrides(shapes16, two, kind))
+    shutil.copytree(two / "checkpoint-2", one / "checkpoint-2")
+    _, said = train_recipe(
+        _overrides(shapes16, one, kind, "training.gradient_accumulation_steps=2"), resume="auto"
+    )
+    assert "Resuming checkpoint-2 of a 2-process run on 1" in " ".join(said.split())
+    _assert_same_training(one_process, one, steps=(3, 4))
+    # ... and back: one process's checkpoint-2 (of the reference run) resumed on two.
+    back = tmp_path / "back"
+    shutil.copytree(one_process / "checkpoint-2", back / "checkpoint-2")
+    if strategy == "ddp":
+        stdout = _train_on_two_processes(_overrides(shapes16, back), "--resume", "auto")
+        assert "of a 1-process run on 2" in " ".join(stdout.split())
+        _assert_same_training(one_process, back, steps=(3, 4))
 
 
 def test_two_fsdp_processes_train_the_same_save_whole_weights_and_resume_exactly(
