@@ -331,11 +331,12 @@ def test_one_process_trains_over_nccl_with_bf16(strategy: str) -> None:
     if strategy == "fsdp":
         assert set(seen) == {torch.bfloat16}  # MixedPrecisionPolicy: gathered in bf16
         assert {p.dtype for p in parameters} == {torch.float32}  # the shards, which AdamW updates
-        state = distributed.full_trainable_state(wrapped)
+        # What a sharded checkpoint writes: every trainable weight, as fp32 shards, and AdamW's states.
+        state = distributed.sharded_state(wrapped, optimizer)
         names = {n for n, p in assembled.model.named_parameters() if p.requires_grad}
-        assert set(state) == names
-        assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in state.values())
-        assert distributed.full_optimizer_state(wrapped, optimizer)["state"]
+        assert set(state["weights"]) == names
+        assert all(t.dtype == torch.float32 for t in state["weights"].values())
+        assert state["optimizer"]["state"]
     else:
         assert set(seen) == {torch.float32}  # autocast casts per op; the module keeps fp32 weights
 
