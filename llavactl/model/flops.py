@@ -195,10 +195,21 @@ def best_matmul_rate(device: str, dtype_name: str) -> float:
     import torch
 
     dtype = getattr(torch, dtype_name)
-    n = 2048 if device == "cpu" else 8192
+    cuda = device.startswith("cuda")
+    n = 8192 if cuda else 2048
+    if not cuda:
+        # A dtype the CPU only emulates (bf16 without AVX512-BF16 or AMX) runs a 2048^3 matmul in
+        # seconds: the size is halved until one takes under a fifth of a second (the rate is as low).
+        while n > 256:
+            probe = torch.randn(n // 4, n // 4, dtype=dtype)
+            torch.mm(probe, probe)  # the first call starts the threads
+            start = time.perf_counter()
+            torch.mm(probe, probe)
+            if (time.perf_counter() - start) * 64 < 0.2:
+                break
+            n //= 2
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    cuda = device.startswith("cuda")
     torch.mm(a, b)  # warm up the kernel and threads
     best = 0.0
     for _ in range(_TIMED_RUNS):
