@@ -139,7 +139,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(shapes24: Path, tmp_path: Path, mo
     interrupt_at(monkeypatch, 2, signal.SIGTERM)
     result, text = _train(_overrides(shapes24, tmp_path))
     assert (result.status, result.step, result.exit_code) == ("interrupted", 2, 143)
-    assert "(a second SIGTERM to stop without saving)" in text
+    assert "(a second SIGTERM stops without saving)" in text
     assert checkpoint.read_progress(tmp_path / "checkpoint-2")["step"] == 2
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back
