@@ -20,6 +20,8 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,20 +201,99 @@ def best_matmul_rate(device: str, dtype_name: str) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     cuda = device.startswith("cuda")
-    torch.mm(a, b)  # warm up the kernel and threads
-    best = 0.0
-    for _ in range(_TIMED_RUNS):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if cuda:
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    [seconds] = best_seconds(functools.partial(torch.mm, a, b), sync=torch.cuda.synchronize if cuda else None)
     del a, b
     if cuda:
         torch.cuda.empty_cache()
+    return 2 * n**3 / seconds
+
+
+def best_seconds(
+    *calls: Callable[[], object],
+    runs: int = _TIMED_RUNS,
+    budget_s: float = math.inf,
+    sync: Callable[[], object] | None = None,
+    warm_up: bool = True,
+) -> list[float]:
+    """The shortest of up to ``runs`` timed calls of each of ``calls``, after an untimed one each
+    (``warm_up``: the kernel and the threads), stopping once the timed calls have taken
+    ``budget_s``. Several calls are timed in turn, so that a moment when another process holds the
+    cores slows each of them alike. ``sync`` waits for the device (``torch.cuda.synchronize``)
+    before each clock reading."""
+    wait = sync or (lambda: None)
+    if warm_up:
+        for call in calls:
+            call()
+    best, spent = [math.inf] * len(calls), 0.0
+    for _ in range(runs):
+        for i, call in enumerate(calls):
+            wait()
+            start = time.perf_counter()
+            call()
+            wait()
+            took = time.perf_counter() - start
+            best[i], spent = min(best[i], took), spent + took
+        if spent >= budget_s:
+            break
     return best
+
+
+_LINEAR_BUDGET_S = 1.0  # fp32 and bf16 together: doctor's first call on a machine measures them
+_PILOT_ROWS = 64
+_LINEAR_RUNS = 100  # small shapes take a millisecond: many runs, so that a busy moment passes
+
+
+@dataclass(frozen=True)
+class Bf16Speed:
+    """bf16 against fp32 on this CPU in one linear layer's shapes: ``tokens`` x ``width`` -> ``out``."""
+
+    tokens: int
+    width: int
+    out: int
+    fp32_flops_per_s: float
+    bf16_flops_per_s: float
+
+    @property
+    def speedup(self) -> float:
+        """How many times faster bf16 runs than fp32 (under 1: slower)."""
+        return self.bf16_flops_per_s / self.fp32_flops_per_s
+
+
+def linear_rates(tokens: int, width: int, out: int, *, budget_s: float = _LINEAR_BUDGET_S) -> tuple[float, float]:
+    """FLOP/s on this CPU of a linear layer's forward in fp32 and in bf16: ``tokens`` inputs of
+    ``width`` through an ``out`` x ``width`` weight (as nn.Linear stores it: the layout autocast's
+    bf16 matmuls run in), the best of up to :data:`_TIMED_RUNS` calls of each, in turn, within
+    ``budget_s``.
+
+    A pilot of 64 rows is timed first: where a call of each on all ``tokens`` would take more than
+    a third of the budget (emulated bf16 runs 5x slower than fp32; a 7B LLM's widths on a laptop
+    take longer still), both time fewer rows, the same for both so that their ratio holds."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = [torch.randn(out, width, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
+
+    def linears(rows: int) -> list[Callable[[], object]]:
+        return [functools.partial(F.linear, torch.randn(rows, width, dtype=w.dtype), w) for w in weights]
+
+    pilot = min(tokens, _PILOT_ROWS)
+    pilot_s = sum(best_seconds(*linears(pilot), runs=1))
+    rows = min(tokens, max(pilot, int(pilot * budget_s / 3 / pilot_s)))
+    fp32_s, bf16_s = best_seconds(*linears(rows), runs=_LINEAR_RUNS, budget_s=budget_s, warm_up=False)
+    flops = 2 * rows * width * out
+    return flops / fp32_s, flops / bf16_s
+
+
+def bf16_speedup(tokens: int, width: int, out: int) -> Bf16Speed:
+    """bf16 against fp32 on this CPU in a linear layer of these shapes (:func:`linear_rates`, about
+    a second), measured once per machine, thread count, torch and shapes and kept in llavactl's
+    cache beside the matmul peaks: doctor says it on every run without timing it again (delete
+    the cache's matmul_peaks.json to measure again)."""
+    keys = [f"{machine_key('cpu', dtype)} | linear {tokens}x{width}->{out}" for dtype in ("float32", "bfloat16")]
+    kept = [kept_rate(key) for key in keys]
+    if None in kept:
+        kept = [steady_peak(key, rate) for key, rate in zip(keys, linear_rates(tokens, width, out), strict=True)]
+    return Bf16Speed(tokens, width, out, *kept)
 
 
 def machine_key(device: str, dtype_name: str) -> str:
@@ -239,19 +320,28 @@ def _cpu_model() -> str | None:
     return None
 
 
+def _kept_rates() -> dict[str, Any]:
+    try:
+        kept = json.loads((cache_root() / PEAKS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
+
+
+def kept_rate(key: str) -> float | None:
+    """The rate kept for ``key`` in llavactl's cache, if any."""
+    rate = _kept_rates().get(key)
+    return float(rate) if isinstance(rate, int | float) and math.isfinite(rate) and rate > 0 else None
+
+
 def steady_peak(key: str, measured: float) -> float:
     """The best of ``measured`` and the rate kept for ``key``, which is raised when ``measured`` beats
     it. A cache that cannot be read or written costs only the steadiness."""
+    best = kept_rate(key)
+    if best is not None and best >= measured:
+        return best
     path = cache_root() / PEAKS_FILE
-    try:
-        kept = json.loads(path.read_text())
-    except (OSError, ValueError):
-        kept = {}
-    if not isinstance(kept, dict):
-        kept = {}
-    best = kept.get(key)
-    if isinstance(best, int | float) and math.isfinite(best) and best >= measured:
-        return float(best)
+    kept = _kept_rates()
     kept[key] = measured
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,45 @@
+"""Measuring bf16 against fp32 on this CPU (for doctor): the timer, the linear layer's rates, and
+the figure kept in llavactl's cache. Real measurements; no assertion on how fast anything is."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from llavactl.model import flops
+
+
+def test_best_seconds_times_each_call_in_turn_after_a_warm_up_and_stops_at_the_budget() -> None:
+    order: list[str] = []
+    best = flops.best_seconds(lambda: order.append("a"), lambda: order.append("b"), runs=3)
+    assert order == ["a", "b"] * 4  # one untimed round, then three timed ones
+    assert len(best) == 2 and all(0 < s < math.inf for s in best)
+    order.clear()
+    flops.best_seconds(lambda: order.append("a"), runs=100, budget_s=0.0, warm_up=False)
+    assert order == ["a"]  # a spent budget ends the runs after the first
+
+
+def test_linear_rates_measure_fp32_and_bf16_for_real() -> None:
+    fp32, bf16 = flops.linear_rates(256, 64, 128, budget_s=0.2)
+    assert 0 < fp32 < math.inf and 0 < bf16 < math.inf
+    # A budget too small for one call of all rows still measures, on fewer of them.
+    assert all(0 < rate < math.inf for rate in flops.linear_rates(4096, 256, 512, budget_s=1e-6))
+
+
+def test_bf16_speedup_is_measured_once_then_read_from_the_cache(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    speed = flops.bf16_speedup(128, 32, 64)
+    assert (speed.tokens, speed.width, speed.out) == (128, 32, 64)
+    assert speed.fp32_flops_per_s > 0 and speed.bf16_flops_per_s > 0
+    assert speed.speedup == speed.bf16_flops_per_s / speed.fp32_flops_per_s
+    kept = json.loads((cache.parent / flops.PEAKS_FILE).read_text())
+    keys = {f"{flops.machine_key('cpu', dtype)} | linear 128x32->64" for dtype in ("float32", "bfloat16")}
+    assert set(kept) == keys  # filed per machine, threads, torch, dtype and shapes
+
+    def measure_again(*args: object, **kwargs: object) -> tuple[float, float]:
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(flops, "linear_rates", measure_again)
+    assert flops.bf16_speedup(128, 32, 64) == speed
