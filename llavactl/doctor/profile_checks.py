@@ -70,7 +70,7 @@ def precision_checks(resolved: ResolvedRun) -> list[CheckResult]:
         return [passed(check, "fp32", hint=CPU_BF16_EMULATED + said)]
     if speed is None:
         return [passed(check, "fp32", hint=f"this CPU has native bf16 ({facts.cpu_bf16_isa}): `training.bf16=true`")]
-    on = f"in {_matmuls(speed)} on {facts.cpu_bf16_isa}"
+    on = f"in {_matmuls(speed)}, on {facts.cpu_bf16_isa}"
     if speed.speedup < 1:
         return [passed(check, "fp32", hint=f"bf16 measured {_times(speed)} fp32's speed {on}: fp32 is faster here")]
     return [passed(check, "fp32", hint=f"bf16 measured {_times(speed)} faster {on}: `training.bf16=true`")]
@@ -79,8 +79,8 @@ def precision_checks(resolved: ResolvedRun) -> list[CheckResult]:
 def bf16_measured(resolved: ResolvedRun) -> Bf16Speed | None:
     """bf16 against fp32 on this CPU in the matmul that dominates the profile's LLM, its MLP's first
     linear layer, on the most tokens a micro-batch holds. Measured on the first call for these
-    shapes on this machine (under 2 s), then read from llavactl's cache. None when the LLM's config
-    is not here (nothing is downloaded)."""
+    shapes on this machine (under a second), then read from llavactl's cache. None when the LLM's
+    config is not here (nothing is downloaded)."""
     from llavactl.model.flops import bf16_speedup
 
     profile = resolved.loaded.profile
@@ -101,7 +101,7 @@ def _times(speed: Bf16Speed) -> str:
 
 
 def _matmuls(speed: Bf16Speed) -> str:
-    return f"this profile's LLM matmuls ({speed.tokens:,} tokens x {speed.width} -> {speed.out})"
+    return f"this profile's LLM matmuls, {speed.tokens:,} tokens x {speed.width:,} -> {speed.out:,}"
 
 
 def quantization_check(resolved: ResolvedRun) -> CheckResult:

@@ -238,8 +238,8 @@ def best_seconds(
     return best
 
 
-_LINEAR_BUDGET_S = 1.0  # fp32 and bf16 together: doctor's first call on a machine measures them
-_PILOT_ROWS = 64
+_LINEAR_BUDGET_S = 0.5  # fp32 and bf16 together: doctor's first call on a machine measures them
+_SLICE_ROWS, _SLICE_OUTPUTS = 256, 1024
 _LINEAR_RUNS = 100  # small shapes take a millisecond: many runs, so that a busy moment passes
 
 
@@ -260,27 +260,33 @@ class Bf16Speed:
 
 
 def linear_rates(tokens: int, width: int, out: int, *, budget_s: float = _LINEAR_BUDGET_S) -> tuple[float, float]:
-    """FLOP/s on this CPU of a linear layer's forward in fp32 and in bf16: ``tokens`` inputs of
-    ``width`` through an ``out`` x ``width`` weight (as nn.Linear stores it: the layout autocast's
-    bf16 matmuls run in), the best of up to :data:`_TIMED_RUNS` calls of each, in turn, within
-    ``budget_s``.
+    """FLOP/s on one core of this CPU of a linear layer's forward in fp32 and in bf16: ``tokens``
+    inputs of ``width`` through an ``out`` x ``width`` weight (as nn.Linear stores it: the layout
+    autocast's bf16 matmuls run in), the best of many calls of each, in turn, within ``budget_s``.
 
-    A pilot of 64 rows is timed first: where a call of each on all ``tokens`` would take more than
-    a third of the budget (emulated bf16 runs 5x slower than fp32; a 7B LLM's widths on a laptop
-    take longer still), both time fewer rows, the same for both so that their ratio holds."""
+    A slice of the layer: at most 256 of its rows and 1024 of its outputs, the whole reduction
+    (``width``). Enough to keep the matmul bound by compute, as the whole layer's is (a slice of a
+    few rows is bound by reading the weight, which bf16 halves: emulated bf16 read 1.4-2x there), and
+    small enough that emulated bf16 (5x slower than fp32) takes a fraction of a second at a 7B
+    LLM's widths. On one thread: where another process holds a core, a call on two threads waits
+    for its slower half, and a small matmul's rate falls tenfold (tiny's 64-wide layers read 1.8x
+    for emulated bf16 on a busy 2-core machine, 0.07x on a quiet one); one thread slows in
+    proportion, both dtypes alike."""
     import torch
     import torch.nn.functional as F
 
-    weights = [torch.randn(out, width, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
-
-    def linears(rows: int) -> list[Callable[[], object]]:
-        return [functools.partial(F.linear, torch.randn(rows, width, dtype=w.dtype), w) for w in weights]
-
-    pilot = min(tokens, _PILOT_ROWS)
-    pilot_s = sum(best_seconds(*linears(pilot), runs=1))
-    rows = min(tokens, max(pilot, int(pilot * budget_s / 3 / pilot_s)))
-    fp32_s, bf16_s = best_seconds(*linears(rows), runs=_LINEAR_RUNS, budget_s=budget_s, warm_up=False)
-    flops = 2 * rows * width * out
+    rows, cols = min(tokens, _SLICE_ROWS), min(out, _SLICE_OUTPUTS)
+    calls = [
+        functools.partial(F.linear, torch.randn(rows, width, dtype=dtype), torch.randn(cols, width, dtype=dtype))
+        for dtype in (torch.float32, torch.bfloat16)
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp32_s, bf16_s = best_seconds(*calls, runs=_LINEAR_RUNS, budget_s=budget_s)
+    finally:
+        torch.set_num_threads(threads)
+    flops = 2 * rows * width * cols
     return flops / fp32_s, flops / bf16_s
 
 

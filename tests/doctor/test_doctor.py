@@ -97,20 +97,20 @@ def test_precision_rows_are_the_resolutions_problems_or_what_the_run_computes_in
     assert len(bf16_measured.shapes) == 3
 
 
-LOCAL_LITE_MATMULS = "this profile's LLM matmuls (2,048 tokens x 576 -> 1536)"
+LOCAL_LITE_MATMULS = "this profile's LLM matmuls, 2,048 tokens x 576 -> 1,536"
 
 
 def test_on_a_cpu_with_native_bf16_fp32_says_how_much_faster_bf16_measured_and_gives_the_override(bf16_measured):
     [row] = precision_checks(resolve(profile("local_lite"), CPU_BF16, ONE))
     assert (row.check, row.status, row.finding) == ("training.bf16", "pass", "fp32")
-    assert row.fix == f"bf16 measured 2.4x faster in {LOCAL_LITE_MATMULS} on AVX512-BF16: `training.bf16=true`"
+    assert row.fix == f"bf16 measured 2.4x faster in {LOCAL_LITE_MATMULS}, on AVX512-BF16: `training.bf16=true`"
     # SmolLM-135M's MLP (576 -> 1536) on the most tokens a micro-batch holds: 1 x max_seq_len 2048.
     assert bf16_measured.shapes == [(2048, 576, 1536)]
     [on] = precision_checks(resolve(profile("local_lite", "training.bf16=true"), CPU_BF16, ONE))
     assert on.finding == f"CPU autocast to bf16 on native AVX512-BF16 (2.4x fp32's speed in {LOCAL_LITE_MATMULS})"
     bf16_measured.speedup = 0.8
     [slower] = precision_checks(resolve(profile("local_lite"), CPU_BF16, ONE))
-    assert slower.fix == f"bf16 measured 0.8x fp32's speed in {LOCAL_LITE_MATMULS} on AVX512-BF16: fp32 is faster here"
+    assert slower.fix == f"bf16 measured 0.8x fp32's speed in {LOCAL_LITE_MATMULS}, on AVX512-BF16: fp32 is faster here"
 
 
 def test_the_measured_micro_batch_is_the_token_budget_or_the_rows_of_longest_records(bf16_measured):

@@ -25,8 +25,27 @@ def test_best_seconds_times_each_call_in_turn_after_a_warm_up_and_stops_at_the_b
 def test_linear_rates_measure_fp32_and_bf16_for_real() -> None:
     fp32, bf16 = flops.linear_rates(256, 64, 128, budget_s=0.2)
     assert 0 < fp32 < math.inf and 0 < bf16 < math.inf
-    # A budget too small for one call of all rows still measures, on fewer of them.
-    assert all(0 < rate < math.inf for rate in flops.linear_rates(4096, 256, 512, budget_s=1e-6))
+    # A spent budget still times one call of each.
+    assert all(0 < rate < math.inf for rate in flops.linear_rates(300, 32, 64, budget_s=0.0))
+
+
+def test_a_wide_layer_is_measured_on_a_slice_of_its_rows_and_outputs_with_its_whole_width(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    real, seen = F.linear, set()
+
+    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        seen.add((tuple(x.shape), tuple(w.shape), x.dtype, torch.get_num_threads()))
+        return real(x, w)
+
+    monkeypatch.setattr(F, "linear", linear)
+    threads = torch.get_num_threads()
+    flops.linear_rates(2048, 4096, 11008, budget_s=0.0)  # a 7B LLM's MLP
+    assert seen == {((256, 4096), (1024, 4096), dtype, 1) for dtype in (torch.float32, torch.bfloat16)}
+    assert torch.get_num_threads() == threads  # timed on one thread, then handed back
 
 
 def test_bf16_speedup_is_measured_once_then_read_from_the_cache(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
