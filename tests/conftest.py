@@ -68,3 +68,27 @@ def finished_run(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     settings = ["training.max_steps=6", "training.save_steps=3", "training.logging_steps=1"]
     train_recipe([f"data.data_path={shapes}", f"training.output_dir={out}", *settings])
     return out
+
+
+class _FakeBf16Speed:
+    """Stands in for :func:`llavactl.model.flops.bf16_speedup`: bf16 runs ``speedup`` times fp32's
+    100 GFLOP/s; ``shapes`` records each (tokens, width, out) asked for."""
+
+    def __init__(self) -> None:
+        self.speedup = 2.4
+        self.shapes: list[tuple[int, int, int]] = []
+
+    def __call__(self, tokens: int, width: int, out: int):
+        from llavactl.model.flops import Bf16Speed
+
+        self.shapes.append((tokens, width, out))
+        return Bf16Speed(tokens, width, out, 100e9, self.speedup * 100e9)
+
+
+@pytest.fixture
+def bf16_measured(monkeypatch: pytest.MonkeyPatch) -> _FakeBf16Speed:
+    """Doctor's measurement of bf16 against fp32 on this CPU, faked: set ``.speedup`` to the figure
+    the machine would show (this one has no native bf16, so the native path needs it faked)."""
+    fake = _FakeBf16Speed()
+    monkeypatch.setattr("llavactl.model.flops.bf16_speedup", fake)
+    return fake

@@ -20,6 +20,8 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -210,20 +212,105 @@ def best_matmul_rate(device: str, dtype_name: str) -> float:
             n //= 2
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)  # warm up the kernel and threads
-    best = 0.0
-    for _ in range(_TIMED_RUNS):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        if cuda:
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    [seconds] = best_seconds(functools.partial(torch.mm, a, b), sync=torch.cuda.synchronize if cuda else None)
     del a, b
     if cuda:
         torch.cuda.empty_cache()
+    return 2 * n**3 / seconds
+
+
+def best_seconds(
+    *calls: Callable[[], object],
+    runs: int = _TIMED_RUNS,
+    budget_s: float = math.inf,
+    sync: Callable[[], object] | None = None,
+    warm_up: bool = True,
+) -> list[float]:
+    """The shortest of up to ``runs`` timed calls of each of ``calls``, after an untimed one each
+    (``warm_up``: the kernel and the threads), stopping once the timed calls have taken
+    ``budget_s``. Several calls are timed in turn, so that a moment when another process holds the
+    cores slows each of them alike. ``sync`` waits for the device (``torch.cuda.synchronize``)
+    before each clock reading."""
+    wait = sync or (lambda: None)
+    if warm_up:
+        for call in calls:
+            call()
+    best, spent = [math.inf] * len(calls), 0.0
+    for _ in range(runs):
+        for i, call in enumerate(calls):
+            wait()
+            start = time.perf_counter()
+            call()
+            wait()
+            took = time.perf_counter() - start
+            best[i], spent = min(best[i], took), spent + took
+        if spent >= budget_s:
+            break
     return best
+
+
+_LINEAR_BUDGET_S = 0.5  # fp32 and bf16 together: doctor's first call on a machine measures them
+_SLICE_ROWS, _SLICE_OUTPUTS = 256, 1024
+_LINEAR_RUNS = 100  # small shapes take a millisecond: many runs, so that a busy moment passes
+
+
+@dataclass(frozen=True)
+class Bf16Speed:
+    """bf16 against fp32 on this CPU in one linear layer's shapes: ``tokens`` x ``width`` -> ``out``."""
+
+    tokens: int
+    width: int
+    out: int
+    fp32_flops_per_s: float
+    bf16_flops_per_s: float
+
+    @property
+    def speedup(self) -> float:
+        """How many times faster bf16 runs than fp32 (under 1: slower)."""
+        return self.bf16_flops_per_s / self.fp32_flops_per_s
+
+
+def linear_rates(tokens: int, width: int, out: int, *, budget_s: float = _LINEAR_BUDGET_S) -> tuple[float, float]:
+    """FLOP/s on one core of this CPU of a linear layer's forward in fp32 and in bf16: ``tokens``
+    inputs of ``width`` through an ``out`` x ``width`` weight (as nn.Linear stores it: the layout
+    autocast's bf16 matmuls run in), the best of many calls of each, in turn, within ``budget_s``.
+
+    A slice of the layer: at most 256 of its rows and 1024 of its outputs, the whole reduction
+    (``width``). Enough to keep the matmul bound by compute, as the whole layer's is (a slice of a
+    few rows is bound by reading the weight, which bf16 halves: emulated bf16 read 1.4-2x there), and
+    small enough that emulated bf16 (5x slower than fp32) takes a fraction of a second at a 7B
+    LLM's widths. On one thread: where another process holds a core, a call on two threads waits
+    for its slower half, and a small matmul's rate falls tenfold (tiny's 64-wide layers read 1.8x
+    for emulated bf16 on a busy 2-core machine, 0.07x on a quiet one); one thread slows in
+    proportion, both dtypes alike."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, cols = min(tokens, _SLICE_ROWS), min(out, _SLICE_OUTPUTS)
+    calls = [
+        functools.partial(F.linear, torch.randn(rows, width, dtype=dtype), torch.randn(cols, width, dtype=dtype))
+        for dtype in (torch.float32, torch.bfloat16)
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp32_s, bf16_s = best_seconds(*calls, runs=_LINEAR_RUNS, budget_s=budget_s)
+    finally:
+        torch.set_num_threads(threads)
+    flops = 2 * rows * width * cols
+    return flops / fp32_s, flops / bf16_s
+
+
+def bf16_speedup(tokens: int, width: int, out: int) -> Bf16Speed:
+    """bf16 against fp32 on this CPU in a linear layer of these shapes (:func:`linear_rates`, about
+    a second), measured once per machine, thread count, torch and shapes and kept in llavactl's
+    cache beside the matmul peaks: doctor says it on every run without timing it again (delete
+    the cache's matmul_peaks.json to measure again)."""
+    keys = [f"{machine_key('cpu', dtype)} | linear {tokens}x{width}->{out}" for dtype in ("float32", "bfloat16")]
+    kept = [kept_rate(key) for key in keys]
+    if None in kept:
+        kept = [steady_peak(key, rate) for key, rate in zip(keys, linear_rates(tokens, width, out), strict=True)]
+    return Bf16Speed(tokens, width, out, *kept)
 
 
 def machine_key(device: str, dtype_name: str) -> str:
@@ -250,19 +337,28 @@ def _cpu_model() -> str | None:
     return None
 
 
+def _kept_rates() -> dict[str, Any]:
+    try:
+        kept = json.loads((cache_root() / PEAKS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
+
+
+def kept_rate(key: str) -> float | None:
+    """The rate kept for ``key`` in llavactl's cache, if any."""
+    rate = _kept_rates().get(key)
+    return float(rate) if isinstance(rate, int | float) and math.isfinite(rate) and rate > 0 else None
+
+
 def steady_peak(key: str, measured: float) -> float:
     """The best of ``measured`` and the rate kept for ``key``, which is raised when ``measured`` beats
     it. A cache that cannot be read or written costs only the steadiness."""
+    best = kept_rate(key)
+    if best is not None and best >= measured:
+        return best
     path = cache_root() / PEAKS_FILE
-    try:
-        kept = json.loads(path.read_text())
-    except (OSError, ValueError):
-        kept = {}
-    if not isinstance(kept, dict):
-        kept = {}
-    best = kept.get(key)
-    if isinstance(best, int | float) and math.isfinite(best) and best >= measured:
-        return float(best)
+    kept = _kept_rates()
     kept[key] = measured
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,8 @@ DeviceType = Literal["cpu", "cuda", "mps"]
 Autocast = Literal["bf16", "fp16"]
 GIB = 1024**3
 MISSING_BACKEND_FIX = "install an official torch wheel (gloo everywhere, nccl in the CUDA builds)"
+# The rule on bf16 without AVX512-BF16 or AMX; doctor also says it where bf16 is not asked for.
+CPU_BF16_EMULATED = "bf16 on this CPU is emulated (no AVX512-BF16 or AMX): slower than fp32"
 
 
 def collective_backend(device: str) -> str:
@@ -281,7 +283,7 @@ def resolve(loaded: LoadedProfile, facts: MachineFacts | None = None, world: Wor
             add(
                 "training.bf16",
                 ("training.bf16",),
-                "bf16 on this CPU is emulated (no AVX512-BF16 or AMX): slower than fp32.",
+                f"{CPU_BF16_EMULATED}.",
                 "add `training.bf16=false`",
                 stops_run=False,
             )

@@ -23,6 +23,7 @@ from llavactl.doctor.environment import (
 )
 from llavactl.doctor.profile_checks import data_checks, model_source_checks, precision_checks, wandb_check
 from llavactl.resolve import WorldFacts, resolve
+from llavactl.resolve.run import CPU_BF16_EMULATED
 
 
 def _profile(name: str, *overrides: str):
@@ -82,7 +83,7 @@ def test_disk_check_reads_the_nearest_existing_parent(tmp_path):
     assert str(tmp_path) in result.finding
 
 
-def test_precision_rows_are_the_resolutions_problems_or_what_the_run_computes_in():
+def test_precision_rows_are_the_resolutions_problems_or_what_the_run_computes_in(bf16_measured):
     [slow] = precision_checks(resolve(profile("local_lite", "training.bf16=true"), CPU, ONE))
     assert (slow.check, slow.status, slow.fix) == ("training.bf16", "fail", "add `training.bf16=false`")
     [native] = precision_checks(resolve(profile("local_lite", "training.bf16=true"), CPU_BF16, ONE))
@@ -92,6 +93,50 @@ def test_precision_rows_are_the_resolutions_problems_or_what_the_run_computes_in
     t4 = precision_checks(resolve(profile("finetune"), T4, ONE))
     assert [(r.check, r.status) for r in t4] == [("training.bf16", "fail"), ("training.tf32", "fail")]
     assert [r.status for r in precision_checks(resolve(profile("finetune"), A100, ONE))] == ["pass"]
+    # Only CPUs are measured: a GPU's bf16 is its datasheet's.
+    assert len(bf16_measured.shapes) == 3
+
+
+LOCAL_LITE_MATMULS = "this profile's LLM matmuls, 2,048 tokens x 576 -> 1,536"
+
+
+def test_on_a_cpu_with_native_bf16_fp32_says_how_much_faster_bf16_measured_and_gives_the_override(bf16_measured):
+    [row] = precision_checks(resolve(profile("local_lite"), CPU_BF16, ONE))
+    assert (row.check, row.status, row.finding) == ("training.bf16", "pass", "fp32")
+    assert row.fix == f"bf16 measured 2.4x faster in {LOCAL_LITE_MATMULS}, on AVX512-BF16: `training.bf16=true`"
+    # SmolLM-135M's MLP (576 -> 1536) on the most tokens a micro-batch holds: 1 x max_seq_len 2048.
+    assert bf16_measured.shapes == [(2048, 576, 1536)]
+    [on] = precision_checks(resolve(profile("local_lite", "training.bf16=true"), CPU_BF16, ONE))
+    assert on.finding == f"CPU autocast to bf16 on native AVX512-BF16 (2.4x fp32's speed in {LOCAL_LITE_MATMULS})"
+    bf16_measured.speedup = 0.8
+    [slower] = precision_checks(resolve(profile("local_lite"), CPU_BF16, ONE))
+    assert slower.fix == f"bf16 measured 0.8x fp32's speed in {LOCAL_LITE_MATMULS}, on AVX512-BF16: fp32 is faster here"
+
+
+def test_the_measured_micro_batch_is_the_token_budget_or_the_rows_of_longest_records(bf16_measured):
+    precision_checks(resolve(profile("tiny"), CPU_BF16, ONE))
+    budget = ["data.padding_free=true", "data.max_tokens_per_batch=4096"]
+    precision_checks(resolve(profile("tiny", *budget), CPU_BF16, ONE))
+    # tiny: 4 records of at most 384 tokens through tiny-llama's MLP (64 -> 128).
+    assert bf16_measured.shapes == [(1536, 64, 128), (4096, 64, 128)]
+
+
+def test_on_a_cpu_without_native_bf16_doctor_says_bf16_would_be_emulated_with_the_measured_figure(bf16_measured):
+    bf16_measured.speedup = 0.19
+    [row] = precision_checks(resolve(profile("local_lite"), CPU, ONE))
+    assert (row.check, row.status, row.finding) == ("training.bf16", "pass", "fp32")
+    assert row.fix == f"{CPU_BF16_EMULATED} (measured: 0.19x fp32's speed in {LOCAL_LITE_MATMULS})"
+    [asked] = precision_checks(resolve(profile("local_lite", "training.bf16=true"), CPU, ONE))
+    assert asked.status == "fail" and asked.finding.startswith(f"{CPU_BF16_EMULATED}. Set at: training.bf16")
+    assert asked.finding.endswith(f"Measured: bf16 runs at 0.19x fp32's speed in {LOCAL_LITE_MATMULS}.")
+
+
+def test_without_the_llms_config_here_the_precision_row_gives_no_figure(bf16_measured):
+    unknown = "model.model_name_or_path=org/not-cached"
+    [row] = precision_checks(resolve(profile("local_lite", unknown), CPU_BF16, ONE))
+    assert row.fix == "this CPU has native bf16 (AVX512-BF16): `training.bf16=true`"
+    [emulated] = precision_checks(resolve(profile("local_lite", unknown), CPU, ONE))
+    assert emulated.fix == CPU_BF16_EMULATED and bf16_measured.shapes == []
 
 
 def test_qlora_on_cpu_fails_in_doctor_with_the_cpu_guides_overrides():
