@@ -557,6 +557,7 @@ class TrainRecipe:
         if self._sharded_checkpoints:
             staged = self._stage_sharded(folder, expected)
             if staged is None:  # complete already (a finished run resumed)
+                self._last_saved = folder
                 return folder
             write_weights = lambda tmp: None  # noqa: E731  (the shards are in it)
         else:
