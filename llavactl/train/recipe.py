@@ -467,9 +467,9 @@ class TrainRecipe:
                 if signals.requested(self._world, self._device):
                     result.checkpoint = self.save_checkpoint()
                     self._progress.milestone(
-                        f"Saved {result.checkpoint.name} {signals.seconds_since():.1f} s after the stop signal"
+                        f"{result.checkpoint.name} complete {signals.seconds_since():.1f} s after the stop signal"
                         if signals.received is not None
-                        else f"Saved {result.checkpoint.name}: another process was signalled to stop"
+                        else f"{result.checkpoint.name} complete: another process was signalled to stop"
                     )
                     result.status = "interrupted"
                     result.exit_code = signals.exit_code

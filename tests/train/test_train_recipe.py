@@ -108,7 +108,7 @@ def test_interrupted_then_resumed_run_matches_one_run_bit_for_bit(
     assert "Ctrl-C: stopping after this step to save a checkpoint" in said
     # No checkpoint before step 5 (save_steps is larger): a kill during the save would leave none.
     assert "the run has no checkpoint yet and would start from step 0" in said
-    assert re.search(r"Saved checkpoint-5 \d+\.\d s after the stop signal", said)
+    assert re.search(r"checkpoint-5 complete \d+\.\d s after the stop signal", said)
     assert first.checkpoint == tmp_path / "split" / "checkpoint-5"
     second, _ = _train(_overrides(shapes24, tmp_path / "split", *common), resume="auto")
     assert first.losses + second.losses == whole.losses
