@@ -121,22 +121,27 @@ def load_trainable(assembled: AssembledModel, folder: Path) -> None:
                 f"`{path}` cannot be read as safetensors ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}).",
                 fix="load another checkpoint of the run (or restore this one from a copy)",
             ) from exc
-        missing, unexpected = set(own) - set(loaded), set(loaded) - set(own)
-        if missing or unexpected:
-            raise ModelSourceError(
-                f"`{path}` does not match the model: missing {_describe(missing) or 'nothing'}; "
-                f"unexpected {_describe(unexpected) or 'nothing'}.",
-                fix="load a checkpoint saved by a run of the same stage and profile",
-            )
-        for key, tensor in loaded.items():
-            if tensor.shape != own[key].shape:
-                raise ModelSourceError(
-                    f"`{key}` in `{path}` has shape {tuple(tensor.shape)}, the model's is {tuple(own[key].shape)}.",
-                    fix="load a checkpoint saved with the same model sources and LoRA settings",
-                )
+        _require_match(f"`{path}`", {key: tuple(t.shape) for key, t in loaded.items()}, own)
         with torch.no_grad():
             for key, tensor in loaded.items():
                 own[key].copy_(tensor)
+
+
+def _require_match(where: str, saved: dict[str, tuple[int, ...] | str], own: dict[str, torch.Tensor]) -> None:
+    """:class:`ModelSourceError` unless ``saved`` (key -> shape) has exactly the keys and shapes of ``own``."""
+    missing, unexpected = set(own) - set(saved), set(saved) - set(own)
+    if missing or unexpected:
+        raise ModelSourceError(
+            f"{where} does not match the model: missing {_describe(missing) or 'nothing'}; "
+            f"unexpected {_describe(unexpected) or 'nothing'}.",
+            fix="load a checkpoint saved by a run of the same stage and profile",
+        )
+    for key, shape in saved.items():
+        if shape != tuple(own[key].shape):
+            raise ModelSourceError(
+                f"`{key}` in {where[0].lower()}{where[1:]} has shape {shape}, the model's is {tuple(own[key].shape)}.",
+                fix="load a checkpoint saved with the same model sources and LoRA settings",
+            )
 
 
 def _load_sharded(assembled: AssembledModel, folder: Path, own: dict[str, torch.Tensor]) -> None:
@@ -159,21 +164,8 @@ def _load_sharded(assembled: AssembledModel, folder: Path, own: dict[str, torch.
             f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}).",
             fix="load another checkpoint of the run (or restore this one from a copy)",
         ) from exc
-    missing, unexpected = set(own) - set(saved), set(saved) - set(own)
-    if missing or unexpected:
-        raise ModelSourceError(
-            f"The sharded checkpoint `{folder}` does not match the model: missing {_describe(missing) or 'nothing'}; "
-            f"unexpected {_describe(unexpected) or 'nothing'}.",
-            fix="load a checkpoint saved by a run of the same stage and profile",
-        )
-    for key, meta in saved.items():
-        if not isinstance(meta, TensorStorageMetadata) or tuple(meta.size) != tuple(own[key].shape):
-            shape = tuple(meta.size) if isinstance(meta, TensorStorageMetadata) else "not a tensor"
-            raise ModelSourceError(
-                f"`{key}` in the sharded checkpoint `{folder}` has shape {shape}, the model's is "
-                f"{tuple(own[key].shape)}.",
-                fix="load a checkpoint saved with the same model sources",
-            )
+    shapes = {k: tuple(m.size) if isinstance(m, TensorStorageMetadata) else "not a tensor" for k, m in saved.items()}
+    _require_match(f"The sharded checkpoint `{folder}`", shapes, own)
     # In place, into the parameters' own storage (torch.distributed.checkpoint copies into the
     # tensors it is given); without a process group it reads every shard itself.
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
