@@ -62,7 +62,7 @@ def restart_safe_store() -> Any:
     agent, every worker has the same ``TORCHELASTIC_RESTART_COUNT``, which scopes the keys. With
     several nodes the agents count restarts each for itself, so nothing here can scope them: there
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` before torchrun gives every restart a fresh store
-    (doctor's `world` row says so; docs/distributed.md).
+    (docs/distributed.md).
     """
     import os
     from datetime import timedelta
@@ -253,10 +253,10 @@ def load_full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimiz
     set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def load_sharded(wrapped: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> dict[str, Any]:
+def load_sharded(wrapped: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Load a checkpoint of :func:`save_sharded` into the sharded model and optimizer, on any number
     of processes (torch.distributed.checkpoint reads each process's part of every tensor, whatever
-    the sharding it was saved with). Returns the optimizer state as loaded. Collective."""
+    the sharding it was saved with). Collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -265,4 +265,3 @@ def load_sharded(wrapped: nn.Module, optimizer: torch.optim.Optimizer, folder: P
     weights = {_TOKEN_LOSS_PREFIX + name: value for name, value in state[SHARDED_WEIGHTS].items()}
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_state_dict(wrapped, optimizer, model_state_dict=weights, optim_state_dict=state[OPTIMIZER_KEY], options=options)
-    return state[OPTIMIZER_KEY]
