@@ -98,7 +98,7 @@ def load_trainable(assembled: AssembledModel, folder: Path) -> None:
     folder = Path(folder)
     expected = trainable_state(assembled)
     if is_sharded(folder):
-        _load_sharded(assembled, folder, {k: v for own in expected.values() for k, v in own.items()})
+        _load_sharded(folder, {k: v for own in expected.values() for k, v in own.items()})
         return
     extra = [f for f in (PROJECTOR_FILE, ADAPTER_FILE, OTHER_FILE) if f not in expected and (folder / f).is_file()]
     if extra:
@@ -144,7 +144,7 @@ def _require_match(where: str, saved: dict[str, tuple[int, ...] | str], own: dic
             )
 
 
-def _load_sharded(assembled: AssembledModel, folder: Path, own: dict[str, torch.Tensor]) -> None:
+def _load_sharded(folder: Path, own: dict[str, torch.Tensor]) -> None:
     """Read the weights of a sharded checkpoint straight into ``own`` (the model's parameters), in
     one process, without a second copy of them: the shards every process wrote, whole again."""
     import torch.distributed.checkpoint as dcp
