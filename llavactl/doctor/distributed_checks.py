@@ -8,7 +8,7 @@ multi-process world (one process per GPU, the backend, FSDP's limits) are the re
 from __future__ import annotations
 
 from llavactl.doctor.results import CheckResult, failed, passed, warned
-from llavactl.resolve.run import MISSING_BACKEND_FIX, ResolvedRun, missing_backend
+from llavactl.resolve.run import MISSING_BACKEND_FIX, SHARED_STORE_FIX, ResolvedRun, missing_backend, restart_can_hang
 
 
 def _rows(resolved: ResolvedRun, check: str) -> list[CheckResult]:
@@ -25,9 +25,11 @@ def world_check(resolved: ResolvedRun) -> list[CheckResult]:
                 hint="`llavactl train --nproc-per-node N` or torchrun trains on N (docs/distributed.md)",
             )
         ]
-    return _rows(resolved, "world") or [
-        passed("world", f"{world.size} processes ({world.local_size} on this node), {world.strategy}")
-    ]
+    described = f"{world.size} processes ({world.local_size} on this node), {world.strategy}"
+    rows = _rows(resolved, "world")
+    if (hang := restart_can_hang(resolved.world_facts)) is not None:
+        rows.append(warned("world", f"{described}; {hang}", SHARED_STORE_FIX))
+    return rows or [passed("world", described)]
 
 
 def backend_check(resolved: ResolvedRun) -> list[CheckResult]:

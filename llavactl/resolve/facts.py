@@ -132,14 +132,30 @@ class WorldFacts:
     backends: frozenset[str] = frozenset({"gloo"})  # torch.distributed backends this torch build has
     rank: int = 0
     local_rank: int = 0
+    # torchrun's restarts: its agents (one per node, GROUP_WORLD_SIZE), the restarts allowed
+    # (TORCHELASTIC_MAX_RESTARTS), and whether the workers use the agents' rendezvous store
+    # (TORCHELASTIC_USE_AGENT_STORE) for every restart.
+    nodes: int = 1
+    max_restarts: int = 0
+    agent_store: bool = False
 
 
 def probe_world() -> WorldFacts:
     """The world of this process, from torchrun's variables, and the backends torch has (imports torch)."""
     import torch.distributed as dist
 
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    env = os.environ
+    size = int(env.get("WORLD_SIZE", "1"))
+    local = int(env.get("LOCAL_WORLD_SIZE", str(size)))
     backends = frozenset(b for b in ("gloo", "nccl") if dist.is_available() and dist.is_backend_available(b))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    return WorldFacts(size, local, backends, rank, local_rank)
+    rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
+    return WorldFacts(
+        size,
+        local,
+        backends,
+        rank,
+        local_rank,
+        nodes=int(env.get("GROUP_WORLD_SIZE", "1")),
+        max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")),
+        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+    )

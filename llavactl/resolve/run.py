@@ -42,6 +42,26 @@ def missing_backend(backend: str, device: str) -> str:
     return f"this torch build has no `{backend}` backend, which multi-process training on {device} needs."
 
 
+SHARED_STORE_FIX = "`export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` before torchrun on every node (docs/distributed.md)"
+
+
+def restart_can_hang(world: WorldFacts) -> str | None:
+    """Why a torchrun restart of ``world`` can hang, or None when it cannot.
+
+    torchrun's agents keep the rendezvous store for every restart, and torch puts no restart's
+    prefix on the keys a process group writes there (pytorch/pytorch#135712). With one node
+    llavactl scopes them by the restart count (:func:`llavactl.train.distributed.restart_safe_store`);
+    with several, each agent counts its restarts for itself, so only a store of each restart's own
+    (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) keeps them apart."""
+    if world.nodes > 1 and world.max_restarts > 0 and world.agent_store:
+        return (
+            f"torchrun may restart this run of {world.nodes} nodes (--max-restarts {world.max_restarts}) and keeps one "
+            "store for all restarts: a restarted group can hang in init_process_group, reading the addresses of the "
+            "processes it replaces (pytorch/pytorch#135712)."
+        )
+    return None
+
+
 # The planner's peak is within 20% of measured peaks (benchmarks/memory_estimate.py): an estimate
 # closer than this to the free memory is tight, not a fit.
 MEMORY_MARGIN = 0.8

@@ -355,6 +355,48 @@ def test_doctor_reads_the_world_torchrun_sets(monkeypatch: pytest.MonkeyPatch) -
     assert results["global batch"].finding.startswith("8 = 4 per device x 1 accumulation x 2 processes")
 
 
+# What torchrun's agents tell the workers of two nodes of one process each, allowed 3 restarts.
+TWO_NODES_RESTARTING = {
+    "WORLD_SIZE": "2",
+    "LOCAL_WORLD_SIZE": "1",
+    "GROUP_WORLD_SIZE": "2",
+    "TORCHELASTIC_MAX_RESTARTS": "3",
+    "TORCHELASTIC_USE_AGENT_STORE": "True",
+}
+
+
+def test_restarts_of_several_nodes_sharing_the_agents_store_are_warned_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in TWO_NODES_RESTARTING.items():
+        monkeypatch.setenv(key, value)
+    [world] = _by_check(run_checks(profile("tiny"), CPU, offline=True), "world")
+    assert world.status == "warn"
+    assert world.finding == (
+        "2 processes (1 on this node), ddp; torchrun may restart this run of 2 nodes (--max-restarts 3) and keeps "
+        "one store for all restarts: a restarted group can hang in init_process_group, reading the addresses of the "
+        "processes it replaces (pytorch/pytorch#135712)."
+    )
+    assert world.fix.startswith("`export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` before torchrun on every node")
+
+
+@pytest.mark.parametrize(
+    "instead",
+    [
+        {"GROUP_WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "2"},  # one node: llavactl scopes the keys itself
+        {"TORCHELASTIC_MAX_RESTARTS": "0"},
+        {"TORCHELASTIC_USE_AGENT_STORE": "False"},  # what TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes it
+    ],
+)
+def test_restarts_on_one_node_none_or_a_store_of_each_restart_pass(
+    monkeypatch: pytest.MonkeyPatch, instead: dict[str, str]
+) -> None:
+    for key, value in {**TWO_NODES_RESTARTING, **instead}.items():
+        monkeypatch.setenv(key, value)
+    [world] = _by_check(run_checks(profile("tiny"), CPU, offline=True), "world")
+    assert world.status == "pass" and "#135712" not in world.finding
+
+
 def test_global_batch_is_shown_and_a_multiplied_one_gets_the_accumulation_that_keeps_it() -> None:
     from llavactl.doctor.distributed_checks import global_batch_check
 
