@@ -217,7 +217,7 @@ def save_failures(final: Path, output_dir: Path) -> Iterator[None]:
     except Exception as exc:
         if not _write_failure(exc):
             raise
-        said = f"{exc.strerror or exc} ({exc.filename or output_dir})" if isinstance(exc, OSError) else str(exc)[:160]
+        said = _write_failure_said(exc, output_dir)
         raise OutputError(
             f"Saving {final} failed: {said}. Its partial files were removed; the checkpoints saved before it are "
             "intact.",
@@ -408,6 +408,15 @@ def _write_failure(exc: Exception) -> bool:
         return True
     said = str(exc)
     return isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in said or "inline_container" in said)
+
+
+def _write_failure_said(exc: Exception, output_dir: Path) -> str:
+    """What failed, for the user: the OS's words and the file, or the writer's."""
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} ({exc.filename or output_dir})"
+    if isinstance(exc, RuntimeError):  # torch.save's stream writer (also under torch.distributed.checkpoint)
+        return f"a file was cut short, as on a full disk or past a file-size limit (torch: {str(exc)[:120]})"
+    return str(exc)[:160]
 
 
 def _rng_file(rank: int) -> str:

@@ -70,6 +70,22 @@ if os.environ.get("RANK") == "0":
     checkpoint.save_checkpoint = slow_save
 """
 
+# Process 1's disk is full from the save of checkpoint-4 on: a file-size limit of 256 KiB (a shard
+# of `tiny` with its AdamW state is over 1 MiB; what the processes print stays far below it).
+FULL_DISK_ON_RANK_1_FROM_STEP_4 = """
+import os
+if os.environ.get("RANK") == "1":
+    import resource, signal
+    from llavactl.train import distributed
+    save = distributed.save_sharded
+    def save_on_a_full_disk(state, folder):
+        if folder.name.endswith("checkpoint-4"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+        save(state, folder)
+    distributed.save_sharded = save_on_a_full_disk
+"""
+
 
 def _hook(folder: Path, code: str) -> Path:
     folder.mkdir()
@@ -243,7 +259,8 @@ def test_a_preemption_whose_grace_holds_a_step_and_a_save_saves_after_the_signal
     step = checkpoint.checkpoint_step(saved)
     assert step is not None and logged < step <= logged + 2, said  # the step that was running, or the next
     assert "If this process is killed before the save completes, the run has no checkpoint yet" in said
-    assert f"Saved checkpoint-{step} " in said and " s after the stop signal" in said, said
+    assert f"Saved {saved} " in said and f"checkpoint-{step} complete " in said, said
+    assert " s after the stop signal" in said, said
     checkpoint.verify_checkpoint(saved)
 
 
@@ -265,4 +282,52 @@ def test_a_preemption_whose_grace_is_too_short_for_the_save_leaves_the_last_chec
     # The job's next start continues from checkpoint-2 and trains what the uninterrupted run trained.
     said = Torchrun.on_one_node(shapes16_overrides(shapes16, run), tmp_path / "resumed", restarts=0).succeeded()
     assert f"checkpoint-2 at step 2/{STEPS}" in said, said
+    _assert_ends_as(run, uninterrupted)
+
+
+# ------------------------------------------------------------------ a full disk
+
+
+def test_a_shard_that_cannot_be_written_fails_the_save_on_every_process_and_leaves_the_last_checkpoint(
+    shapes16: Path, tmp_path: Path
+) -> None:
+    hook = _hook(tmp_path / "hook", FULL_DISK_ON_RANK_1_FROM_STEP_4)
+    run = tmp_path / "run"
+    settings = shapes16_overrides(shapes16, run, "training.distributed=fsdp")
+    torchrun = Torchrun.on_one_node(settings, tmp_path / "output", hook, restarts=0)
+    assert torchrun.ended() != 0
+    said = torchrun.said()
+    failed = f"Saving {run / 'checkpoint-4'} failed: a file was cut short, as on a full disk or past a file-size limit"
+    assert said.count(failed) == 2, said  # process 1's own error, and process 0 says it too
+    assert "the checkpoints saved before it are intact. Fix: free space on that disk" in said, said
+    workers_said = said.split("failed (exitcode: 2)")[0]  # before torchrun's own report (and traceback)
+    assert "Traceback" not in workers_said, said
+    assert checkpoint.list_checkpoints(run) == [run / "checkpoint-2"]
+    checkpoint.verify_checkpoint(run / "checkpoint-2")
+    assert not list(run.glob(f"{checkpoint.TMP_PREFIX}*"))  # the staged shards were removed
+    # With space again, the same command continues from checkpoint-2 to the end.
+    said = Torchrun.on_one_node(settings, tmp_path / "resumed", restarts=0).succeeded()
+    assert f"checkpoint-2 at step 2/{STEPS}" in said, said
+    checkpoint.verify_checkpoint(run / f"checkpoint-{STEPS}")
+
+
+def test_a_worker_killed_on_one_of_two_nodes_is_restarted_with_a_store_of_each_restart(
+    shapes16: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
+    hook = _hook(tmp_path / "hook", KILL_RANK_0_AFTER_STEP_3)
+    run = tmp_path / "run"
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "restart"]
+    options = ["--nnodes", "2", "--nproc-per-node", "1", *rendezvous, "--max-restarts", "1"]
+    overrides = shapes16_overrides(shapes16, run)
+    nodes = [
+        Torchrun.start(options, overrides, tmp_path / f"node{n}.out", hook, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+        for n in range(2)
+    ]
+    try:
+        said = " ".join(node.succeeded() for node in nodes)
+    finally:
+        for node in nodes:
+            node.kill()
+    assert f"checkpoint-2 at step 2/{STEPS}" in said, said
+    assert "#135712" not in said  # a store of each restart: doctor has nothing to warn of
     _assert_ends_as(run, uninterrupted)

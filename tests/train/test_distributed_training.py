@@ -25,6 +25,7 @@ from helpers import (
 )
 
 from llavactl.errors import CheckFailed
+from llavactl.model import weights
 from llavactl.train import checkpoint
 
 # Each test starts torchrun processes: seconds apiece.
@@ -105,15 +106,17 @@ def test_two_processes_resume_on_one_and_one_on_two(
         assert_same_training(one_process, back, steps=(3, 4))
 
 
-def test_two_fsdp_processes_train_the_same_save_whole_weights_and_resume_exactly(
+def test_two_fsdp_processes_train_the_same_save_shards_and_resume_exactly(
     shapes16: Path, one_process: Path, tmp_path: Path
 ) -> None:
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     stdout = train_on_two_processes(shapes16_overrides(shapes16, whole, "training.distributed=fsdp"))
     assert "Training on 2 processes (fsdp over gloo)" in stdout
-    # Whole tensors in the single-process layout: the same keys and shapes, loadable anywhere.
+    # Each process's shards, read back whole: the single-process run's names and shapes and values.
+    assert weights.is_sharded(whole / "checkpoint-2")
+    assert {p.name for p in (whole / "checkpoint-2").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     assert_same_training(one_process, whole)
-    # The sharded optimizer state goes back into the shards from the whole one.
+    # The weights and AdamW state go back into each process's shards.
     shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
     train_on_two_processes(shapes16_overrides(shapes16, resumed, "training.distributed=fsdp"), "--resume", "auto")
     after, uninterrupted = weights_of(resumed / f"checkpoint-{STEPS}"), weights_of(whole / f"checkpoint-{STEPS}")
