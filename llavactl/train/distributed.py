@@ -62,7 +62,7 @@ def restart_safe_store() -> Any:
     agent, every worker has the same ``TORCHELASTIC_RESTART_COUNT``, which scopes the keys. With
     several nodes the agents count restarts each for itself, so nothing here can scope them: there
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` before torchrun gives every restart a fresh store
-    (docs/distributed.md).
+    (doctor's `world` row warns of it: :func:`llavactl.resolve.run.restart_can_hang`; docs/distributed.md).
     """
     import os
     from datetime import timedelta
